@@ -1,0 +1,8 @@
+"""irmlens: what did an RLHF-tuned model learn, and how far is it from its reward model?
+
+Stages (one folder each, data flows one way):
+data -> rewards -> models -> rlhf -> cache -> (sae_training) -> diff / irm -> viz / report.
+Heavy libraries are imported inside the stage modules, so ``import irmlens`` stays cheap.
+"""
+
+__version__ = "0.1.0"

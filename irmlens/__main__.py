@@ -1,0 +1,5 @@
+import sys
+
+from irmlens.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Paired activation cache: both models' residual streams on the same held-out tokens."""

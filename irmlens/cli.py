@@ -1,0 +1,106 @@
+"""The ``irmlens`` command line: data fetch, pretrain, rlhf, run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from irmlens.errors import IrmlensError
+
+
+def _offline_env() -> None:
+    """irmlens never needs the hub at run time: say so to HF libraries before they are imported."""
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+        os.environ.setdefault(k, "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def cmd_data_fetch(args) -> int:
+    from irmlens.data.assets import fetch_assets
+
+    paths = fetch_assets(Path(args.dir) if args.dir else None)
+    print(f"reviews:   {paths.reviews}\nsentences: {paths.sentences}\nlexicon:   {paths.lexicon}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from irmlens.config import StudyConfig, load_config
+    from irmlens.data.assets import require_assets
+    from irmlens.pipeline import ensure_base_model, load_splits
+
+    cfg = load_config(args.config) if args.config else StudyConfig()
+    assets = require_assets()
+    splits = load_splits(cfg, assets.reviews)
+    cfg.model.base = "tiny"
+    out = ensure_base_model(cfg, splits, assets.reviews)
+    from irmlens.models.pretrain import load_pretrain_metrics
+
+    m = load_pretrain_metrics(out)
+    print(f"model: {out}\nvalidation perplexity: {m['validation_perplexity']:.1f}")
+    for s in m["samples"]:
+        print(f"  sample: {s}")
+    return 0
+
+
+def cmd_rlhf(args) -> int:
+    from irmlens.config import load_config
+    from irmlens.data.assets import require_assets
+    from irmlens.pipeline import RunPaths, ensure_base_model, load_reward_model, load_splits, stage_rlhf
+
+    cfg = load_config(args.config)
+    assets = require_assets()
+    splits = load_splits(cfg, assets.reviews)
+    rm = load_reward_model(cfg, assets.lexicon)
+    base = ensure_base_model(cfg, splits, assets.reviews)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    s = stage_rlhf(cfg, RunPaths(out), base, rm, splits)
+    print(f"RLHF model: {RunPaths(out).rlhf_model}\nreward {s['reward_before']:.3f} -> {s['reward_after']:.3f}, KL {s['kl']:.2f}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from irmlens.config import load_config
+    from irmlens.pipeline import run_study
+
+    cfg = load_config(args.config)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    report = run_study(cfg, out)
+    print(f"\nReport: {report.resolve()}\nData:   {(report.parent / 'report.json').resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="irmlens", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="offline assets").add_subparsers(dest="data_command", required=True)
+    fetch = data.add_parser("fetch", help="download and verify the reviews and the VADER lexicon")
+    fetch.add_argument("--dir", help="target folder (default: $IRMLENS_HOME/data)")
+    fetch.set_defaults(func=cmd_data_fetch)
+    pre = sub.add_parser("pretrain", help="pretrain the embedded tiny LM (cached)")
+    pre.add_argument("--config", help="study config whose [pretrain] section to use")
+    pre.set_defaults(func=cmd_pretrain)
+    rl = sub.add_parser("rlhf", help="run the RLHF stage of a config")
+    rl.add_argument("config")
+    rl.add_argument("--out", help="run folder (default runs/<name>)")
+    rl.set_defaults(func=cmd_rlhf)
+    run = sub.add_parser("run", help="run a whole study from a TOML config")
+    run.add_argument("config")
+    run.add_argument("--out", help="run folder (default runs/<name>)")
+    run.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_env()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except IrmlensError as e:
+        print(f"irmlens: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

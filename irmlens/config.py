@@ -1,0 +1,156 @@
+"""The study config: small typed dataclasses, loaded from TOML with strict key checking."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from irmlens.errors import ConfigError
+from irmlens.irm.fit import IRMConfig
+from irmlens.models.pretrain import PretrainConfig
+from irmlens.rlhf.train import RLHFConfig
+from sae_training.train import SAETrainingConfig
+
+
+@dataclass
+class DataConfig:
+    lexicon: str = "vader"  # "vader" (the cached VADER lexicon) or a path to word<TAB>utility lines
+    n_validation: int = 50
+    n_heldout: int = 150
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    base: str = "tiny"  # "tiny": pretrain the embedded default; else a local HF folder
+    device: str = "cpu"
+
+
+@dataclass
+class LayersConfig:
+    top_k: int = 1
+    relative: bool = True
+
+
+@dataclass
+class CacheConfig:
+    n_ctx: int = 64
+    max_rows: int = 2000
+    batch_size: int = 32
+
+
+@dataclass
+class SAEStageConfig:
+    width_multipliers: list[int] = field(default_factory=lambda: [4])
+    l1_coefficient: float = 1.0
+    lr: float = 1e-3
+    batch_size: int = 1024
+    epochs: float = 4.0
+
+    def training_config(self, width: int, seed: int, device: str) -> SAETrainingConfig:
+        return SAETrainingConfig(
+            width=width,
+            l1_coefficient=self.l1_coefficient,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            epochs=self.epochs,
+            seed=seed,
+            device=device,
+        )
+
+
+@dataclass
+class StudyConfig:
+    name: str = "study"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)
+    layers: LayersConfig = field(default_factory=LayersConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sae: SAEStageConfig = field(default_factory=SAEStageConfig)
+    irm: IRMConfig = field(default_factory=IRMConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(repr(f'{where}{k}') for k in unknown)}; "
+            f"valid keys in [{where.rstrip('.') or 'top level'}]: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for k, v in values.items():
+        f = known[k]
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type in _SECTIONS):
+            sub = _SECTIONS[f.type if isinstance(f.type, str) else f.type.__name__]
+            if not isinstance(v, dict):
+                raise ConfigError(f"[{where}{k}] must be a table")
+            kwargs[k] = _build(sub, v, f"{where}{k}.")
+        else:
+            kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid value in [{where.rstrip('.') or 'top level'}]: {e}") from None
+
+
+_SECTIONS = {
+    c.__name__: c
+    for c in (
+        DataConfig,
+        ModelConfig,
+        PretrainConfig,
+        RLHFConfig,
+        LayersConfig,
+        CacheConfig,
+        SAEStageConfig,
+        IRMConfig,
+    )
+}
+
+
+def config_from_dict(values: dict[str, Any]) -> StudyConfig:
+    return _build(StudyConfig, values, "")
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist (try experiments/configs/tiny.toml)")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    values.setdefault("name", path.stem)
+    return config_from_dict(values)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_config(cfg: StudyConfig) -> str:
+    """The resolved config as TOML (scalars first, then one table per section)."""
+    d = cfg.to_dict()
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,21 @@
+"""Errors that name the problem and the fix, so the CLI can print them without a traceback."""
+
+
+class IrmlensError(Exception):
+    """Base class for user-facing errors (bad input, missing assets, inconsistent runs)."""
+
+
+class MissingAssetError(IrmlensError):
+    pass
+
+
+class ConfigError(IrmlensError):
+    pass
+
+
+class LexiconFormatError(IrmlensError):
+    pass
+
+
+class ModelPairError(IrmlensError):
+    pass

@@ -1,0 +1,1 @@
+"""The implicit reward model: ridge regression from feature-activation differences to the RM's utilities."""

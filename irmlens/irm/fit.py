@@ -1,0 +1,158 @@
+"""Fit the IRM on one split of lexicon words and score it on the other.
+
+Targets: at every position where a word ends, the RM's utility of that word (0 for words the
+lexicon does not know). Lexicon words are split into fit and held-out words (fixed seed); ridge is
+fitted on positions of fit words plus a sample of non-lexicon positions, and scored by rank
+agreement between the IRM's per-word utility (mean prediction over the word's positions) and the
+true utility, on held-out words only: fitting and scoring on the same words would let ridge
+memorise token identity.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from irmlens.irm.metrics import kendall_tau, spearman
+from irmlens.irm.ridge import RidgeModel, fit_ridge, ridge_cv
+
+DEFAULT_ALPHAS = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
+
+
+@dataclass
+class IRMConfig:
+    heldout_fraction: float = 0.3
+    nonlexicon_ratio: float = 1.0  # non-lexicon positions per lexicon position in the fit set
+    min_word_count: int = 1
+    alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
+    cv_folds: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError("irm.heldout_fraction must be between 0 and 1")
+
+
+@dataclass
+class PositionTargets:
+    """Where words end, which word, and the word's true utility (None: not in the lexicon)."""
+
+    position: torch.Tensor  # indices into the flattened valid positions
+    word: torch.Tensor  # word ids
+    words: list[str]
+    utility: dict[int, float]  # word id -> utility, lexicon words only
+
+
+def position_targets(word_id_valid: torch.Tensor, words: list[str], word_utility: Callable) -> PositionTargets:
+    """``word_id_valid``: word id per valid position (-1 where no word ends), in cache order."""
+    pos = torch.nonzero(word_id_valid >= 0).squeeze(-1)
+    wid = word_id_valid[pos]
+    utility = {}
+    for w in torch.unique(wid).tolist():
+        u = word_utility(words[w])
+        if u is not None:
+            utility[w] = float(u)
+    return PositionTargets(pos, wid, words, utility)
+
+
+@dataclass
+class Split:
+    fit_words: list[int]
+    heldout_words: list[int]
+    fit_positions: torch.Tensor  # indices into PositionTargets arrays
+    heldout_positions: torch.Tensor
+
+
+def split_words(targets: PositionTargets, cfg: IRMConfig) -> Split:
+    counts = torch.bincount(targets.word, minlength=len(targets.words))
+    lex = sorted(w for w in targets.utility if counts[w] >= cfg.min_word_count)
+    if len(lex) < 10:
+        raise ValueError(
+            f"only {len(lex)} lexicon words occur in the cached tokens; cache more held-out text"
+        )
+    rng = random.Random(cfg.seed)
+    shuffled = lex[:]
+    rng.shuffle(shuffled)
+    n_held = max(5, int(round(cfg.heldout_fraction * len(lex))))
+    held = sorted(shuffled[:n_held])
+    fit = sorted(shuffled[n_held:])
+    is_fit = torch.zeros(len(targets.words), dtype=torch.bool)
+    is_fit[fit] = True
+    is_held = torch.zeros(len(targets.words), dtype=torch.bool)
+    is_held[held] = True
+    is_lex = torch.zeros(len(targets.words), dtype=torch.bool)
+    is_lex[list(targets.utility)] = True
+    fit_lex = torch.nonzero(is_fit[targets.word]).squeeze(-1)
+    nonlex = torch.nonzero(~is_lex[targets.word]).squeeze(-1)
+    n_non = min(len(nonlex), int(cfg.nonlexicon_ratio * len(fit_lex)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    nonlex = nonlex[torch.randperm(len(nonlex), generator=gen)[:n_non]]
+    fit_pos = torch.sort(torch.cat([fit_lex, nonlex])).values
+    held_pos = torch.nonzero(is_held[targets.word]).squeeze(-1)
+    return Split(fit, held, fit_pos, held_pos)
+
+
+def _target_vector(targets: PositionTargets, idx: torch.Tensor, utility: dict[int, float]) -> torch.Tensor:
+    return torch.tensor([utility.get(int(w), 0.0) for w in targets.word[idx]], dtype=torch.float64)
+
+
+def word_means(pred: torch.Tensor, word: torch.Tensor) -> dict[int, float]:
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    for p, w in zip(pred.tolist(), word.tolist()):
+        sums[w] = sums.get(w, 0.0) + p
+        counts[w] = counts.get(w, 0) + 1
+    return {w: sums[w] / counts[w] for w in sums}
+
+
+@dataclass
+class IRMFit:
+    model: RidgeModel
+    cv_r2: float
+    heldout_kendall_tau: float
+    heldout_spearman: float
+    heldout_irm: dict[int, float]  # word id -> IRM utility
+    fit_irm: dict[int, float]
+
+
+def fit_and_score(
+    x_fit: torch.Tensor,
+    x_held: torch.Tensor,
+    targets: PositionTargets,
+    split: Split,
+    cfg: IRMConfig,
+    utility: dict[int, float] | None = None,
+) -> IRMFit:
+    """Ridge (alpha by grouped CV) on fit positions, scored on held-out words against the TRUE utilities.
+
+    ``utility`` overrides the fitting targets (the shuffled-target control passes permuted ones);
+    scoring always uses ``targets.utility``.
+    """
+    fit_utility = targets.utility if utility is None else utility
+    y = _target_vector(targets, split.fit_positions, fit_utility)
+    groups = targets.word[split.fit_positions]
+    alpha, cv_r2, _ = ridge_cv(x_fit, y, groups, cfg.alphas, cfg.cv_folds, cfg.seed)
+    model = fit_ridge(x_fit, y, alpha)
+    held_pred = word_means(model.predict(x_held), targets.word[split.heldout_positions])
+    fit_pred = word_means(model.predict(x_fit), groups)
+    words = sorted(held_pred)
+    irm = [held_pred[w] for w in words]
+    true = [targets.utility[w] for w in words]
+    return IRMFit(
+        model=model,
+        cv_r2=cv_r2,
+        heldout_kendall_tau=kendall_tau(irm, true),
+        heldout_spearman=spearman(irm, true),
+        heldout_irm=held_pred,
+        fit_irm={w: v for w, v in fit_pred.items() if w in targets.utility},
+    )
+
+
+def shuffled_utilities(targets: PositionTargets, fit_words: list[int], seed: int) -> dict[int, float]:
+    """The fit words' utilities permuted among themselves (held-out words are never touched)."""
+    values = [targets.utility[w] for w in fit_words]
+    random.Random(seed + 1).shuffle(values)
+    return dict(zip(fit_words, values))

@@ -1,0 +1,390 @@
+"""Run a whole study from a config: assets -> base model -> RLHF -> layers -> cache -> SAEs -> IRM -> report.
+
+A run is a folder. Every stage reads only files written by earlier stages, skips itself when its
+outputs are complete, and writes through temp files + rename, so a killed run resumes cleanly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from irmlens.config import StudyConfig, dump_config
+from irmlens.errors import ConfigError
+from irmlens.io import atomic_write_json, atomic_write_text, read_json, sha256_file
+from irmlens.paths import models_dir
+
+
+def _log(msg: str) -> None:
+    print(f"[irmlens {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def rlhf_model(self) -> Path:
+        return self.root / "models" / "rlhf"
+
+    @property
+    def pair_json(self) -> Path:
+        return self.root / "models" / "pair.json"
+
+    @property
+    def rlhf(self) -> Path:
+        return self.root / "rlhf"
+
+    @property
+    def diff(self) -> Path:
+        return self.root / "diff"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def saes(self) -> Path:
+        return self.root / "saes"
+
+    @property
+    def irm(self) -> Path:
+        return self.root / "irm"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    def sae_dir(self, model: str, hook: str, width: int) -> Path:
+        return self.saes / model / hook / str(width)
+
+
+# ---------------------------------------------------------------- data and reward model
+
+
+def load_reward_model(cfg: StudyConfig, lexicon_path: Path):
+    from irmlens.rewards.lexicon import LexiconRewardModel
+
+    if cfg.data.lexicon == "vader":
+        return LexiconRewardModel.from_file(lexicon_path, name="vader")
+    return LexiconRewardModel.from_file(cfg.data.lexicon)
+
+
+def load_splits(cfg: StudyConfig, reviews_path: Path):
+    from irmlens.data.corpus import load_reviews, split_reviews
+
+    reviews = load_reviews(reviews_path)
+    return split_reviews(reviews, cfg.data.n_validation, cfg.data.n_heldout, cfg.data.seed)
+
+
+# ---------------------------------------------------------------- stages
+
+
+def ensure_base_model(cfg: StudyConfig, splits, reviews_path: Path) -> Path:
+    """The base model folder: the embedded tiny LM (pretrained once, cached) or a local HF folder."""
+    from irmlens.models.pretrain import pretrain_tiny_lm
+
+    if cfg.model.base != "tiny":
+        path = Path(cfg.model.base).expanduser()
+        if not (path / "config.json").exists():
+            raise ConfigError(
+                f"model.base = {cfg.model.base!r} is neither 'tiny' nor a local HF model folder "
+                "(no config.json there). Use 'tiny' for the embedded default or save_pretrained a model."
+            )
+        return path
+    data_id = f"{sha256_file(reviews_path)[:12]}-{cfg.data.n_validation}-{cfg.data.n_heldout}-{cfg.data.seed}"
+    out = models_dir() / f"tiny-{cfg.pretrain.fingerprint(data_id)}"
+    if (out / "pretrain.json").exists():
+        _log(f"base model: cached embedded tiny LM {out}")
+        return out
+    _log(f"pretraining the embedded tiny LM -> {out}")
+    m = pretrain_tiny_lm(cfg.pretrain, splits.train, splits.validation, out)
+    _log(
+        f"pretrained {m['steps']} steps in {m['train_seconds']}s, "
+        f"validation perplexity {m['validation_perplexity']:.1f}"
+    )
+    return out
+
+
+def stage_rlhf(cfg: StudyConfig, paths: RunPaths, base_dir: Path, rm, splits) -> dict:
+    from irmlens.data.corpus import review_prompts
+    from irmlens.rlhf.train import run_rlhf
+
+    summary_path = paths.rlhf / "summary.json"
+    if summary_path.exists() and (paths.rlhf_model / "config.json").exists():
+        _log("rlhf: outputs present, skipping")
+        return read_json(summary_path)
+    r = cfg.rlhf
+    train_prompts = review_prompts(splits.train, r.n_train_prompts, r.prompt_min_words, r.prompt_max_words, cfg.seed)
+    eval_prompts = review_prompts(
+        splits.validation, r.n_eval_prompts, r.prompt_min_words, r.prompt_max_words, cfg.seed + 1
+    )
+    _log(f"rlhf: {r.algorithm} for {r.steps} steps against the {rm.name} reward model")
+    summary = run_rlhf(base_dir, rm, train_prompts, eval_prompts, r, paths.rlhf_model, paths.rlhf)
+    _log(
+        f"rlhf: mean reward {summary['reward_before']:.3f} -> {summary['reward_after']:.3f}, "
+        f"KL to base {summary['kl']:.2f} nats per completion"
+    )
+    return summary
+
+
+def stage_layers(cfg: StudyConfig, paths: RunPaths, hooked: dict) -> dict:
+    from irmlens.diff.layers import layer_divergence, select_layers
+
+    out = paths.diff / "layers.json"
+    if out.exists():
+        return read_json(out)
+    divs = layer_divergence(
+        dict(hooked["base"].named_parameters()), dict(hooked["rlhf"].named_parameters())
+    )
+    if cfg.layers.top_k < 1 or cfg.layers.top_k > len(divs):
+        raise ConfigError(f"layers.top_k must be between 1 and {len(divs)}")
+    studied = select_layers(divs, cfg.layers.top_k, cfg.layers.relative)
+    key = (lambda d: d.relative_divergence) if cfg.layers.relative else (lambda d: d.divergence)
+    ranking = [d.layer for d in sorted(divs, key=key, reverse=True)]
+    result = {"layers": [d.to_dict() for d in divs], "studied_layers": studied, "ranking": ranking}
+    atomic_write_json(out, result)
+    _log(f"layers: divergence ranking {ranking}; studying {studied}")
+    return result
+
+
+def stage_cache(cfg: StudyConfig, paths: RunPaths, hooked: dict, tokenizer, splits, layers: list[int]) -> dict:
+    from irmlens.cache.capture import build_paired_cache
+    from irmlens.cache.store import cache_is_complete, load_manifest
+    from irmlens.cache.tokens import tokenize_rows
+
+    if cache_is_complete(paths.cache):
+        _log("cache: complete and verified, skipping")
+        return load_manifest(paths.cache)
+    n_ctx = min(cfg.cache.n_ctx, hooked["base"].cfg.n_ctx)
+    rows = tokenize_rows(tokenizer, [r.text for r in splits.heldout], n_ctx, cfg.cache.max_rows)
+    _log(f"cache: {len(rows.tokens)} rows x {n_ctx} tokens of held-out reviews, layers {layers}")
+    return build_paired_cache(
+        hooked, rows, layers, paths.cache, {"source": "heldout reviews"}, cfg.cache.batch_size
+    )
+
+
+def _sae_eval_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_eval = max(1, n // 10)
+    return perm[n_eval:], perm[:n_eval]
+
+
+def stage_saes(cfg: StudyConfig, paths: RunPaths, layers: list[int], d_model: int) -> list[dict]:
+    """Per model and shared (both models' activations together) standard SAEs, per layer and width."""
+    from irmlens.cache.store import hook_name, load_activations
+    from sae_training.train import evaluate_sae, load_sae, train_sae
+
+    rows = []
+    for layer in layers:
+        hook = hook_name(layer)
+        acts = {m: load_activations(paths.cache, m, hook) for m in ("base", "rlhf")}
+        train_idx, eval_idx = _sae_eval_split(acts["base"].shape[0], cfg.seed)
+        acts["shared"] = torch.cat([acts["base"], acts["rlhf"]])
+        shared_train = torch.cat([train_idx, train_idx + acts["base"].shape[0]])
+        shared_eval = torch.cat([eval_idx, eval_idx + acts["base"].shape[0]])
+        for mult in cfg.sae.width_multipliers:
+            width = int(mult * d_model)
+            for model in ("base", "rlhf", "shared"):
+                out = paths.sae_dir(model, hook, width)
+                metrics_path = out / "metrics.json"
+                if metrics_path.exists() and (out / "cfg.json").exists():
+                    rows.append(read_json(metrics_path))
+                    continue
+                tr, ev = (shared_train, shared_eval) if model == "shared" else (train_idx, eval_idx)
+                _log(f"sae: training {model} {hook} width {width} on {len(tr)} positions")
+                tcfg = cfg.sae.training_config(width, cfg.seed, cfg.model.device)
+                train_sae(acts[model][tr], tcfg, hook, model, out_dir=out)
+                sae = load_sae(out)
+                m = evaluate_sae(sae, acts[model][ev])
+                row = {"model": model, "layer": layer, "hook": hook, "width": width, **m, "eval": "held-out 10% of positions"}
+                atomic_write_json(metrics_path, row)
+                _log(
+                    f"sae: {model} L{layer} w{width}: explained variance {m['explained_variance']:.3f}, "
+                    f"L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}"
+                )
+                rows.append(row)
+    return rows
+
+
+def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -> dict:
+    """Ridge from shared-SAE feature differences to word utilities; held-out words; shuffled control."""
+    from safetensors.torch import save_file
+
+    from irmlens.cache.store import hook_name, load_activations, load_token_rows
+    from irmlens.irm.fit import fit_and_score, position_targets, shuffled_utilities, split_words
+    from sae_training.train import encode_batched, load_sae
+
+    metrics_path = paths.irm / "metrics.json"
+    if metrics_path.exists():
+        _log("irm: outputs present, skipping")
+        return read_json(metrics_path)
+    hook = hook_name(layer)
+    width = int(cfg.sae.width_multipliers[0] * d_model)
+    sae_dir = paths.sae_dir("shared", hook, width)
+    sae = load_sae(sae_dir)
+    rows = load_token_rows(paths.cache)
+    targets = position_targets(rows.word_id[rows.valid], rows.words, rm.word_utility)
+    split = split_words(targets, cfg.irm)
+    base_acts = load_activations(paths.cache, "base", hook)
+    rlhf_acts = load_activations(paths.cache, "rlhf", hook)
+
+    def delta_f(idx: torch.Tensor) -> torch.Tensor:
+        pos = targets.position[idx]
+        return encode_batched(sae, rlhf_acts[pos]) - encode_batched(sae, base_acts[pos])
+
+    x_fit, x_held = delta_f(split.fit_positions), delta_f(split.heldout_positions)
+    _log(
+        f"irm: {len(split.fit_words)} fit words ({len(split.fit_positions)} positions incl. non-lexicon), "
+        f"{len(split.heldout_words)} held-out words ({len(split.heldout_positions)} positions), "
+        f"{x_fit.shape[1]} shared-SAE features"
+    )
+    main = fit_and_score(x_fit, x_held, targets, split, cfg.irm)
+    shuffled = fit_and_score(
+        x_fit, x_held, targets, split, cfg.irm, utility=shuffled_utilities(targets, split.fit_words, cfg.irm.seed)
+    )
+    _log(
+        f"irm: held-out Kendall tau {main.heldout_kendall_tau:.3f} (shuffled-target control "
+        f"{shuffled.heldout_kendall_tau:.3f}), Spearman {main.heldout_spearman:.3f}, CV R2 {main.cv_r2:.3f}"
+    )
+
+    # Top features by standardised weight, with the words whose mean difference they carry most.
+    sd = x_fit.double().std(0, unbiased=False)
+    std_w = main.model.coef * sd
+    top = torch.argsort(std_w.abs(), descending=True)[:20]
+    all_idx = torch.cat([split.fit_positions, split.heldout_positions])
+    x_all = torch.cat([x_fit, x_held])
+    words_all = targets.word[all_idx]
+    top_features = []
+    for j in top.tolist():
+        col = x_all[:, j].double()
+        per_word: dict[int, list[float]] = {}
+        for w, v in zip(words_all.tolist(), col.tolist()):
+            per_word.setdefault(w, []).append(v)
+        means = {w: sum(v) / len(v) for w, v in per_word.items() if len(v) >= 2}
+        ranked = sorted(means, key=lambda w: means[w], reverse=True)[:5]
+        top_features.append(
+            {
+                "feature": j,
+                "weight": float(main.model.coef[j]),
+                "standardised_weight": float(std_w[j]),
+                "mean_delta": float(col.mean()),
+                "firing_change": float((col != 0).double().mean()),
+                "top_words": [targets.words[w] for w in ranked],
+            }
+        )
+
+    paths.irm.mkdir(parents=True, exist_ok=True)
+    tmp = paths.irm / ".coefficients.safetensors.tmp"
+    save_file({"coef": main.model.coef.float(), "intercept": torch.tensor([main.model.intercept])}, str(tmp))
+    tmp.replace(paths.irm / "coefficients.safetensors")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["word", "split", "true_utility", "irm_utility", "n_positions"])
+    counts = torch.bincount(targets.word, minlength=len(targets.words))
+    for split_name, preds in (("fit", main.fit_irm), ("heldout", main.heldout_irm)):
+        for w, v in sorted(preds.items(), key=lambda kv: targets.words[kv[0]]):
+            writer.writerow([targets.words[w], split_name, targets.utility[w], f"{v:.6f}", int(counts[w])])
+    atomic_write_text(paths.irm / "word_utilities.csv", buf.getvalue())
+
+    result = {
+        "layer": layer,
+        "hook": hook,
+        "sae": {"model": "shared", "width": width, "path": str(sae_dir.relative_to(paths.root))},
+        "features": "shared-SAE feature activation difference f(a_rlhf) - f(a_base) per position",
+        "n_fit_words": len(split.fit_words),
+        "n_heldout_words": len(split.heldout_words),
+        "n_fit_positions": int(len(split.fit_positions)),
+        "n_heldout_positions": int(len(split.heldout_positions)),
+        "heldout_kendall_tau": main.heldout_kendall_tau,
+        "heldout_spearman": main.heldout_spearman,
+        "cv_r2": main.cv_r2,
+        "alpha": main.model.alpha,
+        "split_seed": cfg.irm.seed,
+        "heldout_points": [
+            {"word": targets.words[w], "true": targets.utility[w], "irm": v} for w, v in main.heldout_irm.items()
+        ],
+        "top_features": top_features,
+        "controls": {
+            "shuffled_targets": {
+                "heldout_kendall_tau": shuffled.heldout_kendall_tau,
+                "heldout_spearman": shuffled.heldout_spearman,
+                "cv_r2": shuffled.cv_r2,
+            }
+        },
+    }
+    atomic_write_json(metrics_path, result)
+    return result
+
+
+# ---------------------------------------------------------------- the whole study
+
+
+def _check_run_dir(paths: RunPaths, cfg_text: str) -> None:
+    if paths.config.exists() and paths.config.read_text(encoding="utf-8") != cfg_text:
+        raise ConfigError(
+            f"{paths.root} already holds a run with a different config ({paths.config}). "
+            "Choose another --out folder, or delete that one to start over."
+        )
+
+
+def run_study(cfg: StudyConfig, out_dir: str | Path) -> Path:
+    """Run (or resume) every stage; return the path of the HTML report."""
+    from irmlens.data.assets import fetch_assets
+    from irmlens.models.hooked import load_hooked_model
+    from irmlens.models.pair import check_pair_configs, write_pair_json
+    from irmlens.report.build import build_report
+
+    torch.manual_seed(cfg.seed)
+    paths = RunPaths(Path(out_dir))
+    cfg_text = dump_config(cfg)
+    _check_run_dir(paths, cfg_text)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths.config, cfg_text)
+    t0 = time.time()
+
+    assets = fetch_assets(log=_log)
+    rm = load_reward_model(cfg, assets.lexicon)
+    splits = load_splits(cfg, assets.reviews)
+    base_dir = ensure_base_model(cfg, splits, assets.reviews)
+    rlhf_summary = stage_rlhf(cfg, paths, base_dir, rm, splits)
+
+    layers_path = paths.diff / "layers.json"
+    hooked: dict = {}
+    tokenizer = None
+    from irmlens.cache.store import cache_is_complete
+
+    if not layers_path.exists() or not cache_is_complete(paths.cache):
+        from irmlens.models.hooked import load_hf_model
+
+        for name, d in (("base", base_dir), ("rlhf", paths.rlhf_model)):
+            hf, tokenizer = load_hf_model(d, cfg.model.device)
+            hooked[name] = load_hooked_model(d, cfg.model.device, hf_model=hf, tokenizer=tokenizer)
+        check_pair_configs(hooked["base"].cfg, hooked["rlhf"].cfg)
+    layers = stage_layers(cfg, paths, hooked)
+    manifest = stage_cache(cfg, paths, hooked, tokenizer, splits, layers["studied_layers"])
+    d_model = manifest["shapes"][f"base/blocks.{layers['studied_layers'][0]}.hook_resid_post"][1]
+    del hooked
+    write_pair_json(
+        paths.pair_json,
+        base_dir,
+        paths.rlhf_model,
+        {"algorithm": rlhf_summary["algorithm"], "reward_model": rm.name, "steps": rlhf_summary["steps"]},
+    )
+
+    stage_saes(cfg, paths, layers["studied_layers"], d_model)
+    irm_layer = next(layer for layer in layers["ranking"] if layer in layers["studied_layers"])
+    stage_irm(cfg, paths, rm, irm_layer, d_model)
+    report = build_report(paths.root, cfg, base_dir)
+    _log(f"done in {time.time() - t0:.0f}s")
+    return report
+

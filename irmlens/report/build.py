@@ -1,0 +1,138 @@
+"""Assemble report.json (schema v1) and a self-contained index.html from a finished run folder."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+from irmlens.io import atomic_write_json, atomic_write_text, read_json
+
+SCHEMA_VERSION = 1
+
+
+def _model_info(model_dir: Path, name: str) -> dict:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    return {"name": name, "path": str(model_dir), "n_layers": int(c.num_hidden_layers), "d_model": int(c.hidden_size)}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def collect_report(run_dir: Path, cfg, base_dir: Path) -> dict:
+    rlhf = read_json(run_dir / "rlhf" / "summary.json")
+    layers = read_json(run_dir / "diff" / "layers.json")
+    saes = sorted(
+        (read_json(p) for p in (run_dir / "saes").rglob("metrics.json")),
+        key=lambda s: (s["layer"], s["width"], s["model"]),
+    )
+    irm = read_json(run_dir / "irm" / "metrics.json")
+    base_name = "tiny (embedded, pretrained by irmlens)" if cfg.model.base == "tiny" else str(cfg.model.base)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": cfg.name,
+        "models": {
+            "base": _model_info(base_dir, base_name),
+            "rlhf": _model_info(run_dir / "models" / "rlhf", f"{base_name} + {rlhf['algorithm']}"),
+        },
+        "reward_model": {"name": rlhf["reward_model"], "formula": "clip(sum of word utilities / 5, -10, 10)"},
+        "rlhf": {k: rlhf[k] for k in ("algorithm", "steps", "reward_before", "reward_after", "kl", "samples")},
+        "layers": [
+            {k: d[k] for k in ("layer", "divergence", "relative_divergence")} for d in layers["layers"]
+        ],
+        "studied_layers": layers["studied_layers"],
+        "saes": [
+            {k: s[k] for k in ("model", "layer", "width", "explained_variance", "l0", "dead_fraction", "mse")}
+            for s in saes
+        ],
+        "irm": {
+            k: irm[k]
+            for k in (
+                "layer", "n_fit_words", "n_heldout_words", "heldout_kendall_tau", "heldout_spearman",
+                "cv_r2", "alpha", "sae", "features", "split_seed", "top_features", "heldout_points",
+            )
+        },
+        "controls": irm["controls"],
+    }
+
+
+def _check_finite(obj, where="report") -> None:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"{where} is not finite")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_finite(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_finite(v, f"{where}[{i}]")
+
+
+def render_html(report: dict, metrics: list[dict]) -> str:
+    from irmlens.viz.figures import (
+        irm_scatter_figure,
+        layer_divergence_figure,
+        reward_curve_figure,
+        sae_quality_figure,
+        top_features_figure,
+    )
+
+    r, irm, ctrl = report["rlhf"], report["irm"], report["controls"]["shuffled_targets"]
+    figs = [
+        ("Layer divergence", layer_divergence_figure(report["layers"], report["studied_layers"])),
+        ("RLHF", reward_curve_figure(metrics, r["reward_before"], r["reward_after"])),
+        ("SAE quality", sae_quality_figure(report["saes"])),
+        ("Implicit reward model vs the reward model", irm_scatter_figure(irm["heldout_points"], irm["heldout_kendall_tau"], ctrl["heldout_kendall_tau"])),
+        ("Top IRM features", top_features_figure(irm["top_features"])),
+    ]
+    parts = []
+    for i, (title, fig) in enumerate(figs):
+        div = fig.to_html(full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False})
+        parts.append(f"<h2>{html.escape(title)}</h2>\n{div}")
+    verdict = (
+        "beats" if irm["heldout_kendall_tau"] > ctrl["heldout_kendall_tau"] else "does NOT beat"
+    )
+    samples = "".join(
+        f"<tr><td>{html.escape(s['prompt'])}</td><td>{html.escape(s['before'])}</td><td>{html.escape(s['after'])}</td></tr>"
+        for s in r["samples"]
+    )
+    m = report["models"]
+    summary = f"""
+<table class="kv">
+<tr><th>base model</th><td>{html.escape(m['base']['name'])} ({m['base']['n_layers']} layers, d_model {m['base']['d_model']})</td></tr>
+<tr><th>RLHF</th><td>{html.escape(r['algorithm'])}, {r['steps']} steps against {html.escape(report['reward_model']['name'])}: mean reward {r['reward_before']:.3f} &rarr; {r['reward_after']:.3f}, KL {r['kl']:.2f} nats/completion</td></tr>
+<tr><th>studied layers</th><td>{report['studied_layers']}</td></tr>
+<tr><th>IRM</th><td>layer {irm['layer']}, {html.escape(irm['features'])} ({irm['sae']['model']} SAE, width {irm['sae']['width']}); {irm['n_fit_words']} fit words, {irm['n_heldout_words']} held-out words</td></tr>
+<tr><th>held-out Kendall τ / Spearman ρ</th><td>{irm['heldout_kendall_tau']:.3f} / {irm['heldout_spearman']:.3f} (CV R² {irm['cv_r2']:.3f})</td></tr>
+<tr><th>shuffled-target control τ / ρ</th><td>{ctrl['heldout_kendall_tau']:.3f} / {ctrl['heldout_spearman']:.3f} &mdash; the IRM {verdict} this control (no confidence interval yet)</td></tr>
+</table>"""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>irmlens report: {html.escape(report['name'])}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
+.kv th{{background:#f4f4f4;width:16em}}</style></head>
+<body><h1>irmlens report: {html.escape(report['name'])}</h1>
+<p>What did RLHF teach the model, and how far is that implicit reward model (IRM) from the reward model it was trained on?</p>
+{summary}
+{''.join(parts)}
+<h2>Samples before and after RLHF (same prompts, same seed)</h2>
+<table><tr><th>prompt</th><th>base</th><th>RLHF</th></tr>{samples}</table>
+<p><small>report schema v{report['schema_version']}; generated by irmlens. All data is in report.json beside this page.</small></p>
+</body></html>
+"""
+
+
+def build_report(run_dir: str | Path, cfg, base_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    report = collect_report(run_dir, cfg, Path(base_dir))
+    _check_finite(report)
+    out = run_dir / "report"
+    atomic_write_json(out / "report.json", report)
+    metrics = _read_jsonl(run_dir / "rlhf" / "metrics.jsonl")
+    atomic_write_text(out / "index.html", render_html(report, metrics))
+    return out / "index.html"

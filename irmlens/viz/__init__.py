@@ -1,0 +1,1 @@
+"""Plotly figures of a study (each a function returning a ``go.Figure``)."""
