@@ -12,7 +12,12 @@ from irmlens.errors import IrmlensError
 
 def _offline_env() -> None:
     """irmlens never needs the hub at run time: say so to HF libraries before they are imported."""
-    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+    for k in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "HF_HUB_DISABLE_TELEMETRY",
+    ):
         os.environ.setdefault(k, "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -47,7 +52,13 @@ def cmd_pretrain(args) -> int:
 def cmd_rlhf(args) -> int:
     from irmlens.config import load_config
     from irmlens.data.assets import require_assets
-    from irmlens.pipeline import RunPaths, ensure_base_model, load_reward_model, load_splits, stage_rlhf
+    from irmlens.pipeline import (
+        RunPaths,
+        ensure_base_model,
+        load_reward_model,
+        load_splits,
+        stage_rlhf,
+    )
 
     cfg = load_config(args.config)
     assets = require_assets()
@@ -56,7 +67,9 @@ def cmd_rlhf(args) -> int:
     base = ensure_base_model(cfg, splits, assets.reviews)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     s = stage_rlhf(cfg, RunPaths(out), base, rm, splits)
-    print(f"RLHF model: {RunPaths(out).rlhf_model}\nreward {s['reward_before']:.3f} -> {s['reward_after']:.3f}, KL {s['kl']:.2f}")
+    print(
+        f"RLHF model: {RunPaths(out).rlhf_model}\nreward {s['reward_before']:.3f} -> {s['reward_after']:.3f}, KL {s['kl']:.2f}"
+    )
     return 0
 
 
@@ -74,7 +87,9 @@ def cmd_run(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="irmlens", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    data = sub.add_parser("data", help="offline assets").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="offline assets").add_subparsers(
+        dest="data_command", required=True
+    )
     fetch = data.add_parser("fetch", help="download and verify the reviews and the VADER lexicon")
     fetch.add_argument("--dir", help="target folder (default: $IRMLENS_HOME/data)")
     fetch.set_defaults(func=cmd_data_fetch)

@@ -124,7 +124,9 @@ def stage_rlhf(cfg: StudyConfig, paths: RunPaths, base_dir: Path, rm, splits) ->
         _log("rlhf: outputs present, skipping")
         return read_json(summary_path)
     r = cfg.rlhf
-    train_prompts = review_prompts(splits.train, r.n_train_prompts, r.prompt_min_words, r.prompt_max_words, cfg.seed)
+    train_prompts = review_prompts(
+        splits.train, r.n_train_prompts, r.prompt_min_words, r.prompt_max_words, cfg.seed
+    )
     eval_prompts = review_prompts(
         splits.validation, r.n_eval_prompts, r.prompt_min_words, r.prompt_max_words, cfg.seed + 1
     )
@@ -157,7 +159,9 @@ def stage_layers(cfg: StudyConfig, paths: RunPaths, hooked: dict) -> dict:
     return result
 
 
-def stage_cache(cfg: StudyConfig, paths: RunPaths, hooked: dict, tokenizer, splits, layers: list[int]) -> dict:
+def stage_cache(
+    cfg: StudyConfig, paths: RunPaths, hooked: dict, tokenizer, splits, layers: list[int]
+) -> dict:
     from irmlens.cache.capture import build_paired_cache
     from irmlens.cache.store import cache_is_complete, load_manifest
     from irmlens.cache.tokens import tokenize_rows
@@ -206,7 +210,14 @@ def stage_saes(cfg: StudyConfig, paths: RunPaths, layers: list[int], d_model: in
                 train_sae(acts[model][tr], tcfg, hook, model, out_dir=out)
                 sae = load_sae(out)
                 m = evaluate_sae(sae, acts[model][ev])
-                row = {"model": model, "layer": layer, "hook": hook, "width": width, **m, "eval": "held-out 10% of positions"}
+                row = {
+                    "model": model,
+                    "layer": layer,
+                    "hook": hook,
+                    "width": width,
+                    **m,
+                    "eval": "held-out 10% of positions",
+                }
                 atomic_write_json(metrics_path, row)
                 _log(
                     f"sae: {model} L{layer} w{width}: explained variance {m['explained_variance']:.3f}, "
@@ -221,7 +232,12 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
     from safetensors.torch import save_file
 
     from irmlens.cache.store import hook_name, load_activations, load_token_rows
-    from irmlens.irm.fit import fit_and_score, position_targets, shuffled_utilities, split_words
+    from irmlens.irm.fit import (
+        fit_and_score,
+        position_targets,
+        shuffled_target_control,
+        split_words,
+    )
     from sae_training.train import encode_batched, load_sae
 
     metrics_path = paths.irm / "metrics.json"
@@ -249,12 +265,10 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
         f"{x_fit.shape[1]} shared-SAE features"
     )
     main = fit_and_score(x_fit, x_held, targets, split, cfg.irm)
-    shuffled = fit_and_score(
-        x_fit, x_held, targets, split, cfg.irm, utility=shuffled_utilities(targets, split.fit_words, cfg.irm.seed)
-    )
+    shuffled = shuffled_target_control(x_fit, x_held, targets, split, cfg.irm)
     _log(
         f"irm: held-out Kendall tau {main.heldout_kendall_tau:.3f} (shuffled-target control "
-        f"{shuffled.heldout_kendall_tau:.3f}), Spearman {main.heldout_spearman:.3f}, CV R2 {main.cv_r2:.3f}"
+        f"{shuffled['heldout_kendall_tau']:.3f}), Spearman {main.heldout_spearman:.3f}, CV R2 {main.cv_r2:.3f}"
     )
 
     # Top features by standardised weight, with the words whose mean difference they carry most.
@@ -268,7 +282,7 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
     for j in top.tolist():
         col = x_all[:, j].double()
         per_word: dict[int, list[float]] = {}
-        for w, v in zip(words_all.tolist(), col.tolist()):
+        for w, v in zip(words_all.tolist(), col.tolist(), strict=True):
             per_word.setdefault(w, []).append(v)
         means = {w: sum(v) / len(v) for w, v in per_word.items() if len(v) >= 2}
         ranked = sorted(means, key=lambda w: means[w], reverse=True)[:5]
@@ -285,7 +299,10 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
 
     paths.irm.mkdir(parents=True, exist_ok=True)
     tmp = paths.irm / ".coefficients.safetensors.tmp"
-    save_file({"coef": main.model.coef.float(), "intercept": torch.tensor([main.model.intercept])}, str(tmp))
+    save_file(
+        {"coef": main.model.coef.float(), "intercept": torch.tensor([main.model.intercept])},
+        str(tmp),
+    )
     tmp.replace(paths.irm / "coefficients.safetensors")
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -293,7 +310,9 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
     counts = torch.bincount(targets.word, minlength=len(targets.words))
     for split_name, preds in (("fit", main.fit_irm), ("heldout", main.heldout_irm)):
         for w, v in sorted(preds.items(), key=lambda kv: targets.words[kv[0]]):
-            writer.writerow([targets.words[w], split_name, targets.utility[w], f"{v:.6f}", int(counts[w])])
+            writer.writerow(
+                [targets.words[w], split_name, targets.utility[w], f"{v:.6f}", int(counts[w])]
+            )
     atomic_write_text(paths.irm / "word_utilities.csv", buf.getvalue())
 
     result = {
@@ -311,16 +330,11 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
         "alpha": main.model.alpha,
         "split_seed": cfg.irm.seed,
         "heldout_points": [
-            {"word": targets.words[w], "true": targets.utility[w], "irm": v} for w, v in main.heldout_irm.items()
+            {"word": targets.words[w], "true": targets.utility[w], "irm": v}
+            for w, v in main.heldout_irm.items()
         ],
         "top_features": top_features,
-        "controls": {
-            "shuffled_targets": {
-                "heldout_kendall_tau": shuffled.heldout_kendall_tau,
-                "heldout_spearman": shuffled.heldout_spearman,
-                "cv_r2": shuffled.cv_r2,
-            }
-        },
+        "controls": {"shuffled_targets": shuffled},
     }
     atomic_write_json(metrics_path, result)
     return result
@@ -378,7 +392,11 @@ def run_study(cfg: StudyConfig, out_dir: str | Path) -> Path:
         paths.pair_json,
         base_dir,
         paths.rlhf_model,
-        {"algorithm": rlhf_summary["algorithm"], "reward_model": rm.name, "steps": rlhf_summary["steps"]},
+        {
+            "algorithm": rlhf_summary["algorithm"],
+            "reward_model": rm.name,
+            "steps": rlhf_summary["steps"],
+        },
     )
 
     stage_saes(cfg, paths, layers["studied_layers"], d_model)
@@ -387,4 +405,3 @@ def run_study(cfg: StudyConfig, out_dir: str | Path) -> Path:
     report = build_report(paths.root, cfg, base_dir)
     _log(f"done in {time.time() - t0:.0f}s")
     return report
-

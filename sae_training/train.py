@@ -43,7 +43,11 @@ def shuffled_batches(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator
 
 
 def train_sae(
-    acts: torch.Tensor, cfg: SAETrainingConfig, hook_name: str, model_name: str, out_dir: str | Path | None = None
+    acts: torch.Tensor,
+    cfg: SAETrainingConfig,
+    hook_name: str,
+    model_name: str,
+    out_dir: str | Path | None = None,
 ):
     """Train a standard SAE on ``acts`` [n, d_in]; save it in SAELens format to ``out_dir`` if given."""
     from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
@@ -112,7 +116,9 @@ def load_sae(path: str | Path, device: str = "cpu"):
 
 
 @torch.no_grad()
-def encode_batched(sae, acts: torch.Tensor, batch_size: int = 8192, pre_activation: bool = False) -> torch.Tensor:
+def encode_batched(
+    sae, acts: torch.Tensor, batch_size: int = 8192, pre_activation: bool = False
+) -> torch.Tensor:
     """Feature activations ``[n, d_sae]`` (or encoder pre-activations when ``pre_activation``)."""
     outs = []
     for i in range(0, acts.shape[0], batch_size):

@@ -23,7 +23,9 @@ class TokenRows:
     words: list[str]
 
 
-def tokenize_rows(tokenizer, texts: list[str], n_ctx: int, max_rows: int | None = None) -> TokenRows:
+def tokenize_rows(
+    tokenizer, texts: list[str], n_ctx: int, max_rows: int | None = None
+) -> TokenRows:
     if tokenizer.bos_token_id is None:
         raise ValueError("the tokenizer has no BOS token; irmlens starts every cached row with BOS")
     bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
@@ -59,7 +61,7 @@ def tokenize_rows(tokenizer, texts: list[str], n_ctx: int, max_rows: int | None 
     tokens = torch.full((n, n_ctx), pad, dtype=torch.long)
     valid = torch.zeros((n, n_ctx), dtype=torch.bool)
     word_id = torch.full((n, n_ctx), -1, dtype=torch.long)
-    for r, (ids, ws) in enumerate(zip(rows, words_rows)):
+    for r, (ids, ws) in enumerate(zip(rows, words_rows, strict=True)):
         tokens[r, : len(ids)] = torch.tensor(ids)
         valid[r, 1 : len(ids)] = True
         word_id[r, : len(ws)] = torch.tensor(ws)

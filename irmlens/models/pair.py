@@ -24,7 +24,9 @@ def _weights_hash(model_dir: Path) -> str | None:
     return sha256_file(files[0])[:16] if len(files) == 1 else None
 
 
-def write_pair_json(path: str | Path, base_dir: str | Path, rlhf_dir: str | Path, extra: dict) -> dict:
+def write_pair_json(
+    path: str | Path, base_dir: str | Path, rlhf_dir: str | Path, extra: dict
+) -> dict:
     base_dir, rlhf_dir = Path(base_dir), Path(rlhf_dir)
     info = {
         "base": {"path": str(base_dir), "weights_sha256_16": _weights_hash(base_dir)},

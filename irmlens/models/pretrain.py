@@ -94,7 +94,9 @@ def evaluate_perplexity(model, chunks: torch.Tensor, batch_size: int = 32) -> fl
 
 
 @torch.no_grad()
-def sample_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 30, seed: int = 0) -> list[str]:
+def sample_text(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 30, seed: int = 0
+) -> list[str]:
     torch.manual_seed(seed)
     model.eval()
     out = []

@@ -16,7 +16,12 @@ def _model_info(model_dir: Path, name: str) -> dict:
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model_dir)
-    return {"name": name, "path": str(model_dir), "n_layers": int(c.num_hidden_layers), "d_model": int(c.hidden_size)}
+    return {
+        "name": name,
+        "path": str(model_dir),
+        "n_layers": int(c.num_hidden_layers),
+        "d_model": int(c.hidden_size),
+    }
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -33,7 +38,11 @@ def collect_report(run_dir: Path, cfg, base_dir: Path) -> dict:
         key=lambda s: (s["layer"], s["width"], s["model"]),
     )
     irm = read_json(run_dir / "irm" / "metrics.json")
-    base_name = "tiny (embedded, pretrained by irmlens)" if cfg.model.base == "tiny" else str(cfg.model.base)
+    base_name = (
+        "tiny (embedded, pretrained by irmlens)"
+        if cfg.model.base == "tiny"
+        else str(cfg.model.base)
+    )
     return {
         "schema_version": SCHEMA_VERSION,
         "name": cfg.name,
@@ -41,21 +50,49 @@ def collect_report(run_dir: Path, cfg, base_dir: Path) -> dict:
             "base": _model_info(base_dir, base_name),
             "rlhf": _model_info(run_dir / "models" / "rlhf", f"{base_name} + {rlhf['algorithm']}"),
         },
-        "reward_model": {"name": rlhf["reward_model"], "formula": "clip(sum of word utilities / 5, -10, 10)"},
-        "rlhf": {k: rlhf[k] for k in ("algorithm", "steps", "reward_before", "reward_after", "kl", "samples")},
+        "reward_model": {
+            "name": rlhf["reward_model"],
+            "formula": "clip(sum of word utilities / 5, -10, 10)",
+        },
+        "rlhf": {
+            k: rlhf[k]
+            for k in ("algorithm", "steps", "reward_before", "reward_after", "kl", "samples")
+        },
         "layers": [
-            {k: d[k] for k in ("layer", "divergence", "relative_divergence")} for d in layers["layers"]
+            {k: d[k] for k in ("layer", "divergence", "relative_divergence")}
+            for d in layers["layers"]
         ],
         "studied_layers": layers["studied_layers"],
         "saes": [
-            {k: s[k] for k in ("model", "layer", "width", "explained_variance", "l0", "dead_fraction", "mse")}
+            {
+                k: s[k]
+                for k in (
+                    "model",
+                    "layer",
+                    "width",
+                    "explained_variance",
+                    "l0",
+                    "dead_fraction",
+                    "mse",
+                )
+            }
             for s in saes
         ],
         "irm": {
             k: irm[k]
             for k in (
-                "layer", "n_fit_words", "n_heldout_words", "heldout_kendall_tau", "heldout_spearman",
-                "cv_r2", "alpha", "sae", "features", "split_seed", "top_features", "heldout_points",
+                "layer",
+                "n_fit_words",
+                "n_heldout_words",
+                "heldout_kendall_tau",
+                "heldout_spearman",
+                "cv_r2",
+                "alpha",
+                "sae",
+                "features",
+                "split_seed",
+                "top_features",
+                "heldout_points",
             )
         },
         "controls": irm["controls"],
@@ -87,16 +124,27 @@ def render_html(report: dict, metrics: list[dict]) -> str:
         ("Layer divergence", layer_divergence_figure(report["layers"], report["studied_layers"])),
         ("RLHF", reward_curve_figure(metrics, r["reward_before"], r["reward_after"])),
         ("SAE quality", sae_quality_figure(report["saes"])),
-        ("Implicit reward model vs the reward model", irm_scatter_figure(irm["heldout_points"], irm["heldout_kendall_tau"], ctrl["heldout_kendall_tau"])),
+        (
+            "Implicit reward model vs the reward model",
+            irm_scatter_figure(
+                irm["heldout_points"], irm["heldout_kendall_tau"], ctrl["heldout_kendall_tau"]
+            ),
+        ),
         ("Top IRM features", top_features_figure(irm["top_features"])),
     ]
     parts = []
     for i, (title, fig) in enumerate(figs):
         div = fig.to_html(full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False})
         parts.append(f"<h2>{html.escape(title)}</h2>\n{div}")
-    verdict = (
-        "beats" if irm["heldout_kendall_tau"] > ctrl["heldout_kendall_tau"] else "does NOT beat"
-    )
+    margin = irm["heldout_kendall_tau"] - ctrl["heldout_kendall_tau"]
+    spread = ctrl.get("heldout_kendall_tau_std", 0.0)
+    if margin > 2 * spread and margin > 0:
+        verdict = f"is {margin:.3f} above this control (more than 2 of its standard deviations)"
+    else:
+        verdict = (
+            f"is within 2 standard deviations of this control (difference {margin:+.3f}): "
+            "<b>no finding yet</b>"
+        )
     samples = "".join(
         f"<tr><td>{html.escape(s['prompt'])}</td><td>{html.escape(s['before'])}</td><td>{html.escape(s['after'])}</td></tr>"
         for s in r["samples"]
@@ -104,25 +152,25 @@ def render_html(report: dict, metrics: list[dict]) -> str:
     m = report["models"]
     summary = f"""
 <table class="kv">
-<tr><th>base model</th><td>{html.escape(m['base']['name'])} ({m['base']['n_layers']} layers, d_model {m['base']['d_model']})</td></tr>
-<tr><th>RLHF</th><td>{html.escape(r['algorithm'])}, {r['steps']} steps against {html.escape(report['reward_model']['name'])}: mean reward {r['reward_before']:.3f} &rarr; {r['reward_after']:.3f}, KL {r['kl']:.2f} nats/completion</td></tr>
-<tr><th>studied layers</th><td>{report['studied_layers']}</td></tr>
-<tr><th>IRM</th><td>layer {irm['layer']}, {html.escape(irm['features'])} ({irm['sae']['model']} SAE, width {irm['sae']['width']}); {irm['n_fit_words']} fit words, {irm['n_heldout_words']} held-out words</td></tr>
-<tr><th>held-out Kendall τ / Spearman ρ</th><td>{irm['heldout_kendall_tau']:.3f} / {irm['heldout_spearman']:.3f} (CV R² {irm['cv_r2']:.3f})</td></tr>
-<tr><th>shuffled-target control τ / ρ</th><td>{ctrl['heldout_kendall_tau']:.3f} / {ctrl['heldout_spearman']:.3f} &mdash; the IRM {verdict} this control (no confidence interval yet)</td></tr>
+<tr><th>base model</th><td>{html.escape(m["base"]["name"])} ({m["base"]["n_layers"]} layers, d_model {m["base"]["d_model"]})</td></tr>
+<tr><th>RLHF</th><td>{html.escape(r["algorithm"])}, {r["steps"]} steps against {html.escape(report["reward_model"]["name"])}: mean reward {r["reward_before"]:.3f} &rarr; {r["reward_after"]:.3f}, KL {r["kl"]:.2f} nats/completion</td></tr>
+<tr><th>studied layers</th><td>{report["studied_layers"]}</td></tr>
+<tr><th>IRM</th><td>layer {irm["layer"]}, {html.escape(irm["features"])} ({irm["sae"]["model"]} SAE, width {irm["sae"]["width"]}); {irm["n_fit_words"]} fit words, {irm["n_heldout_words"]} held-out words</td></tr>
+<tr><th>held-out Kendall τ / Spearman ρ</th><td>{irm["heldout_kendall_tau"]:.3f} / {irm["heldout_spearman"]:.3f} (CV R² {irm["cv_r2"]:.3f})</td></tr>
+<tr><th>shuffled-target control τ / ρ</th><td>{ctrl["heldout_kendall_tau"]:.3f} / {ctrl["heldout_spearman"]:.3f} ± {ctrl.get("heldout_kendall_tau_std", 0.0):.3f} over {ctrl.get("n_shuffles", 1)} permutations &mdash; the IRM {verdict}</td></tr>
 </table>"""
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>irmlens report: {html.escape(report['name'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>irmlens report: {html.escape(report["name"])}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
 .kv th{{background:#f4f4f4;width:16em}}</style></head>
-<body><h1>irmlens report: {html.escape(report['name'])}</h1>
+<body><h1>irmlens report: {html.escape(report["name"])}</h1>
 <p>What did RLHF teach the model, and how far is that implicit reward model (IRM) from the reward model it was trained on?</p>
 {summary}
-{''.join(parts)}
+{"".join(parts)}
 <h2>Samples before and after RLHF (same prompts, same seed)</h2>
 <table><tr><th>prompt</th><th>base</th><th>RLHF</th></tr>{samples}</table>
-<p><small>report schema v{report['schema_version']}; generated by irmlens. All data is in report.json beside this page.</small></p>
+<p><small>report schema v{report["schema_version"]}; generated by irmlens. All data is in report.json beside this page.</small></p>
 </body></html>
 """
 

@@ -63,7 +63,11 @@ class LexiconRewardModel:
     """
 
     def __init__(
-        self, lexicon: Mapping[str, float], scale: float = 5.0, clip: float = 10.0, name: str = "lexicon"
+        self,
+        lexicon: Mapping[str, float],
+        scale: float = 5.0,
+        clip: float = 10.0,
+        name: str = "lexicon",
     ) -> None:
         if scale <= 0 or clip <= 0:
             raise ValueError("scale and clip must be positive")

@@ -65,4 +65,6 @@ def completion_logprobs(model, samples: Samples, batch_size: int = 64) -> torch.
 
 def kl_estimate(policy, reference, samples: Samples) -> float:
     """Monte-Carlo KL(policy || reference) per completion, in nats, on samples drawn from the policy."""
-    return float((completion_logprobs(policy, samples) - completion_logprobs(reference, samples)).mean())
+    return float(
+        (completion_logprobs(policy, samples) - completion_logprobs(reference, samples)).mean()
+    )

@@ -155,7 +155,9 @@ def run_rlhf(
         "n_eval_prompts": len(eval_prompts),
         "samples": [
             {"prompt": p, "before": b, "after": a}
-            for p, b, a in list(zip(eval_prompts, before.completions, after.completions))[:8]
+            for p, b, a in list(
+                zip(eval_prompts, before.completions, after.completions, strict=True)
+            )[:8]
         ],
         "config": asdict(cfg),
     }

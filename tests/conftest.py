@@ -1,0 +1,49 @@
+import os
+
+import pytest
+
+for _k in (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HUB_DISABLE_TELEMETRY",
+):
+    os.environ.setdefault(_k, "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def assets():
+    """The real offline assets, fetched once into the irmlens cache (a no-op when present)."""
+    from irmlens.data.assets import fetch_assets
+
+    return fetch_assets(log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A small random GPT-2 with a BPE tokenizer, saved as an HF folder."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from irmlens.models.pretrain import train_tokenizer
+
+    torch.manual_seed(0)
+    texts = ["this movie is great fun , and the acting is good ."] * 20 + [
+        "a bad , boring film with a terrible plot ."
+    ] * 20
+    tok = train_tokenizer(texts, 300)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=32,
+        n_embd=32,
+        n_layer=3,
+        n_head=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    model = GPT2LMHeadModel(cfg)
+    d = tmp_path_factory.mktemp("tiny_hf")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

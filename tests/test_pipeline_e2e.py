@@ -1,0 +1,108 @@
+"""End-to-end: `irmlens run` on the micro config (well under 2 minutes on 2 cores)."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from irmlens.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory, assets):
+    out = tmp_path_factory.mktemp("runs") / "micro"
+    assert main(["run", str(ROOT / "tests/micro.toml"), "--out", str(out)]) == 0
+    return out
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_report_json_has_schema_v1_fields(micro_run):
+    r = json.loads((micro_run / "report/report.json").read_text())
+    assert r["schema_version"] == 1
+    for m in ("base", "rlhf"):
+        assert (
+            r["models"][m]["n_layers"] == 2
+            and r["models"][m]["d_model"] == 64
+            and r["models"][m]["name"]
+        )
+    assert r["rlhf"]["algorithm"] == "grpo" and r["rlhf"]["steps"] == 40
+    for k in ("reward_before", "reward_after", "kl"):
+        assert _finite(r["rlhf"][k])
+    assert [d["layer"] for d in r["layers"]] == [0, 1]
+    assert all(
+        _finite(d["divergence"]) and d["divergence"] > 0 and _finite(d["relative_divergence"])
+        for d in r["layers"]
+    )
+    assert len(r["studied_layers"]) == 1
+    assert {s["model"] for s in r["saes"]} == {"base", "rlhf", "shared"}
+    for s in r["saes"]:
+        assert all(
+            _finite(s[k]) for k in ("width", "explained_variance", "l0", "dead_fraction", "mse")
+        )
+    irm = r["irm"]
+    for k in (
+        "layer",
+        "n_fit_words",
+        "n_heldout_words",
+        "heldout_kendall_tau",
+        "heldout_spearman",
+        "cv_r2",
+    ):
+        assert _finite(irm[k]), k
+    assert irm["n_fit_words"] > 100 and irm["n_heldout_words"] > 30
+    ctrl = r["controls"]["shuffled_targets"]
+    assert _finite(ctrl["heldout_kendall_tau"]) and _finite(ctrl["heldout_spearman"])
+
+
+def test_rlhf_raised_reward_and_saes_reconstruct(micro_run):
+    r = json.loads((micro_run / "report/report.json").read_text())
+    assert r["rlhf"]["reward_after"] > r["rlhf"]["reward_before"] + 0.1
+    assert r["rlhf"]["kl"] > 0
+    # better than reconstructing with zero / the mean: explained variance well above 0
+    assert all(s["explained_variance"] > 0.5 for s in r["saes"])
+    metrics = [
+        json.loads(line) for line in (micro_run / "rlhf/metrics.jsonl").read_text().splitlines()
+    ]
+    assert any("reward" in m for m in metrics) and any("kl" in m for m in metrics)
+
+
+def test_saes_load_with_saelens(micro_run):
+    from sae_lens import SAE
+
+    cfgs = list((micro_run / "saes").rglob("cfg.json"))
+    assert len(cfgs) == 3
+    for c in cfgs:
+        sae = SAE.load_from_disk(str(c.parent))
+        assert sae.cfg.d_in == 64
+
+
+def test_html_is_self_contained(micro_run):
+    html = (micro_run / "report/index.html").read_text()
+    assert "Plotly" in html and html.count('class="plotly-graph-div"') >= 5
+    assert not re.search(r"<script[^>]+src=", html)
+    assert not re.search(r"<link[^>]+href=\"https?:", html)
+
+
+def test_rerun_skips_finished_stages(micro_run, capsys):
+    before = (micro_run / "irm/metrics.json").read_text()
+    assert main(["run", str(ROOT / "tests/micro.toml"), "--out", str(micro_run)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "rlhf: outputs present, skipping" in out and "cache: complete and verified, skipping" in out
+    )
+    assert (micro_run / "irm/metrics.json").read_text() == before
+
+
+def test_changed_config_on_existing_run_is_refused(micro_run, tmp_path, capsys):
+    cfg = (ROOT / "tests/micro.toml").read_text().replace("steps = 40", "steps = 41")
+    p = tmp_path / "micro.toml"
+    p.write_text(cfg)
+    assert main(["run", str(p), "--out", str(micro_run)]) == 2
+    assert "different config" in capsys.readouterr().err
