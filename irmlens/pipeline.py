@@ -237,6 +237,7 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
         position_targets,
         shuffled_target_control,
         split_words,
+        top_irm_features,
     )
     from sae_training.train import encode_batched, load_sae
 
@@ -271,31 +272,7 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
         f"{shuffled['heldout_kendall_tau']:.3f}), Spearman {main.heldout_spearman:.3f}, CV R2 {main.cv_r2:.3f}"
     )
 
-    # Top features by standardised weight, with the words whose mean difference they carry most.
-    sd = x_fit.double().std(0, unbiased=False)
-    std_w = main.model.coef * sd
-    top = torch.argsort(std_w.abs(), descending=True)[:20]
-    all_idx = torch.cat([split.fit_positions, split.heldout_positions])
-    x_all = torch.cat([x_fit, x_held])
-    words_all = targets.word[all_idx]
-    top_features = []
-    for j in top.tolist():
-        col = x_all[:, j].double()
-        per_word: dict[int, list[float]] = {}
-        for w, v in zip(words_all.tolist(), col.tolist(), strict=True):
-            per_word.setdefault(w, []).append(v)
-        means = {w: sum(v) / len(v) for w, v in per_word.items() if len(v) >= 2}
-        ranked = sorted(means, key=lambda w: means[w], reverse=True)[:5]
-        top_features.append(
-            {
-                "feature": j,
-                "weight": float(main.model.coef[j]),
-                "standardised_weight": float(std_w[j]),
-                "mean_delta": float(col.mean()),
-                "firing_change": float((col != 0).double().mean()),
-                "top_words": [targets.words[w] for w in ranked],
-            }
-        )
+    top_features = top_irm_features(main.model, x_fit, x_held, targets, split)
 
     paths.irm.mkdir(parents=True, exist_ok=True)
     tmp = paths.irm / ".coefficients.safetensors.tmp"

@@ -104,13 +104,14 @@ def _target_vector(
     return torch.tensor([utility.get(int(w), 0.0) for w in targets.word[idx]], dtype=torch.float64)
 
 
-def word_means(pred: torch.Tensor, word: torch.Tensor) -> dict[int, float]:
+def word_means(pred: torch.Tensor, word: torch.Tensor, min_count: int = 1) -> dict[int, float]:
+    """Mean of ``pred`` over the positions of each word (words seen fewer than ``min_count`` times dropped)."""
     sums: dict[int, float] = {}
     counts: dict[int, int] = {}
     for p, w in zip(pred.tolist(), word.tolist(), strict=True):
         sums[w] = sums.get(w, 0.0) + p
         counts[w] = counts.get(w, 0) + 1
-    return {w: sums[w] / counts[w] for w in sums}
+    return {w: sums[w] / counts[w] for w in sums if counts[w] >= min_count}
 
 
 @dataclass
@@ -201,3 +202,35 @@ def shuffled_target_control(
         "heldout_kendall_tau_values": taus,
         "n_shuffles": cfg.n_shuffles,
     }
+
+
+def top_irm_features(
+    model: RidgeModel,
+    x_fit: torch.Tensor,
+    x_held: torch.Tensor,
+    targets: PositionTargets,
+    split: Split,
+    k: int = 20,
+    n_words: int = 5,
+) -> list[dict]:
+    """The ``k`` features with the largest standardised ridge weight, each with the words whose
+    mean feature difference is largest (a first handle on what the feature carries)."""
+    std_w = model.coef * x_fit.double().std(0, unbiased=False)
+    x_all = torch.cat([x_fit, x_held])
+    words_all = targets.word[torch.cat([split.fit_positions, split.heldout_positions])]
+    out = []
+    for j in torch.argsort(std_w.abs(), descending=True)[:k].tolist():
+        col = x_all[:, j].double()
+        means = word_means(col, words_all, min_count=2)
+        ranked = sorted(means, key=lambda w: means[w], reverse=True)[:n_words]
+        out.append(
+            {
+                "feature": j,
+                "weight": float(model.coef[j]),
+                "standardised_weight": float(std_w[j]),
+                "mean_delta": float(col.mean()),
+                "fraction_changed": float((col != 0).double().mean()),
+                "top_words": [targets.words[w] for w in ranked],
+            }
+        )
+    return out

@@ -58,7 +58,7 @@ def reward_curve_figure(
         title="RLHF: reward and KL per step",
         xaxis_title="step",
         yaxis_title="reward",
-        yaxis2=dict(title="KL", overlaying="y", side="right"),
+        yaxis2=dict(title="KL", overlaying="y", side="right", rangemode="tozero"),
     )
     return fig
 
@@ -84,7 +84,7 @@ def sae_quality_figure(saes: list[dict]) -> go.Figure:
         title="SAE quality (held-out positions)",
         barmode="group",
         yaxis_title="fraction",
-        yaxis2=dict(title="L0", overlaying="y", side="right"),
+        yaxis2=dict(title="L0", overlaying="y", side="right", rangemode="tozero"),
     )
     return fig
 

@@ -6,6 +6,7 @@ from irmlens.irm.fit import (
     position_targets,
     shuffled_target_control,
     split_words,
+    top_irm_features,
 )
 
 
@@ -38,6 +39,10 @@ def test_irm_recovers_planted_utilities_on_heldout_words_and_control_does_not():
     assert len(control["heldout_kendall_tau_values"]) == cfg.n_shuffles
     assert main.heldout_kendall_tau - control["heldout_kendall_tau"] > 0.5
     assert set(main.heldout_irm) == set(split.heldout_words)
+    top = top_irm_features(main.model, x_fit, x_held, targets, split, k=3)
+    assert top[0]["feature"] == 0 and top[0]["standardised_weight"] > 0  # the planted feature
+    best_word = max(utility, key=utility.get)
+    assert best_word in top[0]["top_words"][:3]
 
 
 def test_irm_on_features_without_signal_scores_near_zero():
