@@ -102,9 +102,10 @@ def sample_text(
     out = []
     for p in prompts:
         enc = tokenizer(p, return_tensors="pt")
+        room = model.config.max_position_embeddings - enc["input_ids"].shape[1]
         gen = model.generate(
             **enc,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max(1, min(max_new_tokens, room)),
             do_sample=True,
             top_k=50,
             pad_token_id=tokenizer.pad_token_id,
