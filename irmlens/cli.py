@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from irmlens.errors import IrmlensError
+from irmlens.errors import ConfigError, IrmlensError
 
 
 def _offline_env() -> None:
@@ -50,6 +50,8 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_rlhf(args) -> int:
+    import dataclasses
+
     from irmlens.config import load_config
     from irmlens.data.assets import require_assets
     from irmlens.pipeline import (
@@ -61,6 +63,16 @@ def cmd_rlhf(args) -> int:
     )
 
     cfg = load_config(args.config)
+    overrides = {
+        k: v
+        for k, v in (("algorithm", args.algorithm), ("reward", args.reward), ("steps", args.steps))
+        if v is not None
+    }
+    if overrides:
+        try:
+            cfg.rlhf = dataclasses.replace(cfg.rlhf, **overrides)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     assets = require_assets()
     splits = load_splits(cfg, assets.reviews)
     rm = load_reward_model(cfg, assets.lexicon)
@@ -68,7 +80,9 @@ def cmd_rlhf(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     s = stage_rlhf(cfg, RunPaths(out), base, rm, splits)
     print(
-        f"RLHF model: {RunPaths(out).rlhf_model}\nreward {s['reward_before']:.3f} -> {s['reward_after']:.3f}, KL {s['kl']:.2f}"
+        f"RLHF model: {RunPaths(out).rlhf_model}\n{s['algorithm']} against {s['trained_against']}: "
+        f"reward ({s['reward_model']}) {s['reward_before']:.3f} -> {s['reward_after']:.3f}, "
+        f"KL {s['kl']:.2f} nats per completion"
     )
     return 0
 
@@ -99,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     rl = sub.add_parser("rlhf", help="run the RLHF stage of a config")
     rl.add_argument("config")
     rl.add_argument("--out", help="run folder (default runs/<name>)")
+    rl.add_argument("--algorithm", choices=["ppo", "grpo", "rloo"], help="override rlhf.algorithm")
+    rl.add_argument(
+        "--reward",
+        choices=["lexicon", "shuffled", "zero"],
+        help="override rlhf.reward (null-pair controls)",
+    )
+    rl.add_argument("--steps", type=int, help="override rlhf.steps")
     rl.set_defaults(func=cmd_rlhf)
     run = sub.add_parser("run", help="run a whole study from a TOML config")
     run.add_argument("config")

@@ -25,7 +25,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    base: str = "tiny"  # "tiny": pretrain the embedded default; else a local HF folder
+    base: str = "tiny"  # "tiny" (pretrained here), "smollm2", a local HF folder, or a hub name
     device: str = "cpu"
 
 

@@ -94,13 +94,9 @@ def ensure_base_model(cfg: StudyConfig, splits, reviews_path: Path) -> Path:
     from irmlens.models.pretrain import pretrain_tiny_lm
 
     if cfg.model.base != "tiny":
-        path = Path(cfg.model.base).expanduser()
-        if not (path / "config.json").exists():
-            raise ConfigError(
-                f"model.base = {cfg.model.base!r} is neither 'tiny' nor a local HF model folder "
-                "(no config.json there). Use 'tiny' for the embedded default or save_pretrained a model."
-            )
-        return path
+        from irmlens.models.sources import resolve_base_model
+
+        return resolve_base_model(cfg.model.base, log=_log)
     data_id = f"{sha256_file(reviews_path)[:12]}-{cfg.data.n_validation}-{cfg.data.n_heldout}-{cfg.data.seed}"
     out = models_dir() / f"tiny-{cfg.pretrain.fingerprint(data_id)}"
     if (out / "pretrain.json").exists():
@@ -116,7 +112,9 @@ def ensure_base_model(cfg: StudyConfig, splits, reviews_path: Path) -> Path:
 
 
 def stage_rlhf(cfg: StudyConfig, paths: RunPaths, base_dir: Path, rm, splits) -> dict:
+    """RLHF against the RM (or a null control, ``rlhf.reward``); resumes from its last checkpoint."""
     from irmlens.data.corpus import review_prompts
+    from irmlens.models.pair import write_pair_json
     from irmlens.rlhf.train import run_rlhf
 
     summary_path = paths.rlhf / "summary.json"
@@ -130,8 +128,20 @@ def stage_rlhf(cfg: StudyConfig, paths: RunPaths, base_dir: Path, rm, splits) ->
     eval_prompts = review_prompts(
         splits.validation, r.n_eval_prompts, r.prompt_min_words, r.prompt_max_words, cfg.seed + 1
     )
-    _log(f"rlhf: {r.algorithm} for {r.steps} steps against the {rm.name} reward model")
+    _log(f"rlhf: {r.algorithm} for {r.steps} steps, reward = {r.reward} ({rm.name})")
     summary = run_rlhf(base_dir, rm, train_prompts, eval_prompts, r, paths.rlhf_model, paths.rlhf)
+    write_pair_json(
+        paths.pair_json,
+        base_dir,
+        paths.rlhf_model,
+        {
+            "algorithm": summary["algorithm"],
+            "reward_model": rm.name,
+            "trained_against": summary["trained_against"],
+            "steps": summary["steps"],
+            "tokenizer": str(base_dir),
+        },
+    )
     _log(
         f"rlhf: mean reward {summary['reward_before']:.3f} -> {summary['reward_after']:.3f}, "
         f"KL to base {summary['kl']:.2f} nats per completion"
@@ -332,7 +342,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path) -> Path:
     """Run (or resume) every stage; return the path of the HTML report."""
     from irmlens.data.assets import fetch_assets
     from irmlens.models.hooked import load_hooked_model
-    from irmlens.models.pair import check_pair_configs, write_pair_json
+    from irmlens.models.pair import check_pair_configs
     from irmlens.report.build import build_report
 
     torch.manual_seed(cfg.seed)
@@ -347,7 +357,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path) -> Path:
     rm = load_reward_model(cfg, assets.lexicon)
     splits = load_splits(cfg, assets.reviews)
     base_dir = ensure_base_model(cfg, splits, assets.reviews)
-    rlhf_summary = stage_rlhf(cfg, paths, base_dir, rm, splits)
+    stage_rlhf(cfg, paths, base_dir, rm, splits)
 
     layers_path = paths.diff / "layers.json"
     hooked: dict = {}
@@ -365,16 +375,6 @@ def run_study(cfg: StudyConfig, out_dir: str | Path) -> Path:
     manifest = stage_cache(cfg, paths, hooked, tokenizer, splits, layers["studied_layers"])
     d_model = manifest["shapes"][f"base/blocks.{layers['studied_layers'][0]}.hook_resid_post"][1]
     del hooked
-    write_pair_json(
-        paths.pair_json,
-        base_dir,
-        paths.rlhf_model,
-        {
-            "algorithm": rlhf_summary["algorithm"],
-            "reward_model": rm.name,
-            "steps": rlhf_summary["steps"],
-        },
-    )
 
     stage_saes(cfg, paths, layers["studied_layers"], d_model)
     irm_layer = next(layer for layer in layers["ranking"] if layer in layers["studied_layers"])

@@ -47,3 +47,16 @@ def tiny_hf_dir(tmp_path_factory):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def micro_base(assets):
+    """The micro config's pretrained base model (cached in the irmlens home after the first run)."""
+    from pathlib import Path
+
+    from irmlens.config import load_config
+    from irmlens.pipeline import ensure_base_model, load_splits
+
+    cfg = load_config(Path(__file__).parent / "micro.toml")
+    splits = load_splits(cfg, assets.reviews)
+    return ensure_base_model(cfg, splits, assets.reviews), splits

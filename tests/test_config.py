@@ -10,10 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_configs_load_and_round_trip():
-    for path in [ROOT / "experiments/configs/tiny.toml", ROOT / "tests/micro.toml"]:
+    for path in sorted((ROOT / "experiments/configs").glob("*.toml")) + [ROOT / "tests/micro.toml"]:
         cfg = load_config(path)
         assert config_from_dict(tomllib.loads(dump_config(cfg))) == cfg
-    assert load_config(ROOT / "experiments/configs/tiny.toml").rlhf.algorithm == "grpo"
+    assert load_config(ROOT / "experiments/configs/tiny.toml").rlhf.algorithm == "ppo"
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -32,7 +32,8 @@ def test_report_json_has_schema_v1_fields(micro_run):
             and r["models"][m]["d_model"] == 64
             and r["models"][m]["name"]
         )
-    assert r["rlhf"]["algorithm"] == "grpo" and r["rlhf"]["steps"] == 40
+    assert r["rlhf"]["algorithm"] == "ppo" and r["rlhf"]["steps"] == 40
+    assert set(r["rlhf"]["hacking_signals"]) >= {"repetition_rate_after", "lexicon_fraction_after"}
     for k in ("reward_before", "reward_after", "kl"):
         assert _finite(r["rlhf"][k])
     assert [d["layer"] for d in r["layers"]] == [0, 1]
@@ -70,7 +71,7 @@ def test_rlhf_raised_reward_and_saes_reconstruct(micro_run):
     metrics = [
         json.loads(line) for line in (micro_run / "rlhf/metrics.jsonl").read_text().splitlines()
     ]
-    assert any("reward" in m for m in metrics) and any("kl" in m for m in metrics)
+    assert all("reward_mean" in m and "kl" in m for m in metrics) and len(metrics) == 40
 
 
 def test_saes_load_with_saelens(micro_run):

@@ -20,6 +20,9 @@ from irmlens.data.corpus import Review
 from irmlens.io import atomic_dir, atomic_write_json, read_json
 
 BOS = "<|endoftext|>"
+PAD = "<|pad|>"
+# Part of the cache key of pretrained tiny models: bump when the tokenizer or model recipe changes.
+RECIPE_VERSION = 2
 
 
 @dataclass
@@ -37,12 +40,18 @@ class PretrainConfig:
     seed: int = 0
 
     def fingerprint(self, data_id: str) -> str:
-        blob = json.dumps({**asdict(self), "data": data_id}, sort_keys=True)
+        blob = json.dumps(
+            {**asdict(self), "data": data_id, "recipe": RECIPE_VERSION}, sort_keys=True
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE trained with ``tokenizers``; every encoding starts with BOS."""
+    """Byte-level BPE trained with ``tokenizers``; every encoding starts with BOS.
+
+    Padding has its own token: trl's PPO tells padding from text by the pad id, so a pad equal to
+    BOS would mask every prompt's first token.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -51,7 +60,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[BOS],
+        special_tokens=[BOS, PAD],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -61,7 +70,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=BOS, unk_token=None
+        tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=PAD, unk_token=None
     )
     fast.model_max_length = 1 << 20
     return fast

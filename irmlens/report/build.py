@@ -56,7 +56,16 @@ def collect_report(run_dir: Path, cfg, base_dir: Path) -> dict:
         },
         "rlhf": {
             k: rlhf[k]
-            for k in ("algorithm", "steps", "reward_before", "reward_after", "kl", "samples")
+            for k in (
+                "algorithm",
+                "steps",
+                "reward_before",
+                "reward_after",
+                "kl",
+                "samples",
+                "trained_against",
+                "hacking_signals",
+            )
         },
         "layers": [
             {k: d[k] for k in ("layer", "divergence", "relative_divergence")}
@@ -150,10 +159,12 @@ def render_html(report: dict, metrics: list[dict]) -> str:
         for s in r["samples"]
     )
     m = report["models"]
+    hs = r["hacking_signals"]
     summary = f"""
 <table class="kv">
 <tr><th>base model</th><td>{html.escape(m["base"]["name"])} ({m["base"]["n_layers"]} layers, d_model {m["base"]["d_model"]})</td></tr>
-<tr><th>RLHF</th><td>{html.escape(r["algorithm"])}, {r["steps"]} steps against {html.escape(report["reward_model"]["name"])}: mean reward {r["reward_before"]:.3f} &rarr; {r["reward_after"]:.3f}, KL {r["kl"]:.2f} nats/completion</td></tr>
+<tr><th>RLHF</th><td>{html.escape(r["algorithm"])}, {r["steps"]} steps against {html.escape(r["trained_against"])}: mean reward ({html.escape(report["reward_model"]["name"])}) {r["reward_before"]:.3f} &rarr; {r["reward_after"]:.3f}, KL {r["kl"]:.2f} nats/completion</td></tr>
+<tr><th>reward-hacking signals</th><td>repetition rate {hs["repetition_rate_before"]:.3f} &rarr; {hs["repetition_rate_after"]:.3f}; fraction of lexicon words {hs["lexicon_fraction_before"]:.3f} &rarr; {hs["lexicon_fraction_after"]:.3f}</td></tr>
 <tr><th>studied layers</th><td>{report["studied_layers"]}</td></tr>
 <tr><th>IRM</th><td>layer {irm["layer"]}, {html.escape(irm["features"])} ({irm["sae"]["model"]} SAE, width {irm["sae"]["width"]}); {irm["n_fit_words"]} fit words, {irm["n_heldout_words"]} held-out words</td></tr>
 <tr><th>held-out Kendall τ / Spearman ρ</th><td>{irm["heldout_kendall_tau"]:.3f} / {irm["heldout_spearman"]:.3f} (CV R² {irm["cv_r2"]:.3f})</td></tr>

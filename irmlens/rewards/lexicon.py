@@ -100,3 +100,35 @@ class LexiconRewardModel:
             r = self.raw_utility(text) / self.scale
             out.append(max(-self.clip, min(self.clip, r)))
         return out
+
+    def shuffled(self, seed: int = 0) -> LexiconRewardModel:
+        """Same words, utilities permuted among them: the null RM for the IRM's null-pair control."""
+        import random
+
+        words = sorted(self.lexicon)
+        values = [self.lexicon[w] for w in words]
+        random.Random(seed).shuffle(values)
+        return LexiconRewardModel(
+            dict(zip(words, values, strict=True)),
+            self.scale,
+            self.clip,
+            name=f"{self.name}-shuffled",
+        )
+
+
+class ZeroRewardModel:
+    """Reward 0 for every text: RLHF then optimises only the KL term (the KL-only null pair).
+
+    It keeps the lexicon for ``word_utility`` so that reward-hacking signals and the IRM's scoring
+    still refer to the true RM.
+    """
+
+    def __init__(self, reference: LexiconRewardModel) -> None:
+        self.reference = reference
+        self.name = f"zero({reference.name})"
+
+    def word_utility(self, word: str) -> float | None:
+        return self.reference.word_utility(word)
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        return [0.0 for _ in texts]

@@ -1,156 +1,328 @@
-"""Fine-tune the base model against the reward model with trl (GRPO or RLOO).
+"""Fine-tune the base model against the reward model with trl: PPO (the paper's), GRPO or RLOO.
 
-trl's GRPO and RLOO trainers take a Python reward callable directly, so the lexicon RM plugs in
-without a wrapper network. Reward before/after is measured on the same held-out prompts with the
-same sampling seed; KL to the base is a Monte-Carlo estimate on the RLHF model's own samples.
+GRPO and RLOO take a Python reward callable directly; PPO gets the same reward through
+``LexiconRewardAdapter``. Reward before/after is measured with the *true* RM on the same held-out
+prompts and sampling seed; KL to the base is a Monte-Carlo estimate on the RLHF model's own samples.
+Checkpoints every ``checkpoint_every`` steps; re-running after an interruption resumes from the
+last one (trl's own resume for GRPO/RLOO, segment restarts for PPO).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from irmlens.io import atomic_dir, atomic_write_json
-from irmlens.rewards.lexicon import RewardModel
+from irmlens.io import atomic_dir, atomic_write_json, read_json
+from irmlens.rlhf.recorder import RewardRecorder, make_metrics_callback
 from irmlens.rlhf.sampling import kl_estimate, sample_completions
+from irmlens.rlhf.signals import lexicon_fraction, repetition_rate
 
-ALGORITHMS = ("grpo", "rloo")
+ALGORITHMS = ("ppo", "grpo", "rloo")
+REWARDS = ("lexicon", "shuffled", "zero")
 
 
 @dataclass
 class RLHFConfig:
-    algorithm: str = "grpo"
-    steps: int = 60
-    prompts_per_step: int = 8
-    num_generations: int = 8
+    """Defaults follow the paper's PPO set-up: review prefixes of 2-10 words as prompts, short
+    completions (the paper: 8-20 tokens; here a fixed ``max_completion_length``), a KL penalty to the
+    base model. ``kl_coef`` 0.2 keeps a tiny policy within a few nats of its reference; 0.05 let a
+    probe's KL reach ~90 nats with the reward pinned at the clip (degenerate text)."""
+
+    algorithm: str = "ppo"
+    reward: str = "lexicon"  # lexicon | shuffled (permuted utilities) | zero (KL only): null pairs
+    steps: int = 100
+    batch_size: int = 64  # completions per update (GRPO/RLOO: prompts x num_generations)
+    mini_batch_size: int = 16  # PPO minibatch
+    ppo_epochs: int = 4
+    num_generations: int = 8  # GRPO/RLOO group size
     max_completion_length: int = 16
-    kl_coef: float = 0.05
-    learning_rate: float = 5e-4
+    max_prompt_tokens: int = 16
+    kl_coef: float = 0.2
+    learning_rate: float = 1e-4
     temperature: float = 1.0
     n_train_prompts: int = 2000
     n_eval_prompts: int = 128
     prompt_min_words: int = 2
     prompt_max_words: int = 10
-    logging_steps: int = 5
+    checkpoint_every: int = 25
+    sample_every: int = 10
+    logging_steps: int = 1
+    kl_warn_bound: float = 20.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
-            raise ValueError(
-                f"rlhf.algorithm = {self.algorithm!r} is not supported; choose one of {ALGORITHMS} "
-                "(PPO is planned)"
-            )
+            raise ValueError(f"rlhf.algorithm = {self.algorithm!r}; choose one of {ALGORITHMS}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"rlhf.reward = {self.reward!r}; choose one of {REWARDS}")
+        if self.algorithm in ("grpo", "rloo") and self.batch_size % self.num_generations:
+            raise ValueError("rlhf.batch_size must be a multiple of rlhf.num_generations")
+        if self.algorithm == "ppo" and self.batch_size % self.mini_batch_size:
+            raise ValueError("rlhf.batch_size must be a multiple of rlhf.mini_batch_size")
+        if min(self.steps, self.checkpoint_every, self.max_completion_length) < 1:
+            raise ValueError("rlhf.steps, checkpoint_every and max_completion_length must be >= 1")
 
 
-def _jsonl_logger(path: Path):
-    from transformers import TrainerCallback
+def training_reward_model(rm, kind: str, seed: int):
+    """The RM the policy is trained against: the true one, or a null control."""
+    from irmlens.rewards.lexicon import ZeroRewardModel
 
-    class MetricsToJsonl(TrainerCallback):
-        """Append trl's per-step logs (reward, KL, lengths) to metrics.jsonl."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs:
-                return
-            row: dict = {"step": state.global_step}
-            for k, v in logs.items():
-                try:  # trl logs some values as formatted strings
-                    row[k] = float(v)
-                except (TypeError, ValueError):
-                    continue
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-    return MetricsToJsonl()
+    if kind == "lexicon":
+        return rm
+    if kind == "shuffled":
+        return rm.shuffled(seed)
+    return ZeroRewardModel(rm)
 
 
-def run_rlhf(
-    base_dir: str | Path,
-    reward_model: RewardModel,
-    train_prompts: list[str],
-    eval_prompts: list[str],
-    cfg: RLHFConfig,
-    out_model_dir: str | Path,
-    metrics_dir: str | Path,
-) -> dict:
-    """Train, write the RLHF model atomically to ``out_model_dir`` and return a summary."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _truncate_metrics(path: Path, upto_step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from: they will be logged again."""
+    if not path.exists():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line)["step"] <= upto_step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
 
-    metrics_dir = Path(metrics_dir)
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = metrics_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
 
-    tok = AutoTokenizer.from_pretrained(base_dir)
-    tok.padding_side = "left"
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    policy = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-
-    t0 = time.time()
-    before = sample_completions(base, tok, eval_prompts, cfg.max_completion_length, seed=cfg.seed)
-    reward_before = reward_model.score(before.completions)
-
-    def reward_fn(completions, **kwargs) -> list[float]:
-        return reward_model.score(completions)
-
-    reward_fn.__name__ = f"rm_{reward_model.name}"
-    common = dict(
-        output_dir=str(metrics_dir / "trl"),
-        max_steps=cfg.steps,
-        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
-        num_generations=cfg.num_generations,
-        max_completion_length=cfg.max_completion_length,
+def _common_trl_args(cfg: RLHFConfig, out: Path) -> dict:
+    return dict(
+        output_dir=str(out),
         learning_rate=cfg.learning_rate,
         temperature=cfg.temperature,
-        beta=cfg.kl_coef,
         logging_steps=cfg.logging_steps,
-        save_strategy="no",
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
         seed=cfg.seed,
         disable_tqdm=False,
     )
-    dataset = Dataset.from_dict({"prompt": train_prompts})
-    if cfg.algorithm == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
 
-        trainer = GRPOTrainer(
-            model=policy,
-            reward_funcs=reward_fn,
-            args=GRPOConfig(**common),
-            train_dataset=dataset,
+
+def _train_grpo_or_rloo(
+    cfg, policy, tok, rm_train, recorder, prompts, ckpt_dir, metrics_path, extra_callbacks
+):
+    from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
+
+    def reward_fn(completions, **kwargs) -> list[float]:
+        rewards = rm_train.score(completions)
+        recorder.add(list(completions), rewards)
+        return rewards
+
+    reward_fn.__name__ = "rm"
+    args = dict(
+        _common_trl_args(cfg, ckpt_dir),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length,
+        beta=cfg.kl_coef,
+        save_strategy="steps",
+        save_steps=cfg.checkpoint_every,
+        save_total_limit=1,
+    )
+    if cfg.algorithm == "grpo":
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
+    else:
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
+    resumed_from = int(Path(last).name.split("-")[-1]) if last is not None else 0
+    _truncate_metrics(metrics_path, resumed_from)
+    trainer = Trainer(
+        model=policy,
+        reward_funcs=reward_fn,
+        args=Config(**args),
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tok,
+        callbacks=[
+            make_metrics_callback(
+                metrics_path, recorder, cfg.algorithm, cfg.sample_every, cfg.kl_warn_bound
+            ),
+            *extra_callbacks,
+        ],
+    )
+    trainer.train(resume_from_checkpoint=last)
+    return trainer.model, resumed_from
+
+
+def _latest_ppo_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def _train_ppo(
+    cfg, base_dir, tok, rm_train, recorder, prompts, ckpt_dir, metrics_path, extra_callbacks
+):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from irmlens.rlhf.ppo import LexiconRewardAdapter, fixed_length_prompts
+
+    ids, context_length = fixed_length_prompts(tok, prompts, cfg.max_prompt_tokens)
+    dataset = Dataset.from_dict({"input_ids": ids.tolist()})
+    eval_dataset = Dataset.from_dict({"input_ids": ids[:8].tolist()})
+    adapter = LexiconRewardAdapter(rm_train, tok, context_length, recorder)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    last = _latest_ppo_checkpoint(ckpt_dir)
+    done = resumed_from = read_json(last / "state.json")["step"] if last else 0
+    _truncate_metrics(metrics_path, done)
+    policy_src = last / "policy" if last else base_dir
+    value_src = last / "value" if last else base_dir
+    policy = None
+    while done < cfg.steps:
+        seg = min(cfg.checkpoint_every, cfg.steps - done)
+        policy = AutoModelForCausalLM.from_pretrained(policy_src, dtype=torch.float32)
+        ref = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        value = AutoModelForSequenceClassification.from_pretrained(
+            value_src, num_labels=1, dtype=torch.float32
+        )
+        value.config.pad_token_id = tok.pad_token_id
+        args = PPOConfig(
+            **_common_trl_args(cfg, ckpt_dir / "trl"),
+            per_device_train_batch_size=cfg.batch_size,
+            num_mini_batches=cfg.batch_size // cfg.mini_batch_size,
+            num_ppo_epochs=cfg.ppo_epochs,
+            total_episodes=seg * cfg.batch_size,
+            response_length=cfg.max_completion_length,
+            kl_coef=cfg.kl_coef,
+            local_rollout_forward_batch_size=cfg.batch_size,
+            num_sample_generations=0,
+            save_strategy="no",
+            stop_token=None,
+            # constant: segments (see module doc) must not each decay the rate to zero
+            lr_scheduler_type="constant",
+        )
+        args.seed = cfg.seed + done  # a fresh data order per segment
+        trainer = PPOTrainer(
+            args=args,
             processing_class=tok,
-            callbacks=[_jsonl_logger(metrics_path)],
+            model=policy,
+            ref_model=ref,
+            reward_model=adapter,
+            value_model=value,
+            train_dataset=dataset,
+            eval_dataset=eval_dataset,
+            callbacks=[
+                make_metrics_callback(
+                    metrics_path,
+                    recorder,
+                    "ppo",
+                    cfg.sample_every,
+                    cfg.kl_warn_bound,
+                    response_tokens=float(cfg.max_completion_length),
+                    step_offset=done,
+                ),
+                *extra_callbacks,
+            ],
+        )
+        if last is not None and (last / "optimizer.pt").exists():
+            trainer.optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+        trainer.train()
+        done += seg
+        with atomic_dir(ckpt_dir / f"step-{done:06d}") as tmp:
+            policy.save_pretrained(tmp / "policy")
+            value.save_pretrained(tmp / "value")
+            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+            atomic_write_json(tmp / "state.json", {"step": done})
+        last = ckpt_dir / f"step-{done:06d}"
+        for old in ckpt_dir.glob("step-*"):
+            if old != last:
+                shutil.rmtree(old, ignore_errors=True)
+        policy_src, value_src = last / "policy", last / "value"
+    if policy is None:  # every step was already checkpointed
+        policy = AutoModelForCausalLM.from_pretrained(policy_src, dtype=torch.float32)
+    return policy, resumed_from
+
+
+def run_rlhf(
+    base_dir: str | Path,
+    reward_model,
+    train_prompts: list[str],
+    eval_prompts: list[str],
+    cfg: RLHFConfig,
+    out_model_dir: str | Path,
+    rlhf_dir: str | Path,
+    extra_callbacks: tuple = (),
+) -> dict:
+    """Train (or resume), write the RLHF model atomically to ``out_model_dir``, return a summary.
+
+    ``extra_callbacks`` are transformers ``TrainerCallback``s handed to the trl trainer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rlhf_dir = Path(rlhf_dir)
+    rlhf_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = rlhf_dir / "metrics.jsonl"
+    ckpt_dir = rlhf_dir / "checkpoints"
+    rm_train = training_reward_model(reward_model, cfg.reward, cfg.seed)
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+    t0 = time.time()
+    before = sample_completions(base, tok, eval_prompts, cfg.max_completion_length, seed=cfg.seed)
+    reward_before = reward_model.score(before.completions)
+    recorder = RewardRecorder(reward_model.word_utility)
+    if cfg.algorithm == "ppo":
+        policy, resumed_from = _train_ppo(
+            cfg,
+            Path(base_dir),
+            tok,
+            rm_train,
+            recorder,
+            train_prompts,
+            ckpt_dir,
+            metrics_path,
+            extra_callbacks,
         )
     else:
-        from trl import RLOOConfig, RLOOTrainer
-
-        trainer = RLOOTrainer(
-            model=policy,
-            reward_funcs=reward_fn,
-            args=RLOOConfig(**common),
-            train_dataset=dataset,
-            processing_class=tok,
-            callbacks=[_jsonl_logger(metrics_path)],
+        policy = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        policy, resumed_from = _train_grpo_or_rloo(
+            cfg,
+            policy,
+            tok,
+            rm_train,
+            recorder,
+            train_prompts,
+            ckpt_dir,
+            metrics_path,
+            extra_callbacks,
         )
-    trainer.train()
-    policy = trainer.model.eval()
+    policy = policy.eval()
     train_seconds = time.time() - t0
 
     after = sample_completions(policy, tok, eval_prompts, cfg.max_completion_length, seed=cfg.seed)
     reward_after = reward_model.score(after.completions)
     kl = kl_estimate(policy, base, after)
+    wu = reward_model.word_utility
     summary = {
         "algorithm": cfg.algorithm,
         "steps": cfg.steps,
+        "resumed_from_step": resumed_from,
         "reward_model": reward_model.name,
+        "trained_against": rm_train.name,
         "reward_before": float(sum(reward_before) / len(reward_before)),
         "reward_after": float(sum(reward_after) / len(reward_after)),
         "kl": kl,
+        "kl_warning": kl > cfg.kl_warn_bound,
+        "hacking_signals": {
+            "repetition_rate_before": repetition_rate(before.completions),
+            "repetition_rate_after": repetition_rate(after.completions),
+            "lexicon_fraction_before": lexicon_fraction(before.completions, wu),
+            "lexicon_fraction_after": lexicon_fraction(after.completions, wu),
+        },
         "train_seconds": round(train_seconds, 1),
         "n_eval_prompts": len(eval_prompts),
         "samples": [
@@ -164,5 +336,6 @@ def run_rlhf(
     with atomic_dir(out_model_dir) as tmp:
         policy.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    atomic_write_json(metrics_dir / "summary.json", summary)
+    atomic_write_json(rlhf_dir / "summary.json", summary)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     return summary

@@ -28,12 +28,12 @@ def layer_divergence_figure(layers: list[dict], studied: list[int]) -> go.Figure
 def reward_curve_figure(
     metrics: list[dict], reward_before: float, reward_after: float
 ) -> go.Figure:
-    steps = [m["step"] for m in metrics if "reward" in m]
+    steps = [m["step"] for m in metrics if "reward_mean" in m]
     fig = go.Figure()
     fig.add_trace(
         go.Scatter(
             x=steps,
-            y=[m["reward"] for m in metrics if "reward" in m],
+            y=[m["reward_mean"] for m in metrics if "reward_mean" in m],
             name="train reward (mean)",
             mode="lines+markers",
         )
@@ -43,7 +43,7 @@ def reward_curve_figure(
             go.Scatter(
                 x=[m["step"] for m in metrics if "kl" in m],
                 y=[m["kl"] for m in metrics if "kl" in m],
-                name="KL per token (trl)",
+                name="KL to base (nats per completion)",
                 mode="lines",
                 yaxis="y2",
             )

@@ -38,3 +38,16 @@ def test_vader_lexicon_values(assets):
     assert rm.word_utility("great") == pytest.approx(3.1)
     assert rm.word_utility("horrible") == pytest.approx(-2.5)
     assert rm.score(["a great movie"]) == pytest.approx([0.62])
+
+
+def test_shuffled_and_zero_controls():
+    from irmlens.rewards.lexicon import ZeroRewardModel
+
+    rm = LexiconRewardModel({f"w{i}": float(i) for i in range(50)})
+    sh = rm.shuffled(seed=1)
+    assert set(sh.lexicon) == set(rm.lexicon)
+    assert sorted(sh.lexicon.values()) == sorted(rm.lexicon.values())
+    assert sh.lexicon != rm.lexicon and sh.name.endswith("shuffled")
+    assert sh.lexicon == rm.shuffled(seed=1).lexicon  # deterministic
+    zero = ZeroRewardModel(rm)
+    assert zero.score(["w49 w48", "w3"]) == [0.0, 0.0] and zero.word_utility("w3") == 3.0
