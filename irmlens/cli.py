@@ -10,7 +10,7 @@ from pathlib import Path
 from irmlens.errors import ConfigError, IrmlensError
 
 
-def _offline_env() -> None:
+def offline_env() -> None:
     """irmlens never needs the hub at run time: say so to HF libraries before they are imported."""
     for k in (
         "HF_HUB_OFFLINE",
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _offline_env()
+    offline_env()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

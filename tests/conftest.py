@@ -1,15 +1,8 @@
-import os
-
 import pytest
 
-for _k in (
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "HF_DATASETS_OFFLINE",
-    "HF_HUB_DISABLE_TELEMETRY",
-):
-    os.environ.setdefault(_k, "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
+from irmlens.cli import offline_env
+
+offline_env()
 
 
 @pytest.fixture(scope="session")

@@ -105,9 +105,10 @@ def _common_trl_args(cfg: RLHFConfig, out: Path) -> dict:
 
 
 def _train_grpo_or_rloo(
-    cfg, policy, tok, rm_train, recorder, prompts, ckpt_dir, metrics_path, extra_callbacks
+    cfg, base_dir, tok, rm_train, recorder, prompts, ckpt_dir, metrics_path, extra_callbacks
 ):
     from datasets import Dataset
+    from transformers import AutoModelForCausalLM
     from transformers.trainer_utils import get_last_checkpoint
 
     def reward_fn(completions, **kwargs) -> list[float]:
@@ -137,7 +138,7 @@ def _train_grpo_or_rloo(
     resumed_from = int(Path(last).name.split("-")[-1]) if last is not None else 0
     _truncate_metrics(metrics_path, resumed_from)
     trainer = Trainer(
-        model=policy,
+        model=AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
         reward_funcs=reward_fn,
         args=Config(**args),
         train_dataset=Dataset.from_dict({"prompt": prompts}),
@@ -275,31 +276,18 @@ def run_rlhf(
     before = sample_completions(base, tok, eval_prompts, cfg.max_completion_length, seed=cfg.seed)
     reward_before = reward_model.score(before.completions)
     recorder = RewardRecorder(reward_model.word_utility)
-    if cfg.algorithm == "ppo":
-        policy, resumed_from = _train_ppo(
-            cfg,
-            Path(base_dir),
-            tok,
-            rm_train,
-            recorder,
-            train_prompts,
-            ckpt_dir,
-            metrics_path,
-            extra_callbacks,
-        )
-    else:
-        policy = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        policy, resumed_from = _train_grpo_or_rloo(
-            cfg,
-            policy,
-            tok,
-            rm_train,
-            recorder,
-            train_prompts,
-            ckpt_dir,
-            metrics_path,
-            extra_callbacks,
-        )
+    train = _train_ppo if cfg.algorithm == "ppo" else _train_grpo_or_rloo
+    policy, resumed_from = train(
+        cfg,
+        Path(base_dir),
+        tok,
+        rm_train,
+        recorder,
+        train_prompts,
+        ckpt_dir,
+        metrics_path,
+        extra_callbacks,
+    )
     policy = policy.eval()
     train_seconds = time.time() - t0
 
