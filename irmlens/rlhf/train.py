@@ -109,7 +109,6 @@ def _train_grpo_or_rloo(
 ):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from transformers.trainer_utils import get_last_checkpoint
 
     def reward_fn(completions, **kwargs) -> list[float]:
         rewards = rm_train.score(completions)
@@ -126,7 +125,7 @@ def _train_grpo_or_rloo(
         beta=cfg.kl_coef,
         save_strategy="steps",
         save_steps=cfg.checkpoint_every,
-        save_total_limit=1,
+        save_total_limit=2,  # keep the previous one in case the newest was cut short
     )
     if cfg.algorithm == "grpo":
         from trl import GRPOConfig as Config
@@ -134,7 +133,7 @@ def _train_grpo_or_rloo(
     else:
         from trl import RLOOConfig as Config
         from trl import RLOOTrainer as Trainer
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
+    last = _last_complete_hf_checkpoint(ckpt_dir)
     resumed_from = int(Path(last).name.split("-")[-1]) if last is not None else 0
     _truncate_metrics(metrics_path, resumed_from)
     trainer = Trainer(
@@ -152,6 +151,16 @@ def _train_grpo_or_rloo(
     )
     trainer.train(resume_from_checkpoint=last)
     return trainer.model, resumed_from
+
+
+def _last_complete_hf_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest ``checkpoint-N`` that the HF Trainer finished writing (its trainer_state.json is
+    written last); a folder left half-written by a kill is skipped."""
+    if not ckpt_dir.exists():
+        return None
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    done.sort(key=lambda p: int(p.name.split("-")[-1]))
+    return str(done[-1]) if done else None
 
 
 def _latest_ppo_checkpoint(ckpt_dir: Path) -> Path | None:
