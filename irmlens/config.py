@@ -40,6 +40,18 @@ class CacheConfig:
     n_ctx: int = 64
     max_rows: int = 2000
     batch_size: int = 32
+    dtype: str = "bfloat16"  # bfloat16 | float32 | int8 (per-row scale)
+    hook_kinds: list[str] = field(default_factory=lambda: ["resid_post"])  # and/or "mlp_out"
+    shard_rows: int = 256  # token rows per shard
+
+    def __post_init__(self) -> None:
+        from irmlens.cache.store import DTYPES, HOOK_KINDS
+
+        if self.dtype not in DTYPES:
+            raise ValueError(f"cache.dtype = {self.dtype!r}; choose one of {DTYPES}")
+        unknown = [k for k in self.hook_kinds if k not in HOOK_KINDS]
+        if unknown or not self.hook_kinds:
+            raise ValueError(f"cache.hook_kinds must be a non-empty subset of {sorted(HOOK_KINDS)}")
 
 
 @dataclass

@@ -182,8 +182,20 @@ def stage_cache(
     n_ctx = min(cfg.cache.n_ctx, hooked["base"].cfg.n_ctx)
     rows = tokenize_rows(tokenizer, [r.text for r in splits.heldout], n_ctx, cfg.cache.max_rows)
     _log(f"cache: {len(rows.tokens)} rows x {n_ctx} tokens of held-out reviews, layers {layers}")
+    meta = {
+        "source": "held-out reviews",
+        "model_names": {name: str(m.cfg.model_name) for name, m in hooked.items()},
+    }
     return build_paired_cache(
-        hooked, rows, layers, paths.cache, {"source": "heldout reviews"}, cfg.cache.batch_size
+        hooked,
+        rows,
+        layers,
+        paths.cache,
+        meta,
+        batch_size=cfg.cache.batch_size,
+        hook_kinds=tuple(cfg.cache.hook_kinds),
+        dtype=cfg.cache.dtype,
+        shard_rows=cfg.cache.shard_rows,
     )
 
 
@@ -373,7 +385,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path) -> Path:
         check_pair_configs(hooked["base"].cfg, hooked["rlhf"].cfg)
     layers = stage_layers(cfg, paths, hooked)
     manifest = stage_cache(cfg, paths, hooked, tokenizer, splits, layers["studied_layers"])
-    d_model = manifest["shapes"][f"base/blocks.{layers['studied_layers'][0]}.hook_resid_post"][1]
+    d_model = next(iter(manifest["shapes"].values()))[1]
     del hooked
 
     stage_saes(cfg, paths, layers["studied_layers"], d_model)

@@ -1,32 +1,81 @@
-"""Capture ``hook_resid_post`` of both models on the same token rows, stopping after the last needed layer."""
+"""Capture hooks of several models on the same token rows into a sharded, resumable cache.
+
+Both models see exactly the same token batches; only the chosen hooks are kept and the forward
+pass stops after the last needed layer. BOS and padding positions are dropped (``rows.valid``).
+On a GPU the forward runs under bf16 autocast and activations are copied to pinned host memory
+with non-blocking copies; on a CPU it runs in float32. Shards are cast (or int8-quantised) after
+the running statistics are accumulated from the float32 values, so statistics are the same
+whatever the storage dtype.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from irmlens.cache.store import activation_path, hook_name, save_tensors_atomic, write_manifest
+from irmlens.cache.store import (
+    DTYPES,
+    ERROR_BOUNDS,
+    FORMAT,
+    encode_shard,
+    hook_name,
+    load_progress,
+    save_tensors_atomic,
+    shard_path,
+    verified_shards,
+    write_progress,
+)
 from irmlens.cache.tokens import TokenRows
+from irmlens.io import atomic_write_json, sha256_file
 
 
 @torch.no_grad()
+def capture_hooks(
+    model, tokens: torch.Tensor, valid: torch.Tensor, hooks: list[str], batch_size: int = 32
+) -> dict[str, torch.Tensor]:
+    """``{hook: [n_valid, d]}`` float32 for one HookedTransformer on ``tokens`` (rows), valid positions only."""
+    stop = max(int(h.split(".")[1]) for h in hooks) + 1
+    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    chunks: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    for i in range(0, len(tokens), batch_size):
+        toks = tokens[i : i + batch_size].to(device, non_blocking=on_gpu)
+        mask = valid[i : i + batch_size].to(device, non_blocking=on_gpu)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            _, cache = model.run_with_cache(toks, names_filter=hooks, stop_at_layer=stop)
+        for h in hooks:
+            sel = cache[h][mask]
+            if on_gpu:
+                host = torch.empty(sel.shape, dtype=sel.dtype, pin_memory=True)
+                host.copy_(sel, non_blocking=True)
+                chunks[h].append(host)
+            else:
+                chunks[h].append(sel.float())
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    return {h: torch.cat(v).float() for h, v in chunks.items()}
+
+
 def capture_residuals(
     model, rows: TokenRows, layers: list[int], batch_size: int = 32, desc: str = "cache"
-) -> dict[str, torch.Tensor]:
-    """``{hook: [n_valid, d_model]}`` for one HookedTransformer; BOS and padding are dropped."""
-    hooks = [hook_name(layer) for layer in layers]
-    stop = max(layers) + 1
-    chunks: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-    device = next(model.parameters()).device
-    for i in tqdm(range(0, len(rows.tokens), batch_size), desc=desc, unit="batch"):
-        toks = rows.tokens[i : i + batch_size].to(device)
-        mask = rows.valid[i : i + batch_size]
-        _, cache = model.run_with_cache(toks, names_filter=hooks, stop_at_layer=stop)
-        for h in hooks:
-            chunks[h].append(cache[h].float().cpu()[mask])
-    return {h: torch.cat(v) for h, v in chunks.items()}
+):
+    """``{hook_resid_post: [n_valid, d]}`` float32 for the given layers (in-memory, no files)."""
+    return capture_hooks(
+        model, rows.tokens, rows.valid, [hook_name(layer) for layer in layers], batch_size
+    )
+
+
+def _write_tokens(cache_dir: Path, rows: TokenRows) -> str:
+    """Write the shared token rows; their sha256 ties every shard to these exact tokens."""
+    path = cache_dir / "tokens.safetensors"
+    save_tensors_atomic(
+        path, {"tokens": rows.tokens, "valid": rows.valid.to(torch.uint8), "word_id": rows.word_id}
+    )
+    atomic_write_json(cache_dir / "words.json", rows.words)
+    return sha256_file(path)
 
 
 def build_paired_cache(
@@ -36,33 +85,92 @@ def build_paired_cache(
     cache_dir: str | Path,
     meta: dict,
     batch_size: int = 32,
+    hook_kinds: tuple[str, ...] = ("resid_post",),
+    dtype: str = "bfloat16",
+    shard_rows: int = 256,
 ) -> dict:
-    """Write tokens, every model's activations and (last) the manifest."""
-    from irmlens.io import atomic_write_json
-
+    """Write (or resume) every model's shards, then the manifest. Returns the manifest."""
+    if dtype not in DTYPES:
+        raise ValueError(f"cache dtype {dtype!r}; choose one of {DTYPES}")
     cache_dir = Path(cache_dir)
-    save_tensors_atomic(
-        cache_dir / "tokens.safetensors",
-        {"tokens": rows.tokens, "valid": rows.valid.to(torch.uint8), "word_id": rows.word_id},
-    )
-    atomic_write_json(cache_dir / "words.json", rows.words)
-    shapes = {}
-    for name, model in models.items():
-        acts = capture_residuals(model, rows, layers, batch_size, desc=f"cache {name}")
-        for hook, tensor in acts.items():
-            save_tensors_atomic(activation_path(cache_dir, name, hook), {"activations": tensor})
-            shapes[f"{name}/{hook}"] = list(tensor.shape)
-    return write_manifest(
-        cache_dir,
-        {
-            **meta,
-            "layers": layers,
-            "hooks": [hook_name(layer) for layer in layers],
-            "models": list(models),
-            "dtype": "float32",
-            "n_rows": int(rows.tokens.shape[0]),
-            "n_ctx": int(rows.tokens.shape[1]),
-            "n_valid_positions": int(rows.valid.sum()),
-            "shapes": shapes,
-        },
-    )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / "manifest.json").unlink(missing_ok=True)
+    hooks = [hook_name(layer, kind) for layer in layers for kind in hook_kinds]
+    names = list(models)
+    tokens_sha = _write_tokens(cache_dir, rows)
+    settings = {
+        "tokens_sha256": tokens_sha,
+        "hooks": hooks,
+        "models": names,
+        "dtype": dtype,
+        "shard_rows": shard_rows,
+    }
+    progress = load_progress(cache_dir)
+    if progress.get("settings") != settings:  # different tokens or layout: start over
+        progress = {"settings": settings, "shards": {}}
+        write_progress(cache_dir, progress)
+    n_rows = len(rows.tokens)
+    n_shards = math.ceil(n_rows / shard_rows)
+    start = verified_shards(cache_dir, n_shards, names, hooks)
+    for k in tqdm(
+        range(start, n_shards), desc="cache shards", unit="shard", initial=start, total=n_shards
+    ):
+        sl = slice(k * shard_rows, min((k + 1) * shard_rows, n_rows))
+        for name, model in models.items():
+            acts = capture_hooks(model, rows.tokens[sl], rows.valid[sl], hooks, batch_size)
+            for hook, x in acts.items():
+                path = shard_path(cache_dir, name, hook, k)
+                save_tensors_atomic(path, encode_shard(x, dtype))
+                x64 = x.double()
+                progress["shards"][f"{name}/{hook}/{k}"] = {
+                    "sha256": sha256_file(path),
+                    "n": int(x.shape[0]),
+                    "sum": x64.sum(0).tolist(),
+                    "sum_norm": float(x64.norm(dim=1).sum()),
+                }
+                write_progress(cache_dir, progress)
+    return _write_manifest(cache_dir, progress, n_shards, rows, layers, meta, settings)
+
+
+def _write_manifest(cache_dir, progress, n_shards, rows, layers, meta, settings) -> dict:
+    files = {"tokens.safetensors": {"sha256": settings["tokens_sha256"]}}
+    statistics, shapes = {}, {}
+    for name in settings["models"]:
+        for hook in settings["hooks"]:
+            n, total, norm = 0, None, 0.0
+            for k in range(n_shards):
+                info = progress["shards"][f"{name}/{hook}/{k}"]
+                files[str(shard_path(cache_dir, name, hook, k).relative_to(cache_dir))] = {
+                    "sha256": info["sha256"],
+                    "n": info["n"],
+                }
+                n += info["n"]
+                s = torch.tensor(info["sum"], dtype=torch.float64)
+                total = s if total is None else total + s
+                norm += info["sum_norm"]
+            statistics[f"{name}/{hook}"] = {
+                "n": n,
+                "mean": (total / n).tolist(),
+                "mean_norm": norm / n,
+            }
+            shapes[f"{name}/{hook}"] = [n, len(total)]
+    manifest = {
+        "format": FORMAT,
+        **meta,
+        "models": settings["models"],
+        "hooks": settings["hooks"],
+        "layers": layers,
+        "dtype": settings["dtype"],
+        "error_bound": ERROR_BOUNDS[settings["dtype"]],
+        "n_shards": n_shards,
+        "shard_rows": settings["shard_rows"],
+        "n_rows": int(rows.tokens.shape[0]),
+        "n_ctx": int(rows.tokens.shape[1]),
+        "n_valid_positions": int(rows.valid.sum()),
+        "positions": "valid (non-BOS, non-pad) positions of tokens.safetensors rows, row-major",
+        "shapes": shapes,
+        "statistics": statistics,
+        "files": files,
+    }
+    atomic_write_json(Path(cache_dir) / "manifest.json", manifest)
+    return manifest

@@ -1,18 +1,24 @@
-"""On-disk paired activation cache (simple form): one safetensors file per model and hook.
+"""On-disk paired activation cache: shards (safetensors) per model and hook, verified by sha256.
 
 Layout under ``<run>/cache/``::
 
-    tokens.safetensors        tokens, valid, word_id  (shared by both models)
-    words.json                word strings indexed by word_id
-    <model>/<hook>.safetensors   "activations": [n_valid_positions, d_model] float32,
-                                  rows in row-major order of ``valid``
-    manifest.json             shapes, dtypes, sha256 per file, model identities, layers
+    tokens.safetensors             tokens, valid, word_id (shared by every model and hook)
+    words.json                     word strings indexed by word_id
+    <model>/<hook>/shard-00000.safetensors ...
+                                   "activations" [n, d] (bfloat16 / float32), or for int8
+                                   "q" [n, d] int8 + "scale" [n] float32 (x ~ q * scale)
+    progress.json                  shards finished so far, with sha256 and running statistics
+    manifest.json                  written last: the cache is complete and may be used
 
-The manifest is written last, so a cache without one is incomplete and gets rebuilt.
+Shard ``k`` holds the valid positions (row-major) of token rows ``[k*R, (k+1)*R)``, so the
+concatenation of a model's shards is aligned position by position with every other model's.
+An interrupted run resumes at the first shard missing from ``progress.json`` or whose checksum
+fails; nothing is used that does not verify.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,14 +27,27 @@ from safetensors.torch import load_file, save_file
 from irmlens.io import atomic_write_json, read_json, sha256_file
 
 MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+FORMAT = "irmlens-activations-v1"
+DTYPES = ("bfloat16", "float32", "int8")
+HOOK_KINDS = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out"}
+
+# Worst-case error of the stored value, per element (|x| is the element, max|row| its row's max).
+ERROR_BOUNDS = {
+    "float32": "exact",
+    "bfloat16": "relative 2^-9 of |x| (round-to-nearest, 8-bit mantissa)",
+    "int8": "absolute max|row| / 254 (per-row scale max|row|/127, round-to-nearest)",
+}
 
 
-def hook_name(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_post"
+def hook_name(layer: int, kind: str = "resid_post") -> str:
+    if kind not in HOOK_KINDS:
+        raise ValueError(f"unknown hook kind {kind!r}; choose one of {sorted(HOOK_KINDS)}")
+    return f"blocks.{layer}.{HOOK_KINDS[kind]}"
 
 
-def activation_path(cache_dir: str | Path, model: str, hook: str) -> Path:
-    return Path(cache_dir) / model / f"{hook}.safetensors"
+def shard_path(cache_dir: str | Path, model: str, hook: str, index: int) -> Path:
+    return Path(cache_dir) / model / hook / f"shard-{index:05d}.safetensors"
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -38,15 +57,60 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp.replace(path)
 
 
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: ``x ~ q * scale`` with ``|x - q*scale| <= max|row| / 254``."""
+    scale = x.abs().amax(dim=1).float() / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x.float() / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def encode_shard(x: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+    if dtype == "int8":
+        q, scale = quantize_int8(x)
+        return {"q": q, "scale": scale}
+    return {"activations": x.to(getattr(torch, dtype))}
+
+
+def decode_shard(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    if "q" in tensors:
+        return tensors["q"].float() * tensors["scale"][:, None]
+    return tensors["activations"].float()
+
+
 def load_manifest(cache_dir: str | Path) -> dict | None:
     p = Path(cache_dir) / MANIFEST
     return read_json(p) if p.exists() else None
 
 
+def load_progress(cache_dir: str | Path) -> dict:
+    p = Path(cache_dir) / PROGRESS
+    return read_json(p) if p.exists() else {"shards": {}}
+
+
+def verified_shards(
+    cache_dir: str | Path, n_shards: int, models: list[str], hooks: list[str]
+) -> int:
+    """How many leading shards are complete for every model and hook and match their sha256."""
+    progress = load_progress(cache_dir)["shards"]
+    for k in range(n_shards):
+        for model in models:
+            for hook in hooks:
+                key = f"{model}/{hook}/{k}"
+                p = shard_path(cache_dir, model, hook, k)
+                if (
+                    key not in progress
+                    or not p.exists()
+                    or sha256_file(p) != progress[key]["sha256"]
+                ):
+                    return k
+    return n_shards
+
+
 def cache_is_complete(cache_dir: str | Path, verify: bool = True) -> bool:
-    """True when the manifest exists and every file it lists is present (and matches its sha256)."""
+    """True when the manifest exists and every shard it lists is present (and matches its sha256)."""
     manifest = load_manifest(cache_dir)
-    if manifest is None:
+    if manifest is None or manifest.get("format") != FORMAT:
         return False
     for rel, info in manifest["files"].items():
         p = Path(cache_dir) / rel
@@ -55,26 +119,70 @@ def cache_is_complete(cache_dir: str | Path, verify: bool = True) -> bool:
     return True
 
 
-def write_manifest(cache_dir: str | Path, meta: dict) -> dict:
-    cache_dir = Path(cache_dir)
-    files = {}
-    for p in sorted(cache_dir.rglob("*.safetensors")):
-        rel = str(p.relative_to(cache_dir))
-        files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    manifest = {"format": "irmlens-activations-v0", **meta, "files": files}
-    atomic_write_json(cache_dir / MANIFEST, manifest)
+def _require_manifest(cache_dir: str | Path) -> dict:
+    manifest = load_manifest(cache_dir)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"{cache_dir} holds no complete activation cache (no {MANIFEST}); "
+            "run the cache stage (`irmlens cache CONFIG` or `irmlens run CONFIG`) first"
+        )
     return manifest
 
 
 def load_activations(cache_dir: str | Path, model: str, hook: str) -> torch.Tensor:
-    """``[n_valid_positions, d_model]`` activations of ``model`` at ``hook``."""
-    path = activation_path(cache_dir, model, hook)
-    if not path.exists():
+    """All ``[n_valid_positions, d_model]`` activations of ``model`` at ``hook``, as float32."""
+    manifest = _require_manifest(cache_dir)
+    if model not in manifest["models"] or hook not in manifest["hooks"]:
         raise FileNotFoundError(
-            f"no cached activations for model {model!r} at {hook} in {cache_dir}; "
-            "run the cache stage (`irmlens run CONFIG`) first"
+            f"the cache in {cache_dir} has models {manifest['models']} and hooks {manifest['hooks']}, "
+            f"not {model!r} at {hook!r}"
         )
-    return load_file(str(path))["activations"]
+    parts = [
+        decode_shard(load_file(str(shard_path(cache_dir, model, hook, k))))
+        for k in range(manifest["n_shards"])
+    ]
+    return torch.cat(parts)
+
+
+def hook_statistics(cache_dir: str | Path, model: str, hook: str) -> dict:
+    """Running statistics of a hook (mean vector, mean norm), e.g. for SAE input normalisation."""
+    return _require_manifest(cache_dir)["statistics"][f"{model}/{hook}"]
+
+
+def stream_batches(
+    cache_dir: str | Path,
+    model: str,
+    hook: str,
+    batch_size: int,
+    seed: int = 0,
+    shards_in_buffer: int = 4,
+    epochs: int | None = 1,
+) -> Iterator[torch.Tensor]:
+    """Shuffled float32 batches read shard by shard: only ``shards_in_buffer`` shards in memory.
+
+    Shard order is shuffled each epoch and rows are shuffled inside the buffer, deterministically
+    under ``seed``. ``epochs=None`` streams forever.
+    """
+    manifest = _require_manifest(cache_dir)
+    gen = torch.Generator().manual_seed(seed)
+    epoch = 0
+    leftover = None
+    while epochs is None or epoch < epochs:
+        order = torch.randperm(manifest["n_shards"], generator=gen).tolist()
+        for i in range(0, len(order), shards_in_buffer):
+            parts = [
+                decode_shard(load_file(str(shard_path(cache_dir, model, hook, k))))
+                for k in order[i : i + shards_in_buffer]
+            ]
+            if leftover is not None:
+                parts.insert(0, leftover)
+            buf = torch.cat(parts)
+            buf = buf[torch.randperm(len(buf), generator=gen)]
+            n_full = len(buf) // batch_size * batch_size
+            for j in range(0, n_full, batch_size):
+                yield buf[j : j + batch_size]
+            leftover = buf[n_full:] if n_full < len(buf) else None
+        epoch += 1
 
 
 def load_token_rows(cache_dir: str | Path):
@@ -83,3 +191,7 @@ def load_token_rows(cache_dir: str | Path):
     t = load_file(str(Path(cache_dir) / "tokens.safetensors"))
     words = read_json(Path(cache_dir) / "words.json")
     return TokenRows(t["tokens"], t["valid"].bool(), t["word_id"], words)
+
+
+def write_progress(cache_dir: str | Path, progress: dict) -> None:
+    atomic_write_json(Path(cache_dir) / PROGRESS, progress)

@@ -1,13 +1,26 @@
+import json
+
+import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from irmlens.cache.capture import build_paired_cache, capture_residuals
-from irmlens.cache.store import cache_is_complete, load_activations, load_token_rows
+from irmlens.cache.store import (
+    cache_is_complete,
+    hook_statistics,
+    load_activations,
+    load_token_rows,
+    quantize_int8,
+    shard_path,
+    stream_batches,
+)
 from irmlens.cache.tokens import tokenize_rows
 from irmlens.models.hooked import load_hf_model
 
+H2 = "blocks.2.hook_resid_post"
 
-def _tiny_hooked(seed):
+
+def tiny_hooked(seed):
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(
         n_layers=3,
@@ -23,46 +36,121 @@ def _tiny_hooked(seed):
     return HookedTransformer(cfg).eval()
 
 
+@pytest.fixture(scope="module")
+def rows(tiny_hf_dir):
+    _, tok = load_hf_model(tiny_hf_dir)
+    texts = [f"{c} this movie is great fun , a good film ." for c in "bcdefghijklmnop"]
+    return tokenize_rows(tok, texts, n_ctx=16)
+
+
 def test_word_ids_mark_last_token_of_each_word(tiny_hf_dir):
     _, tok = load_hf_model(tiny_hf_dir)
     text = "this movie is unbelievably great ."
-    rows = tokenize_rows(tok, [text], n_ctx=32)
+    r = tokenize_rows(tok, [text], n_ctx=32)
     n_tokens = len(tok(text, add_special_tokens=False)["input_ids"])
-    assert rows.tokens[0, 0] == tok.bos_token_id
+    assert r.tokens[0, 0] == tok.bos_token_id
     assert (
-        not rows.valid[0, 0]
-        and rows.valid[0, 1 : n_tokens + 1].all()
-        and not rows.valid[0, n_tokens + 1 :].any()
+        not r.valid[0, 0]
+        and r.valid[0, 1 : n_tokens + 1].all()
+        and not r.valid[0, n_tokens + 1 :].any()
     )
-    ended = [rows.words[w] for w in rows.word_id[0].tolist() if w >= 0]
+    ended = [r.words[w] for w in r.word_id[0].tolist() if w >= 0]
     assert ended == text.split()  # each word exactly once, in order, at its last token
 
 
 def test_long_texts_are_split_into_rows_starting_with_bos(tiny_hf_dir):
     _, tok = load_hf_model(tiny_hf_dir)
-    rows = tokenize_rows(tok, ["the plot is bad . " * 30], n_ctx=16)
-    assert rows.tokens.shape[1] == 16 and len(rows.tokens) > 3
-    assert (rows.tokens[:, 0] == tok.bos_token_id).all()
+    r = tokenize_rows(tok, ["the plot is bad . " * 30], n_ctx=16)
+    assert r.tokens.shape[1] == 16 and len(r.tokens) > 3
+    assert (r.tokens[:, 0] == tok.bos_token_id).all()
 
 
-def test_capture_matches_full_forward_and_drops_bos_and_padding(tiny_hf_dir, tmp_path):
-    _, tok = load_hf_model(tiny_hf_dir)
-    rows = tokenize_rows(tok, ["this movie is great fun .", "a bad film ."], n_ctx=16)
-    models = {"base": _tiny_hooked(0), "rlhf": _tiny_hooked(1)}
-    acts = capture_residuals(models["base"], rows, [0, 2], batch_size=1)
-    _, full = models["base"].run_with_cache(rows.tokens)
+def test_capture_matches_full_forward_and_drops_bos_and_padding(rows):
+    model = tiny_hooked(0)
+    acts = capture_residuals(model, rows, [0, 2], batch_size=3)
+    _, full = model.run_with_cache(rows.tokens)
     for layer in (0, 2):
         expected = full[f"blocks.{layer}.hook_resid_post"][rows.valid]
         assert torch.allclose(acts[f"blocks.{layer}.hook_resid_post"], expected, atol=1e-5)
-    build_paired_cache(models, rows, [2], tmp_path, {"test": True}, batch_size=2)
-    assert cache_is_complete(tmp_path)
-    a = load_activations(tmp_path, "rlhf", "blocks.2.hook_resid_post")
-    assert a.shape == (int(rows.valid.sum()), 16)
+
+
+@pytest.mark.parametrize("dtype,rel_tol", [("float32", 0.0), ("bfloat16", 2**-8), ("int8", None)])
+def test_sharded_cache_round_trips_within_the_stated_error_bound(rows, tmp_path, dtype, rel_tol):
+    models = {"base": tiny_hooked(0), "rlhf": tiny_hooked(1)}
+    m = build_paired_cache(
+        models,
+        rows,
+        [2],
+        tmp_path,
+        {"test": True},
+        batch_size=2,
+        hook_kinds=("resid_post", "mlp_out"),
+        dtype=dtype,
+        shard_rows=5,
+    )
+    assert m["n_shards"] == -(-len(rows.tokens) // 5) >= 3 and cache_is_complete(tmp_path)
+    assert m["hooks"] == [H2, "blocks.2.hook_mlp_out"]
+    exact = capture_residuals(models["rlhf"], rows, [2])[H2]
+    got = load_activations(tmp_path, "rlhf", H2)
+    assert got.shape == exact.shape == (int(rows.valid.sum()), 16)
+    if dtype == "int8":
+        bound = exact.abs().amax(dim=1, keepdim=True) / 254 + 1e-6
+        assert ((got - exact).abs() <= bound).all()
+    else:
+        assert ((got - exact).abs() <= rel_tol * exact.abs() + 1e-7).all()
+    stats = hook_statistics(tmp_path, "rlhf", H2)  # from float32 values, whatever the storage
+    assert torch.allclose(torch.tensor(stats["mean"]).float(), exact.mean(0), atol=1e-5)
+    assert stats["mean_norm"] == pytest.approx(float(exact.norm(dim=1).mean()), rel=1e-5)
     again = load_token_rows(tmp_path)
     assert torch.equal(again.tokens, rows.tokens) and again.words == rows.words
-    # a corrupted file is detected, never silently used
-    p = tmp_path / "base" / "blocks.2.hook_resid_post.safetensors"
-    data = bytearray(p.read_bytes())
+
+
+def test_int8_error_bound_on_random_rows():
+    x = torch.randn(500, 64) * torch.rand(500, 1) * 10
+    q, scale = quantize_int8(x)
+    assert q.dtype == torch.int8
+    assert (
+        (q.float() * scale[:, None] - x).abs() <= x.abs().amax(1, keepdim=True) / 254 + 1e-6
+    ).all()
+
+
+def test_resume_rewrites_only_missing_or_corrupt_shards(rows, tmp_path):
+    models = {"base": tiny_hooked(0), "rlhf": tiny_hooked(1)}
+    build_paired_cache(models, rows, [2], tmp_path, {}, shard_rows=4)
+    reference = load_activations(tmp_path, "base", H2)
+    # simulate an interrupted run: the manifest is gone, one shard is corrupt, one is missing
+    (tmp_path / "manifest.json").unlink()
+    p1 = shard_path(tmp_path, "base", H2, 1)
+    data = bytearray(p1.read_bytes())
     data[-1] ^= 0xFF
-    p.write_bytes(bytes(data))
+    p1.write_bytes(bytes(data))
+    shard_path(tmp_path, "rlhf", H2, 2).unlink()
     assert not cache_is_complete(tmp_path)
+    before = shard_path(tmp_path, "base", H2, 0).stat().st_mtime_ns
+    build_paired_cache(models, rows, [2], tmp_path, {}, shard_rows=4)
+    assert cache_is_complete(tmp_path)
+    assert (
+        shard_path(tmp_path, "base", H2, 0).stat().st_mtime_ns == before
+    )  # shard 0 verified, kept
+    assert torch.equal(load_activations(tmp_path, "base", H2), reference)
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert len(progress["shards"]) == 2 * -(-len(rows.tokens) // 4)
+
+
+def test_stream_batches_visits_every_position_once_per_epoch(rows, tmp_path):
+    build_paired_cache(
+        {"base": tiny_hooked(0)}, rows, [2], tmp_path, {}, shard_rows=3, dtype="float32"
+    )
+    full = load_activations(tmp_path, "base", H2)
+    batches = list(stream_batches(tmp_path, "base", H2, batch_size=7, seed=0, shards_in_buffer=2))
+    seen = torch.cat(batches)
+    assert all(len(b) == 7 for b in batches) and len(full) - 7 < len(seen) <= len(full)
+    # every streamed row is a cached row, and no row comes more often than it was cached
+    uniq, counts = torch.unique(full, dim=0, return_counts=True)
+    idx = (seen[:, None, :] == uniq[None, :, :]).all(-1).float().argmax(1)
+    assert torch.equal(uniq[idx], seen)
+    assert (torch.bincount(idx, minlength=len(uniq)) <= counts).all()
+    again = torch.cat(
+        list(stream_batches(tmp_path, "base", H2, batch_size=7, seed=0, shards_in_buffer=2))
+    )
+    assert torch.equal(seen, again)
