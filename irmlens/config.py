@@ -56,19 +56,30 @@ class CacheConfig:
 
 @dataclass
 class SAEStageConfig:
-    width_multipliers: list[int] = field(default_factory=lambda: [4])
+    """SAEs per model (base, rlhf) and one shared SAE on both models' activations, per studied layer
+    and per width (``width_multipliers`` x d_model; the paper: 1x and 2x). The IRM uses the widest
+    shared SAE; MMCS compares the narrowest and widest dictionary of each model."""
+
+    width_multipliers: list[float] = field(default_factory=lambda: [2, 4])
+    architecture: str = "standard"  # standard | topk | batchtopk | jumprelu
     l1_coefficient: float = 1.0
+    k: int = 32
     lr: float = 1e-3
     batch_size: int = 1024
     epochs: float = 4.0
+    n_checkpoints: int = 2
+    ce_eval_rows: int = 64  # token rows used for CE loss recovered
 
     def training_config(self, width: int, seed: int, device: str) -> SAETrainingConfig:
         return SAETrainingConfig(
             width=width,
+            architecture=self.architecture,
             l1_coefficient=self.l1_coefficient,
+            k=self.k,
             lr=self.lr,
             batch_size=self.batch_size,
             epochs=self.epochs,
+            n_checkpoints=self.n_checkpoints,
             seed=seed,
             device=device,
         )

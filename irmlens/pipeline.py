@@ -149,12 +149,13 @@ def stage_rlhf(cfg: StudyConfig, paths: RunPaths, base_dir: Path, rm, splits) ->
     return summary
 
 
-def stage_layers(cfg: StudyConfig, paths: RunPaths, hooked: dict) -> dict:
+def stage_layers(cfg: StudyConfig, paths: RunPaths, pair) -> dict:
     from irmlens.diff.layers import layer_divergence, select_layers
 
     out = paths.diff / "layers.json"
     if out.exists():
         return read_json(out)
+    hooked = pair.get()
     divs = layer_divergence(
         dict(hooked["base"].named_parameters()), dict(hooked["rlhf"].named_parameters())
     )
@@ -169,9 +170,7 @@ def stage_layers(cfg: StudyConfig, paths: RunPaths, hooked: dict) -> dict:
     return result
 
 
-def stage_cache(
-    cfg: StudyConfig, paths: RunPaths, hooked: dict, tokenizer, splits, layers: list[int]
-) -> dict:
+def stage_cache(cfg: StudyConfig, paths: RunPaths, pair, splits, layers: list[int]) -> dict:
     from irmlens.cache.capture import build_paired_cache
     from irmlens.cache.store import cache_is_complete, load_manifest
     from irmlens.cache.tokens import tokenize_rows
@@ -179,12 +178,15 @@ def stage_cache(
     if cache_is_complete(paths.cache):
         _log("cache: complete and verified, skipping")
         return load_manifest(paths.cache)
+    hooked = pair.get()
     n_ctx = min(cfg.cache.n_ctx, hooked["base"].cfg.n_ctx)
-    rows = tokenize_rows(tokenizer, [r.text for r in splits.heldout], n_ctx, cfg.cache.max_rows)
+    rows = tokenize_rows(
+        pair.tokenizer, [r.text for r in splits.heldout], n_ctx, cfg.cache.max_rows
+    )
     _log(f"cache: {len(rows.tokens)} rows x {n_ctx} tokens of held-out reviews, layers {layers}")
     meta = {
         "source": "held-out reviews",
-        "model_names": {name: str(m.cfg.model_name) for name, m in hooked.items()},
+        "model_paths": {name: str(d) for name, d in pair.dirs.items()},
     }
     return build_paired_cache(
         hooked,
@@ -205,12 +207,19 @@ def _sae_eval_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[n_eval:], perm[:n_eval]
 
 
-def stage_saes(cfg: StudyConfig, paths: RunPaths, layers: list[int], d_model: int) -> list[dict]:
-    """Per model and shared (both models' activations together) standard SAEs, per layer and width."""
-    from irmlens.cache.store import hook_name, load_activations
+def stage_saes(
+    cfg: StudyConfig, paths: RunPaths, layers: list[int], d_model: int, pair
+) -> list[dict]:
+    """Per-model and shared SAEs per layer and width; evals (held-out positions, CE loss recovered
+    with the SAE spliced into the model) and MMCS between each model's narrowest and widest SAE."""
+    from irmlens.cache.store import hook_name, load_activations, load_token_rows
+    from irmlens.diff.matching import mmcs
+    from sae_training.evals import ce_loss_recovered
     from sae_training.train import evaluate_sae, load_sae, train_sae
 
     rows = []
+    widths = sorted({int(m * d_model) for m in cfg.sae.width_multipliers})
+    token_rows = None
     for layer in layers:
         hook = hook_name(layer)
         acts = {m: load_activations(paths.cache, m, hook) for m in ("base", "rlhf")}
@@ -218,8 +227,7 @@ def stage_saes(cfg: StudyConfig, paths: RunPaths, layers: list[int], d_model: in
         acts["shared"] = torch.cat([acts["base"], acts["rlhf"]])
         shared_train = torch.cat([train_idx, train_idx + acts["base"].shape[0]])
         shared_eval = torch.cat([eval_idx, eval_idx + acts["base"].shape[0]])
-        for mult in cfg.sae.width_multipliers:
-            width = int(mult * d_model)
+        for width in widths:
             for model in ("base", "rlhf", "shared"):
                 out = paths.sae_dir(model, hook, width)
                 metrics_path = out / "metrics.json"
@@ -227,25 +235,59 @@ def stage_saes(cfg: StudyConfig, paths: RunPaths, layers: list[int], d_model: in
                     rows.append(read_json(metrics_path))
                     continue
                 tr, ev = (shared_train, shared_eval) if model == "shared" else (train_idx, eval_idx)
-                _log(f"sae: training {model} {hook} width {width} on {len(tr)} positions")
+                _log(
+                    f"sae: training {cfg.sae.architecture} {model} {hook} width {width} on {len(tr)} positions"
+                )
                 tcfg = cfg.sae.training_config(width, cfg.seed, cfg.model.device)
-                train_sae(acts[model][tr], tcfg, hook, model, out_dir=out)
+                ckpt = paths.saes / ".checkpoints" / model / hook / str(width)
+                train_sae(acts[model][tr], tcfg, hook, model, out_dir=out, checkpoint_dir=ckpt)
                 sae = load_sae(out)
                 m = evaluate_sae(sae, acts[model][ev])
+                if token_rows is None:
+                    token_rows = load_token_rows(paths.cache)
+                lm = pair.get()["base" if model == "shared" else model]
+                n = cfg.sae.ce_eval_rows
+                m.update(
+                    ce_loss_recovered(lm, sae, hook, token_rows.tokens[-n:], token_rows.valid[-n:])
+                )
                 row = {
                     "model": model,
                     "layer": layer,
                     "hook": hook,
                     "width": width,
+                    "architecture": cfg.sae.architecture,
                     **m,
-                    "eval": "held-out 10% of positions",
+                    "eval": "held-out 10% of positions; CE on the last ce_eval_rows token rows"
+                    + (" with the base model" if model == "shared" else ""),
                 }
                 atomic_write_json(metrics_path, row)
                 _log(
                     f"sae: {model} L{layer} w{width}: explained variance {m['explained_variance']:.3f}, "
-                    f"L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}"
+                    f"L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}, CE loss recovered "
+                    + (
+                        f"{m['ce_loss_recovered']:.3f}"
+                        if m["ce_loss_recovered"] is not None
+                        else "undefined"
+                    )
                 )
                 rows.append(row)
+    mmcs_rows = []
+    if len(widths) > 1:
+        for layer in layers:
+            hook = hook_name(layer)
+            for model in ("base", "rlhf", "shared"):
+                small = load_sae(paths.sae_dir(model, hook, widths[0]))
+                large = load_sae(paths.sae_dir(model, hook, widths[-1]))
+                mmcs_rows.append(
+                    {
+                        "model": model,
+                        "layer": layer,
+                        "small": widths[0],
+                        "large": widths[-1],
+                        "mmcs": mmcs(small.W_dec, large.W_dec),
+                    }
+                )
+    atomic_write_json(paths.saes / "mmcs.json", mmcs_rows)
     return rows
 
 
@@ -268,7 +310,7 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
         _log("irm: outputs present, skipping")
         return read_json(metrics_path)
     hook = hook_name(layer)
-    width = int(cfg.sae.width_multipliers[0] * d_model)
+    width = max(int(m * d_model) for m in cfg.sae.width_multipliers)
     sae_dir = paths.sae_dir("shared", hook, width)
     sae = load_sae(sae_dir)
     rows = load_token_rows(paths.cache)
@@ -350,13 +392,40 @@ def _check_run_dir(paths: RunPaths, cfg_text: str) -> None:
         )
 
 
-def run_study(cfg: StudyConfig, out_dir: str | Path) -> Path:
-    """Run (or resume) every stage; return the path of the HTML report."""
+class HookedPair:
+    """Loads the base and RLHF models as HookedTransformers on first use (stages that skip never pay)."""
+
+    def __init__(self, cfg: StudyConfig, base_dir: Path, rlhf_dir: Path) -> None:
+        self.cfg, self.dirs = cfg, {"base": base_dir, "rlhf": rlhf_dir}
+        self._models: dict | None = None
+        self.tokenizer = None
+
+    def get(self) -> dict:
+        if self._models is None:
+            from irmlens.models.hooked import load_hf_model, load_hooked_model
+            from irmlens.models.pair import check_pair_configs
+
+            self._models = {}
+            for name, d in self.dirs.items():
+                hf, self.tokenizer = load_hf_model(d, self.cfg.model.device)
+                self._models[name] = load_hooked_model(
+                    d, self.cfg.model.device, hf_model=hf, tokenizer=self.tokenizer
+                )
+            check_pair_configs(self._models["base"].cfg, self._models["rlhf"].cfg)
+        return self._models
+
+
+STAGES = ("rlhf", "cache", "saes", "irm", "report")
+
+
+def run_study(cfg: StudyConfig, out_dir: str | Path, stop_after: str = "report") -> Path:
+    """Run (or resume) the stages up to ``stop_after``; return its main output path
+    (the HTML report for a whole study)."""
     from irmlens.data.assets import fetch_assets
-    from irmlens.models.hooked import load_hooked_model
-    from irmlens.models.pair import check_pair_configs
     from irmlens.report.build import build_report
 
+    if stop_after not in STAGES:
+        raise ConfigError(f"unknown stage {stop_after!r}; choose one of {STAGES}")
     torch.manual_seed(cfg.seed)
     paths = RunPaths(Path(out_dir))
     cfg_text = dump_config(cfg)
@@ -370,27 +439,22 @@ def run_study(cfg: StudyConfig, out_dir: str | Path) -> Path:
     splits = load_splits(cfg, assets.reviews)
     base_dir = ensure_base_model(cfg, splits, assets.reviews)
     stage_rlhf(cfg, paths, base_dir, rm, splits)
+    if stop_after == "rlhf":
+        return paths.rlhf_model
 
-    layers_path = paths.diff / "layers.json"
-    hooked: dict = {}
-    tokenizer = None
-    from irmlens.cache.store import cache_is_complete
-
-    if not layers_path.exists() or not cache_is_complete(paths.cache):
-        from irmlens.models.hooked import load_hf_model
-
-        for name, d in (("base", base_dir), ("rlhf", paths.rlhf_model)):
-            hf, tokenizer = load_hf_model(d, cfg.model.device)
-            hooked[name] = load_hooked_model(d, cfg.model.device, hf_model=hf, tokenizer=tokenizer)
-        check_pair_configs(hooked["base"].cfg, hooked["rlhf"].cfg)
-    layers = stage_layers(cfg, paths, hooked)
-    manifest = stage_cache(cfg, paths, hooked, tokenizer, splits, layers["studied_layers"])
+    pair = HookedPair(cfg, base_dir, paths.rlhf_model)
+    layers = stage_layers(cfg, paths, pair)
+    manifest = stage_cache(cfg, paths, pair, splits, layers["studied_layers"])
+    if stop_after == "cache":
+        return paths.cache
     d_model = next(iter(manifest["shapes"].values()))[1]
-    del hooked
-
-    stage_saes(cfg, paths, layers["studied_layers"], d_model)
+    stage_saes(cfg, paths, layers["studied_layers"], d_model, pair)
+    if stop_after == "saes":
+        return paths.saes
     irm_layer = next(layer for layer in layers["ranking"] if layer in layers["studied_layers"])
     stage_irm(cfg, paths, rm, irm_layer, d_model)
+    if stop_after == "irm":
+        return paths.irm
     report = build_report(paths.root, cfg, base_dir)
     _log(f"done in {time.time() - t0:.0f}s")
     return report

@@ -1,9 +1,12 @@
-"""``sae-train``: train a SAELens standard (L1) SAE on cached activations.
+"""``sae-train``: train a SAELens SAE (standard L1, TopK, BatchTopK, JumpReLU) on cached activations.
 
-    sae-train --activations runs/tiny/cache/base/blocks.3.hook_resid_post.safetensors \
-              --width 512 --out runs/tiny/saes/custom
+    sae-train --cache runs/tiny/cache --model base --hook blocks.1.hook_resid_post \
+              --arch topk --k 32 --width 8x --out runs/tiny/saes/custom
+    sae-train --cache runs/tiny/cache --model base --model rlhf ...   # a shared SAE on both
 
-Several ``--activations`` files are concatenated (e.g. both models' caches for a shared SAE).
+or, for a plain tensor file, ``--activations FILE.safetensors`` (an "activations" [n, d] tensor;
+several files are concatenated). ``--checkpoints N`` writes N checkpoints next to ``--out``; a
+re-run after an interruption resumes from the newest complete one.
 """
 
 from __future__ import annotations
@@ -23,23 +26,34 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="sae-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--cache", help="an irmlens activation cache folder (with manifest.json)")
+    p.add_argument("--model", action="append", help="model in the cache (repeat for a shared SAE)")
     p.add_argument(
-        "--activations",
-        action="append",
-        required=True,
-        help="safetensors file with an 'activations' [n, d] tensor",
+        "--activations", action="append", help="file with an 'activations' [n, d] tensor"
     )
+    p.add_argument(
+        "--arch", default="standard", choices=["standard", "topk", "batchtopk", "jumprelu"]
+    )
+    p.add_argument("--k", type=int, default=32, help="active features for topk / batchtopk")
+    p.add_argument("--checkpoints", type=int, default=0, help="checkpoints written during training")
     p.add_argument(
         "--width", default="4x", help="dictionary size: an integer, or a multiple of d_in like 4x"
     )
-    p.add_argument("--l1", type=float, default=1.0, help="L1 coefficient")
+    p.add_argument(
+        "--l1",
+        type=float,
+        default=1.0,
+        help="L1 coefficient (standard) / L0 coefficient (jumprelu)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--epochs", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument(
-        "--hook", default=None, help="hook name recorded in cfg.json (default: from the file name)"
+        "--hook",
+        default=None,
+        help="hook to train on (--cache) / to record in cfg.json (default: from the file name)",
     )
     p.add_argument("--out", required=True, help="output folder (SAELens format)")
     args = p.parse_args(argv)
@@ -49,8 +63,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from sae_training.train import SAETrainingConfig, evaluate_sae, train_sae
 
+    if (args.cache is None) == (args.activations is None):
+        p.error("give either --cache (with --model and --hook) or --activations")
     parts = []
-    for f in args.activations:
+    if args.cache is not None:
+        from irmlens.cache.store import load_activations
+
+        if not args.model or not args.hook:
+            p.error("--cache needs --model and --hook")
+        try:
+            parts = [load_activations(args.cache, m, args.hook) for m in args.model]
+        except FileNotFoundError as e:
+            print(f"sae-train: error: {e}", file=sys.stderr)
+            return 2
+    for f in args.activations or []:
         path = Path(f)
         if not path.exists():
             print(
@@ -65,18 +91,26 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(tensors["activations"].float())
     acts = torch.cat(parts)
     hook = args.hook or Path(args.activations[0]).name.removesuffix(".safetensors")
+    model_name = (
+        "+".join(args.model)
+        if args.model
+        else "+".join(Path(a).parent.name for a in args.activations)
+    )
     cfg = SAETrainingConfig(
         width=_parse_width(args.width, acts.shape[1]),
+        architecture=args.arch,
+        k=args.k,
         l1_coefficient=args.l1,
         lr=args.lr,
         batch_size=args.batch_size,
         epochs=args.epochs,
+        n_checkpoints=args.checkpoints,
         seed=args.seed,
         device=args.device,
     )
-    sae = train_sae(
-        acts, cfg, hook, "+".join(Path(a).parent.name for a in args.activations), out_dir=args.out
-    )
+    out = Path(args.out)
+    ckpt = out.with_name(f".{out.name}.checkpoints") if args.checkpoints else None
+    sae = train_sae(acts, cfg, hook, model_name, out_dir=out, checkpoint_dir=ckpt)
     m = evaluate_sae(sae, acts)
     print(
         f"saved {args.out}: explained variance {m['explained_variance']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}"

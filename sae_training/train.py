@@ -9,37 +9,111 @@ The saved folder (``cfg.json`` + ``sae_weights.safetensors``) loads with ``sae_l
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
+
 
 @dataclass
 class SAETrainingConfig:
     width: int = 512  # d_sae
-    l1_coefficient: float = 1.0
+    architecture: str = "standard"  # standard (L1, the paper's) | topk | batchtopk | jumprelu
+    l1_coefficient: float = 1.0  # standard: L1 coefficient; jumprelu: L0 coefficient
+    k: int = 32  # topk / batchtopk
     lr: float = 3e-4
     batch_size: int = 1024
     epochs: float = 4.0
     l1_warm_up_fraction: float = 0.1
+    n_checkpoints: int = 0  # checkpoints during training (resume after an interruption)
     seed: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.width <= 0 or self.batch_size <= 0 or self.epochs <= 0:
             raise ValueError("width, batch_size and epochs must be positive")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"SAE architecture {self.architecture!r}; choose one of {ARCHITECTURES}"
+            )
 
 
-def shuffled_batches(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless stream of shuffled batches, reshuffled every epoch, deterministic under ``seed``."""
+def shuffled_batches(
+    acts: torch.Tensor, batch_size: int, seed: int, skip: int = 0
+) -> Iterator[torch.Tensor]:
+    """Endless stream of shuffled batches, reshuffled every epoch, deterministic under ``seed``.
+
+    ``skip`` batches are passed over first (resuming mid-run sees the batches it would have seen).
+    """
     gen = torch.Generator().manual_seed(seed)
     n = acts.shape[0]
+    per_epoch = n // batch_size
+    emitted = 0
     while True:
         perm = torch.randperm(n, generator=gen)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield acts[perm[i : i + batch_size]]
+        if emitted + per_epoch <= skip:  # a whole epoch to skip: only its permutation was needed
+            emitted += per_epoch
+            continue
+        for i in range(0, per_epoch * batch_size, batch_size):
+            if emitted >= skip:
+                yield acts[perm[i : i + batch_size]]
+            emitted += 1
+
+
+def make_training_sae(
+    cfg: SAETrainingConfig, d_in: int, steps: int, hook_name: str, model_name: str
+):
+    """A sae-lens training SAE of the configured architecture."""
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    common = dict(
+        d_in=d_in,
+        d_sae=cfg.width,
+        normalize_activations="expected_average_only_in",
+        device=cfg.device,
+        metadata=SAEMetadata(model_name=model_name, hook_name=hook_name, prepend_bos=True),
+    )
+    warm = int(cfg.l1_warm_up_fraction * steps)
+    if cfg.architecture == "standard":
+        c = sae_lens.StandardTrainingSAEConfig(
+            **common, l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=warm
+        )
+        return sae_lens.StandardTrainingSAE(c)
+    if cfg.architecture == "topk":
+        return sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(**common, k=cfg.k))
+    if cfg.architecture == "batchtopk":
+        return sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(**common, k=cfg.k))
+    c = sae_lens.JumpReLUTrainingSAEConfig(
+        **common, l0_coefficient=cfg.l1_coefficient, l0_warm_up_steps=warm
+    )
+    return sae_lens.JumpReLUTrainingSAE(c)
+
+
+def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """sae-lens checkpoint folders (named by training samples seen) that were fully written."""
+    from sae_lens.constants import (
+        ACTIVATION_SCALER_CFG_FILENAME,
+        SAE_WEIGHTS_FILENAME,
+        TRAINER_STATE_FILENAME,
+    )
+
+    if not ckpt_dir.exists():
+        return []
+    done = [
+        p
+        for p in ckpt_dir.iterdir()
+        if p.name.isdigit()
+        and all(
+            (p / f).exists()
+            for f in (TRAINER_STATE_FILENAME, SAE_WEIGHTS_FILENAME, ACTIVATION_SCALER_CFG_FILENAME)
+        )
+    ]
+    return sorted(done, key=lambda p: int(p.name))
 
 
 def train_sae(
@@ -48,11 +122,16 @@ def train_sae(
     hook_name: str,
     model_name: str,
     out_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
 ):
-    """Train a standard SAE on ``acts`` [n, d_in]; save it in SAELens format to ``out_dir`` if given."""
-    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+    """Train an SAE on ``acts`` [n, d_in]; save it in SAELens format to ``out_dir`` if given.
+
+    With ``checkpoint_dir`` and ``cfg.n_checkpoints > 0``, sae-lens checkpoints (weights, optimizer,
+    schedulers, activation scaler, feature statistics) are written during training, and a re-run
+    resumes from the newest complete one, feeding the same batches it would have seen.
+    """
+    from sae_lens import TrainingSAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.saes.sae import SAEMetadata, TrainCoefficientConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     if acts.ndim != 2:
@@ -63,19 +142,14 @@ def train_sae(
             "cache more tokens or lower sae.batch_size"
         )
     torch.manual_seed(cfg.seed)
-    d_in = acts.shape[1]
     total = int(cfg.epochs * acts.shape[0])
     steps = max(1, total // cfg.batch_size)
-    sae_cfg = StandardTrainingSAEConfig(
-        d_in=d_in,
-        d_sae=cfg.width,
-        l1_coefficient=cfg.l1_coefficient,
-        l1_warm_up_steps=int(cfg.l1_warm_up_fraction * steps),
-        normalize_activations="expected_average_only_in",
-        device=cfg.device,
-        metadata=SAEMetadata(model_name=model_name, hook_name=hook_name, prepend_bos=True),
-    )
-    sae = StandardTrainingSAE(sae_cfg)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    done = _complete_checkpoints(ckpt_dir) if ckpt_dir is not None and cfg.n_checkpoints > 0 else []
+    resume = done[-1] if done else None
+    sae = make_training_sae(cfg, acts.shape[1], steps, hook_name, model_name)
+    if resume is not None:
+        sae = TrainingSAE.load_from_disk(str(resume), device=cfg.device)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * cfg.batch_size,
         train_batch_size_samples=cfg.batch_size,
@@ -87,14 +161,35 @@ def train_sae(
         dead_feature_window=max(1, steps // 4),
         feature_sampling_window=max(1, steps // 4),
         n_batches_for_norm_estimate=min(100, steps),
+        n_checkpoints=cfg.n_checkpoints if ckpt_dir is not None else 0,
+        checkpoint_path=str(ckpt_dir) if ckpt_dir is not None else None,
         logger=LoggingConfig(log_to_wandb=False),
     )
-    data = (b.to(cfg.device) for b in shuffled_batches(acts, cfg.batch_size, cfg.seed))
-    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data)
+    skip = 0
+
+    def data():
+        return (
+            b.to(cfg.device) for b in shuffled_batches(acts, cfg.batch_size, cfg.seed, skip=skip)
+        )
+
+    trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data())
+    if resume is not None:
+        trainer.load_trainer_state(resume)
+        # sae-lens checkpoints before it counts the step that triggered the checkpoint
+        trainer.n_training_steps += 1
+        # a fresh run first drew n_batches_for_norm_estimate batches to estimate the input scale
+        skip = (
+            trainer.n_training_samples // cfg.batch_size + trainer_cfg.n_batches_for_norm_estimate
+        )
+        trainer.data_provider = data()
+        trainer.checkpoint_thresholds = [
+            t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples
+        ]
     sae = trainer.fit()
-    _ = TrainCoefficientConfig  # the L1 warm-up above is sae-lens's coefficient schedule
     if out_dir is not None:
         save_sae(sae, out_dir, extra={"training": asdict(cfg), "n_train_positions": acts.shape[0]})
+        if ckpt_dir is not None:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
     return sae
 
 

@@ -78,7 +78,7 @@ def test_saes_load_with_saelens(micro_run):
     from sae_lens import SAE
 
     cfgs = list((micro_run / "saes").rglob("cfg.json"))
-    assert len(cfgs) == 3
+    assert len(cfgs) == 6
     for c in cfgs:
         sae = SAE.load_from_disk(str(c.parent))
         assert sae.cfg.d_in == 64

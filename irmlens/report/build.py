@@ -72,6 +72,9 @@ def collect_report(run_dir: Path, cfg, base_dir: Path) -> dict:
             for d in layers["layers"]
         ],
         "studied_layers": layers["studied_layers"],
+        "mmcs": read_json(run_dir / "saes" / "mmcs.json")
+        if (run_dir / "saes" / "mmcs.json").exists()
+        else [],
         "saes": [
             {
                 k: s[k]
@@ -83,6 +86,8 @@ def collect_report(run_dir: Path, cfg, base_dir: Path) -> dict:
                     "l0",
                     "dead_fraction",
                     "mse",
+                    "architecture",
+                    "ce_loss_recovered",
                 )
             }
             for s in saes

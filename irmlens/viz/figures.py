@@ -70,6 +70,10 @@ def sae_quality_figure(saes: list[dict]) -> go.Figure:
         go.Bar(x=labels, y=[s["explained_variance"] for s in saes], name="explained variance")
     )
     fig.add_trace(go.Bar(x=labels, y=[s["dead_fraction"] for s in saes], name="dead fraction"))
+    if all("ce_loss_recovered" in s for s in saes):
+        fig.add_trace(
+            go.Bar(x=labels, y=[s["ce_loss_recovered"] for s in saes], name="CE loss recovered")
+        )
     fig.add_trace(
         go.Scatter(
             x=labels,

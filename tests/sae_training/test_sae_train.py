@@ -1,3 +1,4 @@
+import pytest
 import torch
 from sae_lens import SAE
 
@@ -42,3 +43,68 @@ def test_training_is_deterministic_under_a_seed():
     a = train_sae(acts, cfg, "h", "m")
     b = train_sae(acts, cfg, "h", "m")
     assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.W_enc, b.W_enc)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_other_architectures_train_and_load_identically(arch, tmp_path):
+    acts, _ = _sparse_data(n=3000)
+    cfg = SAETrainingConfig(
+        width=48, architecture=arch, k=4, l1_coefficient=0.5, lr=1e-2, batch_size=256, epochs=20
+    )
+    sae = train_sae(acts, cfg, "blocks.0.hook_resid_post", "synthetic", out_dir=tmp_path / arch)
+    m = evaluate_sae(sae, acts)
+    # about 2.6 planted directions are active per row
+    assert m["explained_variance"] > 0.8 and m["l0"] < 4.5, m
+    if arch == "topk":
+        assert m["l0"] <= 4 + 1e-9
+    loaded = SAE.load_from_disk(str(tmp_path / arch))
+    if arch == "batchtopk":
+        # sae-lens saves BatchTopK as JumpReLU with a learned threshold (inference needs no batch):
+        # the saved SAE keeps the quality and sparsity, not the batch-dependent outputs
+        assert loaded.cfg.architecture() == "jumprelu"
+        m_loaded = evaluate_sae(loaded, acts)
+        assert m_loaded["explained_variance"] > 0.8 and abs(m_loaded["l0"] - 4) < 1.0, m_loaded
+    else:
+        with torch.no_grad():
+            assert torch.allclose(loaded(acts[:200]), sae(acts[:200]), atol=1e-5)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    from sae_training.train import _complete_checkpoints
+
+    acts, _ = _sparse_data(n=4096)
+    cfg = SAETrainingConfig(
+        width=32, l1_coefficient=1.0, lr=3e-3, batch_size=256, epochs=4, n_checkpoints=3
+    )
+    reference = train_sae(
+        acts, cfg, "h", "m", out_dir=tmp_path / "ref", checkpoint_dir=tmp_path / "ref_ckpt"
+    )
+    assert not (tmp_path / "ref_ckpt").exists()  # checkpoints are cleaned up after the final save
+
+    import sae_lens.training.sae_trainer as trainer_mod
+
+    original = trainer_mod.SAETrainer._checkpoint_if_needed
+    calls = {"n": 0}
+
+    def crash_after_second_checkpoint(self):
+        before = len(self.checkpoint_thresholds)
+        original(self)
+        if len(self.checkpoint_thresholds) < before:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt("simulated kill")
+
+    trainer_mod.SAETrainer._checkpoint_if_needed = crash_after_second_checkpoint
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_sae(
+                acts, cfg, "h", "m", out_dir=tmp_path / "run", checkpoint_dir=tmp_path / "ckpt"
+            )
+    finally:
+        trainer_mod.SAETrainer._checkpoint_if_needed = original
+    assert len(_complete_checkpoints(tmp_path / "ckpt")) == 2 and not (tmp_path / "run").exists()
+    resumed = train_sae(
+        acts, cfg, "h", "m", out_dir=tmp_path / "run", checkpoint_dir=tmp_path / "ckpt"
+    )
+    assert torch.allclose(resumed.W_dec, reference.W_dec, atol=1e-6)
+    assert torch.allclose(resumed.W_enc, reference.W_enc, atol=1e-6)

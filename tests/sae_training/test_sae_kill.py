@@ -1,0 +1,100 @@
+"""kill -9 in the middle of SAE training, re-run: it resumes from the newest complete checkpoint
+and ends with the same SAE as an uninterrupted run; `sae-train --cache` reads irmlens caches."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from sae_lens import SAE
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from irmlens.cache.capture import build_paired_cache
+from irmlens.cache.tokens import TokenRows
+from sae_training.train import _complete_checkpoints
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_ctx=64,
+        d_head=16,
+        n_heads=2,
+        d_mlp=64,
+        d_vocab=200,
+        act_fn="gelu",
+        normalization_type="LN",
+    )
+    model = HookedTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 200, (400, 64), generator=g)
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    valid[:, 0] = False
+    build_paired_cache(
+        {"base": model},
+        TokenRows(tokens, valid, torch.full_like(tokens, -1), []),
+        [1],
+        out,
+        {},
+        dtype="float32",
+        shard_rows=50,
+    )
+    return out
+
+
+def _cmd(cache_dir, out):
+    return [
+        sys.executable,
+        "-m",
+        "sae_training.cli",
+        "--cache",
+        str(cache_dir),
+        "--model",
+        "base",
+        "--hook",
+        HOOK,
+        "--width",
+        "8x",
+        "--epochs",
+        "12",
+        "--batch-size",
+        "256",
+        "--checkpoints",
+        "6",
+        "--out",
+        str(out),
+    ]
+
+
+def test_kill_during_training_then_resume(cache_dir, tmp_path):
+    out = tmp_path / "sae"
+    ckpt = tmp_path / ".sae.checkpoints"
+    proc = subprocess.Popen(
+        _cmd(cache_dir, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while len(_complete_checkpoints(ckpt)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and len(_complete_checkpoints(ckpt)) >= 2
+    assert subprocess.run(_cmd(cache_dir, out), capture_output=True).returncode == 0
+    assert not ckpt.exists()
+    resumed = SAE.load_from_disk(str(out))
+    clean = tmp_path / "clean"
+    assert subprocess.run(_cmd(cache_dir, clean), capture_output=True).returncode == 0
+    reference = SAE.load_from_disk(str(clean))
+    assert torch.allclose(resumed.W_dec, reference.W_dec, atol=1e-5)
+    assert torch.allclose(resumed.b_enc, reference.b_enc, atol=1e-5)
+    shutil.rmtree(clean)
