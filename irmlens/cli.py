@@ -87,6 +87,22 @@ def cmd_rlhf(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from irmlens.cache.store import load_manifest
+    from irmlens.config import load_config
+    from irmlens.pipeline import run_study
+
+    cfg = load_config(args.config)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    cache = run_study(cfg, out, stop_after="cache")
+    m = load_manifest(cache)
+    print(
+        f"cache: {cache.resolve()}\n{m['n_shards']} shards, {m['n_valid_positions']} positions x "
+        f"{len(m['hooks'])} hooks x {len(m['models'])} models, {m['dtype']} ({m['error_bound']})"
+    )
+    return 0
+
+
 def cmd_run(args) -> int:
     from irmlens.config import load_config
     from irmlens.pipeline import run_study
@@ -121,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rl.add_argument("--steps", type=int, help="override rlhf.steps")
     rl.set_defaults(func=cmd_rlhf)
+    cache = sub.add_parser("cache", help="run the stages up to the paired activation cache")
+    cache.add_argument("config")
+    cache.add_argument("--out", help="run folder (default runs/<name>)")
+    cache.set_defaults(func=cmd_cache)
     run = sub.add_parser("run", help="run a whole study from a TOML config")
     run.add_argument("config")
     run.add_argument("--out", help="run folder (default runs/<name>)")

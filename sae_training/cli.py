@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", required=True, help="output folder (SAELens format)")
     args = p.parse_args(argv)
+    _init_distributed(args)
 
     import torch
     from safetensors.torch import load_file
@@ -111,11 +112,38 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     ckpt = out.with_name(f".{out.name}.checkpoints") if args.checkpoints else None
     sae = train_sae(acts, cfg, hook, model_name, out_dir=out, checkpoint_dir=ckpt)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
     m = evaluate_sae(sae, acts)
     print(
         f"saved {args.out}: explained variance {m['explained_variance']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}"
     )
     return 0
+
+
+def _init_distributed(args) -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1): one process per device, gloo on CPU, nccl on CUDA.
+    Each process takes its slice of every global batch; only rank 0 writes files."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() and args.device.startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
 
 
 def _cuda() -> bool:

@@ -141,18 +141,26 @@ def train_sae(
             f"only {acts.shape[0]} activation rows for batch_size {cfg.batch_size}: "
             "cache more tokens or lower sae.batch_size"
         )
+    dist, rank, world = _distributed()
+    if cfg.batch_size % world:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} must be divisible by the {world} DDP processes"
+        )
+    local = cfg.batch_size // world
     torch.manual_seed(cfg.seed)
     total = int(cfg.epochs * acts.shape[0])
     steps = max(1, total // cfg.batch_size)
+    n_norm = min(100, steps)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     done = _complete_checkpoints(ckpt_dir) if ckpt_dir is not None and cfg.n_checkpoints > 0 else []
     resume = done[-1] if done else None
     sae = make_training_sae(cfg, acts.shape[1], steps, hook_name, model_name)
     if resume is not None:
         sae = TrainingSAE.load_from_disk(str(resume), device=cfg.device)
+    writes_checkpoints = ckpt_dir is not None and rank == 0
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=steps * cfg.batch_size,
-        train_batch_size_samples=cfg.batch_size,
+        total_training_samples=steps * local,
+        train_batch_size_samples=local,
         lr=cfg.lr,
         lr_end=cfg.lr / 10,
         lr_scheduler_name="cosineannealing",
@@ -160,37 +168,71 @@ def train_sae(
         device=cfg.device,
         dead_feature_window=max(1, steps // 4),
         feature_sampling_window=max(1, steps // 4),
-        n_batches_for_norm_estimate=min(100, steps),
-        n_checkpoints=cfg.n_checkpoints if ckpt_dir is not None else 0,
-        checkpoint_path=str(ckpt_dir) if ckpt_dir is not None else None,
+        n_batches_for_norm_estimate=n_norm,
+        n_checkpoints=cfg.n_checkpoints if writes_checkpoints else 0,
+        checkpoint_path=str(ckpt_dir) if writes_checkpoints else None,
         logger=LoggingConfig(log_to_wandb=False),
     )
-    skip = 0
+    skip = n_norm  # the first n_norm global batches set the input scale
 
     def data():
-        return (
-            b.to(cfg.device) for b in shuffled_batches(acts, cfg.batch_size, cfg.seed, skip=skip)
-        )
+        """This process's slice of each global batch (all of it without DDP)."""
+        for b in shuffled_batches(acts, cfg.batch_size, cfg.seed, skip=skip):
+            yield b[rank * local : (rank + 1) * local].to(cfg.device)
 
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data())
     if resume is not None:
         trainer.load_trainer_state(resume)
         # sae-lens checkpoints before it counts the step that triggered the checkpoint
         trainer.n_training_steps += 1
-        # a fresh run first drew n_batches_for_norm_estimate batches to estimate the input scale
-        skip = (
-            trainer.n_training_samples // cfg.batch_size + trainer_cfg.n_batches_for_norm_estimate
-        )
+        skip = n_norm + trainer.n_training_samples // local
         trainer.data_provider = data()
         trainer.checkpoint_thresholds = [
             t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples
         ]
+    elif sae.cfg.normalize_activations == "expected_average_only_in":
+        # sae-lens's estimate (sqrt(d_in) / mean norm over n_norm batches), computed here over the
+        # *global* batches so every DDP process, and a single process, uses the same scale
+        total_norm, count = 0.0, 0
+        for k, b in enumerate(shuffled_batches(acts, cfg.batch_size, cfg.seed)):
+            if k == n_norm:
+                break
+            n = b.norm(dim=-1).float()
+            total_norm += n.sum().item()
+            count += n.numel()
+        trainer.activation_scaler.scaling_factor = (acts.shape[1] ** 0.5) / (total_norm / count)
+    if world > 1:
+        _all_reduce_gradients(sae, dist, world)
     sae = trainer.fit()
-    if out_dir is not None:
+    if out_dir is not None and rank == 0:
         save_sae(sae, out_dir, extra={"training": asdict(cfg), "n_train_positions": acts.shape[0]})
         if ckpt_dir is not None:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     return sae
+
+
+def _distributed():
+    """(torch.distributed, rank, world size) under ``torchrun``; (None, 0, 1) otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
+
+
+def _all_reduce_gradients(sae, dist, world: int) -> None:
+    """Data parallelism for sae-lens's trainer: average every gradient over the processes as soon
+    as it is accumulated, so each process's optimizer step (and gradient clipping) sees the
+    gradient of the global batch. (sae-lens calls ``training_forward_pass``, not ``forward``, so
+    torch's DDP wrapper would not see the backward pass; this hook is its few-line equivalent.)"""
+
+    def hook(p: torch.nn.Parameter) -> None:
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+    for p in sae.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(hook)
 
 
 def save_sae(sae, out_dir: str | Path, extra: dict | None = None) -> Path:
