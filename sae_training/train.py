@@ -32,6 +32,7 @@ class SAETrainingConfig:
     n_checkpoints: int = 0  # checkpoints during training (resume after an interruption)
     seed: int = 0
     device: str = "cpu"
+    autocast: bool = False  # bf16 autocast for the SAE step (GPU)
 
     def __post_init__(self) -> None:
         if self.width <= 0 or self.batch_size <= 0 or self.epochs <= 0:
@@ -169,6 +170,7 @@ def train_sae(
         dead_feature_window=max(1, steps // 4),
         feature_sampling_window=max(1, steps // 4),
         n_batches_for_norm_estimate=n_norm,
+        autocast=cfg.autocast,
         n_checkpoints=cfg.n_checkpoints if writes_checkpoints else 0,
         checkpoint_path=str(ckpt_dir) if writes_checkpoints else None,
         logger=LoggingConfig(log_to_wandb=False),

@@ -53,3 +53,29 @@ def micro_base(assets):
     cfg = load_config(Path(__file__).parent / "micro.toml")
     splits = load_splits(cfg, assets.reviews)
     return ensure_base_model(cfg, splits, assets.reviews), splits
+
+
+@pytest.fixture(scope="session")
+def make_hooked():
+    """Factory of small random HookedTransformers (seeded), for cache and SAE tests."""
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    def make(
+        seed: int = 0, n_layers: int = 3, d_model: int = 16, n_ctx: int = 16, d_vocab: int = 300
+    ):
+        torch.manual_seed(seed)
+        cfg = HookedTransformerConfig(
+            n_layers=n_layers,
+            d_model=d_model,
+            n_ctx=n_ctx,
+            d_head=8,
+            n_heads=d_model // 8,
+            d_mlp=2 * d_model,
+            d_vocab=d_vocab,
+            act_fn="gelu",
+            normalization_type="LN",
+        )
+        return HookedTransformer(cfg).eval()
+
+    return make

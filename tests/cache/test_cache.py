@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from irmlens.cache.capture import build_paired_cache, capture_residuals
 from irmlens.cache.store import (
@@ -18,22 +17,6 @@ from irmlens.cache.tokens import tokenize_rows
 from irmlens.models.hooked import load_hf_model
 
 H2 = "blocks.2.hook_resid_post"
-
-
-def tiny_hooked(seed):
-    torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(
-        n_layers=3,
-        d_model=16,
-        n_ctx=16,
-        d_head=8,
-        n_heads=2,
-        d_mlp=32,
-        d_vocab=300,
-        act_fn="gelu",
-        normalization_type="LN",
-    )
-    return HookedTransformer(cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +48,8 @@ def test_long_texts_are_split_into_rows_starting_with_bos(tiny_hf_dir):
     assert (r.tokens[:, 0] == tok.bos_token_id).all()
 
 
-def test_capture_matches_full_forward_and_drops_bos_and_padding(rows):
-    model = tiny_hooked(0)
+def test_capture_matches_full_forward_and_drops_bos_and_padding(rows, make_hooked):
+    model = make_hooked(0)
     acts = capture_residuals(model, rows, [0, 2], batch_size=3)
     _, full = model.run_with_cache(rows.tokens)
     for layer in (0, 2):
@@ -75,8 +58,10 @@ def test_capture_matches_full_forward_and_drops_bos_and_padding(rows):
 
 
 @pytest.mark.parametrize("dtype,rel_tol", [("float32", 0.0), ("bfloat16", 2**-8), ("int8", None)])
-def test_sharded_cache_round_trips_within_the_stated_error_bound(rows, tmp_path, dtype, rel_tol):
-    models = {"base": tiny_hooked(0), "rlhf": tiny_hooked(1)}
+def test_sharded_cache_round_trips_within_the_stated_error_bound(
+    rows, tmp_path, dtype, rel_tol, make_hooked
+):
+    models = {"base": make_hooked(0), "rlhf": make_hooked(1)}
     m = build_paired_cache(
         models,
         rows,
@@ -114,8 +99,8 @@ def test_int8_error_bound_on_random_rows():
     ).all()
 
 
-def test_resume_rewrites_only_missing_or_corrupt_shards(rows, tmp_path):
-    models = {"base": tiny_hooked(0), "rlhf": tiny_hooked(1)}
+def test_resume_rewrites_only_missing_or_corrupt_shards(rows, tmp_path, make_hooked):
+    models = {"base": make_hooked(0), "rlhf": make_hooked(1)}
     build_paired_cache(models, rows, [2], tmp_path, {}, shard_rows=4)
     reference = load_activations(tmp_path, "base", H2)
     # simulate an interrupted run: the manifest is gone, one shard is corrupt, one is missing
@@ -137,9 +122,9 @@ def test_resume_rewrites_only_missing_or_corrupt_shards(rows, tmp_path):
     assert len(progress["shards"]) == 2 * -(-len(rows.tokens) // 4)
 
 
-def test_stream_batches_visits_every_position_once_per_epoch(rows, tmp_path):
+def test_stream_batches_visits_every_position_once_per_epoch(rows, tmp_path, make_hooked):
     build_paired_cache(
-        {"base": tiny_hooked(0)}, rows, [2], tmp_path, {}, shard_rows=3, dtype="float32"
+        {"base": make_hooked(0)}, rows, [2], tmp_path, {}, shard_rows=3, dtype="float32"
     )
     full = load_activations(tmp_path, "base", H2)
     batches = list(stream_batches(tmp_path, "base", H2, batch_size=7, seed=0, shards_in_buffer=2))

@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 from sae_lens import SAE
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from irmlens.cache.capture import build_paired_cache
 from irmlens.cache.tokens import TokenRows
@@ -21,21 +20,9 @@ HOOK = "blocks.1.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
+def cache_dir(tmp_path_factory, make_hooked):
     out = tmp_path_factory.mktemp("cache")
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_ctx=64,
-        d_head=16,
-        n_heads=2,
-        d_mlp=64,
-        d_vocab=200,
-        act_fn="gelu",
-        normalization_type="LN",
-    )
-    model = HookedTransformer(cfg).eval()
+    model = make_hooked(0, n_layers=2, d_model=32, n_ctx=64, d_vocab=200)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, 200, (400, 64), generator=g)
     valid = torch.ones_like(tokens, dtype=torch.bool)

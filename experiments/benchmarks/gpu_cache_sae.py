@@ -1,0 +1,108 @@
+"""GPU check for the cache and SAE training (one H100/H200, under 5 minutes).
+
+    python experiments/benchmarks/gpu_cache_sae.py
+
+1. Cache: SmolLM2-135M-shaped model (random weights; 30 layers, d_model 576), batch 64 x 256
+   tokens, hook blocks.15.hook_resid_post. Prints irmlens capture tokens/s (bf16 autocast, forward
+   stopped after layer 15, device-to-pinned-host copies) as a fraction of the bare truncated forward
+   pass on the same tokens (target >= 0.9).
+2. SAE training: standard L1, d_in 576, width 16384, batch 4096, bf16 autocast. Prints tokens/s as a
+   fraction of the bf16 matmul limit, measured here (peak TFLOP/s of a large bf16 matmul) divided by
+   the step's ~12 * d_in * d_sae FLOPs per token (target >= 0.35).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def _time(fn, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
+def cache_check() -> None:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from irmlens.cache.capture import capture_hooks
+
+    cfg = HookedTransformerConfig(
+        n_layers=30,
+        d_model=576,
+        n_ctx=256,
+        d_head=64,
+        n_heads=9,
+        n_key_value_heads=3,
+        d_mlp=1536,
+        d_vocab=49152,
+        act_fn="silu",
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        gated_mlp=True,
+        device="cuda",
+    )
+    model = HookedTransformer(cfg).eval()
+    tokens = torch.randint(0, 49152, (64 * 8, 256))
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    hook, layer = "blocks.15.hook_resid_post", 15
+
+    @torch.no_grad()
+    def bare():
+        for i in range(0, len(tokens), 64):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(tokens[i : i + 64].cuda(non_blocking=True), stop_at_layer=layer + 1)
+
+    def ours():
+        capture_hooks(model, tokens, valid, [hook], batch_size=64)
+
+    t_bare, t_ours = _time(bare, 3), _time(ours, 3)
+    n = tokens.numel()
+    print(
+        f"cache: bare truncated forward {n / t_bare / 1e6:.3f} M tok/s; irmlens capture "
+        f"{n / t_ours / 1e6:.3f} M tok/s -> fraction {t_bare / t_ours:.2f} (target >= 0.9)"
+    )
+
+
+def sae_check() -> None:
+    from sae_training.train import SAETrainingConfig, train_sae
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = _time(lambda: a @ a, 10)
+    peak = 2 * 8192**3 / t
+    d_in, d_sae, batch = 576, 16384, 4096
+    limit = peak / (12 * d_in * d_sae)
+    acts = torch.randn(batch * 300, d_in)
+    cfg = SAETrainingConfig(
+        width=d_sae,
+        l1_coefficient=1.0,
+        lr=3e-4,
+        batch_size=batch,
+        epochs=1.0,
+        device="cuda",
+        autocast=True,
+    )
+    train_sae(acts[: batch * 20], cfg, "h", "m")  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    train_sae(acts, cfg, "h", "m")
+    torch.cuda.synchronize()
+    tps = acts.shape[0] / (time.perf_counter() - t0)
+    print(
+        f"sae: bf16 matmul peak {peak / 1e12:.0f} TFLOP/s -> limit {limit / 1e6:.2f} M tok/s; "
+        f"train_sae {tps / 1e6:.2f} M tok/s -> fraction {tps / limit:.2f} (target >= 0.35)"
+    )
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this check is for a GPU machine")
+    print(torch.cuda.get_device_name(0))
+    cache_check()
+    sae_check()
