@@ -291,6 +291,16 @@ def stage_saes(
     return rows
 
 
+def _random_sae(d_in: int, width: int, seed: int):
+    """A randomly initialised (untrained) sae-lens standard SAE of the given width: the control that
+    asks how much of the IRM any ReLU dictionary of that size would give."""
+    import sae_lens
+
+    torch.manual_seed(seed)
+    cfg = sae_lens.StandardTrainingSAEConfig(d_in=d_in, d_sae=width, normalize_activations="none")
+    return sae_lens.StandardTrainingSAE(cfg).eval()
+
+
 def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -> dict:
     """Ridge from shared-SAE feature differences to word utilities; held-out words; shuffled control."""
     from safetensors.torch import save_file
@@ -303,6 +313,7 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
         split_words,
         top_irm_features,
     )
+    from irmlens.irm.metrics import bootstrap_tau_ci
     from sae_training.train import encode_batched, load_sae
 
     metrics_path = paths.irm / "metrics.json"
@@ -336,6 +347,43 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
         f"{shuffled['heldout_kendall_tau']:.3f}), Spearman {main.heldout_spearman:.3f}, CV R2 {main.cv_r2:.3f}"
     )
 
+    # Reference and controls, fitted and scored exactly like the main IRM on the same split.
+    random_sae = _random_sae(d_model, width, cfg.seed + 1)
+    spaces = {
+        "raw_difference": lambda p: rlhf_acts[p] - base_acts[p],
+        "random_sae": lambda p: (
+            encode_batched(random_sae, rlhf_acts[p]) - encode_batched(random_sae, base_acts[p])
+        ),
+        "base_only": lambda p: encode_batched(sae, base_acts[p]),
+    }
+    others = {}
+    for name, fn in spaces.items():
+        fit = fit_and_score(
+            fn(targets.position[split.fit_positions]),
+            fn(targets.position[split.heldout_positions]),
+            targets,
+            split,
+            cfg.irm,
+        )
+        others[name] = {
+            "heldout_kendall_tau": fit.heldout_kendall_tau,
+            "heldout_spearman": fit.heldout_spearman,
+            "cv_r2": fit.cv_r2,
+            "difference_ci": list(
+                bootstrap_tau_ci(
+                    main.heldout_irm, targets.utility, other=fit.heldout_irm, seed=cfg.irm.seed
+                )
+            ),
+        }
+    tau_ci = list(bootstrap_tau_ci(main.heldout_irm, targets.utility, seed=cfg.irm.seed))
+    raw_tau = others["raw_difference"]["heldout_kendall_tau"]
+    retention = main.heldout_kendall_tau / raw_tau if raw_tau > 0 else None
+    _log(
+        f"irm: tau 95% CI [{tau_ci[0]:.3f}, {tau_ci[1]:.3f}]; raw-difference reference tau {raw_tau:.3f} "
+        f"(retention {retention if retention is None else round(retention, 2)}); random-SAE control "
+        f"{others['random_sae']['heldout_kendall_tau']:.3f}; base-only control {others['base_only']['heldout_kendall_tau']:.3f}"
+    )
+
     top_features = top_irm_features(main.model, x_fit, x_held, targets, split)
 
     paths.irm.mkdir(parents=True, exist_ok=True)
@@ -366,7 +414,10 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
         "n_fit_positions": int(len(split.fit_positions)),
         "n_heldout_positions": int(len(split.heldout_positions)),
         "heldout_kendall_tau": main.heldout_kendall_tau,
+        "heldout_kendall_tau_ci": tau_ci,
         "heldout_spearman": main.heldout_spearman,
+        "reference": {"raw_difference": others["raw_difference"]},
+        "signal_retention": retention,
         "cv_r2": main.cv_r2,
         "alpha": main.model.alpha,
         "split_seed": cfg.irm.seed,
@@ -375,7 +426,11 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
             for w, v in main.heldout_irm.items()
         ],
         "top_features": top_features,
-        "controls": {"shuffled_targets": shuffled},
+        "controls": {
+            "shuffled_targets": shuffled,
+            "random_sae": others["random_sae"],
+            "base_only": others["base_only"],
+        },
     }
     atomic_write_json(metrics_path, result)
     return result

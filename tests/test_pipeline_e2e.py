@@ -58,6 +58,12 @@ def test_report_json_has_schema_v1_fields(micro_run):
     ):
         assert _finite(irm[k]), k
     assert irm["n_fit_words"] > 100 and irm["n_heldout_words"] > 30
+    lo, hi = irm["heldout_kendall_tau_ci"]
+    assert lo <= irm["heldout_kendall_tau"] <= hi
+    assert _finite(irm["reference"]["raw_difference"]["heldout_kendall_tau"])
+    for name in ("random_sae", "base_only"):
+        c = r["controls"][name]
+        assert _finite(c["heldout_kendall_tau"]) and c["difference_ci"][0] <= c["difference_ci"][1]
     ctrl = r["controls"]["shuffled_targets"]
     assert _finite(ctrl["heldout_kendall_tau"]) and _finite(ctrl["heldout_spearman"])
 

@@ -15,3 +15,31 @@ def spearman(a, b) -> float:
     from scipy.stats import spearmanr
 
     return float(spearmanr(np.asarray(a), np.asarray(b)).statistic)
+
+
+def bootstrap_tau_ci(
+    irm: dict[int, float],
+    true: dict[int, float],
+    other: dict[int, float] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI over held-out words of Kendall tau(irm, true), or, with ``other``,
+    of tau(irm, true) - tau(other, true) on the same resampled words (a paired comparison)."""
+    from scipy.stats import kendalltau
+
+    words = sorted(irm)
+    a = np.array([irm[w] for w in words])
+    t = np.array([true[w] for w in words])
+    b = np.array([other[w] for w in words]) if other is not None else None
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(words), len(words))
+        s = kendalltau(a[idx], t[idx]).statistic
+        if b is not None:
+            s -= kendalltau(b[idx], t[idx]).statistic
+        stats.append(s)
+    lo, hi = np.nanpercentile(stats, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)

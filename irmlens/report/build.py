@@ -99,8 +99,11 @@ def collect_report(run_dir: Path, cfg, base_dir: Path) -> dict:
                 "n_fit_words",
                 "n_heldout_words",
                 "heldout_kendall_tau",
+                "heldout_kendall_tau_ci",
                 "heldout_spearman",
                 "cv_r2",
+                "reference",
+                "signal_retention",
                 "alpha",
                 "sae",
                 "features",
@@ -122,6 +125,23 @@ def _check_finite(obj, where="report") -> None:
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
             _check_finite(v, f"{where}[{i}]")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _controls_text(controls: dict) -> str:
+    parts = []
+    for name in ("random_sae", "base_only"):
+        c = controls.get(name)
+        if c:
+            lo, hi = c["difference_ci"]
+            verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
+            parts.append(
+                f"{name.replace('_', ' ')}: {c['heldout_kendall_tau']:.3f} (difference CI [{lo:.3f}, {hi:.3f}], {verdict})"
+            )
+    return "; ".join(parts)
 
 
 def render_html(report: dict, metrics: list[dict]) -> str:
@@ -173,6 +193,9 @@ def render_html(report: dict, metrics: list[dict]) -> str:
 <tr><th>studied layers</th><td>{report["studied_layers"]}</td></tr>
 <tr><th>IRM</th><td>layer {irm["layer"]}, {html.escape(irm["features"])} ({irm["sae"]["model"]} SAE, width {irm["sae"]["width"]}); {irm["n_fit_words"]} fit words, {irm["n_heldout_words"]} held-out words</td></tr>
 <tr><th>held-out Kendall τ / Spearman ρ</th><td>{irm["heldout_kendall_tau"]:.3f} / {irm["heldout_spearman"]:.3f} (CV R² {irm["cv_r2"]:.3f})</td></tr>
+<tr><th>95% CI of τ (bootstrap over held-out words)</th><td>[{irm["heldout_kendall_tau_ci"][0]:.3f}, {irm["heldout_kendall_tau_ci"][1]:.3f}]</td></tr>
+<tr><th>reference: ridge on raw activation differences</th><td>τ {irm["reference"]["raw_difference"]["heldout_kendall_tau"]:.3f}; signal retention of the SAE IRM {_fmt(irm["signal_retention"])}</td></tr>
+<tr><th>controls (τ; 95% CI of IRM τ minus control τ)</th><td>{_controls_text(report["controls"])}</td></tr>
 <tr><th>shuffled-target control τ / ρ</th><td>{ctrl["heldout_kendall_tau"]:.3f} / {ctrl["heldout_spearman"]:.3f} ± {ctrl.get("heldout_kendall_tau_std", 0.0):.3f} over {ctrl.get("n_shuffles", 1)} permutations &mdash; the IRM {verdict}</td></tr>
 </table>"""
     return f"""<!DOCTYPE html>

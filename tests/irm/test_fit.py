@@ -55,3 +55,21 @@ def test_irm_on_features_without_signal_scores_near_zero():
     fit = fit_and_score(x[split.fit_positions], x[split.heldout_positions], targets, split, cfg)
     assert abs(fit.heldout_kendall_tau) < 0.25
     assert fit.cv_r2 < 0.05
+
+
+def test_bootstrap_ci_covers_tau_and_paired_difference_excludes_zero_only_with_signal():
+    from irmlens.irm.metrics import bootstrap_tau_ci, kendall_tau
+
+    g = torch.Generator().manual_seed(0)
+    true = {w: float(torch.randn(1, generator=g)) for w in range(200)}
+    good = {w: u + 0.5 * float(torch.randn(1, generator=g)) for w, u in true.items()}
+    noise = {w: float(torch.randn(1, generator=g)) for w in true}
+    tau = kendall_tau([good[w] for w in sorted(true)], [true[w] for w in sorted(true)])
+    lo, hi = bootstrap_tau_ci(good, true, n_boot=300)
+    assert lo < tau < hi and hi - lo < 0.25
+    d_lo, d_hi = bootstrap_tau_ci(good, true, other=noise, n_boot=300)
+    assert d_lo > 0.3
+    n_lo, n_hi = bootstrap_tau_ci(
+        noise, true, other={w: float(torch.randn(1, generator=g)) for w in true}, n_boot=300
+    )
+    assert n_lo < 0 < n_hi
