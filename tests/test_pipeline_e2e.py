@@ -113,3 +113,19 @@ def test_changed_config_on_existing_run_is_refused(micro_run, tmp_path, capsys):
     p.write_text(cfg)
     assert main(["run", str(p), "--out", str(micro_run)]) == 2
     assert "different config" in capsys.readouterr().err
+
+
+def test_verdict_requires_beating_every_control():
+    from irmlens.report.build import _verdict
+
+    shuffled = {"heldout_kendall_tau": 0.0, "heldout_kendall_tau_std": 0.02}
+    irm = {"heldout_kendall_tau": 0.3}
+    strong = {
+        "shuffled_targets": shuffled,
+        "random_sae": {"difference_ci": [0.05, 0.2]},
+        "base_only": {"difference_ci": [0.1, 0.3]},
+    }
+    assert _verdict(irm, strong).startswith("The IRM beats every control")
+    weak = dict(strong, random_sae={"difference_ci": [-0.03, 0.05]})
+    assert _verdict(irm, weak) == "No finding yet: the IRM does not beat the random sae control(s)."
+    assert "shuffled targets" in _verdict({"heldout_kendall_tau": 0.03}, strong)

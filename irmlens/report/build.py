@@ -131,6 +131,22 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+def _verdict(irm: dict, controls: dict) -> str:
+    """A finding only when the IRM beats every control: the shuffle by more than 2 of its standard
+    deviations, and each other control with a paired CI of the difference that excludes 0."""
+    shuffled = controls["shuffled_targets"]
+    failed = []
+    margin = irm["heldout_kendall_tau"] - shuffled["heldout_kendall_tau"]
+    if not (margin > 0 and margin > 2 * shuffled.get("heldout_kendall_tau_std", 0.0)):
+        failed.append("shuffled targets")
+    for name in ("random_sae", "base_only"):
+        if name in controls and controls[name]["difference_ci"][0] <= 0:
+            failed.append(name.replace("_", " "))
+    if failed:
+        return f"No finding yet: the IRM does not beat the {', '.join(failed)} control(s)."
+    return "The IRM beats every control computed here (see the rows below)."
+
+
 def _controls_text(controls: dict) -> str:
     parts = []
     for name in ("random_sae", "base_only"):
@@ -193,6 +209,7 @@ def render_html(report: dict, metrics: list[dict]) -> str:
 <tr><th>studied layers</th><td>{report["studied_layers"]}</td></tr>
 <tr><th>IRM</th><td>layer {irm["layer"]}, {html.escape(irm["features"])} ({irm["sae"]["model"]} SAE, width {irm["sae"]["width"]}); {irm["n_fit_words"]} fit words, {irm["n_heldout_words"]} held-out words</td></tr>
 <tr><th>held-out Kendall τ / Spearman ρ</th><td>{irm["heldout_kendall_tau"]:.3f} / {irm["heldout_spearman"]:.3f} (CV R² {irm["cv_r2"]:.3f})</td></tr>
+<tr><th>verdict</th><td><b>{html.escape(_verdict(irm, report["controls"]))}</b></td></tr>
 <tr><th>95% CI of τ (bootstrap over held-out words)</th><td>[{irm["heldout_kendall_tau_ci"][0]:.3f}, {irm["heldout_kendall_tau_ci"][1]:.3f}]</td></tr>
 <tr><th>reference: ridge on raw activation differences</th><td>τ {irm["reference"]["raw_difference"]["heldout_kendall_tau"]:.3f}; signal retention of the SAE IRM {_fmt(irm["signal_retention"])}</td></tr>
 <tr><th>controls (τ; 95% CI of IRM τ minus control τ)</th><td>{_controls_text(report["controls"])}</td></tr>
