@@ -330,11 +330,13 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
     base_acts = load_activations(paths.cache, "base", hook)
     rlhf_acts = load_activations(paths.cache, "rlhf", hook)
 
-    def delta_f(idx: torch.Tensor) -> torch.Tensor:
-        pos = targets.position[idx]
-        return encode_batched(sae, rlhf_acts[pos]) - encode_batched(sae, base_acts[pos])
-
-    x_fit, x_held = delta_f(split.fit_positions), delta_f(split.heldout_positions)
+    positions = (targets.position[split.fit_positions], targets.position[split.heldout_positions])
+    f_base = [
+        encode_batched(sae, base_acts[p]) for p in positions
+    ]  # reused by the base-only control
+    x_fit, x_held = (
+        encode_batched(sae, rlhf_acts[p]) - f for p, f in zip(positions, f_base, strict=True)
+    )
     _log(
         f"irm: {len(split.fit_words)} fit words ({len(split.fit_positions)} positions incl. non-lexicon), "
         f"{len(split.heldout_words)} held-out words ({len(split.heldout_positions)} positions), "
@@ -350,21 +352,16 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
     # Reference and controls, fitted and scored exactly like the main IRM on the same split.
     random_sae = _random_sae(d_model, width, cfg.seed + 1)
     spaces = {
-        "raw_difference": lambda p: rlhf_acts[p] - base_acts[p],
-        "random_sae": lambda p: (
+        "raw_difference": [rlhf_acts[p] - base_acts[p] for p in positions],
+        "random_sae": [
             encode_batched(random_sae, rlhf_acts[p]) - encode_batched(random_sae, base_acts[p])
-        ),
-        "base_only": lambda p: encode_batched(sae, base_acts[p]),
+            for p in positions
+        ],
+        "base_only": f_base,
     }
     others = {}
-    for name, fn in spaces.items():
-        fit = fit_and_score(
-            fn(targets.position[split.fit_positions]),
-            fn(targets.position[split.heldout_positions]),
-            targets,
-            split,
-            cfg.irm,
-        )
+    for name, (xf, xh) in spaces.items():
+        fit = fit_and_score(xf, xh, targets, split, cfg.irm)
         others[name] = {
             "heldout_kendall_tau": fit.heldout_kendall_tau,
             "heldout_spearman": fit.heldout_spearman,

@@ -193,16 +193,11 @@ def train_sae(
             t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples
         ]
     elif sae.cfg.normalize_activations == "expected_average_only_in":
-        # sae-lens's estimate (sqrt(d_in) / mean norm over n_norm batches), computed here over the
-        # *global* batches so every DDP process, and a single process, uses the same scale
-        total_norm, count = 0.0, 0
-        for k, b in enumerate(shuffled_batches(acts, cfg.batch_size, cfg.seed)):
-            if k == n_norm:
-                break
-            n = b.norm(dim=-1).float()
-            total_norm += n.sum().item()
-            count += n.numel()
-        trainer.activation_scaler.scaling_factor = (acts.shape[1] ** 0.5) / (total_norm / count)
+        # sae-lens's own estimate (sqrt(d_in) / mean norm over n_norm batches), fed the *global*
+        # batches so every DDP process, and a single process, uses the same scale
+        trainer.activation_scaler.estimate_scaling_factor(
+            acts.shape[1], shuffled_batches(acts, cfg.batch_size, cfg.seed), n_norm
+        )
     if world > 1:
         _all_reduce_gradients(sae, dist, world)
     sae = trainer.fit()

@@ -59,9 +59,7 @@ def capture_hooks(
     return {h: torch.cat(v).float() for h, v in chunks.items()}
 
 
-def capture_residuals(
-    model, rows: TokenRows, layers: list[int], batch_size: int = 32, desc: str = "cache"
-):
+def capture_residuals(model, rows: TokenRows, layers: list[int], batch_size: int = 32):
     """``{hook_resid_post: [n_valid, d]}`` float32 for the given layers (in-memory, no files)."""
     return capture_hooks(
         model, rows.tokens, rows.valid, [hook_name(layer) for layer in layers], batch_size
