@@ -2,10 +2,13 @@
 
     python experiments/benchmarks/gpu_cache_sae.py
 
+0. Kernel: the fused Triton encode+statistics kernel equals its torch reference (bf16 and int8 bit
+   for bit, sums to float32 rounding) on awkward and large inputs; its time vs the torch reference.
 1. Cache: SmolLM2-135M-shaped model (random weights; 30 layers, d_model 576), batch 64 x 256
    tokens, hook blocks.15.hook_resid_post. Prints irmlens capture tokens/s (bf16 autocast, forward
    stopped after layer 15, device-to-pinned-host copies) as a fraction of the bare truncated forward
-   pass on the same tokens (target >= 0.9).
+   pass on the same tokens (target >= 0.9). ``capture_encoded`` is the path ``build_paired_cache``
+   writes shards from: forward, fused encode (bf16) + statistics on the GPU, side-stream copy.
 2. SAE training: standard L1, d_in 576, width 16384, batch 4096, bf16 autocast. Prints tokens/s as a
    fraction of the bf16 matmul limit, measured here (peak TFLOP/s of a large bf16 matmul) divided by
    the step's ~12 * d_in * d_sae FLOPs per token (target >= 0.35).
@@ -31,7 +34,7 @@ def _time(fn, reps: int = 5) -> float:
 def cache_check() -> None:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from irmlens.cache.capture import capture_hooks
+    from irmlens.cache.capture import capture_encoded
 
     cfg = HookedTransformerConfig(
         n_layers=30,
@@ -60,7 +63,7 @@ def cache_check() -> None:
                 model(tokens[i : i + 64].cuda(non_blocking=True), stop_at_layer=layer + 1)
 
     def ours():
-        capture_hooks(model, tokens, valid, [hook], batch_size=64)
+        capture_encoded(model, tokens, valid, [hook], 64, "bfloat16")
 
     t_bare, t_ours = _time(bare, 3), _time(ours, 3)
     n = tokens.numel()
@@ -68,6 +71,38 @@ def cache_check() -> None:
         f"cache: bare truncated forward {n / t_bare / 1e6:.3f} M tok/s; irmlens capture "
         f"{n / t_ours / 1e6:.3f} M tok/s -> fraction {t_bare / t_ours:.2f} (target >= 0.9)"
     )
+
+
+def kernel_check() -> None:
+    from irmlens.cache.kernels import encode_reference, encode_triton
+
+    g = torch.Generator().manual_seed(0)
+    cases = {"awkward": torch.randn(53, 70, generator=g) * 3, "large": torch.randn(65536, 576)}
+    x = cases["awkward"]
+    x[5] = 0.0
+    x[6, :10] = 0.5 / 127 * torch.arange(1, 11)
+    x[6, 10:] = 1.0
+    x[7, 3] = 1e4
+    for name, x in cases.items():
+        for dtype in ("float32", "bfloat16", "int8"):
+            ref, cs, ns = encode_reference(x, dtype)
+            got, cs2, ns2 = encode_triton(x.cuda(), dtype)
+            exact = all(torch.equal(ref[k], got[k].cpu()) for k in ref)
+            col_err = ((cs - cs2.cpu()).abs() / (cs.abs() + 1)).max().item()
+            norm_err = abs(ns.item() - ns2.item()) / ns.item()
+            print(
+                f"kernel {name} {dtype}: encoded bit-exact {exact}; column-sum rel err "
+                f"{col_err:.1e}; norm-sum rel err {norm_err:.1e}"
+            )
+    x = cases["large"].cuda()
+    for dtype in ("bfloat16", "int8"):
+        t_ref = _time(lambda dtype=dtype: encode_reference(x, dtype), 20)
+        t_k = _time(lambda dtype=dtype: encode_triton(x, dtype), 20)
+        gbs = x.numel() * (4 + (2 if dtype == "bfloat16" else 1)) / t_k / 1e9
+        print(
+            f"kernel 65536x576 {dtype}: torch reference {t_ref * 1e6:.0f} us, fused "
+            f"{t_k * 1e6:.0f} us ({t_ref / t_k:.1f}x, {gbs:.0f} GB/s)"
+        )
 
 
 def sae_check() -> None:
@@ -103,6 +138,7 @@ def sae_check() -> None:
 if __name__ == "__main__":
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check is for a GPU machine")
-    print(torch.cuda.get_device_name(0))
+    print(torch.cuda.get_device_name(0), "torch", torch.__version__)
+    kernel_check()
     cache_check()
     sae_check()

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from irmlens.cache.kernels import encode_with_statistics
 from irmlens.cache.store import (
     DTYPES,
     ERROR_BOUNDS,
     FORMAT,
-    encode_shard,
     hook_name,
     load_progress,
     save_tensors_atomic,
@@ -57,6 +57,58 @@ def capture_hooks(
     if on_gpu:
         torch.cuda.synchronize(device)
     return {h: torch.cat(v).float() for h, v in chunks.items()}
+
+
+@torch.no_grad()
+def capture_encoded(
+    model,
+    tokens: torch.Tensor,
+    valid: torch.Tensor,
+    hooks: list[str],
+    batch_size: int,
+    dtype: str,
+) -> dict[str, tuple[dict[str, torch.Tensor], torch.Tensor, float]]:
+    """Per hook: (encoded shard tensors on the host, float64 column sum, sum of row norms).
+
+    Encoding and statistics run where the activations are (the fused Triton kernel on CUDA, its
+    torch reference on CPU). On CUDA the encoded batch is copied to pinned host memory on a side
+    stream, so the copy overlaps the next batch's forward pass.
+    """
+    stop = max(int(h.split(".")[1]) for h in hooks) + 1
+    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    copy_stream = torch.cuda.Stream(device) if on_gpu else None
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {h: {} for h in hooks}
+    col_sums: dict[str, torch.Tensor] = {}
+    norm_sums: dict[str, torch.Tensor] = {}
+    for i in range(0, len(tokens), batch_size):
+        toks = tokens[i : i + batch_size].to(device, non_blocking=on_gpu)
+        mask = valid[i : i + batch_size].to(device, non_blocking=on_gpu)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            _, cache = model.run_with_cache(toks, names_filter=hooks, stop_at_layer=stop)
+        for h in hooks:
+            tensors, col_sum, norm_sum = encode_with_statistics(cache[h][mask], dtype)
+            col_sums[h] = col_sum.double() + col_sums.get(h, 0.0)
+            norm_sums[h] = norm_sum.double() + norm_sums.get(h, 0.0)
+            for key, t in tensors.items():
+                if on_gpu:
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    copy_stream.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(copy_stream):
+                        host.copy_(t, non_blocking=True)
+                    t.record_stream(copy_stream)
+                    t = host
+                parts[h].setdefault(key, []).append(t)
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    return {
+        h: (
+            {k: torch.cat(v) for k, v in parts[h].items()},
+            col_sums[h].cpu(),
+            float(norm_sums[h]),
+        )
+        for h in hooks
+    }
 
 
 def capture_residuals(model, rows: TokenRows, layers: list[int], batch_size: int = 32):
@@ -115,16 +167,17 @@ def build_paired_cache(
     ):
         sl = slice(k * shard_rows, min((k + 1) * shard_rows, n_rows))
         for name, model in models.items():
-            acts = capture_hooks(model, rows.tokens[sl], rows.valid[sl], hooks, batch_size)
-            for hook, x in acts.items():
+            encoded = capture_encoded(
+                model, rows.tokens[sl], rows.valid[sl], hooks, batch_size, dtype
+            )
+            for hook, (tensors, col_sum, norm_sum) in encoded.items():
                 path = shard_path(cache_dir, name, hook, k)
-                save_tensors_atomic(path, encode_shard(x, dtype))
-                x64 = x.double()
+                save_tensors_atomic(path, tensors)
                 progress["shards"][f"{name}/{hook}/{k}"] = {
                     "sha256": sha256_file(path),
-                    "n": int(x.shape[0]),
-                    "sum": x64.sum(0).tolist(),
-                    "sum_norm": float(x64.norm(dim=1).sum()),
+                    "n": int(next(iter(tensors.values())).shape[0]),
+                    "sum": col_sum.tolist(),
+                    "sum_norm": norm_sum,
                 }
                 write_progress(cache_dir, progress)
     return _write_manifest(cache_dir, progress, n_shards, rows, layers, meta, settings)

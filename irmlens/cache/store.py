@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from irmlens.cache.kernels import encode_reference
 from irmlens.io import atomic_write_json, read_json, sha256_file
 
 MANIFEST = "manifest.json"
@@ -59,17 +60,13 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8: ``x ~ q * scale`` with ``|x - q*scale| <= max|row| / 254``."""
-    scale = x.abs().amax(dim=1).float() / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x.float() / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    tensors = encode_shard(x, "int8")
+    return tensors["q"], tensors["scale"]
 
 
 def encode_shard(x: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
-    if dtype == "int8":
-        q, scale = quantize_int8(x)
-        return {"q": q, "scale": scale}
-    return {"activations": x.to(getattr(torch, dtype))}
+    """Storage encoding of activation rows (the torch definition the fused kernel matches)."""
+    return encode_reference(x, dtype)[0]
 
 
 def decode_shard(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
