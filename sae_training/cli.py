@@ -55,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="hook to train on (--cache) / to record in cfg.json (default: from the file name)",
     )
+    p.add_argument(
+        "--autocast",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast for the SAE step (default: on for CUDA, off for CPU)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the SAE's training forward pass"
+    )
     p.add_argument("--out", required=True, help="output folder (SAELens format)")
     args = p.parse_args(argv)
     _init_distributed(args)
@@ -108,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         n_checkpoints=args.checkpoints,
         seed=args.seed,
         device=args.device,
+        autocast=args.device.startswith("cuda") if args.autocast is None else args.autocast,
+        compile=args.compile,
     )
     out = Path(args.out)
     ckpt = out.with_name(f".{out.name}.checkpoints") if args.checkpoints else None

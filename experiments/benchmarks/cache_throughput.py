@@ -99,17 +99,19 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--rows", type=int, default=None, help="token rows (256 on CPU, 4096 on GPU)")
     p.add_argument("--ctx", type=int, default=128)
     p.add_argument("--layer", type=int, default=3)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.rows = args.rows or (4096 if device == "cuda" else 256)
     model = make_model(args.layers, args.d_model, 4096, args.ctx, device)
     tokens = torch.randint(
         1, 4096, (args.rows, args.ctx), generator=torch.Generator().manual_seed(0)
     )
     with tempfile.TemporaryDirectory() as tmp:
-        bench_tl_full(model, tokens[:32])  # warm-up
+        bench_tl_full(model, tokens[:32])  # warm-ups (and the Triton kernel's compilation)
+        bench_irmlens(model, tokens[:64], args.layer, Path(tmp) / "warm")
         results = {
             "irmlens": bench_irmlens(model, tokens, args.layer, tmp),
             "TL full run_with_cache": bench_tl_full(model, tokens),

@@ -25,6 +25,7 @@ import torch
 @torch.no_grad()
 def l1_loss(sae, x: torch.Tensor, l1: float) -> float:
     """The standard SAE objective (sae-lens's): MSE summed over d_in + l1 * sum_i f_i ||W_dec,i||."""
+    x = x.to(sae.W_enc.device)
     f = sae.encode(x)
     recon = sae.decode(f)
     mse = ((recon - x) ** 2).sum(-1).mean()
