@@ -6,3 +6,12 @@ Heavy libraries are imported inside the stage modules, so ``import irmlens`` sta
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``irmlens.Study`` without importing pandas at ``import irmlens``."""
+    if name == "Study":
+        from irmlens.study import Study
+
+        return Study
+    raise AttributeError(f"module 'irmlens' has no attribute {name!r}")

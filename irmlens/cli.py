@@ -114,6 +114,56 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _rerun_stage(args, stage: str, outputs: list[str]) -> Path:
+    """Re-run one analysis stage on an existing run folder (its config.toml), earlier stages reused.
+    ``--force`` deletes that stage's outputs (and later ones) first."""
+    from irmlens.config import load_config
+    from irmlens.pipeline import run_study
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.toml").exists():
+        raise ConfigError(
+            f"{run_dir} is not an irmlens run folder (no config.toml); run "
+            "`irmlens run CONFIG --out DIR` first"
+        )
+    cfg = load_config(run_dir / "config.toml")
+    if args.force:  # derived files only: the stage rewrites them (atomically) from the cache
+        for rel in outputs:
+            (run_dir / rel).unlink(missing_ok=True)
+    return run_study(cfg, run_dir, stop_after=stage)
+
+
+def cmd_diff(args) -> int:
+    from irmlens.io import read_json
+
+    out = _rerun_stage(args, "diff", ["diff/features.json", "irm/metrics.json"])
+    r = read_json(out / "features.json")
+    fm = r["feature_matching"]
+    print(
+        f"divergent features: {r['n_divergent']} of {r['n_features']} (threshold {r['threshold']}"
+        + (f"; null pair {r['n_divergent_null']}" if r["n_divergent_null"] is not None else "")
+        + f")\npaired dictionaries: {fm['n_shared']} shared, {fm['n_base_only']} base-only, "
+        f"{fm['n_rlhf_only']} rlhf-only\nTable: {(out / 'features.csv').resolve()}"
+    )
+    return 0
+
+
+def cmd_irm(args) -> int:
+    from irmlens.io import read_json
+
+    out = _rerun_stage(args, "irm", ["irm/metrics.json"])
+    m = read_json(out / "metrics.json")
+    lo, hi = m["heldout_kendall_tau_ci"]
+    print(
+        f"IRM ({m['space']}): held-out Kendall tau {m['heldout_kendall_tau']:.3f} [{lo:.3f}, {hi:.3f}]"
+        f", retention {m['signal_retention']}"
+    )
+    for name, c in m["controls"].items():
+        print(f"  control {name}: {c['heldout_kendall_tau']:.3f}")
+    print(f"Metrics: {(out / 'metrics.json').resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="irmlens", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("config")
     cache.add_argument("--out", help="run folder (default runs/<name>)")
     cache.set_defaults(func=cmd_cache)
+    for name, func, help_ in (
+        ("diff", cmd_diff, "per-feature divergence and dictionary matching of a run folder"),
+        ("irm", cmd_irm, "fit and score the IRM (feature spaces, controls) of a run folder"),
+    ):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("run_dir", help="a run folder written by `irmlens run`")
+        c.add_argument("--force", action="store_true", help="recompute even if outputs exist")
+        c.set_defaults(func=func)
     run = sub.add_parser("run", help="run a whole study from a TOML config")
     run.add_argument("config")
     run.add_argument("--out", help="run folder (default runs/<name>)")

@@ -26,7 +26,36 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     base: str = "tiny"  # "tiny" (pretrained here), "smollm2", a local HF folder, or a hub name
+    # Bring your own pair: the model after RLHF (a local HF folder or hub name). Empty: irmlens
+    # runs the RLHF stage itself against the reward model.
+    rlhf: str = ""
+    # The null model (see [null]); empty: trained here when null.reward is not "none".
+    null: str = ""
     device: str = "cpu"
+
+
+@dataclass
+class NullConfig:
+    """The null pair: base vs a model fine-tuned exactly like the RLHF model but against a reward
+    with no relation to the lexicon's utilities (``shuffled``: utilities permuted among words;
+    ``zero``: KL only). Its IRM, scored against the true utilities, says how much of the main
+    result any fine-tuning of this size would give."""
+
+    reward: str = "shuffled"  # shuffled | zero | none (no null pair)
+
+    def __post_init__(self) -> None:
+        if self.reward not in ("shuffled", "zero", "none"):
+            raise ValueError(f"null.reward = {self.reward!r}; choose shuffled, zero or none")
+
+
+@dataclass
+class DiffConfig:
+    """Per-feature divergence (shared dictionary) and paired-dictionary matching."""
+
+    threshold: float = 0.5  # divergence score above which a feature is called divergent
+    min_frequency: float = 1e-3  # features firing less often in both models are not scored
+    matching_threshold: float = 0.7  # decoder cosine of a matched pair to call it shared
+    top_n: int = 50  # divergent features listed in report.json
 
 
 @dataclass
@@ -69,6 +98,9 @@ class SAEStageConfig:
     epochs: float = 4.0
     n_checkpoints: int = 2
     ce_eval_rows: int = 64  # token rows used for CE loss recovered
+    # A wider, less sparse shared dictionary for the IRM feature-space comparison: TopK with this
+    # k at the widest width (0: none).
+    wide_topk_k: int = 64
 
     def training_config(self, width: int, seed: int, device: str) -> SAETrainingConfig:
         return SAETrainingConfig(
@@ -93,9 +125,11 @@ class StudyConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     rlhf: RLHFConfig = field(default_factory=RLHFConfig)
+    null: NullConfig = field(default_factory=NullConfig)
     layers: LayersConfig = field(default_factory=LayersConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     sae: SAEStageConfig = field(default_factory=SAEStageConfig)
+    diff: DiffConfig = field(default_factory=DiffConfig)
     irm: IRMConfig = field(default_factory=IRMConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,9 +167,11 @@ _SECTIONS = {
         ModelConfig,
         PretrainConfig,
         RLHFConfig,
+        NullConfig,
         LayersConfig,
         CacheConfig,
         SAEStageConfig,
+        DiffConfig,
         IRMConfig,
     )
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,14 @@ class RunPaths:
     @property
     def rlhf_model(self) -> Path:
         return self.root / "models" / "rlhf"
+
+    @property
+    def null_model(self) -> Path:
+        return self.root / "models" / "null"
+
+    @property
+    def null_rlhf(self) -> Path:
+        return self.root / "rlhf-null"
 
     @property
     def pair_json(self) -> Path:
@@ -111,42 +119,78 @@ def ensure_base_model(cfg: StudyConfig, splits, reviews_path: Path) -> Path:
     return out
 
 
-def stage_rlhf(cfg: StudyConfig, paths: RunPaths, base_dir: Path, rm, splits) -> dict:
-    """RLHF against the RM (or a null control, ``rlhf.reward``); resumes from its last checkpoint."""
+def stage_rlhf(
+    cfg: StudyConfig,
+    paths: RunPaths,
+    base_dir: Path,
+    rm,
+    splits,
+    rlhf_cfg=None,
+    out_model: Path | None = None,
+    out_dir: Path | None = None,
+    label: str = "rlhf",
+) -> dict:
+    """RLHF against the RM (or a null reward, ``rlhf.reward``); resumes from its last checkpoint."""
     from irmlens.data.corpus import review_prompts
     from irmlens.models.pair import write_pair_json
     from irmlens.rlhf.train import run_rlhf
 
-    summary_path = paths.rlhf / "summary.json"
-    if summary_path.exists() and (paths.rlhf_model / "config.json").exists():
-        _log("rlhf: outputs present, skipping")
+    r = cfg.rlhf if rlhf_cfg is None else rlhf_cfg
+    out_model = paths.rlhf_model if out_model is None else out_model
+    out_dir = paths.rlhf if out_dir is None else out_dir
+    summary_path = out_dir / "summary.json"
+    if summary_path.exists() and (out_model / "config.json").exists():
+        _log(f"{label}: outputs present, skipping")
         return read_json(summary_path)
-    r = cfg.rlhf
     train_prompts = review_prompts(
         splits.train, r.n_train_prompts, r.prompt_min_words, r.prompt_max_words, cfg.seed
     )
     eval_prompts = review_prompts(
         splits.validation, r.n_eval_prompts, r.prompt_min_words, r.prompt_max_words, cfg.seed + 1
     )
-    _log(f"rlhf: {r.algorithm} for {r.steps} steps, reward = {r.reward} ({rm.name})")
-    summary = run_rlhf(base_dir, rm, train_prompts, eval_prompts, r, paths.rlhf_model, paths.rlhf)
-    write_pair_json(
-        paths.pair_json,
-        base_dir,
-        paths.rlhf_model,
-        {
-            "algorithm": summary["algorithm"],
-            "reward_model": rm.name,
-            "trained_against": summary["trained_against"],
-            "steps": summary["steps"],
-            "tokenizer": str(base_dir),
-        },
-    )
+    _log(f"{label}: {r.algorithm} for {r.steps} steps, reward = {r.reward} ({rm.name})")
+    summary = run_rlhf(base_dir, rm, train_prompts, eval_prompts, r, out_model, out_dir)
+    if label == "rlhf":
+        write_pair_json(
+            paths.pair_json,
+            base_dir,
+            out_model,
+            {
+                "algorithm": summary["algorithm"],
+                "reward_model": rm.name,
+                "trained_against": summary["trained_against"],
+                "steps": summary["steps"],
+                "tokenizer": str(base_dir),
+            },
+        )
     _log(
-        f"rlhf: mean reward {summary['reward_before']:.3f} -> {summary['reward_after']:.3f}, "
+        f"{label}: mean reward {summary['reward_before']:.3f} -> {summary['reward_after']:.3f}, "
         f"KL to base {summary['kl']:.2f} nats per completion"
     )
     return summary
+
+
+def resolve_pair(cfg: StudyConfig, paths: RunPaths, base_dir: Path, rm, splits) -> dict[str, Path]:
+    """Model folders of the study: base, rlhf (trained here or given) and, if any, the null model."""
+    from irmlens.models.sources import resolve_base_model
+
+    dirs = {"base": base_dir}
+    if cfg.model.rlhf:
+        dirs["rlhf"] = resolve_base_model(cfg.model.rlhf, log=_log, key="model.rlhf")
+        _log(f"rlhf: given model {dirs['rlhf']} (no RLHF stage)")
+    else:
+        stage_rlhf(cfg, paths, base_dir, rm, splits)
+        dirs["rlhf"] = paths.rlhf_model
+    if cfg.model.null:
+        dirs["null"] = resolve_base_model(cfg.model.null, log=_log, key="model.null")
+        _log(f"null: given model {dirs['null']}")
+    elif cfg.null.reward != "none" and not cfg.model.rlhf:
+        null_cfg = replace(cfg.rlhf, reward=cfg.null.reward)
+        stage_rlhf(
+            cfg, paths, base_dir, rm, splits, null_cfg, paths.null_model, paths.null_rlhf, "null"
+        )
+        dirs["null"] = paths.null_model
+    return dirs
 
 
 def stage_layers(cfg: StudyConfig, paths: RunPaths, pair) -> dict:
@@ -228,24 +272,30 @@ def stage_saes(
         shared_train = torch.cat([train_idx, train_idx + acts["base"].shape[0]])
         shared_eval = torch.cat([eval_idx, eval_idx + acts["base"].shape[0]])
         for width in widths:
-            for model in ("base", "rlhf", "shared"):
+            specs = [("base", "base"), ("rlhf", "rlhf"), ("shared", "shared")]
+            if cfg.sae.wide_topk_k and width == widths[-1]:
+                specs.append((wide_topk_label(cfg), "shared"))
+            for model, data_key in specs:
                 out = paths.sae_dir(model, hook, width)
                 metrics_path = out / "metrics.json"
                 if metrics_path.exists() and (out / "cfg.json").exists():
                     rows.append(read_json(metrics_path))
                     continue
-                tr, ev = (shared_train, shared_eval) if model == "shared" else (train_idx, eval_idx)
-                _log(
-                    f"sae: training {cfg.sae.architecture} {model} {hook} width {width} on {len(tr)} positions"
-                )
+                shared = data_key == "shared"
+                tr, ev = (shared_train, shared_eval) if shared else (train_idx, eval_idx)
                 tcfg = cfg.sae.training_config(width, cfg.seed, cfg.model.device)
+                if model != data_key:  # the wide TopK dictionary of the feature-space comparison
+                    tcfg = replace(tcfg, architecture="topk", k=cfg.sae.wide_topk_k)
+                _log(
+                    f"sae: training {tcfg.architecture} {model} {hook} width {width} on {len(tr)} positions"
+                )
                 ckpt = paths.saes / ".checkpoints" / model / hook / str(width)
-                train_sae(acts[model][tr], tcfg, hook, model, out_dir=out, checkpoint_dir=ckpt)
+                train_sae(acts[data_key][tr], tcfg, hook, model, out_dir=out, checkpoint_dir=ckpt)
                 sae = load_sae(out)
-                m = evaluate_sae(sae, acts[model][ev])
+                m = evaluate_sae(sae, acts[data_key][ev])
                 if token_rows is None:
                     token_rows = load_token_rows(paths.cache)
-                lm = pair.get()["base" if model == "shared" else model]
+                lm = pair.get()["base" if shared else model]
                 n = cfg.sae.ce_eval_rows
                 m.update(
                     ce_loss_recovered(lm, sae, hook, token_rows.tokens[-n:], token_rows.valid[-n:])
@@ -255,10 +305,11 @@ def stage_saes(
                     "layer": layer,
                     "hook": hook,
                     "width": width,
-                    "architecture": cfg.sae.architecture,
+                    "architecture": tcfg.architecture,
+                    **({"k": tcfg.k} if tcfg.architecture in ("topk", "batchtopk") else {}),
                     **m,
                     "eval": "held-out 10% of positions; CE on the last ce_eval_rows token rows"
-                    + (" with the base model" if model == "shared" else ""),
+                    + (" with the base model" if shared else ""),
                 }
                 atomic_write_json(metrics_path, row)
                 _log(
@@ -291,6 +342,10 @@ def stage_saes(
     return rows
 
 
+def wide_topk_label(cfg: StudyConfig) -> str:
+    return f"shared-topk{cfg.sae.wide_topk_k}"
+
+
 def _random_sae(d_in: int, width: int, seed: int):
     """A randomly initialised (untrained) sae-lens standard SAE of the given width: the control that
     asks how much of the IRM any ReLU dictionary of that size would give."""
@@ -301,111 +356,478 @@ def _random_sae(d_in: int, width: int, seed: int):
     return sae_lens.StandardTrainingSAE(cfg).eval()
 
 
-def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -> dict:
-    """Ridge from shared-SAE feature differences to word utilities; held-out words; shuffled control."""
+def _word_means_of(
+    values: torch.Tensor, word: torch.Tensor, words: list[str], top: int
+) -> list[str]:
+    """Words (at least 2 occurrences) with the largest mean of ``values`` over their positions."""
+    from irmlens.irm.fit import word_means
+
+    means = word_means(values.double(), word, min_count=2)
+    return [words[w] for w in sorted(means, key=lambda w: -means[w])[:top]]
+
+
+def stage_diff(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int) -> dict:
+    """Per-feature divergence through the widest shared SAE (base vs rlhf, and base vs null), and
+    Hungarian matching of the base and rlhf dictionaries of the same width."""
+    from irmlens.cache.store import hook_name, load_activations, load_manifest, load_token_rows
+    from irmlens.diff.features import FeatureCodes, feature_divergence, match_dictionaries
+    from sae_training.train import encode_batched, load_sae
+
+    out = paths.diff / "features.json"
+    if out.exists():
+        return read_json(out)
+    hook = hook_name(layer)
+    width = max(int(m * d_model) for m in cfg.sae.width_multipliers)
+    sae = load_sae(paths.sae_dir("shared", hook, width))
+    models = load_manifest(paths.cache)["models"]
+    codes = {m: encode_batched(sae, load_activations(paths.cache, m, hook)) for m in models}
+    d = cfg.diff
+    div = feature_divergence(FeatureCodes(codes["base"], codes["rlhf"]), d.min_frequency)
+    null_div = (
+        feature_divergence(FeatureCodes(codes["base"], codes["null"]), d.min_frequency)
+        if "null" in codes
+        else None
+    )
+    matching = match_dictionaries(
+        load_sae(paths.sae_dir("base", hook, width)).W_dec,
+        load_sae(paths.sae_dir("rlhf", hook, width)).W_dec,
+        d.matching_threshold,
+    )
+    rows = load_token_rows(paths.cache)
+    word = rows.word_id[rows.valid]
+    ends = torch.nonzero(word >= 0).squeeze(-1)
+    delta = codes["rlhf"][ends] - codes["base"][ends]
+    base_at_ends = codes["base"][ends]
+    order = torch.argsort(div["divergence"], descending=True)
+    table = []
+    for j in range(sae.cfg.d_sae):
+        table.append(
+            {"feature": j, **{k: float(v[j]) for k, v in div.items()}}
+            | ({"divergence_null": float(null_div["divergence"][j])} if null_div else {})
+        )
+    divergent = []
+    for j in order[: d.top_n].tolist():
+        divergent.append(
+            {
+                **table[j],
+                "top_words_increase": _word_means_of(delta[:, j], word[ends], rows.words, 5),
+                "top_words_decrease": _word_means_of(-delta[:, j], word[ends], rows.words, 5),
+                "top_words_base": _word_means_of(base_at_ends[:, j], word[ends], rows.words, 5),
+            }
+        )
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(table[0]))
+    writer.writeheader()
+    writer.writerows(table)
+    atomic_write_text(paths.diff / "features.csv", buf.getvalue())
+    n_div = int((div["divergence"] > d.threshold).sum())
+    n_null = int((null_div["divergence"] > d.threshold).sum()) if null_div else None
+    result = {
+        "layer": layer,
+        "hook": hook,
+        "sae": {"model": "shared", "width": width},
+        "threshold": d.threshold,
+        "min_frequency": d.min_frequency,
+        "score": "RMS of the paired code change / RMS code (0 unchanged, ~1.41 disjoint)",
+        "n_features": sae.cfg.d_sae,
+        "n_divergent": n_div,
+        "n_divergent_null": n_null,
+        "feature_matching": {
+            k: v for k, v in matching.items() if k not in ("partner", "cosine", "tag_base")
+        }
+        | {"width": width, "layer": layer},
+        "divergent_features": divergent,
+    }
+    atomic_write_json(
+        paths.diff / "matching.json",
+        {
+            "partner": matching["partner"].tolist(),
+            "cosine": [None if c != c else c for c in matching["cosine"].tolist()],
+            "tag_base": matching["tag_base"],
+        },
+    )
+    atomic_write_json(out, result)
+    _log(
+        f"diff: {n_div} of {sae.cfg.d_sae} shared-SAE features above divergence {d.threshold}"
+        + (f" (null pair: {n_null})" if n_null is not None else "")
+        + f"; paired dictionaries: {matching['n_shared']} shared, {matching['n_base_only']} "
+        f"base-only, {matching['n_rlhf_only']} rlhf-only (cosine >= {d.matching_threshold})"
+    )
+    return result
+
+
+def _score_row(fit, main, targets, seed: int) -> dict:
+    """A control or reference scored like the main IRM, with the paired bootstrap CI of
+    (main tau - its tau) over held-out words."""
+    from irmlens.irm.metrics import bootstrap_tau_ci
+
+    row = {
+        "heldout_kendall_tau": fit.heldout_kendall_tau,
+        "heldout_spearman": fit.heldout_spearman,
+        "cv_r2": fit.cv_r2,
+    }
+    if main is not None:
+        row["difference_ci"] = list(
+            bootstrap_tau_ci(main.heldout_irm, targets.utility, other=fit.heldout_irm, seed=seed)
+        )
+    return row
+
+
+def _retention(tau: float, ref: float) -> float | None:
+    return tau / ref if ref > 0 else None
+
+
+def stage_irm(
+    cfg: StudyConfig, paths: RunPaths, rm, layers: list[int], layer: int, d_model: int, pair
+) -> dict:
+    """IRM in several feature spaces on one word split; the chosen space's controls, references,
+    sparse IRM, the paper's estimator, per-word divergence and attribution."""
+
     from safetensors.torch import save_file
 
-    from irmlens.cache.store import hook_name, load_activations, load_token_rows
+    from irmlens.cache.store import hook_name, load_activations, load_manifest, load_token_rows
+    from irmlens.data.assets import asset_paths
+    from irmlens.data.corpus import load_reviews
+    from irmlens.irm.contrastive import ContrastiveConfig, paper_estimator
     from irmlens.irm.fit import (
         fit_and_score,
         position_targets,
         shuffled_target_control,
+        sparse_irm,
         split_words,
         top_irm_features,
     )
-    from irmlens.irm.metrics import bootstrap_tau_ci
-    from sae_training.train import encode_batched, load_sae
+    from irmlens.irm.implicit import token_log_ratios, word_implicit_rewards
+    from irmlens.irm.metrics import bootstrap_tau_ci, kendall_tau, spearman
+    from irmlens.irm.spaces import difference_space
+    from sae_training.train import load_sae
 
     metrics_path = paths.irm / "metrics.json"
     if metrics_path.exists():
         _log("irm: outputs present, skipping")
         return read_json(metrics_path)
-    hook = hook_name(layer)
+    icfg = cfg.irm
     width = max(int(m * d_model) for m in cfg.sae.width_multipliers)
-    sae_dir = paths.sae_dir("shared", hook, width)
-    sae = load_sae(sae_dir)
+    layers = sorted(layers)
+    li = layers.index(layer)
+    hooks = [hook_name(la) for la in layers]
+    models = load_manifest(paths.cache)["models"]
+    acts = {m: [load_activations(paths.cache, m, h) for h in hooks] for m in models}
+    shared = [load_sae(paths.sae_dir("shared", h, width)) for h in hooks]
+    base_sae = load_sae(paths.sae_dir("base", hooks[li], width))
+    topk_dir = paths.sae_dir(wide_topk_label(cfg), hooks[li], width)
     rows = load_token_rows(paths.cache)
     targets = position_targets(rows.word_id[rows.valid], rows.words, rm.word_utility)
-    split = split_words(targets, cfg.irm)
-    base_acts = load_activations(paths.cache, "base", hook)
-    rlhf_acts = load_activations(paths.cache, "rlhf", hook)
-
-    positions = (targets.position[split.fit_positions], targets.position[split.heldout_positions])
-    f_base = [
-        encode_batched(sae, base_acts[p]) for p in positions
-    ]  # reused by the base-only control
-    x_fit, x_held = (
-        encode_batched(sae, rlhf_acts[p]) - f for p, f in zip(positions, f_base, strict=True)
-    )
+    split = split_words(targets, icfg)
+    pos = (targets.position[split.fit_positions], targets.position[split.heldout_positions])
     _log(
-        f"irm: {len(split.fit_words)} fit words ({len(split.fit_positions)} positions incl. non-lexicon), "
-        f"{len(split.heldout_words)} held-out words ({len(split.heldout_positions)} positions), "
-        f"{x_fit.shape[1]} shared-SAE features"
-    )
-    main = fit_and_score(x_fit, x_held, targets, split, cfg.irm)
-    shuffled = shuffled_target_control(x_fit, x_held, targets, split, cfg.irm)
-    _log(
-        f"irm: held-out Kendall tau {main.heldout_kendall_tau:.3f} (shuffled-target control "
-        f"{shuffled['heldout_kendall_tau']:.3f}), Spearman {main.heldout_spearman:.3f}, CV R2 {main.cv_r2:.3f}"
+        f"irm: {len(split.fit_words)} fit words ({len(split.fit_positions)} positions incl. "
+        f"non-lexicon), {len(split.heldout_words)} held-out words "
+        f"({len(split.heldout_positions)} positions); layers {layers}, IRM layer {layer}"
     )
 
-    # Reference and controls, fitted and scored exactly like the main IRM on the same split.
-    random_sae = _random_sae(d_model, width, cfg.seed + 1)
-    spaces = {
-        "raw_difference": [rlhf_acts[p] - base_acts[p] for p in positions],
-        "random_sae": [
-            encode_batched(random_sae, rlhf_acts[p]) - encode_batched(random_sae, base_acts[p])
-            for p in positions
-        ],
-        "base_only": f_base,
+    def space(name, desc, saes, layer_idx, kind, model="rlhf", base_only=False, selectable=True):
+        return difference_space(
+            name,
+            desc,
+            saes,
+            [acts["base"][i] for i in layer_idx],
+            None if base_only else [acts[model][i] for i in layer_idx],
+            pos,
+            kind,
+            selectable,
+        )
+
+    one = [li]
+    candidates = [
+        space(
+            "sae_codes",
+            "shared-SAE codes, f(a_rlhf) - f(a_base) (the paper's)",
+            [shared[li]],
+            one,
+            "codes",
+        ),
+        space(
+            "sae_pre", "shared-SAE encoder pre-activations, rlhf - base", [shared[li]], one, "pre"
+        ),
+        space(
+            "sae_codes_error",
+            "shared-SAE codes and reconstruction error, rlhf - base",
+            [shared[li]],
+            one,
+            "codes+error",
+        ),
+        space(
+            "base_sae_codes",
+            "codes of an SAE trained on the base model only, rlhf - base",
+            [base_sae],
+            one,
+            "codes",
+        ),
+    ]
+    if topk_dir.exists():
+        topk = load_sae(topk_dir)
+        candidates.append(
+            space(
+                "topk_wide_codes",
+                f"shared TopK SAE (k={topk.cfg.k if hasattr(topk.cfg, 'k') else cfg.sae.wide_topk_k}) codes, rlhf - base",
+                [topk],
+                one,
+                "codes",
+            )
+        )
+    if len(layers) > 1:
+        candidates.append(
+            space(
+                "multi_layer_pre",
+                f"shared-SAE pre-activations of layers {layers}, concatenated",
+                shared,
+                list(range(len(layers))),
+                "pre",
+            )
+        )
+    raw = space(
+        "raw_difference",
+        "raw residual activation difference",
+        [None],
+        one,
+        "codes",
+        selectable=False,
+    )
+
+    fits = {
+        sp.name: fit_and_score(sp.fit, sp.held, targets, split, icfg) for sp in candidates + [raw]
     }
-    others = {}
-    for name, (xf, xh) in spaces.items():
-        fit = fit_and_score(xf, xh, targets, split, cfg.irm)
-        others[name] = {
-            "heldout_kendall_tau": fit.heldout_kendall_tau,
-            "heldout_spearman": fit.heldout_spearman,
-            "cv_r2": fit.cv_r2,
-            "difference_ci": list(
-                bootstrap_tau_ci(
-                    main.heldout_irm, targets.utility, other=fit.heldout_irm, seed=cfg.irm.seed
-                )
-            ),
-        }
-    tau_ci = list(bootstrap_tau_ci(main.heldout_irm, targets.utility, seed=cfg.irm.seed))
-    raw_tau = others["raw_difference"]["heldout_kendall_tau"]
-    retention = main.heldout_kendall_tau / raw_tau if raw_tau > 0 else None
+    raw_tau = fits["raw_difference"].heldout_kendall_tau
+    spaces_table = []
+    for sp in candidates + [raw]:
+        f = fits[sp.name]
+        ci = bootstrap_tau_ci(f.heldout_irm, targets.utility, seed=icfg.seed)
+        spaces_table.append(
+            {
+                "name": sp.name,
+                "description": sp.description,
+                "n_features": int(sp.fit.shape[1]),
+                "heldout_kendall_tau": f.heldout_kendall_tau,
+                "heldout_kendall_tau_ci": list(ci),
+                "heldout_spearman": f.heldout_spearman,
+                "cv_r2": f.cv_r2,
+                "signal_retention": _retention(f.heldout_kendall_tau, raw_tau),
+            }
+        )
+        _log(
+            f"irm space {sp.name:16s} tau {f.heldout_kendall_tau:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+            f"  CV R2 {f.cv_r2:+.4f}"
+        )
+    by_name = {sp.name: sp for sp in candidates}
+    if icfg.space == "auto":
+        chosen = max(candidates, key=lambda sp: fits[sp.name].cv_r2)
+    elif icfg.space in by_name:
+        chosen = by_name[icfg.space]
+    else:
+        raise ConfigError(f"irm.space = {icfg.space!r}; choose auto or one of {sorted(by_name)}")
+    main = fits[chosen.name]
     _log(
-        f"irm: tau 95% CI [{tau_ci[0]:.3f}, {tau_ci[1]:.3f}]; raw-difference reference tau {raw_tau:.3f} "
-        f"(retention {retention if retention is None else round(retention, 2)}); random-SAE control "
-        f"{others['random_sae']['heldout_kendall_tau']:.3f}; base-only control {others['base_only']['heldout_kendall_tau']:.3f}"
+        f"irm: main space {chosen.name} (best CV R2 on fit words)"
+        if icfg.space == "auto"
+        else f"irm: main space {chosen.name}"
     )
 
-    top_features = top_irm_features(main.model, x_fit, x_held, targets, split)
+    # The chosen construction's ingredients, for its controls.
+    kind = {
+        "sae_codes": "codes",
+        "sae_pre": "pre",
+        "sae_codes_error": "codes+error",
+        "base_sae_codes": "codes",
+        "topk_wide_codes": "codes",
+        "multi_layer_pre": "pre",
+    }[chosen.name]
+    layer_idx = list(range(len(layers))) if chosen.name == "multi_layer_pre" else one
+    saes = {
+        "base_sae_codes": [base_sae],
+        "topk_wide_codes": [load_sae(topk_dir)] if topk_dir.exists() else None,
+        "multi_layer_pre": shared,
+    }.get(chosen.name, [shared[li]])
+    randoms = [_random_sae(d_model, s.cfg.d_sae, cfg.seed + 1 + i) for i, s in enumerate(saes)]
+    control_spaces = {
+        "random_sae": space(
+            "random_sae",
+            "random untrained SAE, same width and construction",
+            randoms,
+            layer_idx,
+            kind,
+        ),
+        "base_only": space(
+            "base_only",
+            "base-model features only (no difference)",
+            saes,
+            layer_idx,
+            kind,
+            base_only=True,
+        ),
+    }
+    if "null" in acts:
+        control_spaces["null_pair"] = space(
+            "null_pair", "null model - base, same construction", saes, layer_idx, kind, model="null"
+        )
+    controls = {
+        "shuffled_targets": shuffled_target_control(chosen.fit, chosen.held, targets, split, icfg)
+    }
+    control_fits = {}
+    for name, sp in control_spaces.items():
+        control_fits[name] = fit_and_score(sp.fit, sp.held, targets, split, icfg)
+        controls[name] = _score_row(control_fits[name], main, targets, icfg.seed) | {
+            "description": sp.description
+        }
 
+    # References: raw differences and the model-level implicit reward (what the policy learned).
+    tau_ci = list(bootstrap_tau_ci(main.heldout_irm, targets.utility, seed=icfg.seed))
+    references = {"raw_difference": _score_row(fits["raw_difference"], main, targets, icfg.seed)}
+    hooked = pair.get()
+    log_ratio = token_log_ratios(hooked["base"], hooked["rlhf"], rows.tokens, cfg.cache.batch_size)
+    implicit = word_implicit_rewards(
+        log_ratio, rows.valid, rows.word_id, rows.in_word, cfg.rlhf.kl_coef
+    )
+    held = [w for w in sorted(main.heldout_irm) if w in implicit]
+    imp_tau = kendall_tau([implicit[w] for w in held], [targets.utility[w] for w in held])
+    references["model_implicit_reward"] = {
+        "heldout_kendall_tau": imp_tau,
+        "heldout_spearman": spearman(
+            [implicit[w] for w in held], [targets.utility[w] for w in held]
+        ),
+        "heldout_kendall_tau_ci": list(
+            bootstrap_tau_ci({w: implicit[w] for w in held}, targets.utility, seed=icfg.seed)
+        ),
+        "definition": f"beta * mean over occurrences of the summed log pi_rlhf/pi_base of the word's tokens (beta = rlhf.kl_coef = {cfg.rlhf.kl_coef})",
+    }
+
+    # Sparse IRM (k features) and the same selection on a random dictionary.
+    n_cand = chosen.n_features
+    sparse, chosen_feats = sparse_irm(
+        chosen.fit, chosen.held, targets, split, icfg, icfg.sparse_k, n_cand
+    )
+    rsp = control_spaces["random_sae"]
+    rsparse, _ = sparse_irm(rsp.fit, rsp.held, targets, split, icfg, icfg.sparse_k, rsp.n_features)
+    controls["random_sae_sparse"] = _score_row(rsparse, sparse, targets, icfg.seed) | {
+        "k": icfg.sparse_k,
+        "description": "the sparse-IRM selection on the random SAE's features",
+    }
+    sparse_row = {
+        "k": icfg.sparse_k,
+        "features": chosen_feats,
+        "heldout_kendall_tau": sparse.heldout_kendall_tau,
+        "heldout_kendall_tau_ci": list(
+            bootstrap_tau_ci(sparse.heldout_irm, targets.utility, seed=icfg.seed)
+        ),
+        "heldout_spearman": sparse.heldout_spearman,
+        "signal_retention": _retention(sparse.heldout_kendall_tau, raw_tau),
+    }
+
+    # The paper's contrastive estimator, on the same word split.
+    tok = pair.tokenizer
+    vocab = tok.get_vocab()
+    unk = getattr(tok, "unk_token", None)
+
+    def known(w: str) -> bool:  # a word the model can read (not mapped to <unk>)
+        return unk is None or unk not in tok.tokenize(w)
+
+    fit_w = [targets.words[w] for w in split.fit_words if known(targets.words[w])]
+    held_w = [targets.words[w] for w in split.heldout_words if known(targets.words[w])]
+    counts = torch.bincount(targets.word, minlength=len(targets.words)).tolist()
+    word_counts = {
+        targets.words[i]: c for i, c in enumerate(counts) if c and known(targets.words[i])
+    }
+    sentences = [r.text for r in load_reviews(asset_paths().sentences)]
+    del vocab
+    paper = paper_estimator(
+        hooked["rlhf"],
+        tok,
+        dict(zip(hooks, shared, strict=True)),
+        sentences,
+        fit_w,
+        held_w,
+        rm.word_utility,
+        word_counts,
+        icfg.alphas,
+        ContrastiveConfig(contexts_per_word=icfg.paper_contexts_per_word, seed=icfg.seed),
+    )
+    _log(
+        f"irm: {chosen.name} tau {main.heldout_kendall_tau:.3f} CI [{tau_ci[0]:.3f}, {tau_ci[1]:.3f}]; "
+        f"raw difference {raw_tau:.3f}; model implicit reward {imp_tau:.3f}; controls: "
+        + ", ".join(f"{k} {v['heldout_kendall_tau']:.3f}" for k, v in controls.items())
+        + f"; sparse (k={icfg.sparse_k}) {sparse.heldout_kendall_tau:.3f} vs random {rsparse.heldout_kendall_tau:.3f}"
+        f"; paper's estimator {paper['kendall_tau']:.3f}"
+    )
+
+    # Per-word divergence (standardised IRM minus standardised truth) and attribution.
+    words_h = sorted(main.heldout_irm)
+    irm_v = torch.tensor([main.heldout_irm[w] for w in words_h], dtype=torch.float64)
+    true_v = torch.tensor([targets.utility[w] for w in words_h], dtype=torch.float64)
+    z = (irm_v - irm_v.mean()) / irm_v.std().clamp_min(1e-12) - (
+        true_v - true_v.mean()
+    ) / true_v.std().clamp_min(1e-12)
+    held_word = targets.word[split.heldout_positions]
+    coef = main.model.coef
+
+    def attribution(w: int, top: int = 5) -> list[dict]:
+        contrib = (chosen.held[held_word == w].double().mean(0)) * coef
+        idx = torch.argsort(contrib.abs(), descending=True)[:top].tolist()
+        return [{"feature": j, "contribution": float(contrib[j])} for j in idx]
+
+    div_words = [
+        {
+            "word": targets.words[w],
+            "true": targets.utility[w],
+            "irm": main.heldout_irm[w],
+            "divergence": float(zv),
+            "top_features": attribution(w),
+        }
+        for w, zv in zip(words_h, z.tolist(), strict=True)
+    ]
+    div_words.sort(key=lambda d: d["divergence"])
+    n_show = 10
+    divergent_words = div_words[-n_show:][::-1] + div_words[:n_show]
+
+    # the readable ranking: the sparse IRM's features in selection order, with their weights
+    top_features = top_irm_features(
+        sparse.model, chosen.fit, chosen.held, targets, split, features=chosen_feats
+    )
     paths.irm.mkdir(parents=True, exist_ok=True)
     tmp = paths.irm / ".coefficients.safetensors.tmp"
-    save_file(
-        {"coef": main.model.coef.float(), "intercept": torch.tensor([main.model.intercept])},
-        str(tmp),
-    )
+    save_file({"coef": coef.float(), "intercept": torch.tensor([main.model.intercept])}, str(tmp))
     tmp.replace(paths.irm / "coefficients.safetensors")
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["word", "split", "true_utility", "irm_utility", "n_positions"])
-    counts = torch.bincount(targets.word, minlength=len(targets.words))
+    writer.writerow(
+        ["word", "split", "true_utility", "irm_utility", "model_implicit_reward", "n_positions"]
+    )
+    wcounts = torch.bincount(targets.word, minlength=len(targets.words))
     for split_name, preds in (("fit", main.fit_irm), ("heldout", main.heldout_irm)):
         for w, v in sorted(preds.items(), key=lambda kv: targets.words[kv[0]]):
             writer.writerow(
-                [targets.words[w], split_name, targets.utility[w], f"{v:.6f}", int(counts[w])]
+                [
+                    targets.words[w],
+                    split_name,
+                    targets.utility[w],
+                    f"{v:.6f}",
+                    f"{implicit[w]:.6f}" if w in implicit else "",
+                    int(wcounts[w]),
+                ]
             )
     atomic_write_text(paths.irm / "word_utilities.csv", buf.getvalue())
-
+    atomic_write_json(paths.irm / "word_attribution.json", div_words)
     result = {
         "layer": layer,
-        "hook": hook,
-        "sae": {"model": "shared", "width": width, "path": str(sae_dir.relative_to(paths.root))},
-        "features": "shared-SAE feature activation difference f(a_rlhf) - f(a_base) per position",
+        "layers": layers,
+        "hook": hooks[li],
+        "space": chosen.name,
+        "space_selection": "best cross-validated R^2 on fit words"
+        if icfg.space == "auto"
+        else "configured",
+        "sae": {"model": "shared", "width": width},
+        "features": chosen.description,
+        "n_features": int(chosen.fit.shape[1]),
+        "n_dictionary_features": int(chosen.n_features),
         "n_fit_words": len(split.fit_words),
         "n_heldout_words": len(split.heldout_words),
         "n_fit_positions": int(len(split.fit_positions)),
@@ -413,21 +835,26 @@ def stage_irm(cfg: StudyConfig, paths: RunPaths, rm, layer: int, d_model: int) -
         "heldout_kendall_tau": main.heldout_kendall_tau,
         "heldout_kendall_tau_ci": tau_ci,
         "heldout_spearman": main.heldout_spearman,
-        "reference": {"raw_difference": others["raw_difference"]},
-        "signal_retention": retention,
+        "heldout_spearman_ci": list(
+            bootstrap_tau_ci(
+                main.heldout_irm, targets.utility, seed=icfg.seed, statistic="spearman"
+            )
+        ),
+        "reference": references,
+        "signal_retention": _retention(main.heldout_kendall_tau, raw_tau),
         "cv_r2": main.cv_r2,
         "alpha": main.model.alpha,
-        "split_seed": cfg.irm.seed,
+        "split_seed": icfg.seed,
+        "spaces": spaces_table,
+        "sparse": sparse_row,
         "heldout_points": [
             {"word": targets.words[w], "true": targets.utility[w], "irm": v}
             for w, v in main.heldout_irm.items()
         ],
         "top_features": top_features,
-        "controls": {
-            "shuffled_targets": shuffled,
-            "random_sae": others["random_sae"],
-            "base_only": others["base_only"],
-        },
+        "divergent_words": divergent_words,
+        "controls": controls,
+        "paper_estimator": paper,
     }
     atomic_write_json(metrics_path, result)
     return result
@@ -445,12 +872,21 @@ def _check_run_dir(paths: RunPaths, cfg_text: str) -> None:
 
 
 class HookedPair:
-    """Loads the base and RLHF models as HookedTransformers on first use (stages that skip never pay)."""
+    """Loads the study's models (base, rlhf, and the null model if any) as HookedTransformers on
+    first use (stages that skip never pay)."""
 
-    def __init__(self, cfg: StudyConfig, base_dir: Path, rlhf_dir: Path) -> None:
-        self.cfg, self.dirs = cfg, {"base": base_dir, "rlhf": rlhf_dir}
+    def __init__(self, cfg: StudyConfig, dirs: dict[str, Path]) -> None:
+        self.cfg, self.dirs = cfg, dict(dirs)
         self._models: dict | None = None
-        self.tokenizer = None
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.dirs["base"])
+        return self._tokenizer
 
     def get(self) -> dict:
         if self._models is None:
@@ -459,15 +895,19 @@ class HookedPair:
 
             self._models = {}
             for name, d in self.dirs.items():
-                hf, self.tokenizer = load_hf_model(d, self.cfg.model.device)
+                hf, tok = load_hf_model(d, self.cfg.model.device)
+                if self._tokenizer is None:
+                    self._tokenizer = tok
                 self._models[name] = load_hooked_model(
-                    d, self.cfg.model.device, hf_model=hf, tokenizer=self.tokenizer
+                    d, self.cfg.model.device, hf_model=hf, tokenizer=tok
                 )
-            check_pair_configs(self._models["base"].cfg, self._models["rlhf"].cfg)
+            for name in self._models:
+                if name != "base":
+                    check_pair_configs(self._models["base"].cfg, self._models[name].cfg)
         return self._models
 
 
-STAGES = ("rlhf", "cache", "saes", "irm", "report")
+STAGES = ("rlhf", "cache", "saes", "diff", "irm", "report")
 
 
 def run_study(cfg: StudyConfig, out_dir: str | Path, stop_after: str = "report") -> Path:
@@ -490,11 +930,11 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, stop_after: str = "report")
     rm = load_reward_model(cfg, assets.lexicon)
     splits = load_splits(cfg, assets.reviews)
     base_dir = ensure_base_model(cfg, splits, assets.reviews)
-    stage_rlhf(cfg, paths, base_dir, rm, splits)
+    dirs = resolve_pair(cfg, paths, base_dir, rm, splits)
     if stop_after == "rlhf":
-        return paths.rlhf_model
+        return dirs["rlhf"]
 
-    pair = HookedPair(cfg, base_dir, paths.rlhf_model)
+    pair = HookedPair(cfg, dirs)
     layers = stage_layers(cfg, paths, pair)
     manifest = stage_cache(cfg, paths, pair, splits, layers["studied_layers"])
     if stop_after == "cache":
@@ -504,9 +944,12 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, stop_after: str = "report")
     if stop_after == "saes":
         return paths.saes
     irm_layer = next(layer for layer in layers["ranking"] if layer in layers["studied_layers"])
-    stage_irm(cfg, paths, rm, irm_layer, d_model)
+    stage_diff(cfg, paths, irm_layer, d_model)
+    if stop_after == "diff":
+        return paths.diff
+    stage_irm(cfg, paths, rm, layers["studied_layers"], irm_layer, d_model, pair)
     if stop_after == "irm":
         return paths.irm
-    report = build_report(paths.root, cfg, base_dir)
+    report = build_report(paths.root, cfg, dirs)
     _log(f"done in {time.time() - t0:.0f}s")
     return report

@@ -23,10 +23,10 @@ def _finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_report_json_has_schema_v1_fields(micro_run):
+def test_report_json_has_schema_v2_fields(micro_run):
     r = json.loads((micro_run / "report/report.json").read_text())
-    assert r["schema_version"] == 1
-    for m in ("base", "rlhf"):
+    assert r["schema_version"] == 2
+    for m in ("base", "rlhf", "null"):
         assert (
             r["models"][m]["n_layers"] == 2
             and r["models"][m]["d_model"] == 64
@@ -42,7 +42,7 @@ def test_report_json_has_schema_v1_fields(micro_run):
         for d in r["layers"]
     )
     assert len(r["studied_layers"]) == 1
-    assert {s["model"] for s in r["saes"]} == {"base", "rlhf", "shared"}
+    assert {s["model"] for s in r["saes"]} == {"base", "rlhf", "shared", "shared-topk64"}
     for s in r["saes"]:
         assert all(
             _finite(s[k]) for k in ("width", "explained_variance", "l0", "dead_fraction", "mse")
@@ -61,11 +61,27 @@ def test_report_json_has_schema_v1_fields(micro_run):
     lo, hi = irm["heldout_kendall_tau_ci"]
     assert lo <= irm["heldout_kendall_tau"] <= hi
     assert _finite(irm["reference"]["raw_difference"]["heldout_kendall_tau"])
-    for name in ("random_sae", "base_only"):
+    for name in ("random_sae", "base_only", "null_pair", "random_sae_sparse"):
         c = r["controls"][name]
         assert _finite(c["heldout_kendall_tau"]) and c["difference_ci"][0] <= c["difference_ci"][1]
     ctrl = r["controls"]["shuffled_targets"]
     assert _finite(ctrl["heldout_kendall_tau"]) and _finite(ctrl["heldout_spearman"])
+    lo, hi = irm["heldout_spearman_ci"]
+    assert lo <= irm["heldout_spearman"] <= hi
+    names = {sp["name"] for sp in irm["spaces"]}
+    assert {"sae_codes", "sae_pre", "sae_codes_error", "raw_difference"} <= names
+    assert irm["space"] in names and irm["space"] != "raw_difference"
+    assert irm["sparse"]["k"] <= 32 and len(irm["sparse"]["features"]) == irm["sparse"]["k"]
+    assert _finite(irm["sparse"]["heldout_kendall_tau"])
+    assert _finite(irm["reference"]["model_implicit_reward"]["heldout_kendall_tau"])
+    assert _finite(r["paper_estimator"]["kendall_tau"]) and r["paper_estimator"]["n_examples"] > 100
+    fm = r["feature_matching"]
+    assert fm["n_shared"] + fm["n_base_only"] == fm["width"]
+    assert len(r["divergent_features"]) == 50
+    divs = [f["divergence"] for f in r["divergent_features"]]
+    assert divs == sorted(divs, reverse=True)
+    assert len(r["divergent_words"]) == 20
+    assert r["divergent_words"][0]["divergence"] > 0 > r["divergent_words"][-1]["divergence"]
 
 
 def test_rlhf_raised_reward_and_saes_reconstruct(micro_run):
@@ -84,7 +100,7 @@ def test_saes_load_with_saelens(micro_run):
     from sae_lens import SAE
 
     cfgs = list((micro_run / "saes").rglob("cfg.json"))
-    assert len(cfgs) == 6
+    assert len(cfgs) == 7  # base, rlhf, shared at 2 widths + the wide TopK
     for c in cfgs:
         sae = SAE.load_from_disk(str(c.parent))
         assert sae.cfg.d_in == 64
@@ -101,9 +117,8 @@ def test_rerun_skips_finished_stages(micro_run, capsys):
     before = (micro_run / "irm/metrics.json").read_text()
     assert main(["run", str(ROOT / "tests/micro.toml"), "--out", str(micro_run)]) == 0
     out = capsys.readouterr().out
-    assert (
-        "rlhf: outputs present, skipping" in out and "cache: complete and verified, skipping" in out
-    )
+    assert "rlhf: outputs present, skipping" in out and "null: outputs present, skipping" in out
+    assert "cache: complete and verified, skipping" in out
     assert (micro_run / "irm/metrics.json").read_text() == before
 
 
@@ -129,3 +144,15 @@ def test_verdict_requires_beating_every_control():
     weak = dict(strong, random_sae={"difference_ci": [-0.03, 0.05]})
     assert _verdict(irm, weak) == "No finding yet: the IRM does not beat the random sae control(s)."
     assert "shuffled targets" in _verdict({"heldout_kendall_tau": 0.03}, strong)
+
+
+def test_diff_and_irm_commands_on_a_finished_run(micro_run, capsys, tmp_path):
+    before = (micro_run / "irm/metrics.json").read_text()
+    assert main(["irm", str(micro_run)]) == 0  # outputs present: reported, not recomputed
+    out = capsys.readouterr().out
+    assert "held-out Kendall tau" in out and "control null_pair" in out
+    assert (micro_run / "irm/metrics.json").read_text() == before
+    assert main(["diff", str(micro_run)]) == 0
+    assert "paired dictionaries" in capsys.readouterr().out
+    assert main(["irm", str(tmp_path)]) == 2
+    assert "not an irmlens run folder" in capsys.readouterr().err

@@ -121,9 +121,10 @@ def capture_residuals(model, rows: TokenRows, layers: list[int], batch_size: int
 def _write_tokens(cache_dir: Path, rows: TokenRows) -> str:
     """Write the shared token rows; their sha256 ties every shard to these exact tokens."""
     path = cache_dir / "tokens.safetensors"
-    save_tensors_atomic(
-        path, {"tokens": rows.tokens, "valid": rows.valid.to(torch.uint8), "word_id": rows.word_id}
-    )
+    tensors = {"tokens": rows.tokens, "valid": rows.valid.to(torch.uint8), "word_id": rows.word_id}
+    if rows.in_word is not None:
+        tensors["in_word"] = rows.in_word.to(torch.uint8)
+    save_tensors_atomic(path, tensors)
     atomic_write_json(cache_dir / "words.json", rows.words)
     return sha256_file(path)
 

@@ -187,7 +187,8 @@ def load_token_rows(cache_dir: str | Path):
 
     t = load_file(str(Path(cache_dir) / "tokens.safetensors"))
     words = read_json(Path(cache_dir) / "words.json")
-    return TokenRows(t["tokens"], t["valid"].bool(), t["word_id"], words)
+    in_word = t["in_word"].bool() if "in_word" in t else None
+    return TokenRows(t["tokens"], t["valid"].bool(), t["word_id"], words, in_word)
 
 
 def write_progress(cache_dir: str | Path, progress: dict) -> None:

@@ -1,7 +1,8 @@
 """Turn held-out texts into fixed-length token rows, remembering which word each token ends.
 
 Each row starts with BOS; a position carries ``word_id >= 0`` only when its token is the last
-token of a whitespace-separated word (so the model has read the whole word there). BOS, padding
+token of a whitespace-separated word (so the model has read the whole word there) and no token of
+the word is the tokenizer's ``<unk>``. BOS, padding
 and word-internal tokens get -1. The word strings go to ``words``; reward models map them to
 utilities later, so the cache itself knows nothing about any reward.
 """
@@ -21,6 +22,9 @@ class TokenRows:
     valid: torch.Tensor  # [n_rows, n_ctx] bool: real (non-BOS, non-pad) positions
     word_id: torch.Tensor  # [n_rows, n_ctx] int64, -1 where no word ends
     words: list[str]
+    # [n_rows, n_ctx] bool: the token is part of a word (False for BOS, pad, punctuation); with
+    # word_id it delimits each word's tokens (a word's model-level log-ratio sums over them)
+    in_word: torch.Tensor | None = None
 
 
 def tokenize_rows(
@@ -31,7 +35,7 @@ def tokenize_rows(
     bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
     pad = bos if pad is None else pad
     vocab: dict[str, int] = {}
-    rows, words_rows = [], []
+    rows, words_rows, in_word_rows = [], [], []
     body = n_ctx - 1
     for text in texts:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -42,9 +46,14 @@ def tokenize_rows(
             for c in range(s, e):
                 char_word[c] = wi
         tok_word = [char_word[e - 1] if e > 0 else -1 for (_, e) in offsets]
-        ids_w = []
+        unk = getattr(tokenizer, "unk_token_id", None)
+        unreadable = {w for w, t in zip(tok_word, ids, strict=True) if unk is not None and t == unk}
+        ids_w, in_w = [], [w >= 0 for w in tok_word]
         for i, w in enumerate(tok_word):
-            is_last = w >= 0 and (i + 1 == len(tok_word) or tok_word[i + 1] != w)
+            # a word the model reads as <unk> ends nowhere: it cannot know that word's utility
+            is_last = (
+                w >= 0 and w not in unreadable and (i + 1 == len(tok_word) or tok_word[i + 1] != w)
+            )
             if is_last:
                 word = text[spans[w][0] : spans[w][1]].lower()
                 ids_w.append(vocab.setdefault(word, len(vocab)))
@@ -53,6 +62,7 @@ def tokenize_rows(
         for start in range(0, len(ids), body):
             rows.append([bos] + ids[start : start + body])
             words_rows.append([-1] + ids_w[start : start + body])
+            in_word_rows.append([False] + in_w[start : start + body])
             if max_rows is not None and len(rows) >= max_rows:
                 break
         if max_rows is not None and len(rows) >= max_rows:
@@ -61,11 +71,13 @@ def tokenize_rows(
     tokens = torch.full((n, n_ctx), pad, dtype=torch.long)
     valid = torch.zeros((n, n_ctx), dtype=torch.bool)
     word_id = torch.full((n, n_ctx), -1, dtype=torch.long)
-    for r, (ids, ws) in enumerate(zip(rows, words_rows, strict=True)):
+    in_word = torch.zeros((n, n_ctx), dtype=torch.bool)
+    for r, (ids, ws, iw) in enumerate(zip(rows, words_rows, in_word_rows, strict=True)):
         tokens[r, : len(ids)] = torch.tensor(ids)
         valid[r, 1 : len(ids)] = True
         word_id[r, : len(ws)] = torch.tensor(ws)
+        in_word[r, : len(iw)] = torch.tensor(iw)
     words = [None] * len(vocab)
     for w, i in vocab.items():
         words[i] = w
-    return TokenRows(tokens, valid, word_id, words)
+    return TokenRows(tokens, valid, word_id, words, in_word)

@@ -30,6 +30,11 @@ class IRMConfig:
     alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
     cv_folds: int = 5
     n_shuffles: int = 10  # permutations for the shuffled-target control
+    sparse_k: int = 32  # features of the sparse (readable) IRM
+    # feature space of the main IRM: "auto" picks, among the dictionary spaces, the one with the
+    # best cross-validated R^2 on the fit words (never the held-out words); or name one
+    space: str = "auto"
+    paper_contexts_per_word: int = 6  # the paper's contrastive estimator: contexts per word
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -212,25 +217,72 @@ def top_irm_features(
     split: Split,
     k: int = 20,
     n_words: int = 5,
+    features: list[int] | None = None,
 ) -> list[dict]:
-    """The ``k`` features with the largest standardised ridge weight, each with the words whose
-    mean feature difference is largest (a first handle on what the feature carries)."""
-    std_w = model.coef * x_fit.double().std(0, unbiased=False)
+    """IRM features with the words whose mean feature difference is largest (a first handle on
+    what each feature carries). ``features`` gives the ranking (e.g. the sparse IRM's selection
+    order), with ``model`` fitted on exactly those columns; otherwise the ``k`` largest
+    standardised weights of ``model`` over all columns."""
+    if features is None:
+        std_all = model.coef * x_fit.double().std(0, unbiased=False)
+        features = torch.argsort(std_all.abs(), descending=True)[:k].tolist()
+        weights = [float(model.coef[j]) for j in features]
+    else:
+        weights = [float(w) for w in model.coef[: len(features)]]
     x_all = torch.cat([x_fit, x_held])
     words_all = targets.word[torch.cat([split.fit_positions, split.heldout_positions])]
     out = []
-    for j in torch.argsort(std_w.abs(), descending=True)[:k].tolist():
+    for j, w in zip(features[:k], weights[:k], strict=False):
         col = x_all[:, j].double()
         means = word_means(col, words_all, min_count=2)
-        ranked = sorted(means, key=lambda w: means[w], reverse=True)[:n_words]
+        ranked = sorted(means, key=lambda v: means[v], reverse=True)[:n_words]
         out.append(
             {
                 "feature": j,
-                "weight": float(model.coef[j]),
-                "standardised_weight": float(std_w[j]),
+                "weight": w,
+                "standardised_weight": w * float(x_fit[:, j].double().std(unbiased=False)),
                 "mean_delta": float(col.mean()),
                 "fraction_changed": float((col != 0).double().mean()),
-                "top_words": [targets.words[w] for w in ranked],
+                "top_words": [targets.words[v] for v in ranked],
             }
         )
     return out
+
+
+def omp_select(x: torch.Tensor, y: torch.Tensor, k: int) -> list[int]:
+    """Orthogonal matching pursuit: ``k`` columns of ``x`` chosen greedily (returned in that order),
+    each the one most correlated with the residual of least squares on those already chosen.
+    Unlike ranking the weights of a full ridge, it does not split credit among correlated
+    features."""
+    xs = x.double() - x.double().mean(0)
+    xs = xs / xs.norm(dim=0).clamp_min(1e-12)
+    yc = y.double() - y.double().mean()
+    chosen: list[int] = []
+    residual = yc.clone()
+    for _ in range(min(k, x.shape[1])):
+        score = (xs.T @ residual).abs()
+        score[chosen] = -1.0
+        chosen.append(int(score.argmax()))
+        a = xs[:, chosen]
+        residual = yc - a @ torch.linalg.lstsq(a, yc[:, None]).solution[:, 0]
+    return chosen
+
+
+def sparse_irm(
+    x_fit: torch.Tensor,
+    x_held: torch.Tensor,
+    targets: PositionTargets,
+    split: Split,
+    cfg: IRMConfig,
+    k: int,
+    n_candidates: int | None = None,
+) -> tuple[IRMFit, list[int]]:
+    """An IRM a person can read: ``k`` features chosen by orthogonal matching pursuit on the fit
+    positions (among the first ``n_candidates`` columns, i.e. the dictionary features), then the
+    same ridge on those ``k`` alone, scored like every other IRM. Features come back in selection
+    order (the first explains the most), and the fit's coefficients follow that order."""
+    n_candidates = x_fit.shape[1] if n_candidates is None else n_candidates
+    y = _target_vector(targets, split.fit_positions, targets.utility)
+    chosen = omp_select(x_fit[:, :n_candidates], y, k)
+    fit = fit_and_score(x_fit[:, chosen], x_held[:, chosen], targets, split, cfg)
+    return fit, chosen

@@ -24,10 +24,16 @@ def bootstrap_tau_ci(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    statistic: str = "kendall",
 ) -> tuple[float, float]:
     """Percentile bootstrap CI over held-out words of Kendall tau(irm, true), or, with ``other``,
-    of tau(irm, true) - tau(other, true) on the same resampled words (a paired comparison)."""
-    from scipy.stats import kendalltau
+    of tau(irm, true) - tau(other, true) on the same resampled words (a paired comparison).
+    ``statistic="spearman"`` does the same for Spearman's rho."""
+    from scipy.stats import kendalltau, spearmanr
+
+    if statistic not in ("kendall", "spearman"):
+        raise ValueError(f"statistic {statistic!r}; choose kendall or spearman")
+    corr = kendalltau if statistic == "kendall" else spearmanr
 
     words = sorted(irm)
     a = np.array([irm[w] for w in words])
@@ -37,9 +43,9 @@ def bootstrap_tau_ci(
     stats = []
     for _ in range(n_boot):
         idx = rng.integers(0, len(words), len(words))
-        s = kendalltau(a[idx], t[idx]).statistic
+        s = corr(a[idx], t[idx]).statistic
         if b is not None:
-            s -= kendalltau(b[idx], t[idx]).statistic
+            s -= corr(b[idx], t[idx]).statistic
         stats.append(s)
     lo, hi = np.nanpercentile(stats, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(lo), float(hi)

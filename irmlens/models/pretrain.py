@@ -1,4 +1,5 @@
-"""Pretrain the embedded default model: a tiny GPT-2 with a BPE tokenizer, on the movie reviews.
+"""Pretrain the embedded default model: a tiny GPT-2 with a word-level (or BPE) tokenizer, on the
+movie reviews.
 
 No pretrained weights exist offline, so irmlens trains its own small "before" model in a few
 minutes on a CPU. The result is an ordinary HF folder (``save_pretrained``) in the cache.
@@ -21,17 +22,23 @@ from irmlens.io import atomic_dir, atomic_write_json, read_json
 
 BOS = "<|endoftext|>"
 PAD = "<|pad|>"
+UNK = "<|unk|>"
+TOKENIZERS = ("bpe", "word")
 # Part of the cache key of pretrained tiny models: bump when the tokenizer or model recipe changes.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 
 @dataclass
 class PretrainConfig:
-    """Defaults are the embedded default model (experiments/configs/tiny.toml): ~2.5 minutes on 2
+    """Defaults are the embedded default model (experiments/configs/tiny.toml): ~3.7 minutes on 2
     CPU cores. Training stops at ``max_steps`` (reproducible); ``time_budget_s`` only caps it on
     slower machines."""
 
-    vocab_size: int = 2048
+    vocab_size: int = 4096
+    # "bpe" (byte-level BPE) or "word" (one token per whitespace-separated word, unknown words ->
+    # <|unk|>): with word tokens every lexicon word in the vocabulary is one token, so the policy
+    # can learn a utility per word and the IRM is scored on the unit the RM scores.
+    tokenizer: str = "word"
     n_layer: int = 4
     d_model: int = 128
     n_head: int = 4
@@ -40,7 +47,7 @@ class PretrainConfig:
     lr: float = 2e-3
     warmup_steps: int = 50
     max_steps: int = 650
-    time_budget_s: float = 225.0
+    time_budget_s: float = 450.0
     seed: int = 0
 
     def fingerprint(self, data_id: str) -> str:
@@ -49,32 +56,55 @@ class PretrainConfig:
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    def __post_init__(self) -> None:
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(
+                f"pretrain.tokenizer {self.tokenizer!r}; choose one of {sorted(TOKENIZERS)}"
+            )
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE trained with ``tokenizers``; every encoding starts with BOS.
 
+def train_tokenizer(texts: list[str], vocab_size: int, kind: str = "bpe"):
+    """A ``tokenizers`` tokenizer trained on ``texts``; every encoding starts with BOS.
+
+    ``kind="bpe"``: byte-level BPE. ``kind="word"``: the ``vocab_size`` most frequent
+    whitespace-separated words (the reviews are lower-cased with punctuation split off), others
+    ``<|unk|>``; decoding joins tokens with spaces.
     Padding has its own token: trl's PPO tells padding from text by the pad id, so a pad equal to
     BOS would mask every prompt's first token.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS, PAD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    if kind == "word":
+        tok = Tokenizer(models.WordLevel(unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.decoder = decoders.WordPiece(prefix="\x00", cleanup=False)  # join with spaces
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=vocab_size, special_tokens=[BOS, PAD, UNK], show_progress=False
+        )
+    elif kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[BOS, PAD],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    else:
+        raise ValueError(f"tokenizer kind {kind!r}; choose one of {sorted(TOKENIZERS)}")
     tok.train_from_iterator(texts, trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=PAD, unk_token=None
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=BOS,
+        pad_token=PAD,
+        unk_token=UNK if kind == "word" else None,
     )
     fast.model_max_length = 1 << 20
     return fast
@@ -135,7 +165,7 @@ def pretrain_tiny_lm(
 
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    tokenizer = train_tokenizer([r.text for r in train], cfg.vocab_size)
+    tokenizer = train_tokenizer([r.text for r in train], cfg.vocab_size, cfg.tokenizer)
     train_chunks = _chunks(_token_stream(tokenizer, [r.text for r in train]), cfg.n_ctx)
     val_chunks = _chunks(_token_stream(tokenizer, [r.text for r in validation]), cfg.n_ctx)
     config = GPT2Config(

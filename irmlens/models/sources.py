@@ -83,8 +83,8 @@ def ensure_smollm2(log=print) -> Path:
     return out
 
 
-def resolve_base_model(name: str, log=print) -> Path:
-    """A local HF folder for ``model.base`` (everything but ``"tiny"``)."""
+def resolve_base_model(name: str, log=print, key: str = "model.base") -> Path:
+    """A local HF folder for ``model.base`` (everything but ``"tiny"``), or another model key."""
     if name == "smollm2":
         return ensure_smollm2(log)
     path = Path(name).expanduser()
@@ -92,18 +92,18 @@ def resolve_base_model(name: str, log=print) -> Path:
         return path
     if path.exists() or name.startswith((".", "/", "~")):
         raise ConfigError(
-            f"model.base = {name!r} is not an HF model folder (no config.json). Use 'tiny', "
+            f"{key} = {name!r} is not an HF model folder (no config.json). Use 'tiny', "
             "'smollm2', a folder written by save_pretrained, or a hub name when online."
         )
-    return _from_hub(name)
+    return _from_hub(name, key)
 
 
-def _from_hub(name: str) -> Path:
+def _from_hub(name: str, key: str = "model.base") -> Path:
     import os
 
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ConfigError(
-            f"model.base = {name!r} looks like a hub name, but HF_HUB_OFFLINE=1 (irmlens's default). "
+            f"{key} = {name!r} looks like a hub name, but HF_HUB_OFFLINE=1 (irmlens's default). "
             "Run with HF_HUB_OFFLINE=0 and network access to download it, or use 'tiny' / 'smollm2' "
             "/ a local folder."
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from irmlens.io import atomic_write_json, atomic_write_text, read_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _model_info(model_dir: Path, name: str) -> dict:
@@ -30,9 +30,36 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def collect_report(run_dir: Path, cfg, base_dir: Path) -> dict:
-    rlhf = read_json(run_dir / "rlhf" / "summary.json")
+IRM_KEYS = (
+    "layer",
+    "layers",
+    "space",
+    "space_selection",
+    "n_fit_words",
+    "n_heldout_words",
+    "heldout_kendall_tau",
+    "heldout_kendall_tau_ci",
+    "heldout_spearman",
+    "heldout_spearman_ci",
+    "cv_r2",
+    "reference",
+    "signal_retention",
+    "alpha",
+    "sae",
+    "features",
+    "split_seed",
+    "spaces",
+    "sparse",
+    "top_features",
+    "heldout_points",
+)
+
+
+def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
+    summary_path = run_dir / "rlhf" / "summary.json"
+    rlhf = read_json(summary_path) if summary_path.exists() else None  # None: a given pair
     layers = read_json(run_dir / "diff" / "layers.json")
+    features = read_json(run_dir / "diff" / "features.json")
     saes = sorted(
         (read_json(p) for p in (run_dir / "saes").rglob("metrics.json")),
         key=lambda s: (s["layer"], s["width"], s["model"]),
@@ -43,30 +70,37 @@ def collect_report(run_dir: Path, cfg, base_dir: Path) -> dict:
         if cfg.model.base == "tiny"
         else str(cfg.model.base)
     )
+    models = {"base": _model_info(dirs["base"], base_name)}
+    models["rlhf"] = _model_info(
+        dirs["rlhf"], f"{base_name} + {rlhf['algorithm']}" if rlhf else str(cfg.model.rlhf)
+    )
+    if "null" in dirs:
+        null_summary = run_dir / "rlhf-null" / "summary.json"
+        how = (
+            f"{base_name} + {cfg.rlhf.algorithm} against the {cfg.null.reward} reward"
+            if null_summary.exists()
+            else str(cfg.model.null)
+        )
+        models["null"] = _model_info(dirs["null"], how)
+    rlhf_keys = (
+        "algorithm",
+        "steps",
+        "reward_before",
+        "reward_after",
+        "kl",
+        "samples",
+        "trained_against",
+        "hacking_signals",
+    )
     return {
         "schema_version": SCHEMA_VERSION,
         "name": cfg.name,
-        "models": {
-            "base": _model_info(base_dir, base_name),
-            "rlhf": _model_info(run_dir / "models" / "rlhf", f"{base_name} + {rlhf['algorithm']}"),
-        },
+        "models": models,
         "reward_model": {
-            "name": rlhf["reward_model"],
+            "name": rlhf["reward_model"] if rlhf else str(cfg.data.lexicon),
             "formula": "clip(sum of word utilities / 5, -10, 10)",
         },
-        "rlhf": {
-            k: rlhf[k]
-            for k in (
-                "algorithm",
-                "steps",
-                "reward_before",
-                "reward_after",
-                "kl",
-                "samples",
-                "trained_against",
-                "hacking_signals",
-            )
-        },
+        "rlhf": {k: rlhf[k] for k in rlhf_keys} if rlhf else None,
         "layers": [
             {k: d[k] for k in ("layer", "divergence", "relative_divergence")}
             for d in layers["layers"]
@@ -77,7 +111,7 @@ def collect_report(run_dir: Path, cfg, base_dir: Path) -> dict:
         else [],
         "saes": [
             {
-                k: s[k]
+                k: s.get(k)
                 for k in (
                     "model",
                     "layer",
@@ -92,27 +126,24 @@ def collect_report(run_dir: Path, cfg, base_dir: Path) -> dict:
             }
             for s in saes
         ],
-        "irm": {
-            k: irm[k]
+        "feature_matching": features["feature_matching"],
+        "feature_divergence": {
+            k: features[k]
             for k in (
                 "layer",
-                "n_fit_words",
-                "n_heldout_words",
-                "heldout_kendall_tau",
-                "heldout_kendall_tau_ci",
-                "heldout_spearman",
-                "cv_r2",
-                "reference",
-                "signal_retention",
-                "alpha",
                 "sae",
-                "features",
-                "split_seed",
-                "top_features",
-                "heldout_points",
+                "threshold",
+                "score",
+                "n_features",
+                "n_divergent",
+                "n_divergent_null",
             )
         },
+        "divergent_features": features["divergent_features"],
+        "divergent_words": irm["divergent_words"],
+        "irm": {k: irm[k] for k in IRM_KEYS},
         "controls": irm["controls"],
+        "paper_estimator": irm["paper_estimator"],
     }
 
 
@@ -139,7 +170,7 @@ def _verdict(irm: dict, controls: dict) -> str:
     margin = irm["heldout_kendall_tau"] - shuffled["heldout_kendall_tau"]
     if not (margin > 0 and margin > 2 * shuffled.get("heldout_kendall_tau_std", 0.0)):
         failed.append("shuffled targets")
-    for name in ("random_sae", "base_only"):
+    for name in ("random_sae", "base_only", "null_pair"):
         if name in controls and controls[name]["difference_ci"][0] <= 0:
             failed.append(name.replace("_", " "))
     if failed:
@@ -149,7 +180,7 @@ def _verdict(irm: dict, controls: dict) -> str:
 
 def _controls_text(controls: dict) -> str:
     parts = []
-    for name in ("random_sae", "base_only"):
+    for name in ("random_sae", "base_only", "null_pair", "random_sae_sparse"):
         c = controls.get(name)
         if c:
             lo, hi = c["difference_ci"]
@@ -172,7 +203,11 @@ def render_html(report: dict, metrics: list[dict]) -> str:
     r, irm, ctrl = report["rlhf"], report["irm"], report["controls"]["shuffled_targets"]
     figs = [
         ("Layer divergence", layer_divergence_figure(report["layers"], report["studied_layers"])),
-        ("RLHF", reward_curve_figure(metrics, r["reward_before"], r["reward_after"])),
+        *(
+            [("RLHF", reward_curve_figure(metrics, r["reward_before"], r["reward_after"]))]
+            if r
+            else []
+        ),
         ("SAE quality", sae_quality_figure(report["saes"])),
         (
             "Implicit reward model vs the reward model",
@@ -197,24 +232,70 @@ def render_html(report: dict, metrics: list[dict]) -> str:
         )
     samples = "".join(
         f"<tr><td>{html.escape(s['prompt'])}</td><td>{html.escape(s['before'])}</td><td>{html.escape(s['after'])}</td></tr>"
-        for s in r["samples"]
+        for s in (r["samples"] if r else [])
     )
     m = report["models"]
-    hs = r["hacking_signals"]
+    if r:
+        hs = r["hacking_signals"]
+        rlhf_rows = f"""<tr><th>RLHF</th><td>{html.escape(r["algorithm"])}, {r["steps"]} steps against {html.escape(r["trained_against"])}: mean reward ({html.escape(report["reward_model"]["name"])}) {r["reward_before"]:.3f} &rarr; {r["reward_after"]:.3f}, KL {r["kl"]:.2f} nats/completion</td></tr>
+<tr><th>reward-hacking signals</th><td>repetition rate {hs["repetition_rate_before"]:.3f} &rarr; {hs["repetition_rate_after"]:.3f}; fraction of lexicon words {hs["lexicon_fraction_before"]:.3f} &rarr; {hs["lexicon_fraction_after"]:.3f}</td></tr>"""
+    else:
+        rlhf_rows = (
+            f"""<tr><th>RLHF model</th><td>given: {html.escape(m["rlhf"]["name"])}</td></tr>"""
+        )
+    fd, fm = report["feature_divergence"], report["feature_matching"]
+    ref = irm["reference"]
+    sp = irm["sparse"]
+    paper = report["paper_estimator"]
     summary = f"""
 <table class="kv">
 <tr><th>base model</th><td>{html.escape(m["base"]["name"])} ({m["base"]["n_layers"]} layers, d_model {m["base"]["d_model"]})</td></tr>
-<tr><th>RLHF</th><td>{html.escape(r["algorithm"])}, {r["steps"]} steps against {html.escape(r["trained_against"])}: mean reward ({html.escape(report["reward_model"]["name"])}) {r["reward_before"]:.3f} &rarr; {r["reward_after"]:.3f}, KL {r["kl"]:.2f} nats/completion</td></tr>
-<tr><th>reward-hacking signals</th><td>repetition rate {hs["repetition_rate_before"]:.3f} &rarr; {hs["repetition_rate_after"]:.3f}; fraction of lexicon words {hs["lexicon_fraction_before"]:.3f} &rarr; {hs["lexicon_fraction_after"]:.3f}</td></tr>
+{rlhf_rows}
+<tr><th>null model</th><td>{html.escape(m["null"]["name"]) if "null" in m else "none"}</td></tr>
+<tr><th>divergent features</th><td>{fd["n_divergent"]} of {fd["n_features"]} shared-SAE features (layer {fd["layer"]}) above divergence {fd["threshold"]}{"" if fd["n_divergent_null"] is None else f"; null pair: {fd['n_divergent_null']}"}</td></tr>
+<tr><th>paired dictionaries (width {fm["width"]})</th><td>{fm["n_shared"]} shared, {fm["n_base_only"]} base-only, {fm["n_rlhf_only"]} RLHF-only at decoder cosine &ge; {fm["threshold"]}; median matched cosine {fm["cosine_quantiles"]["p50"]:.2f}</td></tr>
 <tr><th>studied layers</th><td>{report["studied_layers"]}</td></tr>
-<tr><th>IRM</th><td>layer {irm["layer"]}, {html.escape(irm["features"])} ({irm["sae"]["model"]} SAE, width {irm["sae"]["width"]}); {irm["n_fit_words"]} fit words, {irm["n_heldout_words"]} held-out words</td></tr>
+<tr><th>IRM</th><td>layer {irm["layer"]}, space <b>{html.escape(irm["space"])}</b> ({html.escape(irm["space_selection"])}): {html.escape(irm["features"])}; {irm["n_fit_words"]} fit words, {irm["n_heldout_words"]} held-out words</td></tr>
 <tr><th>held-out Kendall τ / Spearman ρ</th><td>{irm["heldout_kendall_tau"]:.3f} / {irm["heldout_spearman"]:.3f} (CV R² {irm["cv_r2"]:.3f})</td></tr>
 <tr><th>verdict</th><td><b>{html.escape(_verdict(irm, report["controls"]))}</b></td></tr>
 <tr><th>95% CI of τ (bootstrap over held-out words)</th><td>[{irm["heldout_kendall_tau_ci"][0]:.3f}, {irm["heldout_kendall_tau_ci"][1]:.3f}]</td></tr>
-<tr><th>reference: ridge on raw activation differences</th><td>τ {irm["reference"]["raw_difference"]["heldout_kendall_tau"]:.3f}; signal retention of the SAE IRM {_fmt(irm["signal_retention"])}</td></tr>
+<tr><th>reference: ridge on raw activation differences</th><td>τ {ref["raw_difference"]["heldout_kendall_tau"]:.3f}; signal retention of the IRM {_fmt(irm["signal_retention"])}</td></tr>
+<tr><th>reference: model-level implicit reward</th><td>τ {ref["model_implicit_reward"]["heldout_kendall_tau"]:.3f} (&beta; log &pi;<sub>RLHF</sub>/&pi;<sub>base</sub> per word: what the policy itself learned)</td></tr>
+<tr><th>sparse IRM ({sp["k"]} features)</th><td>τ {sp["heldout_kendall_tau"]:.3f} [{sp["heldout_kendall_tau_ci"][0]:.3f}, {sp["heldout_kendall_tau_ci"][1]:.3f}], retention {_fmt(sp["signal_retention"])}; same selection on a random SAE {report["controls"]["random_sae_sparse"]["heldout_kendall_tau"]:.3f}</td></tr>
+<tr><th>the paper's estimator</th><td>τ {paper["kendall_tau"]:.3f} on {paper["n_heldout_words"]} held-out words ({paper["n_examples"]} contrastive examples)</td></tr>
 <tr><th>controls (τ; 95% CI of IRM τ minus control τ)</th><td>{_controls_text(report["controls"])}</td></tr>
 <tr><th>shuffled-target control τ / ρ</th><td>{ctrl["heldout_kendall_tau"]:.3f} / {ctrl["heldout_spearman"]:.3f} ± {ctrl.get("heldout_kendall_tau_std", 0.0):.3f} over {ctrl.get("n_shuffles", 1)} permutations &mdash; the IRM {verdict}</td></tr>
 </table>"""
+    space_rows = "".join(
+        f"<tr><td>{html.escape(x['name'])}</td><td>{html.escape(x['description'])}</td><td>{x['n_features']}</td>"
+        f"<td>{x['heldout_kendall_tau']:.3f} [{x['heldout_kendall_tau_ci'][0]:.3f}, {x['heldout_kendall_tau_ci'][1]:.3f}]</td>"
+        f"<td>{x['cv_r2']:.4f}</td><td>{_fmt(x['signal_retention'])}</td></tr>"
+        for x in irm["spaces"]
+    )
+    spaces_html = (
+        "<h2>IRM feature spaces (same split, same ridge)</h2><table><tr><th>space</th><th>features</th>"
+        "<th>dims</th><th>held-out τ [95% CI]</th><th>CV R² (fit words)</th><th>retention</th></tr>"
+        f"{space_rows}</table>"
+    )
+    word_rows = "".join(
+        f"<tr><td>{html.escape(w['word'])}</td><td>{w['true']:.2f}</td><td>{w['irm']:.3f}</td><td>{w['divergence']:+.2f}</td></tr>"
+        for w in report["divergent_words"]
+    )
+    words_html = (
+        "<h2>Most over- and under-valued held-out words</h2><p>divergence = standardised IRM "
+        "minus standardised true utility</p><table><tr><th>word</th><th>true</th><th>IRM</th>"
+        f"<th>divergence</th></tr>{word_rows}</table>"
+    )
+    feat_rows = "".join(
+        f"<tr><td>{f['feature']}</td><td>{f['divergence']:.2f}</td><td>{f['frequency_base']:.3f} &rarr; {f['frequency_rlhf']:.3f}</td>"
+        f"<td>{f['mean_change']:+.3f}</td><td>{html.escape(', '.join(f['top_words_increase']))}</td></tr>"
+        for f in report["divergent_features"][:20]
+    )
+    feats_html = (
+        "<h2>Most divergent shared-SAE features</h2><table><tr><th>feature</th><th>divergence</th>"
+        "<th>firing frequency base &rarr; RLHF</th><th>mean change</th><th>words where it rises most</th>"
+        f"</tr>{feat_rows}</table>"
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>irmlens report: {html.escape(report["name"])}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
@@ -224,6 +305,9 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 <p>What did RLHF teach the model, and how far is that implicit reward model (IRM) from the reward model it was trained on?</p>
 {summary}
 {"".join(parts)}
+{spaces_html}
+{words_html}
+{feats_html}
 <h2>Samples before and after RLHF (same prompts, same seed)</h2>
 <table><tr><th>prompt</th><th>base</th><th>RLHF</th></tr>{samples}</table>
 <p><small>report schema v{report["schema_version"]}; generated by irmlens. All data is in report.json beside this page.</small></p>
@@ -231,9 +315,9 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 """
 
 
-def build_report(run_dir: str | Path, cfg, base_dir: str | Path) -> Path:
+def build_report(run_dir: str | Path, cfg, dirs: dict[str, Path]) -> Path:
     run_dir = Path(run_dir)
-    report = collect_report(run_dir, cfg, Path(base_dir))
+    report = collect_report(run_dir, cfg, {k: Path(v) for k, v in dirs.items()})
     _check_finite(report)
     out = run_dir / "report"
     atomic_write_json(out / "report.json", report)

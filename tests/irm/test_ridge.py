@@ -27,3 +27,20 @@ def test_grouped_cv_picks_regularisation_and_keeps_groups_together():
     alpha, cv_r2, scores = ridge_cv(x, y, groups, [0.01, 1.0, 1e4])
     assert alpha == 1e4 and cv_r2 < 0.02
     assert scores[0.01] < scores[1e4]
+
+
+def test_sparse_ridge_matches_dense_closed_form():
+    import numpy as np
+    import scipy.sparse as sp
+
+    from irmlens.irm.ridge import fit_ridge, fit_ridge_sparse
+
+    rng = np.random.default_rng(0)
+    dense = rng.exponential(1.0, (3000, 200)) * (rng.random((3000, 200)) < 0.05)
+    w = rng.normal(size=200)
+    y = torch.from_numpy(dense @ w + 0.1 * rng.normal(size=3000))
+    ref = fit_ridge(torch.from_numpy(dense), y, alpha=3.0)
+    got, iters = fit_ridge_sparse(sp.csr_matrix(dense), y, alpha=3.0)
+    assert torch.allclose(got.coef, ref.coef, rtol=1e-5, atol=1e-6)
+    assert abs(got.intercept - ref.intercept) < 1e-6
+    assert 0 < iters < 2000

@@ -1,0 +1,154 @@
+"""``Study.load(run_dir)``: a finished run as pandas DataFrames, for notebooks.
+
+Reads only files the pipeline wrote (report.json, diff/features.csv, irm/word_utilities.csv,
+irm/word_attribution.json, SAE metrics); loads no model. SAEs load on demand via ``sae(...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from irmlens.errors import IrmlensError
+from irmlens.io import read_json
+
+
+@dataclass
+class Study:
+    run_dir: Path
+    report: dict  # report.json, as written
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Study:
+        run_dir = Path(run_dir)
+        path = run_dir / "report" / "report.json"
+        if not path.exists():
+            raise IrmlensError(
+                f"{run_dir} has no report/report.json: finish the run first "
+                f"(`irmlens run CONFIG --out {run_dir}`)"
+            )
+        return cls(run_dir, read_json(path))
+
+    # ------------------------------------------------------------------ tables
+
+    @property
+    def features(self):
+        """Every shared-SAE feature of the IRM layer: divergence, means, firing frequencies, the
+        IRM weight where the IRM is over that dictionary's codes or pre-activations, and the
+        matched partner's decoder cosine (paired dictionaries)."""
+        import pandas as pd
+
+        df = pd.read_csv(self.run_dir / "diff" / "features.csv")
+        coef = self.irm_coefficients()
+        if self.report["irm"]["space"] in ("sae_codes", "sae_pre", "sae_codes_error"):
+            df["irm_weight"] = coef[: len(df)].numpy()
+        matching = read_json(self.run_dir / "diff" / "matching.json")
+        df["matched_rlhf_feature"] = matching["partner"]
+        df["matched_cosine"] = matching["cosine"]
+        df["matching_tag"] = matching["tag_base"]
+        return df.sort_values("divergence", ascending=False).reset_index(drop=True)
+
+    @property
+    def words(self):
+        """Every lexicon word in the cached text: split (fit/held-out), true utility, IRM utility,
+        model-level implicit reward, number of positions."""
+        import pandas as pd
+
+        return pd.read_csv(self.run_dir / "irm" / "word_utilities.csv")
+
+    @property
+    def word_attribution(self):
+        """Held-out words with their divergence and top contributing features (long format)."""
+        import pandas as pd
+
+        rows = []
+        for w in read_json(self.run_dir / "irm" / "word_attribution.json"):
+            for rank, f in enumerate(w["top_features"]):
+                rows.append(
+                    {
+                        "word": w["word"],
+                        "true": w["true"],
+                        "irm": w["irm"],
+                        "divergence": w["divergence"],
+                        "rank": rank,
+                        "feature": f["feature"],
+                        "contribution": f["contribution"],
+                    }
+                )
+        return pd.DataFrame(rows)
+
+    @property
+    def saes(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.report["saes"])
+
+    @property
+    def spaces(self):
+        """The IRM in every feature space on the same split."""
+        import pandas as pd
+
+        return pd.DataFrame(self.report["irm"]["spaces"])
+
+    @property
+    def controls(self):
+        """The main IRM, its references and its controls, one row each."""
+        import pandas as pd
+
+        irm = self.report["irm"]
+        rows = [
+            {
+                "name": f"IRM ({irm['space']})",
+                "kind": "main",
+                "heldout_kendall_tau": irm["heldout_kendall_tau"],
+            }
+        ]
+        for name, r in irm["reference"].items():
+            rows.append({"name": name, "kind": "reference", **_scalars(r)})
+        for name, r in self.report["controls"].items():
+            rows.append({"name": name, "kind": "control", **_scalars(r)})
+        rows.append(
+            {
+                "name": "paper_estimator",
+                "kind": "reproduction",
+                "heldout_kendall_tau": self.report["paper_estimator"]["kendall_tau"],
+            }
+        )
+        return pd.DataFrame(rows)
+
+    @property
+    def metrics(self) -> dict:
+        """Headline numbers as a flat dict."""
+        irm = self.report["irm"]
+        out = {
+            "heldout_kendall_tau": irm["heldout_kendall_tau"],
+            "heldout_kendall_tau_ci": irm["heldout_kendall_tau_ci"],
+            "signal_retention": irm["signal_retention"],
+            "sparse_heldout_kendall_tau": irm["sparse"]["heldout_kendall_tau"],
+            "paper_estimator_kendall_tau": self.report["paper_estimator"]["kendall_tau"],
+        }
+        if self.report["rlhf"]:
+            out |= {k: self.report["rlhf"][k] for k in ("reward_before", "reward_after", "kl")}
+        return out
+
+    # ------------------------------------------------------------------ objects
+
+    def irm_coefficients(self):
+        from safetensors.torch import load_file
+
+        return load_file(str(self.run_dir / "irm" / "coefficients.safetensors"))["coef"]
+
+    def sae(self, model: str = "shared", layer: int | None = None, width: int | None = None):
+        """A saved SAE (sae-lens ``SAE``); defaults: the IRM's layer and width."""
+        from sae_training.train import load_sae
+
+        irm = self.report["irm"]
+        layer = irm["layer"] if layer is None else layer
+        width = irm["sae"]["width"] if width is None else width
+        return load_sae(
+            self.run_dir / "saes" / model / f"blocks.{layer}.hook_resid_post" / str(width)
+        )
+
+
+def _scalars(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str)) or v is None}
