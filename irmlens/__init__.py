@@ -9,9 +9,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``irmlens.Study`` without importing pandas at ``import irmlens``."""
+    """``irmlens.Study`` and ``irmlens.explore`` without importing pandas at ``import irmlens``."""
     if name == "Study":
         from irmlens.study import Study
 
         return Study
+    if name == "explore":
+        from irmlens.viz.explorer import explore
+
+        return explore
     raise AttributeError(f"module 'irmlens' has no attribute {name!r}")

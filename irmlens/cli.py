@@ -1,4 +1,4 @@
-"""The ``irmlens`` command line: data fetch, pretrain, rlhf, run."""
+"""The ``irmlens`` command line: data fetch, pretrain, rlhf, cache, run, diff, irm, report."""
 
 from __future__ import annotations
 
@@ -164,6 +164,32 @@ def cmd_irm(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from irmlens.config import load_config
+    from irmlens.io import read_json
+    from irmlens.report.build import FORMATS, collect_report, write_report
+
+    run_dir = Path(args.run_dir)
+    dirs_file = run_dir / "models" / "dirs.json"
+    if not (run_dir / "irm" / "metrics.json").exists() or not dirs_file.exists():
+        raise ConfigError(
+            f"{run_dir} is not a finished irmlens run (no irm/metrics.json or models/dirs.json); "
+            f"run `irmlens run CONFIG --out {run_dir}` first"
+        )
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ConfigError(f"unknown --format {unknown}; choose from {','.join(FORMATS)}")
+    cfg = load_config(run_dir / "config.toml")
+    dirs = {k: Path(v) for k, v in read_json(dirs_file).items()}
+    write_report(run_dir, collect_report(run_dir, cfg, dirs), formats)
+    names = {"html": "index.html", "json": "report.json", "md": "summary.md"}
+    for f in formats:
+        for name in ["features.csv", "words.csv"] if f == "csv" else [names[f]]:
+            print((run_dir / "report" / name).resolve())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="irmlens", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -199,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("run_dir", help="a run folder written by `irmlens run`")
         c.add_argument("--force", action="store_true", help="recompute even if outputs exist")
         c.set_defaults(func=func)
+    rep = sub.add_parser("report", help="write a finished run's report in the given formats")
+    rep.add_argument("run_dir", help="a run folder written by `irmlens run`")
+    rep.add_argument(
+        "--format", default="html,json,md,csv", help="comma-separated: html,json,md,csv"
+    )
+    rep.set_defaults(func=cmd_report)
     run = sub.add_parser("run", help="run a whole study from a TOML config")
     run.add_argument("config")
     run.add_argument("--out", help="run folder (default runs/<name>)")

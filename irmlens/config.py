@@ -56,6 +56,7 @@ class DiffConfig:
     min_frequency: float = 1e-3  # features firing less often in both models are not scored
     matching_threshold: float = 0.7  # decoder cosine of a matched pair to call it shared
     top_n: int = 50  # divergent features listed in report.json
+    n_cards: int = 24  # feature cards in the report (most divergent + the sparse IRM's features)
 
 
 @dataclass

@@ -366,16 +366,35 @@ def _word_means_of(
     return [words[w] for w in sorted(means, key=lambda w: -means[w])[:top]]
 
 
-def stage_diff(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int) -> dict:
+def stage_diff(
+    cfg: StudyConfig, paths: RunPaths, layers: list[int], layer: int, d_model: int
+) -> dict:
     """Per-feature divergence through the widest shared SAE (base vs rlhf, and base vs null), and
-    Hungarian matching of the base and rlhf dictionaries of the same width."""
+    Hungarian matching of the base and rlhf dictionaries of the same width, for every studied
+    layer (``diff/features_layer{L}.csv``, ``diff/matching_layer{L}.json``); the IRM layer's are
+    also ``features.csv`` / ``matching.json`` / ``features.json``."""
+    out = paths.diff / "features.json"
+    if out.exists():
+        return read_json(out)
+    per_layer = {la: _diff_layer(cfg, paths, la, d_model) for la in sorted(layers)}
+    for name in ("features_layer{}.csv", "matching_layer{}.json"):
+        src = paths.diff / name.format(layer)
+        atomic_write_text(paths.diff / name.format("").replace("_layer", ""), src.read_text())
+    result = per_layer[layer] | {
+        "layers": [
+            {k: r[k] for k in ("layer", "n_features", "n_divergent", "n_divergent_null")}
+            for r in per_layer.values()
+        ]
+    }
+    atomic_write_json(out, result)
+    return result
+
+
+def _diff_layer(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int) -> dict:
     from irmlens.cache.store import hook_name, load_activations, load_manifest, load_token_rows
     from irmlens.diff.features import FeatureCodes, feature_divergence, match_dictionaries
     from sae_training.train import encode_batched, load_sae
 
-    out = paths.diff / "features.json"
-    if out.exists():
-        return read_json(out)
     hook = hook_name(layer)
     width = max(int(m * d_model) for m in cfg.sae.width_multipliers)
     sae = load_sae(paths.sae_dir("shared", hook, width))
@@ -419,7 +438,7 @@ def stage_diff(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int) -> d
     writer = csv.DictWriter(buf, fieldnames=list(table[0]))
     writer.writeheader()
     writer.writerows(table)
-    atomic_write_text(paths.diff / "features.csv", buf.getvalue())
+    atomic_write_text(paths.diff / f"features_layer{layer}.csv", buf.getvalue())
     n_div = int((div["divergence"] > d.threshold).sum())
     n_null = int((null_div["divergence"] > d.threshold).sum()) if null_div else None
     result = {
@@ -439,16 +458,15 @@ def stage_diff(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int) -> d
         "divergent_features": divergent,
     }
     atomic_write_json(
-        paths.diff / "matching.json",
+        paths.diff / f"matching_layer{layer}.json",
         {
             "partner": matching["partner"].tolist(),
             "cosine": [None if c != c else c for c in matching["cosine"].tolist()],
             "tag_base": matching["tag_base"],
         },
     )
-    atomic_write_json(out, result)
     _log(
-        f"diff: {n_div} of {sae.cfg.d_sae} shared-SAE features above divergence {d.threshold}"
+        f"diff L{layer}: {n_div} of {sae.cfg.d_sae} shared-SAE features above divergence {d.threshold}"
         + (f" (null pair: {n_null})" if n_null is not None else "")
         + f"; paired dictionaries: {matching['n_shared']} shared, {matching['n_base_only']} "
         f"base-only, {matching['n_rlhf_only']} rlhf-only (cosine >= {d.matching_threshold})"
@@ -860,6 +878,74 @@ def stage_irm(
     return result
 
 
+def stage_cards(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, pair) -> list[dict]:
+    """Feature cards for the most divergent shared-SAE features and the sparse IRM's features."""
+    from safetensors.torch import load_file
+
+    from irmlens.cache.store import hook_name, load_activations, load_token_rows
+    from irmlens.diff.cards import activation_histograms, logit_effects, top_contexts
+    from irmlens.irm.fit import irm_feature_weights
+    from sae_training.train import encode_batched, load_sae
+
+    out = paths.diff / "cards.json"
+    if out.exists():
+        return read_json(out)
+    hook = hook_name(layer)
+    width = max(int(m * d_model) for m in cfg.sae.width_multipliers)
+    sae = load_sae(paths.sae_dir("shared", hook, width))
+    features = read_json(paths.diff / "features.json")
+    irm = read_json(paths.irm / "metrics.json")
+    coef = load_file(str(paths.irm / "coefficients.safetensors"))["coef"]
+    weights = irm_feature_weights(irm, coef, sae.cfg.d_sae)
+    matching = read_json(paths.diff / "matching.json")
+    table = {f["feature"]: f for f in features["divergent_features"]}
+    chosen = [f["feature"] for f in features["divergent_features"]][: cfg.diff.n_cards]
+    sparse = []
+    if irm["space"] in ("sae_codes", "sae_pre", "sae_codes_error", "multi_layer_pre"):
+        multi = irm["space"] == "multi_layer_pre"
+        offset = irm["layers"].index(irm["layer"]) * sae.cfg.d_sae if multi else 0
+        sparse = [f - offset for f in irm["sparse"]["features"] if 0 <= f - offset < sae.cfg.d_sae]
+    chosen += [f for f in sparse if f not in chosen]
+    codes = {
+        m: encode_batched(sae, load_activations(paths.cache, m, hook)) for m in ("base", "rlhf")
+    }
+    rows = load_token_rows(paths.cache)
+    tok = pair.tokenizer
+
+    def token_str(i: int) -> str:
+        return tok.decode([i])
+
+    w_u = pair.get()["base"].W_U.detach()
+    with open(paths.diff / "features.csv", encoding="utf-8") as f:
+        csv_rows = {int(r["feature"]): r for r in csv.DictReader(f)}
+    cards = []
+    for j in chosen:
+        summary = table.get(j) or {k: float(v) for k, v in csv_rows[j].items()}
+        cards.append(
+            {
+                "feature": j,
+                "layer": layer,
+                "reason": ("divergent" if j in table else "")
+                + (" sparse-IRM" if j in sparse else ""),
+                "divergence": summary["divergence"],
+                "frequency_base": summary["frequency_base"],
+                "frequency_rlhf": summary["frequency_rlhf"],
+                "mean_change": summary["mean_change"],
+                "irm_weight": weights.get(j),
+                "matched_partner": matching["partner"][j],
+                "matched_cosine": matching["cosine"][j],
+                "matching_tag": matching["tag_base"][j],
+                "contexts_base": top_contexts(codes["base"], rows.tokens, rows.valid, token_str, j),
+                "contexts_rlhf": top_contexts(codes["rlhf"], rows.tokens, rows.valid, token_str, j),
+                "histogram": activation_histograms(codes["base"], codes["rlhf"], j),
+                **logit_effects(sae.W_dec[j].detach(), w_u, token_str),
+            }
+        )
+    atomic_write_json(out, cards)
+    _log(f"cards: {len(cards)} feature cards ({len(sparse)} sparse-IRM features)")
+    return cards
+
+
 # ---------------------------------------------------------------- the whole study
 
 
@@ -931,6 +1017,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, stop_after: str = "report")
     splits = load_splits(cfg, assets.reviews)
     base_dir = ensure_base_model(cfg, splits, assets.reviews)
     dirs = resolve_pair(cfg, paths, base_dir, rm, splits)
+    atomic_write_json(paths.root / "models" / "dirs.json", {k: str(v) for k, v in dirs.items()})
     if stop_after == "rlhf":
         return dirs["rlhf"]
 
@@ -944,12 +1031,13 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, stop_after: str = "report")
     if stop_after == "saes":
         return paths.saes
     irm_layer = next(layer for layer in layers["ranking"] if layer in layers["studied_layers"])
-    stage_diff(cfg, paths, irm_layer, d_model)
+    stage_diff(cfg, paths, layers["studied_layers"], irm_layer, d_model)
     if stop_after == "diff":
         return paths.diff
     stage_irm(cfg, paths, rm, layers["studied_layers"], irm_layer, d_model, pair)
     if stop_after == "irm":
         return paths.irm
+    stage_cards(cfg, paths, irm_layer, d_model, pair)
     report = build_report(paths.root, cfg, dirs)
     _log(f"done in {time.time() - t0:.0f}s")
     return report

@@ -38,13 +38,33 @@ class Study:
         matched partner's decoder cosine (paired dictionaries)."""
         import pandas as pd
 
+        from irmlens.irm.fit import irm_feature_weights
+
         df = pd.read_csv(self.run_dir / "diff" / "features.csv")
-        coef = self.irm_coefficients()
-        if self.report["irm"]["space"] in ("sae_codes", "sae_pre", "sae_codes_error"):
-            df["irm_weight"] = coef[: len(df)].numpy()
+        weights = irm_feature_weights(self.report["irm"], self.irm_coefficients(), len(df))
+        if weights:
+            df["irm_weight"] = [weights[j] for j in df["feature"]]
         matching = read_json(self.run_dir / "diff" / "matching.json")
         df["matched_rlhf_feature"] = matching["partner"]
         df["matched_cosine"] = matching["cosine"]
+        df["matching_tag"] = matching["tag_base"]
+        return df.sort_values("divergence", ascending=False).reset_index(drop=True)
+
+    def diff_layers(self) -> list[int]:
+        """Layers with a feature-divergence table (every studied layer)."""
+        return sorted(
+            int(p.stem.removeprefix("features_layer"))
+            for p in (self.run_dir / "diff").glob("features_layer*.csv")
+        )
+
+    def features_of_layer(self, layer: int):
+        """A layer's feature table (the IRM layer: ``features``, with IRM weights and matching)."""
+        import pandas as pd
+
+        if layer == self.report["irm"]["layer"]:
+            return self.features
+        df = pd.read_csv(self.run_dir / "diff" / f"features_layer{layer}.csv")
+        matching = read_json(self.run_dir / "diff" / f"matching_layer{layer}.json")
         df["matching_tag"] = matching["tag_base"]
         return df.sort_values("divergence", ascending=False).reset_index(drop=True)
 

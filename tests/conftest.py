@@ -79,3 +79,96 @@ def make_hooked():
         return HookedTransformer(cfg).eval()
 
     return make
+
+
+N_PLANTED = 60
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory, assets):
+    """A pair with a known difference (see tests/test_planted.py): base, after (v added to the
+    embeddings of 60 words, scaled by their utilities) and null (base + 1e-3 weight noise)."""
+    import random
+    from collections import Counter
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from irmlens.data.corpus import load_reviews, split_reviews
+    from irmlens.models.pretrain import train_tokenizer
+
+    root = tmp_path_factory.mktemp("planted")
+    splits = split_reviews(load_reviews(assets.reviews), 20, 40, 0)
+    tok = train_tokenizer([r.text for r in splits.train], 1500, kind="word")
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    base = GPT2LMHeadModel(cfg).eval()
+    # planted words: frequent alphabetic words of the held-out text (so they appear in the cache)
+    counts = Counter(w for r in splits.heldout for w in r.text.split())
+    vocab = tok.get_vocab()
+    candidates = [w for w, _ in counts.most_common(400) if w.isalpha() and w in vocab]
+    rng = random.Random(0)
+    words = rng.sample(candidates[20:], N_PLANTED)  # skip the very commonest ("the", "a", ...)
+    utilities = {w: rng.choice([-1, 1]) * rng.uniform(0.5, 3.0) for w in words}
+    direction = torch.nn.functional.normalize(torch.randn(64), dim=0)
+    scale = 3.0 * base.transformer.wte.weight.norm(dim=1).mean()
+    after = GPT2LMHeadModel(cfg).eval()
+    after.load_state_dict(base.state_dict())
+    null = GPT2LMHeadModel(cfg).eval()
+    null.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for w, u in utilities.items():
+            after.transformer.wte.weight[vocab[w]] += scale * u * direction
+        g = torch.Generator().manual_seed(1)
+        for p in null.parameters():
+            p.add_(1e-3 * p.std() * torch.randn(p.shape, generator=g))
+    dirs = {}
+    for name, model in (("base", base), ("after", after), ("null", null)):
+        dirs[name] = root / name
+        model.save_pretrained(dirs[name])
+        tok.save_pretrained(dirs[name])
+    lexicon = root / "planted_lexicon.tsv"
+    lexicon.write_text("".join(f"{w}\t{u}\n" for w, u in utilities.items()))
+    return dirs, lexicon, utilities, direction
+
+
+@pytest.fixture(scope="session")
+def planted_run(planted, tmp_path_factory):
+    """The whole pipeline on the planted pair (a given pair: no RLHF stage), ~15 s."""
+    from irmlens.config import config_from_dict
+    from irmlens.pipeline import run_study
+
+    dirs, lexicon, utilities, direction = planted
+    cfg = config_from_dict(
+        {
+            "name": "planted",
+            "data": {"lexicon": str(lexicon), "n_validation": 20, "n_heldout": 40},
+            "model": {
+                "base": str(dirs["base"]),
+                "rlhf": str(dirs["after"]),
+                "null": str(dirs["null"]),
+            },
+            "layers": {"top_k": 1},
+            "cache": {"n_ctx": 64, "max_rows": 500},
+            "sae": {
+                "width_multipliers": [2, 4],
+                "batch_size": 256,
+                "epochs": 3.0,
+                "wide_topk_k": 32,
+                "ce_eval_rows": 16,
+            },
+            "irm": {"n_shuffles": 3, "paper_contexts_per_word": 3},
+        }
+    )
+    out = tmp_path_factory.mktemp("planted_run")
+    run_study(cfg, out)
+    return out

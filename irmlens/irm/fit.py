@@ -286,3 +286,16 @@ def sparse_irm(
     chosen = omp_select(x_fit[:, :n_candidates], y, k)
     fit = fit_and_score(x_fit[:, chosen], x_held[:, chosen], targets, split, cfg)
     return fit, chosen
+
+
+def irm_feature_weights(irm: dict, coef: torch.Tensor, d_sae: int) -> dict[int, float]:
+    """IRM weight per shared-SAE feature of the IRM layer, where the IRM's space is built on that
+    dictionary (codes, pre-activations, codes+error, or the multi-layer concatenation)."""
+    space = irm["space"]
+    if space in ("sae_codes", "sae_pre", "sae_codes_error"):
+        offset = 0
+    elif space == "multi_layer_pre":
+        offset = irm["layers"].index(irm["layer"]) * d_sae
+    else:
+        return {}
+    return {j: float(coef[offset + j]) for j in range(d_sae)}

@@ -144,6 +144,9 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
         "irm": {k: irm[k] for k in IRM_KEYS},
         "controls": irm["controls"],
         "paper_estimator": irm["paper_estimator"],
+        "feature_cards": read_json(run_dir / "diff" / "cards.json")
+        if (run_dir / "diff" / "cards.json").exists()
+        else [],
     }
 
 
@@ -191,13 +194,149 @@ def _controls_text(controls: dict) -> str:
     return "; ".join(parts)
 
 
-def render_html(report: dict, metrics: list[dict]) -> str:
+def feature_map_rows(run_dir: Path, report: dict) -> list[dict]:
+    """Every shared-SAE feature of the IRM layer with its divergence numbers, IRM weight and
+    matching tag (features.csv + IRM coefficients + matching.json), for the feature map."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    from irmlens.irm.fit import irm_feature_weights
+
+    with open(run_dir / "diff" / "features.csv", encoding="utf-8") as f:
+        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    for r in rows:
+        r["feature"] = int(r["feature"])
+    coef = load_file(str(run_dir / "irm" / "coefficients.safetensors"))["coef"]
+    weights = irm_feature_weights(report["irm"], coef, len(rows))
+    matching = read_json(run_dir / "diff" / "matching.json")
+    words = {f["feature"]: f["top_words_increase"] for f in report["divergent_features"]}
+    for r in rows:
+        j = r["feature"]
+        r["irm_weight"] = weights.get(j)
+        r["matching_tag"] = matching["tag_base"][j]
+        r["top_words_increase"] = words.get(j, [])
+    return rows
+
+
+def _fit_points(run_dir: Path) -> list[dict]:
+    import csv
+
+    path = run_dir / "irm" / "word_utilities.csv"
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [
+            {"word": r["word"], "true": float(r["true_utility"]), "irm": float(r["irm_utility"])}
+            for r in csv.DictReader(f)
+            if r["split"] == "fit"
+        ]
+
+
+def tau_bars(report: dict) -> list[dict]:
+    """The IRM's held-out tau beside its references and controls (with CIs where known)."""
+    irm = report["irm"]
+    bars = [
+        {
+            "name": f"IRM ({irm['space']})",
+            "tau": irm["heldout_kendall_tau"],
+            "ci": irm["heldout_kendall_tau_ci"],
+            "kind": "main",
+        },
+        {
+            "name": f"sparse IRM (k={irm['sparse']['k']})",
+            "tau": irm["sparse"]["heldout_kendall_tau"],
+            "ci": irm["sparse"]["heldout_kendall_tau_ci"],
+            "kind": "main",
+        },
+    ]
+    for name, r in irm["reference"].items():
+        bars.append(
+            {
+                "name": name.replace("_", " "),
+                "tau": r["heldout_kendall_tau"],
+                "ci": r.get("heldout_kendall_tau_ci"),
+                "kind": "reference",
+            }
+        )
+    bars.append(
+        {
+            "name": "paper's estimator",
+            "tau": report["paper_estimator"]["kendall_tau"],
+            "kind": "reference",
+        }
+    )
+    for name, c in report["controls"].items():
+        bars.append(
+            {"name": name.replace("_", " "), "tau": c["heldout_kendall_tau"], "kind": "control"}
+        )
+    return bars
+
+
+def _highlight(ctx: dict, scale: float) -> str:
+    spans = []
+    for i, (t, a) in enumerate(zip(ctx["tokens"], ctx["activations"], strict=True)):
+        alpha = 0.0 if scale <= 0 else min(1.0, max(0.0, a / scale))
+        border = "border-bottom:2px solid #000;" if i == ctx["focus"] else ""
+        spans.append(
+            f'<span class="tok" style="background:rgba(214,39,40,{alpha:.2f});{border}" '
+            f'title="{a:.3f}">{html.escape(t)}</span>'
+        )
+    return "".join(spans)
+
+
+def render_card(card: dict, include_plotlyjs: bool = False) -> str:
+    """One feature card as an HTML fragment (contexts highlighted by activation, histogram,
+    promoted/suppressed tokens, IRM weight, matched partner)."""
+    from irmlens.viz.figures import feature_histogram_figure
+
+    scale = max([c["max"] for c in card["contexts_base"] + card["contexts_rlhf"]] or [0.0])
+    ctx = {
+        name: "".join(
+            f"<div class='ctx'>{_highlight(c, scale)} <small>({c['max']:.2f})</small></div>"
+            for c in card[f"contexts_{name}"]
+        )
+        or "<div class='ctx'><i>never fires</i></div>"
+        for name in ("base", "rlhf")
+    }
+    tokens = {
+        k: ", ".join(f"<code>{html.escape(t['token'])}</code>" for t in card[k])
+        for k in ("promoted", "suppressed")
+    }
+    weight = "n/a" if card["irm_weight"] is None else f"{card['irm_weight']:+.4g}"
+    cos = card["matched_cosine"]
+    partner = (
+        f"rlhf feature {card['matched_partner']} (decoder cosine {cos:.2f}, {card['matching_tag']})"
+        if card["matched_partner"] >= 0 and cos is not None
+        else "none"
+    )
+    hist = feature_histogram_figure(card).to_html(
+        full_html=False, include_plotlyjs=include_plotlyjs, config={"displaylogo": False}
+    )
+    return f"""<details class="card" id="feature-{card["feature"]}"><summary><b>feature {card["feature"]}</b>
+(layer {card["layer"]}; {html.escape(card["reason"].strip())}): divergence {card["divergence"]:.3f}, firing
+{card["frequency_base"]:.3f} &rarr; {card["frequency_rlhf"]:.3f}, IRM weight {weight}</summary>
+<table class="kv"><tr><th>matched partner</th><td>{html.escape(partner)}</td></tr>
+<tr><th>promotes (logit lens)</th><td>{tokens["promoted"]}</td></tr>
+<tr><th>suppresses</th><td>{tokens["suppressed"]}</td></tr></table>
+<div class="ctxs"><div><h4>top contexts, base</h4>{ctx["base"]}</div><div><h4>top contexts, RLHF</h4>{ctx["rlhf"]}</div></div>
+{hist}</details>"""
+
+
+def render_html(
+    report: dict,
+    metrics: list[dict],
+    feature_rows: list[dict] | None = None,
+    fit_points: list[dict] | None = None,
+) -> str:
     from irmlens.viz.figures import (
+        divergent_feature_map_figure,
         irm_scatter_figure,
         layer_divergence_figure,
         reward_curve_figure,
         sae_quality_figure,
         top_features_figure,
+        word_divergence_figure,
     )
 
     r, irm, ctrl = report["rlhf"], report["irm"], report["controls"]["shuffled_targets"]
@@ -212,10 +351,20 @@ def render_html(report: dict, metrics: list[dict]) -> str:
         (
             "Implicit reward model vs the reward model",
             irm_scatter_figure(
-                irm["heldout_points"], irm["heldout_kendall_tau"], ctrl["heldout_kendall_tau"]
+                irm["heldout_points"],
+                irm["heldout_kendall_tau"],
+                ctrl["heldout_kendall_tau"],
+                fit_points=fit_points,
+                bars=tau_bars(report),
             ),
         ),
-        ("Top IRM features", top_features_figure(irm["top_features"])),
+        *(
+            [("Divergent-feature map", divergent_feature_map_figure(feature_rows))]
+            if feature_rows
+            else []
+        ),
+        ("Over- and under-valued words", word_divergence_figure(report["divergent_words"])),
+        ("The sparse IRM's features", top_features_figure(irm["top_features"])),
     ]
     parts = []
     for i, (title, fig) in enumerate(figs):
@@ -300,7 +449,8 @@ def render_html(report: dict, metrics: list[dict]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>irmlens report: {html.escape(report["name"])}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
-.kv th{{background:#f4f4f4;width:16em}}</style></head>
+.kv th{{background:#f4f4f4;width:16em}}.tok{{padding:0 1px;white-space:pre}}.ctx{{margin:2px 0;font-family:monospace}}
+.ctxs{{display:flex;gap:2em}}.ctxs>div{{flex:1}}details.card{{border:1px solid #ddd;margin:6px 0;padding:4px 8px}}</style></head>
 <body><h1>irmlens report: {html.escape(report["name"])}</h1>
 <p>What did RLHF teach the model, and how far is that implicit reward model (IRM) from the reward model it was trained on?</p>
 {summary}
@@ -308,6 +458,10 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 {spaces_html}
 {words_html}
 {feats_html}
+<h2>Feature cards</h2>
+<p>The most divergent features and the sparse IRM's features (the full table: features.csv).
+Click a card to open it; token backgrounds show the feature's activation.</p>
+{"".join(render_card(c) for c in report.get("feature_cards", []))}
 <h2>Samples before and after RLHF (same prompts, same seed)</h2>
 <table><tr><th>prompt</th><th>base</th><th>RLHF</th></tr>{samples}</table>
 <p><small>report schema v{report["schema_version"]}; generated by irmlens. All data is in report.json beside this page.</small></p>
@@ -318,9 +472,33 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 def build_report(run_dir: str | Path, cfg, dirs: dict[str, Path]) -> Path:
     run_dir = Path(run_dir)
     report = collect_report(run_dir, cfg, {k: Path(v) for k, v in dirs.items()})
+    return write_report(run_dir, report, ("html", "json", "md", "csv"))
+
+
+FORMATS = ("html", "json", "md", "csv")
+
+
+def write_report(run_dir: Path, report: dict, formats=FORMATS) -> Path:
+    """Write the requested exports under ``run_dir/report`` (each through a temp file + rename):
+    index.html, report.json, summary.md, features.csv and words.csv. Returns index.html's path."""
+    from irmlens.report.export import features_csv, to_markdown, words_csv
+
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown report format(s) {unknown}; choose from {list(FORMATS)}")
     _check_finite(report)
     out = run_dir / "report"
-    atomic_write_json(out / "report.json", report)
-    metrics = _read_jsonl(run_dir / "rlhf" / "metrics.jsonl")
-    atomic_write_text(out / "index.html", render_html(report, metrics))
+    if "json" in formats:
+        atomic_write_json(out / "report.json", report)
+    if "html" in formats:
+        metrics = _read_jsonl(run_dir / "rlhf" / "metrics.jsonl")
+        rows = feature_map_rows(run_dir, report)
+        atomic_write_text(
+            out / "index.html", render_html(report, metrics, rows, _fit_points(run_dir))
+        )
+    if "md" in formats:
+        atomic_write_text(out / "summary.md", to_markdown(report))
+    if "csv" in formats:
+        atomic_write_text(out / "features.csv", features_csv(feature_map_rows(run_dir, report)))
+        atomic_write_text(out / "words.csv", words_csv(run_dir))
     return out / "index.html"

@@ -93,26 +93,169 @@ def sae_quality_figure(saes: list[dict]) -> go.Figure:
     return fig
 
 
-def irm_scatter_figure(points: list[dict], tau: float, control_tau: float) -> go.Figure:
-    fig = go.Figure(
+def irm_scatter_figure(
+    points: list[dict],
+    tau: float,
+    control_tau: float,
+    fit_points: list[dict] | None = None,
+    bars: list[dict] | None = None,
+) -> go.Figure:
+    """IRM vs true utility per word: held-out words highlighted over the fit words (grey); with
+    ``bars`` ({name, tau, ci?, kind}), a second panel puts the IRM's held-out tau beside its
+    references and controls (the reference lines the scatter is judged against)."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(
+        rows=1,
+        cols=2 if bars else 1,
+        column_widths=[0.62, 0.38] if bars else None,
+        subplot_titles=("IRM vs true utility", "held-out Kendall τ") if bars else None,
+    )
+    if fit_points:
+        fig.add_trace(
+            go.Scatter(
+                x=[p["true"] for p in fit_points],
+                y=[p["irm"] for p in fit_points],
+                mode="markers",
+                name="fit words",
+                text=[p["word"] for p in fit_points],
+                hovertemplate="%{text} (fit)<br>true %{x:.2f}<br>IRM %{y:.3f}<extra></extra>",
+                marker=dict(size=5, color="#bbbbbb", opacity=0.5),
+            ),
+            row=1,
+            col=1,
+        )
+    fig.add_trace(
         go.Scatter(
             x=[p["true"] for p in points],
             y=[p["irm"] for p in points],
             mode="markers",
+            name="held-out words",
             text=[p["word"] for p in points],
             hovertemplate="%{text}<br>true %{x:.2f}<br>IRM %{y:.3f}<extra></extra>",
-            marker=dict(size=7, opacity=0.7),
+            marker=dict(size=7, color="#d62728", opacity=0.8),
+        ),
+        row=1,
+        col=1,
+    )
+    if bars:
+        colors = {"main": "#d62728", "reference": "#2ca02c", "control": "#7f7f7f"}
+        fig.add_trace(
+            go.Bar(
+                x=[b["tau"] for b in bars],
+                y=[b["name"] for b in bars],
+                orientation="h",
+                marker_color=[colors.get(b["kind"], "#1f77b4") for b in bars],
+                error_x=dict(
+                    type="data",
+                    symmetric=False,
+                    array=[(b["ci"][1] - b["tau"]) if b.get("ci") else 0 for b in bars],
+                    arrayminus=[(b["tau"] - b["ci"][0]) if b.get("ci") else 0 for b in bars],
+                ),
+                showlegend=False,
+                hovertemplate="%{y}: τ %{x:.3f}<extra></extra>",
+            ),
+            row=1,
+            col=2,
+        )
+        fig.update_yaxes(autorange="reversed", row=1, col=2)
+    fig.update_layout(
+        title=f"IRM vs true utility (held-out Kendall τ {tau:.3f}; shuffled-target control {control_tau:.3f})",
+        height=520,
+    )
+    fig.update_xaxes(title_text="true utility (lexicon)", row=1, col=1)
+    fig.update_yaxes(title_text="IRM utility", row=1, col=1)
+    return fig
+
+
+def divergent_feature_map_figure(features: list[dict]) -> go.Figure:
+    """Every feature of the shared dictionary: change in firing frequency (RLHF - base) against its
+    IRM weight (divergence score where the IRM has no weight for it), coloured by the paired
+    dictionaries' matching tag; hover shows the words where the feature rises most."""
+    has_weight = any(f.get("irm_weight") is not None for f in features)
+    colors = {"shared": "#1f77b4", "base-only": "#ff7f0e", "rlhf-only": "#2ca02c"}
+    fig = go.Figure()
+    for tag in sorted({f.get("matching_tag", "shared") for f in features}):
+        sub = [f for f in features if f.get("matching_tag", "shared") == tag]
+        fig.add_trace(
+            go.Scattergl(
+                x=[f["frequency_change"] for f in sub],
+                y=[f["irm_weight"] if has_weight else f["divergence"] for f in sub],
+                mode="markers",
+                name=f"{tag} ({len(sub)})",
+                customdata=[
+                    [f["feature"], f["divergence"], ", ".join(f.get("top_words_increase", [])[:5])]
+                    for f in sub
+                ],
+                hovertemplate="feature %{customdata[0]}<br>divergence %{customdata[1]:.3f}"
+                "<br>Δ firing frequency %{x:.4f}<br>%{y:.4g}<br>%{customdata[2]}<extra></extra>",
+                marker=dict(
+                    size=[5 + 10 * min(f["divergence"], 1.5) for f in sub],
+                    color=colors.get(tag, "#7f7f7f"),
+                    opacity=0.6,
+                ),
+            )
+        )
+    fig.update_layout(
+        title="Divergent-feature map (size = divergence score; colour = paired-dictionary match)",
+        xaxis_title="change in firing frequency (RLHF − base)",
+        yaxis_title="IRM weight" if has_weight else "divergence score",
+        height=520,
+    )
+    return fig
+
+
+def word_divergence_figure(words: list[dict]) -> go.Figure:
+    """The most over- and under-valued held-out words: standardised IRM minus standardised truth."""
+    ws = sorted(words, key=lambda w: w["divergence"])
+    fig = go.Figure(
+        go.Bar(
+            x=[w["divergence"] for w in ws],
+            y=[w["word"] for w in ws],
+            orientation="h",
+            marker_color=["#d62728" if w["divergence"] > 0 else "#1f77b4" for w in ws],
+            customdata=[[w["true"], w["irm"]] for w in ws],
+            hovertemplate="%{y}: divergence %{x:.2f}<br>true %{customdata[0]:.2f}, IRM "
+            "%{customdata[1]:.3f}<extra></extra>",
         )
     )
     fig.update_layout(
-        title=f"IRM vs true utility on held-out words (Kendall τ {tau:.3f}; shuffled-target control {control_tau:.3f})",
-        xaxis_title="true utility (lexicon)",
-        yaxis_title="IRM utility",
+        title="Most over-valued (red) and under-valued (blue) held-out words",
+        xaxis_title="standardised IRM − standardised true utility",
+        height=max(400, 22 * len(ws)),
+    )
+    return fig
+
+
+def feature_histogram_figure(card: dict) -> go.Figure:
+    """One feature's non-zero activations in the base and the RLHF model (same bins)."""
+    h = card["histogram"]
+    centers = [(a + b) / 2 for a, b in zip(h["edges"][:-1], h["edges"][1:], strict=True)]
+    fig = go.Figure()
+    for name, color in (("base", "#1f77b4"), ("rlhf", "#d62728")):
+        fig.add_trace(
+            go.Bar(
+                x=centers,
+                y=h[name],
+                name=f"{name} (zero {h[f'zero_fraction_{name}']:.0%})",
+                marker_color=color,
+                opacity=0.6,
+            )
+        )
+    fig.update_layout(
+        barmode="overlay",
+        title=f"feature {card['feature']}: activations when firing",
+        xaxis_title="activation",
+        yaxis_title="positions",
+        height=300,
+        margin=dict(t=40, b=40, l=50, r=10),
     )
     return fig
 
 
 def top_features_figure(features: list[dict]) -> go.Figure:
+    """The sparse IRM's features in selection order (first = explains the most), with their
+    standardised weight and the words where each feature's difference is largest."""
     feats = features[:20][::-1]
     fig = go.Figure(
         go.Bar(
@@ -125,7 +268,8 @@ def top_features_figure(features: list[dict]) -> go.Figure:
         )
     )
     fig.update_layout(
-        title="Top IRM features (standardised ridge weight; label = words with largest mean Δf)",
+        title="The sparse IRM's features, top = chosen first (bar: standardised weight; "
+        "label: words with the largest mean feature difference)",
         xaxis_title="standardised weight",
         height=600,
     )

@@ -1,0 +1,83 @@
+"""Feature cards: what one dictionary feature reads and writes, in the base and the RLHF model.
+
+A card holds, for one shared-SAE feature: its top-activating contexts in each model (token
+windows with per-token activations, for highlighting), activation histograms of both models on
+the same bins, the tokens its decoder direction promotes and suppresses through the unembedding
+(the logit lens, final norm ignored), its divergence numbers, IRM weight and matched partner.
+Pure functions over tensors; the pipeline supplies codes, tokens and the unembedding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_contexts(
+    codes: torch.Tensor,
+    tokens: torch.Tensor,
+    valid: torch.Tensor,
+    token_str,
+    feature: int,
+    k: int = 5,
+    before: int = 8,
+    after: int = 2,
+) -> list[dict]:
+    """The ``k`` positions where ``feature`` is most active. ``codes`` are over valid positions in
+    row-major order (the cache's layout); each context lists its tokens and the feature's
+    activation on each (0 where outside the valid positions)."""
+    col = codes[:, feature].float()
+    if float(col.max()) <= 0:
+        return []
+    flat_index = torch.full(valid.shape, -1, dtype=torch.long)
+    flat_index[valid] = torch.arange(int(valid.sum()))
+    rows, cols = torch.nonzero(valid, as_tuple=True)
+    out = []
+    for i in torch.argsort(col, descending=True)[:k].tolist():
+        if col[i] <= 0:
+            break
+        r, c = int(rows[i]), int(cols[i])
+        lo, hi = max(0, c - before), min(valid.shape[1], c + after + 1)
+        toks, acts = [], []
+        for p in range(lo, hi):
+            if p > c and not valid[r, p]:
+                break
+            toks.append(token_str(int(tokens[r, p])))
+            j = int(flat_index[r, p])
+            acts.append(float(col[j]) if j >= 0 else 0.0)
+        out.append({"tokens": toks, "activations": acts, "focus": c - lo, "max": float(col[i])})
+    return out
+
+
+def activation_histograms(
+    base: torch.Tensor, rlhf: torch.Tensor, feature: int, bins: int = 20
+) -> dict:
+    """Histograms of the feature's non-zero activations in both models on shared bin edges."""
+    b = base[:, feature].float()
+    r = rlhf[:, feature].float()
+    nz_b, nz_r = b[b > 0], r[r > 0]
+    top = float(torch.cat([nz_b, nz_r]).max()) if len(nz_b) + len(nz_r) else 1.0
+    edges = torch.linspace(0.0, max(top, 1e-6), bins + 1)
+    return {
+        "edges": edges.tolist(),
+        "base": torch.histogram(nz_b, bins=edges)[0].tolist(),
+        "rlhf": torch.histogram(nz_r, bins=edges)[0].tolist(),
+        "zero_fraction_base": float((b <= 0).float().mean()),
+        "zero_fraction_rlhf": float((r <= 0).float().mean()),
+    }
+
+
+def logit_effects(w_dec_row: torch.Tensor, w_u: torch.Tensor, token_str, k: int = 8) -> dict:
+    """Tokens whose logits the decoder direction raises and lowers most (``w_dec_row @ W_U``)."""
+    logits = w_dec_row.float() @ w_u.float()
+    up = torch.topk(logits, k)
+    down = torch.topk(-logits, k)
+    return {
+        "promoted": [
+            {"token": token_str(int(i)), "logit": float(v)}
+            for v, i in zip(up.values, up.indices, strict=True)
+        ],
+        "suppressed": [
+            {"token": token_str(int(i)), "logit": -float(v)}
+            for v, i in zip(down.values, down.indices, strict=True)
+        ],
+    }

@@ -1,0 +1,169 @@
+"""``irmlens.explore(run_dir)``: a Jupyter explorer of a finished run (ipywidgets + plotly).
+
+Pick a layer, sort and filter features, click a feature in the map to open its card, search a word
+to see its IRM utility and which features it comes from. The state and the callbacks live in
+``Explorer`` (plain methods, unit-tested); ``explore`` just builds and returns its widget.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+SORT_KEYS = {
+    "divergence": "divergence",
+    "|IRM weight|": "irm_weight",
+    "firing-frequency change": "frequency_change",
+    "mean change": "mean_change",
+}
+
+
+class Explorer:
+    def __init__(self, run_dir: str | Path, n_rows: int = 25) -> None:
+        import ipywidgets as w
+        import plotly.graph_objects as go
+
+        from irmlens.study import Study
+
+        self.study = Study.load(run_dir)
+        self.n_rows = n_rows
+        report = self.study.report
+        self.irm_layer = report["irm"]["layer"]
+        self.cards = {c["feature"]: c for c in report["feature_cards"]}
+        self.layers = self.study.diff_layers() or [self.irm_layer]
+        self.layer = self.irm_layer
+        self.sort_by = "divergence"
+        self.min_divergence = 0.0
+        self.selected: int | None = None
+        self.layer_box = w.Dropdown(options=self.layers, value=self.layer, description="layer")
+        self.sort_box = w.Dropdown(options=list(SORT_KEYS), value="divergence", description="sort")
+        self.filter_box = w.FloatSlider(
+            value=0.0, min=0.0, max=1.5, step=0.05, description="divergence ≥"
+        )
+        self.word_box = w.Text(placeholder="a word, e.g. great", description="word")
+        self.table_html = w.HTML()
+        self.card_html = w.HTML()
+        self.word_html = w.HTML()
+        self.figure = go.FigureWidget()
+        self.layer_box.observe(self.on_layer, names="value")
+        self.sort_box.observe(self.on_sort, names="value")
+        self.filter_box.observe(self.on_filter, names="value")
+        self.word_box.observe(self.on_word, names="value")
+        self.refresh()
+
+    # ------------------------------------------------------------------ state -> views
+
+    def features(self):
+        """The current layer's features, filtered by divergence and sorted by the chosen key."""
+        df = self.study.features_of_layer(self.layer)
+        df = df[df["divergence"] >= self.min_divergence]
+        key = SORT_KEYS[self.sort_by]
+        if key not in df or df[key].isna().all():
+            key = "divergence"
+        return df.reindex(df[key].abs().sort_values(ascending=False).index)
+
+    def refresh(self) -> None:
+        df = self.features()
+        cols = [
+            c
+            for c in (
+                "feature",
+                "divergence",
+                "frequency_base",
+                "frequency_rlhf",
+                "mean_change",
+                "irm_weight",
+                "matching_tag",
+            )
+            if c in df
+        ]
+        self.table_html.value = f"<b>layer {self.layer}: {len(df)} features</b>" + df[cols].head(
+            self.n_rows
+        ).to_html(index=False, float_format=lambda x: f"{x:.4g}")
+        y = "irm_weight" if "irm_weight" in df and df["irm_weight"].notna().any() else "divergence"
+        with self.figure.batch_update():
+            self.figure.data = []
+            self.figure.add_scattergl(
+                x=df["frequency_change"],
+                y=df[y],
+                mode="markers",
+                customdata=df["feature"],
+                hovertemplate="feature %{customdata}<extra></extra>",
+                marker=dict(size=6, opacity=0.6),
+            )
+            self.figure.layout.xaxis.title = "change in firing frequency (RLHF − base)"
+            self.figure.layout.yaxis.title = y.replace("_", " ")
+            self.figure.layout.title = f"layer {self.layer}: click a feature to open its card"
+        self.figure.data[0].on_click(self.on_point_click)
+
+    def card(self, feature: int) -> str:
+        """A feature's card: the full card where the report has one, else its table row."""
+        from irmlens.report.build import render_card
+
+        if self.layer == self.irm_layer and feature in self.cards:
+            return render_card(self.cards[feature], include_plotlyjs="cdn")
+        df = self.study.features_of_layer(self.layer)
+        row = df[df["feature"] == feature]
+        if row.empty:
+            return f"<p>feature {feature} is not in layer {self.layer}'s table</p>"
+        return (
+            f"<h4>feature {feature} (layer {self.layer}; no card: cards cover the IRM layer's most "
+            "divergent and sparse-IRM features)</h4>" + row.to_html(index=False)
+        )
+
+    def word(self, query: str) -> str:
+        """A word's true and IRM utility, and its top contributing features (held-out words)."""
+        q = query.strip().lower()
+        if not q:
+            return ""
+        words = self.study.words
+        hit = words[words["word"] == q]
+        if hit.empty:
+            return f"<p><b>{html.escape(q)}</b> is not a lexicon word of the cached text</p>"
+        r = hit.iloc[0]
+        out = (
+            f"<p><b>{html.escape(q)}</b> ({r['split']} word): true utility {r['true_utility']:.2f},"
+            f" IRM {r['irm_utility']:.3f}</p>"
+        )
+        attr = self.study.word_attribution
+        rows = attr[attr["word"] == q]
+        if not rows.empty:
+            out += "<p>top features (coefficient × mean feature difference at the word):</p>"
+            out += rows[["feature", "contribution"]].to_html(index=False)
+        return out
+
+    # ------------------------------------------------------------------ callbacks
+
+    def on_layer(self, change) -> None:
+        self.layer = change["new"]
+        self.refresh()
+
+    def on_sort(self, change) -> None:
+        self.sort_by = change["new"]
+        self.refresh()
+
+    def on_filter(self, change) -> None:
+        self.min_divergence = float(change["new"])
+        self.refresh()
+
+    def on_point_click(self, trace, points, selector=None) -> None:
+        if not points.point_inds:
+            return
+        self.selected = int(trace.customdata[points.point_inds[0]])
+        self.card_html.value = self.card(self.selected)
+
+    def on_word(self, change) -> None:
+        self.word_html.value = self.word(change["new"])
+
+    def widget(self):
+        import ipywidgets as w
+
+        controls = w.HBox([self.layer_box, self.sort_box, self.filter_box])
+        return w.VBox(
+            [controls, self.figure, self.table_html, self.card_html, self.word_box, self.word_html]
+        )
+
+
+def explore(run_dir: str | Path):
+    """The explorer widget of a finished run (display it in a notebook cell)."""
+    return Explorer(run_dir).widget()

@@ -1,0 +1,122 @@
+"""report.json against its written schema, the exports, and the HTML in headless Chromium."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from irmlens.cli import main
+
+SCHEMA = Path(__file__).resolve().parents[2] / "irmlens" / "report" / "schema.json"
+
+
+def test_report_json_validates_against_the_schema(planted_run):
+    import jsonschema
+
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    report = json.loads((planted_run / "report" / "report.json").read_text())
+    jsonschema.validate(report, schema)
+    broken = dict(report, irm=dict(report["irm"], space="not a space"))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+def test_report_command_writes_each_format(planted_run, capsys):
+    out = planted_run / "report"
+    for f in ("summary.md", "features.csv", "words.csv"):
+        (out / f).unlink(missing_ok=True)
+    assert main(["report", str(planted_run), "--format", "md,csv"]) == 0
+    printed = capsys.readouterr().out
+    assert "summary.md" in printed and "features.csv" in printed
+    md = (out / "summary.md").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert md.startswith("# irmlens: planted") and "**Verdict**" in md
+    assert f"{report['irm']['heldout_kendall_tau']:.3f}" in md
+    rows = (out / "features.csv").read_text().splitlines()
+    assert len(rows) == 1 + report["feature_divergence"]["n_features"]
+    assert rows[0].startswith("feature,") and "matching_tag" in rows[0]
+    words = (out / "words.csv").read_text().splitlines()
+    assert len(words) == 1 + report["irm"]["n_fit_words"] + report["irm"]["n_heldout_words"]
+    assert main(["report", str(planted_run), "--format", "pdf"]) == 2
+    assert "unknown --format" in capsys.readouterr().err
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_html_report_renders_in_headless_chromium_offline(planted_run, tmp_path):
+    chromium = _chromium()
+    if chromium is None:
+        if os.environ.get("IRMLENS_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium is required here (IRMLENS_REQUIRE_CHROMIUM=1) but not installed")
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")
+    page = (planted_run / "report" / "index.html").resolve()
+    html = page.read_text()
+    n_charts = html.count('class="plotly-graph-div"')
+    assert n_charts >= 8  # 6+ report figures and the feature cards' histograms
+    assert not re.search(r"<script[^>]+src=", html)
+    common = [
+        chromium,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--host-resolver-rules=MAP * ~NOTFOUND",  # no network at all
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=15000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        common + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [
+        line
+        for line in dom.stderr.splitlines()
+        if "CONSOLE" in line or "Uncaught" in line or "net::ERR" in line
+    ]
+    errors = [
+        line for line in console if "Uncaught" in line or "Error" in line or "net::ERR" in line
+    ]
+    assert not errors, errors
+    # plotly drew every chart: each graph div holds an svg.main-svg once rendered
+    assert dom.stdout.count('class="main-svg"') >= n_charts, dom.stdout.count('class="main-svg"')
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        common + [f"--screenshot={shot}", "--window-size=1280,4000", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert shot.exists() and shot.stat().st_size > 20_000
+
+
+def test_html_stays_small_for_16k_features(planted_run):
+    """Large runs stay usable: the feature map carries every feature, cards only the top ones."""
+    from irmlens.report.build import render_html
+
+    report = json.loads((planted_run / "report" / "report.json").read_text())
+    rows = [
+        {
+            "feature": j,
+            "divergence": (j % 97) / 60,
+            "frequency_change": ((j % 13) - 6) / 1000,
+            "irm_weight": ((j % 31) - 15) / 100,
+            "matching_tag": ("shared", "base-only")[j % 2],
+            "top_words_increase": ["great", "fun", "moving"] if j < 50 else [],
+        }
+        for j in range(16384)
+    ]
+    html = render_html(report, [], rows, None)
+    assert len(html.encode()) < 20e6, len(html.encode()) / 1e6
+    assert html.count("<details") == len(report["feature_cards"])

@@ -1,0 +1,73 @@
+"""The Jupyter explorer's callbacks and the example notebook, on the planted run."""
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def explorer(planted_run):
+    from irmlens.viz.explorer import Explorer
+
+    return Explorer(planted_run)
+
+
+def test_sort_and_filter_callbacks_change_the_table(explorer):
+    df = explorer.features()
+    assert list(df["divergence"]) == sorted(df["divergence"], reverse=True)
+    explorer.on_sort({"new": "|IRM weight|"})
+    w = explorer.features()["irm_weight"].abs().tolist()
+    assert w == sorted(w, reverse=True)
+    explorer.on_filter({"new": 0.5})
+    df = explorer.features()
+    assert len(df) == explorer.study.report["feature_divergence"]["n_divergent"]
+    assert (df["divergence"] >= 0.5).all()
+    assert f"{len(df)} features" in explorer.table_html.value
+    explorer.on_filter({"new": 0.0})
+    explorer.on_sort({"new": "divergence"})
+
+
+def test_clicking_a_feature_opens_its_card(explorer):
+    top = explorer.study.report["divergent_features"][0]["feature"]
+    trace = explorer.figure.data[0]
+    index = list(trace.customdata).index(top)
+    explorer.on_point_click(trace, SimpleNamespace(point_inds=[index]))
+    assert explorer.selected == top
+    assert f'id="feature-{top}"' in explorer.card_html.value  # the full card
+    assert "top contexts, RLHF" in explorer.card_html.value
+    explorer.on_point_click(trace, SimpleNamespace(point_inds=[]))  # a click on nothing
+    assert explorer.selected == top
+
+
+def test_word_search_shows_attribution(explorer):
+    held = explorer.study.report["divergent_words"][0]["word"]
+    explorer.on_word({"new": held.upper()})
+    assert f"<b>{held}</b> (heldout word)" in explorer.word_html.value
+    assert "contribution" in explorer.word_html.value
+    explorer.on_word({"new": "zzzunknown"})
+    assert "is not a lexicon word" in explorer.word_html.value
+
+
+def test_layer_picker_lists_studied_layers(explorer):
+    assert explorer.layers == explorer.study.report["studied_layers"]
+    explorer.on_layer({"new": explorer.layers[0]})
+    assert f"layer {explorer.layers[0]}" in explorer.table_html.value
+
+
+def test_example_notebook_executes(planted_run, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("IRMLENS_RUN", str(planted_run))
+    nb = nbformat.read(ROOT / "docs" / "explore.ipynb", as_version=4)
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+    assert os.environ["IRMLENS_RUN"] == str(planted_run)
