@@ -136,7 +136,7 @@ def _rerun_stage(args, stage: str, outputs: list[str]) -> Path:
 def cmd_diff(args) -> int:
     from irmlens.io import read_json
 
-    out = _rerun_stage(args, "diff", ["diff/features.json", "irm/metrics.json"])
+    out = _rerun_stage(args, "diff", ["diff/features.json", "irm/metrics.json", "diff/cards.json"])
     r = read_json(out / "features.json")
     fm = r["feature_matching"]
     print(
@@ -151,12 +151,13 @@ def cmd_diff(args) -> int:
 def cmd_irm(args) -> int:
     from irmlens.io import read_json
 
-    out = _rerun_stage(args, "irm", ["irm/metrics.json"])
+    out = _rerun_stage(args, "irm", ["irm/metrics.json", "diff/cards.json"])
     m = read_json(out / "metrics.json")
     lo, hi = m["heldout_kendall_tau_ci"]
+    retention = m["signal_retention"]
     print(
-        f"IRM ({m['space']}): held-out Kendall tau {m['heldout_kendall_tau']:.3f} [{lo:.3f}, {hi:.3f}]"
-        f", retention {m['signal_retention']}"
+        f"IRM ({m['space']}): held-out Kendall tau {m['heldout_kendall_tau']:.3f} [{lo:.3f}, "
+        f"{hi:.3f}], signal retention {'n/a' if retention is None else f'{retention:.2f}'}"
     )
     for name, c in m["controls"].items():
         print(f"  control {name}: {c['heldout_kendall_tau']:.3f}")
@@ -181,6 +182,10 @@ def cmd_report(args) -> int:
     if unknown:
         raise ConfigError(f"unknown --format {unknown}; choose from {','.join(FORMATS)}")
     cfg = load_config(run_dir / "config.toml")
+    if not (run_dir / "diff" / "cards.json").exists():  # e.g. after `irmlens irm --force`
+        from irmlens.pipeline import run_study
+
+        run_study(cfg, run_dir, stop_after="cards")
     dirs = {k: Path(v) for k, v in read_json(dirs_file).items()}
     write_report(run_dir, collect_report(run_dir, cfg, dirs), formats)
     names = {"html": "index.html", "json": "report.json", "md": "summary.md"}

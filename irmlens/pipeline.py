@@ -604,22 +604,40 @@ def stage_irm(
                 "pre",
             )
         )
-    raw = space(
-        "raw_difference",
-        "raw residual activation difference",
-        [None],
-        one,
-        "codes",
-        selectable=False,
-    )
+    raws = [
+        space(
+            "raw_difference",
+            f"raw residual activation difference, layer {layer}",
+            [None],
+            one,
+            "codes",
+            selectable=False,
+        )
+    ]
+    if len(layers) > 1:
+        raws.append(
+            space(
+                "raw_difference_layers",
+                f"raw residual activation differences of layers {layers}, concatenated",
+                [None] * len(layers),
+                list(range(len(layers))),
+                "codes",
+                selectable=False,
+            )
+        )
 
     fits = {
-        sp.name: fit_and_score(sp.fit, sp.held, targets, split, icfg) for sp in candidates + [raw]
+        sp.name: fit_and_score(sp.fit, sp.held, targets, split, icfg) for sp in candidates + raws
     }
-    raw_tau = fits["raw_difference"].heldout_kendall_tau
+
+    def raw_of(name: str) -> str:
+        """The raw reference over the same layers as the space ``name``."""
+        return "raw_difference_layers" if name == "multi_layer_pre" else "raw_difference"
+
     spaces_table = []
-    for sp in candidates + [raw]:
+    for sp in candidates + raws:
         f = fits[sp.name]
+        ref_tau = fits[raw_of(sp.name)].heldout_kendall_tau
         ci = bootstrap_tau_ci(f.heldout_irm, targets.utility, seed=icfg.seed)
         spaces_table.append(
             {
@@ -630,7 +648,7 @@ def stage_irm(
                 "heldout_kendall_tau_ci": list(ci),
                 "heldout_spearman": f.heldout_spearman,
                 "cv_r2": f.cv_r2,
-                "signal_retention": _retention(f.heldout_kendall_tau, raw_tau),
+                "signal_retention": _retention(f.heldout_kendall_tau, ref_tau),
             }
         )
         _log(
@@ -645,6 +663,8 @@ def stage_irm(
     else:
         raise ConfigError(f"irm.space = {icfg.space!r}; choose auto or one of {sorted(by_name)}")
     main = fits[chosen.name]
+    raw_name = raw_of(chosen.name)
+    raw_tau = fits[raw_name].heldout_kendall_tau
     _log(
         f"irm: main space {chosen.name} (best CV R2 on fit words)"
         if icfg.space == "auto"
@@ -700,7 +720,10 @@ def stage_irm(
 
     # References: raw differences and the model-level implicit reward (what the policy learned).
     tau_ci = list(bootstrap_tau_ci(main.heldout_irm, targets.utility, seed=icfg.seed))
-    references = {"raw_difference": _score_row(fits["raw_difference"], main, targets, icfg.seed)}
+    references = {
+        "raw_difference": _score_row(fits[raw_name], main, targets, icfg.seed)
+        | {"description": next(sp.description for sp in raws if sp.name == raw_name)}
+    }
     hooked = pair.get()
     log_ratio = token_log_ratios(hooked["base"], hooked["rlhf"], rows.tokens, cfg.cache.batch_size)
     implicit = word_implicit_rewards(
@@ -950,7 +973,21 @@ def stage_cards(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, pai
 
 
 def _check_run_dir(paths: RunPaths, cfg_text: str) -> None:
-    if paths.config.exists() and paths.config.read_text(encoding="utf-8") != cfg_text:
+    """Refuse a different study in an existing run folder. The saved config is re-read with
+    today's defaults, so a setting added in a newer irmlens (absent from an older run's
+    config.toml, hence at its default) does not make the same study look different."""
+    from irmlens.config import load_config
+
+    if not paths.config.exists():
+        return
+    saved = paths.config.read_text(encoding="utf-8")
+    if saved == cfg_text:
+        return
+    try:
+        same = dump_config(load_config(paths.config)) == cfg_text
+    except ConfigError:
+        same = False
+    if not same:
         raise ConfigError(
             f"{paths.root} already holds a run with a different config ({paths.config}). "
             "Choose another --out folder, or delete that one to start over."
@@ -993,7 +1030,7 @@ class HookedPair:
         return self._models
 
 
-STAGES = ("rlhf", "cache", "saes", "diff", "irm", "report")
+STAGES = ("rlhf", "cache", "saes", "diff", "irm", "cards", "report")
 
 
 def run_study(cfg: StudyConfig, out_dir: str | Path, stop_after: str = "report") -> Path:
@@ -1038,6 +1075,8 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, stop_after: str = "report")
     if stop_after == "irm":
         return paths.irm
     stage_cards(cfg, paths, irm_layer, d_model, pair)
+    if stop_after == "cards":
+        return paths.diff / "cards.json"
     report = build_report(paths.root, cfg, dirs)
     _log(f"done in {time.time() - t0:.0f}s")
     return report

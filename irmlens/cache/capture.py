@@ -32,22 +32,32 @@ from irmlens.cache.tokens import TokenRows
 from irmlens.io import atomic_write_json, sha256_file
 
 
-@torch.no_grad()
-def capture_hooks(
-    model, tokens: torch.Tensor, valid: torch.Tensor, hooks: list[str], batch_size: int = 32
-) -> dict[str, torch.Tensor]:
-    """``{hook: [n_valid, d]}`` float32 for one HookedTransformer on ``tokens`` (rows), valid positions only."""
+def _hook_batches(
+    model, tokens: torch.Tensor, valid: torch.Tensor, hooks: list[str], batch_size: int
+):
+    """Per token batch, ``{hook: activations at the valid positions}`` on the model's device: the
+    forward stops after the last needed layer, under bf16 autocast on CUDA."""
     stop = max(int(h.split(".")[1]) for h in hooks) + 1
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
-    chunks: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     for i in range(0, len(tokens), batch_size):
         toks = tokens[i : i + batch_size].to(device, non_blocking=on_gpu)
         mask = valid[i : i + batch_size].to(device, non_blocking=on_gpu)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             _, cache = model.run_with_cache(toks, names_filter=hooks, stop_at_layer=stop)
-        for h in hooks:
-            sel = cache[h][mask]
+        yield {h: cache[h][mask] for h in hooks}
+
+
+@torch.no_grad()
+def capture_hooks(
+    model, tokens: torch.Tensor, valid: torch.Tensor, hooks: list[str], batch_size: int = 32
+) -> dict[str, torch.Tensor]:
+    """``{hook: [n_valid, d]}`` float32 for one HookedTransformer on ``tokens`` (rows), valid positions only."""
+    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    chunks: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    for batch in _hook_batches(model, tokens, valid, hooks, batch_size):
+        for h, sel in batch.items():
             if on_gpu:
                 host = torch.empty(sel.shape, dtype=sel.dtype, pin_memory=True)
                 host.copy_(sel, non_blocking=True)
@@ -74,20 +84,15 @@ def capture_encoded(
     torch reference on CPU). On CUDA the encoded batch is copied to pinned host memory on a side
     stream, so the copy overlaps the next batch's forward pass.
     """
-    stop = max(int(h.split(".")[1]) for h in hooks) + 1
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
     copy_stream = torch.cuda.Stream(device) if on_gpu else None
     parts: dict[str, dict[str, list[torch.Tensor]]] = {h: {} for h in hooks}
     col_sums: dict[str, torch.Tensor] = {}
     norm_sums: dict[str, torch.Tensor] = {}
-    for i in range(0, len(tokens), batch_size):
-        toks = tokens[i : i + batch_size].to(device, non_blocking=on_gpu)
-        mask = valid[i : i + batch_size].to(device, non_blocking=on_gpu)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            _, cache = model.run_with_cache(toks, names_filter=hooks, stop_at_layer=stop)
-        for h in hooks:
-            tensors, col_sum, norm_sum = encode_with_statistics(cache[h][mask], dtype)
+    for batch in _hook_batches(model, tokens, valid, hooks, batch_size):
+        for h, sel in batch.items():
+            tensors, col_sum, norm_sum = encode_with_statistics(sel, dtype)
             col_sums[h] = col_sum.double() + col_sums.get(h, 0.0)
             norm_sums[h] = norm_sum.double() + norm_sums.get(h, 0.0)
             for key, t in tensors.items():

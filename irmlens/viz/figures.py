@@ -111,30 +111,26 @@ def irm_scatter_figure(
         column_widths=[0.62, 0.38] if bars else None,
         subplot_titles=("IRM vs true utility", "held-out Kendall τ") if bars else None,
     )
+
+    def word_points(pts: list[dict], name: str, marker: dict) -> go.Scatter:
+        return go.Scatter(
+            x=[p["true"] for p in pts],
+            y=[p["irm"] for p in pts],
+            mode="markers",
+            name=name,
+            text=[p["word"] for p in pts],
+            hovertemplate="%{text} (" + name + ")<br>true %{x:.2f}<br>IRM %{y:.3f}<extra></extra>",
+            marker=marker,
+        )
+
     if fit_points:
         fig.add_trace(
-            go.Scatter(
-                x=[p["true"] for p in fit_points],
-                y=[p["irm"] for p in fit_points],
-                mode="markers",
-                name="fit words",
-                text=[p["word"] for p in fit_points],
-                hovertemplate="%{text} (fit)<br>true %{x:.2f}<br>IRM %{y:.3f}<extra></extra>",
-                marker=dict(size=5, color="#bbbbbb", opacity=0.5),
-            ),
+            word_points(fit_points, "fit words", dict(size=5, color="#bbbbbb", opacity=0.5)),
             row=1,
             col=1,
         )
     fig.add_trace(
-        go.Scatter(
-            x=[p["true"] for p in points],
-            y=[p["irm"] for p in points],
-            mode="markers",
-            name="held-out words",
-            text=[p["word"] for p in points],
-            hovertemplate="%{text}<br>true %{x:.2f}<br>IRM %{y:.3f}<extra></extra>",
-            marker=dict(size=7, color="#d62728", opacity=0.8),
-        ),
+        word_points(points, "held-out words", dict(size=7, color="#d62728", opacity=0.8)),
         row=1,
         col=1,
     )
