@@ -53,51 +53,83 @@ def _chromium() -> str | None:
     return None
 
 
-def test_html_report_renders_in_headless_chromium_offline(planted_run, tmp_path):
+def render_offline(page: Path, tmp_path: Path) -> tuple[str, list[str], Path]:
+    """Open ``page`` in headless Chromium with every host name unresolvable (no network at all):
+    returns the DOM after scripts ran, the console errors and failed requests, a screenshot."""
     chromium = _chromium()
     if chromium is None:
         if os.environ.get("IRMLENS_REQUIRE_CHROMIUM") == "1":
             pytest.fail("chromium is required here (IRMLENS_REQUIRE_CHROMIUM=1) but not installed")
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium); .ci/run installs it")
-    page = (planted_run / "report" / "index.html").resolve()
-    html = page.read_text()
-    n_charts = html.count('class="plotly-graph-div"')
-    assert n_charts >= 8  # 6+ report figures and the feature cards' histograms
-    assert not re.search(r"<script[^>]+src=", html)
     common = [
         chromium,
         "--headless=new",
         "--no-sandbox",
         "--disable-gpu",
         "--disable-dev-shm-usage",
-        "--host-resolver-rules=MAP * ~NOTFOUND",  # no network at all
+        "--host-resolver-rules=MAP * ~NOTFOUND",
         "--enable-logging=stderr",
         "--v=0",
         "--virtual-time-budget=15000",
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
+    netlog = tmp_path / "netlog.json"
     dom = subprocess.run(
-        common + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180
+        common + [f"--log-net-log={netlog}", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert dom.returncode == 0, dom.stderr[-2000:]
-    console = [
+    errors = [
         line
         for line in dom.stderr.splitlines()
-        if "CONSOLE" in line or "Uncaught" in line or "net::ERR" in line
+        if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)
     ]
-    errors = [
-        line for line in console if "Uncaught" in line or "Error" in line or "net::ERR" in line
-    ]
-    assert not errors, errors
-    # plotly drew every chart: each graph div holds an svg.main-svg once rendered
-    assert dom.stdout.count('class="main-svg"') >= n_charts, dom.stdout.count('class="main-svg"')
-    shot = tmp_path / "report.png"
+    # the page's own requests (Chromium's background traffic has another isolation key): any
+    # that is not file:/data:/blob: would fail here, and would fail for an offline reader
+    log = json.loads(netlog.read_text())
+    start_job = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    for event in log["events"]:
+        params = event.get("params", {})
+        if (
+            event["type"] == start_job
+            and "file://" in params.get("network_isolation_key", "")
+            and not params.get("url", "").startswith(("file:", "data:", "blob:"))
+        ):
+            errors.append(f"request from the page: {params['url']}")
+    shot = tmp_path / "screenshot.png"
     subprocess.run(
         common + [f"--screenshot={shot}", "--window-size=1280,4000", page.as_uri()],
         capture_output=True,
         text=True,
         timeout=180,
     )
+    return dom.stdout, errors, shot
+
+
+def test_offline_render_check_catches_network_and_script_errors(tmp_path):
+    """The checker itself: a page that fetches from the web and throws must be flagged."""
+    page = tmp_path / "bad.html"
+    page.write_text(
+        '<html><body><script src="https://cdn.plot.ly/plotly-3.0.0.min.js"></script>'
+        "<script>notDefinedAnywhere()</script><p>hi</p></body></html>"
+    )
+    _, errors, _ = render_offline(page, tmp_path)
+    assert any("request from the page: https://cdn.plot.ly" in e for e in errors), errors
+    assert any("notDefinedAnywhere" in e for e in errors), errors
+
+
+def test_html_report_renders_in_headless_chromium_offline(planted_run, tmp_path):
+    page = (planted_run / "report" / "index.html").resolve()
+    html = page.read_text()
+    n_charts = html.count('class="plotly-graph-div"')
+    assert n_charts >= 8  # 6+ report figures and the feature cards' histograms
+    assert not re.search(r"<script[^>]+src=", html)
+    dom, errors, shot = render_offline(page, tmp_path)
+    assert not errors, errors
+    # plotly drew every chart: each graph div holds an svg.main-svg once rendered
+    assert dom.count('class="main-svg"') >= n_charts, dom.count('class="main-svg"')
     assert shot.exists() and shot.stat().st_size > 20_000
 
 
