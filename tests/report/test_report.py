@@ -44,6 +44,12 @@ def test_report_command_writes_each_format(planted_run, capsys):
     assert len(words) == 1 + report["irm"]["n_fit_words"] + report["irm"]["n_heldout_words"]
     assert main(["report", str(planted_run), "--format", "pdf"]) == 2
     assert "unknown --format" in capsys.readouterr().err
+    # cards removed (as `irmlens irm --force` does): the report command computes them again
+    cards = planted_run / "diff" / "cards.json"
+    before = cards.read_text()
+    cards.unlink()
+    assert main(["report", str(planted_run), "--format", "json"]) == 0
+    assert cards.read_text() == before
 
 
 def _chromium() -> str | None:
