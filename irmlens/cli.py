@@ -116,7 +116,7 @@ def cmd_run(args) -> int:
 
 def _rerun_stage(args, stage: str, outputs: list[str]) -> Path:
     """Re-run one analysis stage on an existing run folder (its config.toml), earlier stages reused.
-    ``--force`` deletes that stage's outputs (and later ones) first."""
+    ``--force`` deletes that stage's outputs (and those derived from them) first."""
     from irmlens.config import load_config
     from irmlens.pipeline import run_study
 
@@ -136,7 +136,8 @@ def _rerun_stage(args, stage: str, outputs: list[str]) -> Path:
 def cmd_diff(args) -> int:
     from irmlens.io import read_json
 
-    out = _rerun_stage(args, "diff", ["diff/features.json", "irm/metrics.json", "diff/cards.json"])
+    # the IRM does not read the diff stage's outputs; the feature cards do
+    out = _rerun_stage(args, "diff", ["diff/features.json", "diff/cards.json"])
     r = read_json(out / "features.json")
     fm = r["feature_matching"]
     print(

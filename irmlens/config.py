@@ -86,7 +86,8 @@ class CacheConfig:
 
 @dataclass
 class SAEStageConfig:
-    """SAEs per model (base, rlhf) and one shared SAE on both models' activations, per studied layer
+    """SAEs per model (base, rlhf) and one shared SAE on all models' activations (base, rlhf and
+    the null model when there is one), per studied layer
     and per width (``width_multipliers`` x d_model; the paper: 1x and 2x). The IRM uses the widest
     shared SAE; MMCS compares the narrowest and widest dictionary of each model."""
 

@@ -73,3 +73,16 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def csv_value(v):
+    """A features.csv cell back to its type (numbers, '' -> None, tags stay strings)."""
+    if v is None or isinstance(v, (int, float)):
+        return v
+    if v == "":
+        return None
+    try:
+        f = float(v)
+    except ValueError:
+        return v
+    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f

@@ -16,7 +16,7 @@ import torch
 
 from irmlens.config import StudyConfig, dump_config
 from irmlens.errors import ConfigError
-from irmlens.io import atomic_write_json, atomic_write_text, read_json, sha256_file
+from irmlens.io import atomic_write_json, atomic_write_text, csv_value, read_json, sha256_file
 from irmlens.paths import models_dir
 
 
@@ -256,7 +256,7 @@ def stage_saes(
 ) -> list[dict]:
     """Per-model and shared SAEs per layer and width; evals (held-out positions, CE loss recovered
     with the SAE spliced into the model) and MMCS between each model's narrowest and widest SAE."""
-    from irmlens.cache.store import hook_name, load_activations, load_token_rows
+    from irmlens.cache.store import hook_name, load_activations, load_manifest, load_token_rows
     from irmlens.diff.matching import mmcs
     from sae_training.evals import ce_loss_recovered
     from sae_training.train import evaluate_sae, load_sae, train_sae
@@ -266,11 +266,15 @@ def stage_saes(
     token_rows = None
     for layer in layers:
         hook = hook_name(layer)
-        acts = {m: load_activations(paths.cache, m, hook) for m in ("base", "rlhf")}
-        train_idx, eval_idx = _sae_eval_split(acts["base"].shape[0], cfg.seed)
-        acts["shared"] = torch.cat([acts["base"], acts["rlhf"]])
-        shared_train = torch.cat([train_idx, train_idx + acts["base"].shape[0]])
-        shared_eval = torch.cat([eval_idx, eval_idx + acts["base"].shape[0]])
+        # the shared dictionary sees every model of the study (the null model too), so the null
+        # pair's differences are encoded by a dictionary that knows its activations as well
+        models = load_manifest(paths.cache)["models"]
+        acts = {m: load_activations(paths.cache, m, hook) for m in models}
+        n = acts["base"].shape[0]
+        train_idx, eval_idx = _sae_eval_split(n, cfg.seed)
+        acts["shared"] = torch.cat([acts[m] for m in models])
+        shared_train = torch.cat([train_idx + i * n for i in range(len(models))])
+        shared_eval = torch.cat([eval_idx + i * n for i in range(len(models))])
         for width in widths:
             specs = [("base", "base"), ("rlhf", "rlhf"), ("shared", "shared")]
             if cfg.sae.wide_topk_k and width == widths[-1]:
@@ -346,13 +350,21 @@ def wide_topk_label(cfg: StudyConfig) -> str:
     return f"shared-topk{cfg.sae.wide_topk_k}"
 
 
-def _random_sae(d_in: int, width: int, seed: int):
-    """A randomly initialised (untrained) sae-lens standard SAE of the given width: the control that
-    asks how much of the IRM any ReLU dictionary of that size would give."""
+def _random_sae(d_in: int, width: int, seed: int, like=None):
+    """A randomly initialised (untrained) sae-lens SAE of the given width: the control that asks
+    how much of the IRM any dictionary of that size and kind would give. ``like``: an SAE whose
+    architecture (standard, TopK with its k, JumpReLU) the random one copies."""
     import sae_lens
 
     torch.manual_seed(seed)
-    cfg = sae_lens.StandardTrainingSAEConfig(d_in=d_in, d_sae=width, normalize_activations="none")
+    arch = like.cfg.architecture() if like is not None else "standard"
+    common = dict(d_in=d_in, d_sae=width, normalize_activations="none")
+    if arch == "topk":
+        cfg = sae_lens.TopKTrainingSAEConfig(k=like.cfg.k, **common)
+        return sae_lens.TopKTrainingSAE(cfg).eval()
+    if arch == "jumprelu":
+        return sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(**common)).eval()
+    cfg = sae_lens.StandardTrainingSAEConfig(**common)
     return sae_lens.StandardTrainingSAE(cfg).eval()
 
 
@@ -392,7 +404,12 @@ def stage_diff(
 
 def _diff_layer(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int) -> dict:
     from irmlens.cache.store import hook_name, load_activations, load_manifest, load_token_rows
-    from irmlens.diff.features import FeatureCodes, feature_divergence, match_dictionaries
+    from irmlens.diff.features import (
+        FeatureCodes,
+        feature_divergence,
+        match_dictionaries,
+        shared_feature_partners,
+    )
     from sae_training.train import encode_batched, load_sae
 
     hook = hook_name(layer)
@@ -407,11 +424,10 @@ def _diff_layer(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int) -> 
         if "null" in codes
         else None
     )
-    matching = match_dictionaries(
-        load_sae(paths.sae_dir("base", hook, width)).W_dec,
-        load_sae(paths.sae_dir("rlhf", hook, width)).W_dec,
-        d.matching_threshold,
-    )
+    w_base = load_sae(paths.sae_dir("base", hook, width)).W_dec
+    w_rlhf = load_sae(paths.sae_dir("rlhf", hook, width)).W_dec
+    matching = match_dictionaries(w_base, w_rlhf, d.matching_threshold)  # (b) paired dictionaries
+    partners = shared_feature_partners(sae.W_dec, w_base, w_rlhf, d.matching_threshold)
     rows = load_token_rows(paths.cache)
     word = rows.word_id[rows.valid]
     ends = torch.nonzero(word >= 0).squeeze(-1)
@@ -423,6 +439,7 @@ def _diff_layer(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int) -> 
         table.append(
             {"feature": j, **{k: float(v[j]) for k, v in div.items()}}
             | ({"divergence_null": float(null_div["divergence"][j])} if null_div else {})
+            | {k: v[j] for k, v in partners.items()}
         )
     divergent = []
     for j in order[: d.top_n].tolist():
@@ -686,7 +703,9 @@ def stage_irm(
         "topk_wide_codes": [load_sae(topk_dir)] if topk_dir.exists() else None,
         "multi_layer_pre": shared,
     }.get(chosen.name, [shared[li]])
-    randoms = [_random_sae(d_model, s.cfg.d_sae, cfg.seed + 1 + i) for i, s in enumerate(saes)]
+    randoms = [
+        _random_sae(d_model, s.cfg.d_sae, cfg.seed + 1 + i, like=s) for i, s in enumerate(saes)
+    ]
     control_spaces = {
         "random_sae": space(
             "random_sae",
@@ -716,6 +735,25 @@ def stage_irm(
         control_fits[name] = fit_and_score(sp.fit, sp.held, targets, split, icfg)
         controls[name] = _score_row(control_fits[name], main, targets, icfg.seed) | {
             "description": sp.description
+        }
+
+    def feature_ref(col: int) -> dict:
+        """Which dictionary, layer and feature a column of the chosen space is (``features``
+        ids index the space's columns; these name the feature itself)."""
+        d_sae = saes[0].cfg.d_sae
+        if chosen.name == "multi_layer_pre":
+            return {
+                "dictionary": "shared",
+                "layer": layers[col // d_sae],
+                "local_feature": col % d_sae,
+            }
+        if chosen.name == "sae_codes_error" and col >= d_sae:
+            return {"dictionary": "sae_error", "layer": layer, "local_feature": col - d_sae}
+        dictionary = {"base_sae_codes": "base", "topk_wide_codes": wide_topk_label(cfg)}
+        return {
+            "dictionary": dictionary.get(chosen.name, "shared"),
+            "layer": layer,
+            "local_feature": col,
         }
 
     # References: raw differences and the model-level implicit reward (what the policy learned).
@@ -756,6 +794,7 @@ def stage_irm(
     sparse_row = {
         "k": icfg.sparse_k,
         "features": chosen_feats,
+        "feature_refs": [feature_ref(j) for j in chosen_feats],
         "heldout_kendall_tau": sparse.heldout_kendall_tau,
         "heldout_kendall_tau_ci": list(
             bootstrap_tau_ci(sparse.heldout_irm, targets.utility, seed=icfg.seed)
@@ -813,7 +852,7 @@ def stage_irm(
     def attribution(w: int, top: int = 5) -> list[dict]:
         contrib = (chosen.held[held_word == w].double().mean(0)) * coef
         idx = torch.argsort(contrib.abs(), descending=True)[:top].tolist()
-        return [{"feature": j, "contribution": float(contrib[j])} for j in idx]
+        return [{"feature": j, **feature_ref(j), "contribution": float(contrib[j])} for j in idx]
 
     div_words = [
         {
@@ -826,13 +865,15 @@ def stage_irm(
         for w, zv in zip(words_h, z.tolist(), strict=True)
     ]
     div_words.sort(key=lambda d: d["divergence"])
-    n_show = 10
-    divergent_words = div_words[-n_show:][::-1] + div_words[:n_show]
+    n_show = min(10, len(div_words) // 2)  # no word both over- and under-valued
+    divergent_words = div_words[len(div_words) - n_show :][::-1] + div_words[:n_show]
 
     # the readable ranking: the sparse IRM's features in selection order, with their weights
     top_features = top_irm_features(
         sparse.model, chosen.fit, chosen.held, targets, split, features=chosen_feats
     )
+    for f in top_features:
+        f.update(feature_ref(f["feature"]))
     paths.irm.mkdir(parents=True, exist_ok=True)
     tmp = paths.irm / ".coefficients.safetensors.tmp"
     save_file({"coef": coef.float(), "intercept": torch.tensor([main.model.intercept])}, str(tmp))
@@ -920,7 +961,6 @@ def stage_cards(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, pai
     irm = read_json(paths.irm / "metrics.json")
     coef = load_file(str(paths.irm / "coefficients.safetensors"))["coef"]
     weights = irm_feature_weights(irm, coef, sae.cfg.d_sae)
-    matching = read_json(paths.diff / "matching.json")
     table = {f["feature"]: f for f in features["divergent_features"]}
     chosen = [f["feature"] for f in features["divergent_features"]][: cfg.diff.n_cards]
     sparse = []
@@ -943,7 +983,7 @@ def stage_cards(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, pai
         csv_rows = {int(r["feature"]): r for r in csv.DictReader(f)}
     cards = []
     for j in chosen:
-        summary = table.get(j) or {k: float(v) for k, v in csv_rows[j].items()}
+        summary = table.get(j) or {k: csv_value(v) for k, v in csv_rows[j].items()}
         cards.append(
             {
                 "feature": j,
@@ -955,9 +995,16 @@ def stage_cards(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, pai
                 "frequency_rlhf": summary["frequency_rlhf"],
                 "mean_change": summary["mean_change"],
                 "irm_weight": weights.get(j),
-                "matched_partner": matching["partner"][j],
-                "matched_cosine": matching["cosine"][j],
-                "matching_tag": matching["tag_base"][j],
+                **{
+                    k: csv_value(summary[k])
+                    for k in (
+                        "base_partner",
+                        "base_cosine",
+                        "rlhf_partner",
+                        "rlhf_cosine",
+                        "matching_tag",
+                    )
+                },
                 "contexts_base": top_contexts(codes["base"], rows.tokens, rows.valid, token_str, j),
                 "contexts_rlhf": top_contexts(codes["rlhf"], rows.tokens, rows.valid, token_str, j),
                 "histogram": activation_histograms(codes["base"], codes["rlhf"], j),
@@ -973,24 +1020,14 @@ def stage_cards(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, pai
 
 
 def _check_run_dir(paths: RunPaths, cfg_text: str) -> None:
-    """Refuse a different study in an existing run folder. The saved config is re-read with
-    today's defaults, so a setting added in a newer irmlens (absent from an older run's
-    config.toml, hence at its default) does not make the same study look different."""
-    from irmlens.config import load_config
-
-    if not paths.config.exists():
-        return
-    saved = paths.config.read_text(encoding="utf-8")
-    if saved == cfg_text:
-        return
-    try:
-        same = dump_config(load_config(paths.config)) == cfg_text
-    except ConfigError:
-        same = False
-    if not same:
+    """Refuse a different study in an existing run folder. The comparison is on the resolved
+    config text, so a run written by an irmlens with other settings or defaults is refused too:
+    its outputs may come from another recipe (base model, null pair, dictionaries)."""
+    if paths.config.exists() and paths.config.read_text(encoding="utf-8") != cfg_text:
         raise ConfigError(
-            f"{paths.root} already holds a run with a different config ({paths.config}). "
-            "Choose another --out folder, or delete that one to start over."
+            f"{paths.root} already holds a run with a different config ({paths.config}), or one "
+            "written by another irmlens version. Choose another --out folder, or delete that one "
+            "to start over."
         )
 
 

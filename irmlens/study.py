@@ -33,9 +33,9 @@ class Study:
 
     @property
     def features(self):
-        """Every shared-SAE feature of the IRM layer: divergence, means, firing frequencies, the
-        IRM weight where the IRM is over that dictionary's codes or pre-activations, and the
-        matched partner's decoder cosine (paired dictionaries)."""
+        """Every shared-SAE feature of the IRM layer: divergence, means, firing frequencies, its
+        Hungarian partners (and decoder cosines) in the base and the RLHF SAE with a tag, and the
+        IRM weight where the IRM is over that dictionary's codes or pre-activations."""
         import pandas as pd
 
         from irmlens.irm.fit import irm_feature_weights
@@ -44,10 +44,6 @@ class Study:
         weights = irm_feature_weights(self.report["irm"], self.irm_coefficients(), len(df))
         if weights:
             df["irm_weight"] = [weights[j] for j in df["feature"]]
-        matching = read_json(self.run_dir / "diff" / "matching.json")
-        df["matched_rlhf_feature"] = matching["partner"]
-        df["matched_cosine"] = matching["cosine"]
-        df["matching_tag"] = matching["tag_base"]
         return df.sort_values("divergence", ascending=False).reset_index(drop=True)
 
     def diff_layers(self) -> list[int]:
@@ -64,8 +60,6 @@ class Study:
         if layer == self.report["irm"]["layer"]:
             return self.features
         df = pd.read_csv(self.run_dir / "diff" / f"features_layer{layer}.csv")
-        matching = read_json(self.run_dir / "diff" / f"matching_layer{layer}.json")
-        df["matching_tag"] = matching["tag_base"]
         return df.sort_values("divergence", ascending=False).reset_index(drop=True)
 
     @property

@@ -76,12 +76,22 @@ def test_report_json_has_schema_v2_fields(micro_run):
     assert _finite(irm["reference"]["model_implicit_reward"]["heldout_kendall_tau"])
     assert _finite(r["paper_estimator"]["kendall_tau"]) and r["paper_estimator"]["n_examples"] > 100
     fm = r["feature_matching"]
-    assert fm["n_shared"] + fm["n_base_only"] == fm["width"]
+    assert sum(fm["cosine_histogram"]) == fm["width"]
+    q = fm["cosine_quantiles"]
+    assert -1 <= q["p10"] <= q["p50"] <= q["p90"] <= 1
+    matching = json.loads((micro_run / "diff/matching.json").read_text())
+    partners = [p for p in matching["partner"] if p >= 0]
+    assert len(partners) == len(set(partners)) == fm["width"]  # one-to-one
     assert len(r["divergent_features"]) == 50
     divs = [f["divergence"] for f in r["divergent_features"]]
     assert divs == sorted(divs, reverse=True)
     assert len(r["divergent_words"]) == 20
-    assert r["divergent_words"][0]["divergence"] > 0 > r["divergent_words"][-1]["divergence"]
+    every = json.loads((micro_run / "irm/word_attribution.json").read_text())
+    assert len(every) == irm["n_heldout_words"]
+    assert r["divergent_words"][0]["divergence"] == max(w["divergence"] for w in every)
+    # 10 most over-valued (most first), then 10 most under-valued (most first)
+    assert r["divergent_words"][10]["divergence"] == min(w["divergence"] for w in every)
+    assert len({w["word"] for w in r["divergent_words"]}) == 20
 
 
 def test_rlhf_raised_reward_and_saes_reconstruct(micro_run):

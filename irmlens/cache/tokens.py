@@ -48,7 +48,9 @@ def tokenize_rows(
         tok_word = [char_word[e - 1] if e > 0 else -1 for (_, e) in offsets]
         unk = getattr(tokenizer, "unk_token_id", None)
         unreadable = {w for w, t in zip(tok_word, ids, strict=True) if unk is not None and t == unk}
-        ids_w, in_w = [], [w >= 0 for w in tok_word]
+        # an unreadable word is not part of any word's tokens either (its log-ratio must not be
+        # summed into the next word's implicit reward)
+        ids_w, in_w = [], [w >= 0 and w not in unreadable for w in tok_word]
         for i, w in enumerate(tok_word):
             # a word the model reads as <unk> ends nowhere: it cannot know that word's utility
             is_last = (

@@ -110,3 +110,31 @@ def match_dictionaries(
             0
         ].tolist(),
     }
+
+
+def shared_feature_partners(
+    w_dec_shared: torch.Tensor,
+    w_dec_base: torch.Tensor,
+    w_dec_rlhf: torch.Tensor,
+    threshold: float = 0.7,
+) -> dict[str, list]:
+    """Where each feature of the shared dictionary lives in the per-model dictionaries: its
+    Hungarian partner and decoder cosine in the base SAE and in the RLHF SAE, and a tag —
+    ``shared`` (a partner >= ``threshold`` in both), ``rlhf-only`` / ``base-only`` (in one of
+    them), ``unmatched`` (in neither)."""
+    out: dict[str, list] = {}
+    present = {}
+    for name, w in (("base", w_dec_base), ("rlhf", w_dec_rlhf)):
+        rows, cols, cos = hungarian_match(w_dec_shared, w)
+        partner = torch.full((w_dec_shared.shape[0],), -1, dtype=torch.long)
+        cosine = torch.full((w_dec_shared.shape[0],), float("nan"), dtype=torch.float64)
+        partner[rows], cosine[rows] = cols, cos
+        out[f"{name}_partner"] = partner.tolist()
+        out[f"{name}_cosine"] = [None if c != c else float(c) for c in cosine.tolist()]
+        present[name] = cosine >= threshold
+    tags = {(True, True): "shared", (False, True): "rlhf-only", (True, False): "base-only"}
+    out["matching_tag"] = [
+        tags.get((bool(b), bool(r)), "unmatched")
+        for b, r in zip(present["base"], present["rlhf"], strict=True)
+    ]
+    return out

@@ -280,7 +280,9 @@ def sparse_irm(
     """An IRM a person can read: ``k`` features chosen by orthogonal matching pursuit on the fit
     positions (among the first ``n_candidates`` columns, i.e. the dictionary features), then the
     same ridge on those ``k`` alone, scored like every other IRM. Features come back in selection
-    order (the first explains the most), and the fit's coefficients follow that order."""
+    order (the first explains the most), and the fit's coefficients follow that order. The
+    held-out score is clean (selection saw fit words only); the fit's ``cv_r2`` is optimistic,
+    since the selection saw every fit word before the folds were drawn."""
     n_candidates = x_fit.shape[1] if n_candidates is None else n_candidates
     y = _target_vector(targets, split.fit_positions, targets.utility)
     chosen = omp_select(x_fit[:, :n_candidates], y, k)

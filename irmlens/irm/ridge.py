@@ -94,6 +94,7 @@ def fit_ridge_sparse(
     import numpy as np
     from scipy.sparse.linalg import LinearOperator, cg
 
+    x = x.astype(np.float64)  # E[x^2] - mu^2 below loses too much in float32
     n, d = x.shape
     yv = y.double().numpy()
     mu = np.asarray(x.mean(axis=0)).ravel()

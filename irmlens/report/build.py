@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from irmlens.io import atomic_write_json, atomic_write_text, read_json
+from irmlens.io import atomic_write_json, atomic_write_text, csv_value, read_json
 
 SCHEMA_VERSION = 2
 
@@ -152,7 +152,12 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
 
 def _check_finite(obj, where="report") -> None:
     if isinstance(obj, float) and not math.isfinite(obj):
-        raise ValueError(f"{where} is not finite")
+        raise ValueError(
+            f"{where} is {obj}: a rank correlation or fit was undefined, usually because too few "
+            "held-out words occur in the cached text or a model's predictions are constant. "
+            "Cache more text (cache.max_rows, data.n_heldout) or lower irm.heldout_fraction, then "
+            "re-run `irmlens irm RUN_DIR --force`."
+        )
     if isinstance(obj, dict):
         for k, v in obj.items():
             _check_finite(v, f"{where}.{k}")
@@ -204,18 +209,13 @@ def feature_map_rows(run_dir: Path, report: dict) -> list[dict]:
     from irmlens.irm.fit import irm_feature_weights
 
     with open(run_dir / "diff" / "features.csv", encoding="utf-8") as f:
-        rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    for r in rows:
-        r["feature"] = int(r["feature"])
+        rows = [{k: csv_value(v) for k, v in r.items()} for r in csv.DictReader(f)]
     coef = load_file(str(run_dir / "irm" / "coefficients.safetensors"))["coef"]
     weights = irm_feature_weights(report["irm"], coef, len(rows))
-    matching = read_json(run_dir / "diff" / "matching.json")
     words = {f["feature"]: f["top_words_increase"] for f in report["divergent_features"]}
     for r in rows:
-        j = r["feature"]
-        r["irm_weight"] = weights.get(j)
-        r["matching_tag"] = matching["tag_base"][j]
-        r["top_words_increase"] = words.get(j, [])
+        r["irm_weight"] = weights.get(r["feature"])
+        r["top_words_increase"] = words.get(r["feature"], [])
     return rows
 
 
@@ -304,11 +304,16 @@ def render_card(card: dict, include_plotlyjs: bool = False) -> str:
         for k in ("promoted", "suppressed")
     }
     weight = "n/a" if card["irm_weight"] is None else f"{card['irm_weight']:+.4g}"
-    cos = card["matched_cosine"]
+
+    def partner_text(model: str) -> str:
+        p, c = card[f"{model}_partner"], card[f"{model}_cosine"]
+        return (
+            "none" if p is None or p < 0 or c is None else f"feature {p} (decoder cosine {c:.2f})"
+        )
+
     partner = (
-        f"rlhf feature {card['matched_partner']} (decoder cosine {cos:.2f}, {card['matching_tag']})"
-        if card["matched_partner"] >= 0 and cos is not None
-        else "none"
+        f"{card['matching_tag']}: in the base SAE {partner_text('base')}; in the RLHF SAE "
+        f"{partner_text('rlhf')}"
     )
     hist = feature_histogram_figure(card).to_html(
         full_html=False, include_plotlyjs=include_plotlyjs, config={"displaylogo": False}
@@ -316,7 +321,7 @@ def render_card(card: dict, include_plotlyjs: bool = False) -> str:
     return f"""<details class="card" id="feature-{card["feature"]}"><summary><b>feature {card["feature"]}</b>
 (layer {card["layer"]}; {html.escape(card["reason"].strip())}): divergence {card["divergence"]:.3f}, firing
 {card["frequency_base"]:.3f} &rarr; {card["frequency_rlhf"]:.3f}, IRM weight {weight}</summary>
-<table class="kv"><tr><th>matched partner</th><td>{html.escape(partner)}</td></tr>
+<table class="kv"><tr><th>matched partners</th><td>{html.escape(partner)}</td></tr>
 <tr><th>promotes (logit lens)</th><td>{tokens["promoted"]}</td></tr>
 <tr><th>suppresses</th><td>{tokens["suppressed"]}</td></tr></table>
 <div class="ctxs"><div><h4>top contexts, base</h4>{ctx["base"]}</div><div><h4>top contexts, RLHF</h4>{ctx["rlhf"]}</div></div>

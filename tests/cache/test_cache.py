@@ -139,3 +139,13 @@ def test_stream_batches_visits_every_position_once_per_epoch(rows, tmp_path, mak
         list(stream_batches(tmp_path, "base", H2, batch_size=7, seed=0, shards_in_buffer=2))
     )
     assert torch.equal(seen, again)
+
+
+def test_unknown_words_are_not_scored_and_not_part_of_the_next_word():
+    from irmlens.models.pretrain import train_tokenizer
+
+    tok = train_tokenizer(["a great movie , a great film ."] * 5, 20, kind="word")
+    r = tokenize_rows(tok, ["a zorblax great movie"], n_ctx=8)
+    words = [r.words[w] if w >= 0 else None for w in r.word_id[0].tolist()]
+    assert words[:5] == [None, "a", None, "great", "movie"]  # zorblax reads as <unk>
+    assert r.in_word[0, :5].tolist() == [False, True, False, True, True]

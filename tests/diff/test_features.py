@@ -51,3 +51,24 @@ def test_matching_recovers_a_permutation_and_tags_replaced_features():
     assert m["tag_base"][7] == "base-only" and m["tag_base"].count("shared") == 39
     assert m["n_shared"] == 39 and m["n_base_only"] == 1 and m["n_rlhf_only"] == 1
     assert sum(m["cosine_histogram"]) == 40
+
+
+def test_shared_features_are_tagged_by_where_they_live():
+    from irmlens.diff.features import shared_feature_partners
+
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(6, 32, generator=g)
+    other = torch.randn(6, 32, generator=g)  # directions in neither per-model dictionary
+    base = torch.cat([shared[:4], other[:2]])  # base has shared features 0-3
+    rlhf = torch.cat([shared[[0, 1, 4]], other[2:5]])  # rlhf has 0, 1 and 4
+    p = shared_feature_partners(shared, base, rlhf, threshold=0.9)
+    assert p["matching_tag"] == [
+        "shared",
+        "shared",
+        "base-only",
+        "base-only",
+        "rlhf-only",
+        "unmatched",
+    ]
+    assert p["base_partner"][:4] == [0, 1, 2, 3] and p["rlhf_partner"][4] == 2
+    assert p["base_cosine"][0] == pytest.approx(1.0)

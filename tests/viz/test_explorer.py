@@ -1,6 +1,5 @@
 """The Jupyter explorer's callbacks and the example notebook, on the planted run."""
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -70,4 +69,3 @@ def test_example_notebook_executes(planted_run, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
-    assert os.environ["IRMLENS_RUN"] == str(planted_run)
