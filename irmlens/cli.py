@@ -22,6 +22,11 @@ def offline_env() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def _run_dir(args, cfg) -> Path:
+    """``--out``, or ``runs/<config name>``."""
+    return Path(args.out) if args.out else Path("runs") / cfg.name
+
+
 def cmd_data_fetch(args) -> int:
     from irmlens.data.assets import fetch_assets
 
@@ -77,7 +82,7 @@ def cmd_rlhf(args) -> int:
     splits = load_splits(cfg, assets.reviews)
     rm = load_reward_model(cfg, assets.lexicon)
     base = ensure_base_model(cfg, splits, assets.reviews)
-    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    out = _run_dir(args, cfg)
     s = stage_rlhf(cfg, RunPaths(out), base, rm, splits)
     print(
         f"RLHF model: {RunPaths(out).rlhf_model}\n{s['algorithm']} against {s['trained_against']}: "
@@ -93,7 +98,7 @@ def cmd_cache(args) -> int:
     from irmlens.pipeline import run_study
 
     cfg = load_config(args.config)
-    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    out = _run_dir(args, cfg)
     cache = run_study(cfg, out, stop_after="cache")
     m = load_manifest(cache)
     print(
@@ -108,7 +113,7 @@ def cmd_run(args) -> int:
     from irmlens.pipeline import run_study
 
     cfg = load_config(args.config)
-    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    out = _run_dir(args, cfg)
     report = run_study(cfg, out)
     print(f"\nReport: {report.resolve()}\nData:   {(report.parent / 'report.json').resolve()}")
     return 0
@@ -139,12 +144,13 @@ def cmd_diff(args) -> int:
     # the IRM does not read the diff stage's outputs; the feature cards do
     out = _rerun_stage(args, "diff", ["diff/features.json", "diff/cards.json"])
     r = read_json(out / "features.json")
+    table = out / f"features_layer{r['layer']}.csv"
     fm = r["feature_matching"]
     print(
         f"divergent features: {r['n_divergent']} of {r['n_features']} (threshold {r['threshold']}"
         + (f"; null pair {r['n_divergent_null']}" if r["n_divergent_null"] is not None else "")
         + f")\npaired dictionaries: {fm['n_shared']} shared, {fm['n_base_only']} base-only, "
-        f"{fm['n_rlhf_only']} rlhf-only\nTable: {(out / 'features.csv').resolve()}"
+        f"{fm['n_rlhf_only']} rlhf-only\nTable: {table.resolve()}"
     )
     return 0
 

@@ -72,6 +72,12 @@ class RunPaths:
     def report(self) -> Path:
         return self.root / "report"
 
+    def features_table(self, layer: int) -> Path:
+        return self.diff / f"features_layer{layer}.csv"
+
+    def matching_file(self, layer: int) -> Path:
+        return self.diff / f"matching_layer{layer}.json"
+
     def sae_dir(self, model: str, hook: str, width: int) -> Path:
         return self.saes / model / hook / str(width)
 
@@ -383,15 +389,15 @@ def stage_diff(
 ) -> dict:
     """Per-feature divergence through the widest shared SAE (base vs rlhf, and base vs null), and
     Hungarian matching of the base and rlhf dictionaries of the same width, for every studied
-    layer (``diff/features_layer{L}.csv``, ``diff/matching_layer{L}.json``); the IRM layer's are
-    also ``features.csv`` / ``matching.json`` / ``features.json``."""
+    layer (``diff/features_layer{L}.csv``, ``diff/matching_layer{L}.json``); the IRM layer's
+    summary and most divergent features are ``features.json``."""
+    from irmlens.cache.store import load_token_rows
+
     out = paths.diff / "features.json"
     if out.exists():
         return read_json(out)
-    per_layer = {la: _diff_layer(cfg, paths, la, d_model) for la in sorted(layers)}
-    for name in ("features_layer{}.csv", "matching_layer{}.json"):
-        src = paths.diff / name.format(layer)
-        atomic_write_text(paths.diff / name.format("").replace("_layer", ""), src.read_text())
+    rows = load_token_rows(paths.cache)
+    per_layer = {la: _diff_layer(cfg, paths, la, d_model, rows) for la in sorted(layers)}
     result = per_layer[layer] | {
         "layers": [
             {k: r[k] for k in ("layer", "n_features", "n_divergent", "n_divergent_null")}
@@ -402,8 +408,8 @@ def stage_diff(
     return result
 
 
-def _diff_layer(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int) -> dict:
-    from irmlens.cache.store import hook_name, load_activations, load_manifest, load_token_rows
+def _diff_layer(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, rows) -> dict:
+    from irmlens.cache.store import hook_name, load_activations, load_manifest
     from irmlens.diff.features import (
         FeatureCodes,
         feature_divergence,
@@ -428,7 +434,6 @@ def _diff_layer(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int) -> 
     w_rlhf = load_sae(paths.sae_dir("rlhf", hook, width)).W_dec
     matching = match_dictionaries(w_base, w_rlhf, d.matching_threshold)  # (b) paired dictionaries
     partners = shared_feature_partners(sae.W_dec, w_base, w_rlhf, d.matching_threshold)
-    rows = load_token_rows(paths.cache)
     word = rows.word_id[rows.valid]
     ends = torch.nonzero(word >= 0).squeeze(-1)
     delta = codes["rlhf"][ends] - codes["base"][ends]
@@ -455,7 +460,7 @@ def _diff_layer(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int) -> 
     writer = csv.DictWriter(buf, fieldnames=list(table[0]))
     writer.writeheader()
     writer.writerows(table)
-    atomic_write_text(paths.diff / f"features_layer{layer}.csv", buf.getvalue())
+    atomic_write_text(paths.features_table(layer), buf.getvalue())
     n_div = int((div["divergence"] > d.threshold).sum())
     n_null = int((null_div["divergence"] > d.threshold).sum()) if null_div else None
     result = {
@@ -475,7 +480,7 @@ def _diff_layer(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int) -> 
         "divergent_features": divergent,
     }
     atomic_write_json(
-        paths.diff / f"matching_layer{layer}.json",
+        paths.matching_file(layer),
         {
             "partner": matching["partner"].tolist(),
             "cosine": [None if c != c else c for c in matching["cosine"].tolist()],
@@ -600,12 +605,12 @@ def stage_irm(
             "codes",
         ),
     ]
-    if topk_dir.exists():
-        topk = load_sae(topk_dir)
+    topk = load_sae(topk_dir) if topk_dir.exists() else None
+    if topk is not None:
         candidates.append(
             space(
                 "topk_wide_codes",
-                f"shared TopK SAE (k={topk.cfg.k if hasattr(topk.cfg, 'k') else cfg.sae.wide_topk_k}) codes, rlhf - base",
+                f"shared TopK SAE (k={topk.cfg.k}) codes, rlhf - base",
                 [topk],
                 one,
                 "codes",
@@ -700,7 +705,7 @@ def stage_irm(
     layer_idx = list(range(len(layers))) if chosen.name == "multi_layer_pre" else one
     saes = {
         "base_sae_codes": [base_sae],
-        "topk_wide_codes": [load_sae(topk_dir)] if topk_dir.exists() else None,
+        "topk_wide_codes": [topk],
         "multi_layer_pre": shared,
     }.get(chosen.name, [shared[li]])
     randoms = [
@@ -805,7 +810,6 @@ def stage_irm(
 
     # The paper's contrastive estimator, on the same word split.
     tok = pair.tokenizer
-    vocab = tok.get_vocab()
     unk = getattr(tok, "unk_token", None)
 
     def known(w: str) -> bool:  # a word the model can read (not mapped to <unk>)
@@ -818,7 +822,6 @@ def stage_irm(
         targets.words[i]: c for i, c in enumerate(counts) if c and known(targets.words[i])
     }
     sentences = [r.text for r in load_reviews(asset_paths().sentences)]
-    del vocab
     paper = paper_estimator(
         hooked["rlhf"],
         tok,
@@ -963,11 +966,11 @@ def stage_cards(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, pai
     weights = irm_feature_weights(irm, coef, sae.cfg.d_sae)
     table = {f["feature"]: f for f in features["divergent_features"]}
     chosen = [f["feature"] for f in features["divergent_features"]][: cfg.diff.n_cards]
-    sparse = []
-    if irm["space"] in ("sae_codes", "sae_pre", "sae_codes_error", "multi_layer_pre"):
-        multi = irm["space"] == "multi_layer_pre"
-        offset = irm["layers"].index(irm["layer"]) * sae.cfg.d_sae if multi else 0
-        sparse = [f - offset for f in irm["sparse"]["features"] if 0 <= f - offset < sae.cfg.d_sae]
+    sparse = [
+        ref["local_feature"]
+        for ref in irm["sparse"]["feature_refs"]
+        if ref["dictionary"] == "shared" and ref["layer"] == layer
+    ]
     chosen += [f for f in sparse if f not in chosen]
     codes = {
         m: encode_batched(sae, load_activations(paths.cache, m, hook)) for m in ("base", "rlhf")
@@ -979,7 +982,7 @@ def stage_cards(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, pai
         return tok.decode([i])
 
     w_u = pair.get()["base"].W_U.detach()
-    with open(paths.diff / "features.csv", encoding="utf-8") as f:
+    with open(paths.features_table(layer), encoding="utf-8") as f:
         csv_rows = {int(r["feature"]): r for r in csv.DictReader(f)}
     cards = []
     for j in chosen:
@@ -996,7 +999,7 @@ def stage_cards(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, pai
                 "mean_change": summary["mean_change"],
                 "irm_weight": weights.get(j),
                 **{
-                    k: csv_value(summary[k])
+                    k: summary[k]
                     for k in (
                         "base_partner",
                         "base_cosine",

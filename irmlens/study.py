@@ -1,6 +1,6 @@
 """``Study.load(run_dir)``: a finished run as pandas DataFrames, for notebooks.
 
-Reads only files the pipeline wrote (report.json, diff/features.csv, irm/word_utilities.csv,
+Reads only files the pipeline wrote (report.json, diff/features_layer*.csv, irm/word_utilities.csv,
 irm/word_attribution.json, SAE metrics); loads no model. SAEs load on demand via ``sae(...)``.
 """
 
@@ -40,11 +40,14 @@ class Study:
 
         from irmlens.irm.fit import irm_feature_weights
 
-        df = pd.read_csv(self.run_dir / "diff" / "features.csv")
+        df = pd.read_csv(self._features_table(self.report["irm"]["layer"]))
         weights = irm_feature_weights(self.report["irm"], self.irm_coefficients(), len(df))
         if weights:
             df["irm_weight"] = [weights[j] for j in df["feature"]]
         return df.sort_values("divergence", ascending=False).reset_index(drop=True)
+
+    def _features_table(self, layer: int) -> Path:
+        return self.run_dir / "diff" / f"features_layer{layer}.csv"
 
     def diff_layers(self) -> list[int]:
         """Layers with a feature-divergence table (every studied layer)."""
@@ -59,7 +62,7 @@ class Study:
 
         if layer == self.report["irm"]["layer"]:
             return self.features
-        df = pd.read_csv(self.run_dir / "diff" / f"features_layer{layer}.csv")
+        df = pd.read_csv(self._features_table(layer))
         return df.sort_values("divergence", ascending=False).reset_index(drop=True)
 
     @property

@@ -79,7 +79,7 @@ def test_report_json_has_schema_v2_fields(micro_run):
     assert sum(fm["cosine_histogram"]) == fm["width"]
     q = fm["cosine_quantiles"]
     assert -1 <= q["p10"] <= q["p50"] <= q["p90"] <= 1
-    matching = json.loads((micro_run / "diff/matching.json").read_text())
+    matching = json.loads((micro_run / f"diff/matching_layer{fm['layer']}.json").read_text())
     partners = [p for p in matching["partner"] if p >= 0]
     assert len(partners) == len(set(partners)) == fm["width"]  # one-to-one
     assert len(r["divergent_features"]) == 50

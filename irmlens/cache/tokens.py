@@ -34,6 +34,7 @@ def tokenize_rows(
         raise ValueError("the tokenizer has no BOS token; irmlens starts every cached row with BOS")
     bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
     pad = bos if pad is None else pad
+    unk = getattr(tokenizer, "unk_token_id", None)
     vocab: dict[str, int] = {}
     rows, words_rows, in_word_rows = [], [], []
     body = n_ctx - 1
@@ -46,7 +47,6 @@ def tokenize_rows(
             for c in range(s, e):
                 char_word[c] = wi
         tok_word = [char_word[e - 1] if e > 0 else -1 for (_, e) in offsets]
-        unk = getattr(tokenizer, "unk_token_id", None)
         unreadable = {w for w, t in zip(tok_word, ids, strict=True) if unk is not None and t == unk}
         # an unreadable word is not part of any word's tokens either (its log-ratio must not be
         # summed into the next word's implicit reward)

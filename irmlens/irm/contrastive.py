@@ -34,10 +34,10 @@ def neutral_words(word_counts: dict[str, int], utility, n: int) -> list[str]:
     return [w for w in ranked if w.isalpha() and len(w) >= 3 and utility(w) is None][:n]
 
 
-def contexts(sentences: list[str], max_prefix_words: int) -> list[list[str]]:
+def contexts(sentences: list[str], max_prefix_words: int, seed: int = 0) -> list[list[str]]:
     """Sentence prefixes (word lists) ending just before a slot: each cut is at a random position."""
     out = []
-    rng = random.Random(0)
+    rng = random.Random(seed)
     for s in sentences:
         words = s.split()
         if len(words) < 3:
@@ -89,7 +89,7 @@ def paper_estimator(
 ) -> dict:
     """Fit on contrastive examples of ``fit_words``, score on ``heldout_words``; see the module doc."""
     rng = random.Random(cfg.seed)
-    ctx = contexts(sentences, cfg.max_prefix_words)
+    ctx = contexts(sentences, cfg.max_prefix_words, cfg.seed)
     neutral = neutral_words(word_counts, utility, cfg.n_neutral)
     if not ctx or not neutral:
         raise ValueError("the contrastive estimator needs sentences and neutral words")

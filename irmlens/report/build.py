@@ -201,14 +201,15 @@ def _controls_text(controls: dict) -> str:
 
 def feature_map_rows(run_dir: Path, report: dict) -> list[dict]:
     """Every shared-SAE feature of the IRM layer with its divergence numbers, IRM weight and
-    matching tag (features.csv + IRM coefficients + matching.json), for the feature map."""
+    matching tag (the layer's features table + IRM coefficients), for the feature map."""
     import csv
 
     from safetensors.torch import load_file
 
     from irmlens.irm.fit import irm_feature_weights
 
-    with open(run_dir / "diff" / "features.csv", encoding="utf-8") as f:
+    table = run_dir / "diff" / f"features_layer{report['irm']['layer']}.csv"
+    with open(table, encoding="utf-8") as f:
         rows = [{k: csv_value(v) for k, v in r.items()} for r in csv.DictReader(f)]
     coef = load_file(str(run_dir / "irm" / "coefficients.safetensors"))["coef"]
     weights = irm_feature_weights(report["irm"], coef, len(rows))
@@ -464,7 +465,7 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 {words_html}
 {feats_html}
 <h2>Feature cards</h2>
-<p>The most divergent features and the sparse IRM's features (the full table: features.csv).
+<p>The most divergent features and the sparse IRM's features (the full table: features.csv beside this page).
 Click a card to open it; token backgrounds show the feature's activation.</p>
 {"".join(render_card(c) for c in report.get("feature_cards", []))}
 <h2>Samples before and after RLHF (same prompts, same seed)</h2>
@@ -495,15 +496,15 @@ def write_report(run_dir: Path, report: dict, formats=FORMATS) -> Path:
     out = run_dir / "report"
     if "json" in formats:
         atomic_write_json(out / "report.json", report)
+    rows = feature_map_rows(run_dir, report) if {"html", "csv"} & set(formats) else []
     if "html" in formats:
         metrics = _read_jsonl(run_dir / "rlhf" / "metrics.jsonl")
-        rows = feature_map_rows(run_dir, report)
         atomic_write_text(
             out / "index.html", render_html(report, metrics, rows, _fit_points(run_dir))
         )
     if "md" in formats:
         atomic_write_text(out / "summary.md", to_markdown(report))
     if "csv" in formats:
-        atomic_write_text(out / "features.csv", features_csv(feature_map_rows(run_dir, report)))
+        atomic_write_text(out / "features.csv", features_csv(rows))
         atomic_write_text(out / "words.csv", words_csv(run_dir))
     return out / "index.html"
