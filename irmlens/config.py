@@ -103,6 +103,7 @@ class SAEStageConfig:
     # A wider, less sparse shared dictionary for the IRM feature-space comparison: TopK with this
     # k at the widest width (0: none).
     wide_topk_k: int = 64
+    trainer: str = "auto"  # auto | fused | sae-lens (see sae_training.train.SAETrainingConfig)
 
     def training_config(self, width: int, seed: int, device: str) -> SAETrainingConfig:
         return SAETrainingConfig(
@@ -116,6 +117,7 @@ class SAEStageConfig:
             n_checkpoints=self.n_checkpoints,
             seed=seed,
             device=device,
+            trainer=self.trainer,
         )
 
 

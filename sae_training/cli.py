@@ -62,7 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         help="bf16 autocast for the SAE step (default: on for CUDA, off for CPU)",
     )
     p.add_argument(
-        "--compile", action="store_true", help="torch.compile the SAE's training forward pass"
+        "--compile",
+        action="store_true",
+        help="torch.compile sae-lens's training forward pass (runs sae-lens's step)",
+    )
+    p.add_argument(
+        "--trainer",
+        choices=("auto", "sae-lens", "fused"),
+        default="auto",
+        help="training step: 'fused' = irmlens's hand-derived standard-SAE step (faster, same "
+        "loss), 'sae-lens' = sae-lens's autograd step; 'auto' = fused for standard, else sae-lens",
     )
     p.add_argument("--out", required=True, help="output folder (SAELens format)")
     args = p.parse_args(argv)
@@ -119,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         autocast=args.device.startswith("cuda") if args.autocast is None else args.autocast,
         compile=args.compile,
+        trainer=args.trainer,
     )
     out = Path(args.out)
     ckpt = out.with_name(f".{out.name}.checkpoints") if args.checkpoints else None

@@ -9,9 +9,11 @@
    stopped after layer 15, device-to-pinned-host copies) as a fraction of the bare truncated forward
    pass on the same tokens (target >= 0.9). ``capture_encoded`` is the path ``build_paired_cache``
    writes shards from: forward, fused encode (bf16) + statistics on the GPU, side-stream copy.
-2. SAE training: standard L1, d_in 576, width 16384, batch 4096, bf16 autocast. Prints tokens/s as a
-   fraction of the bf16 matmul limit, measured here (peak TFLOP/s of a large bf16 matmul) divided by
-   the step's ~12 * d_in * d_sae FLOPs per token (target >= 0.35).
+2. SAE training: standard L1, d_in 576, width 16384, batch 4096, bf16 autocast. Checks the
+   hand-derived step (``sae_training/fused.py``) against autograd on CUDA, then prints tokens/s of
+   ``train_sae`` with that step and with sae-lens's own step as a fraction of the bf16 matmul
+   limit, measured here (peak TFLOP/s of a large bf16 matmul) divided by the step's
+   ~12 * d_in * d_sae FLOPs per token (target >= 0.35), and a CUDA kernel profile of the step.
 """
 
 from __future__ import annotations
@@ -106,15 +108,43 @@ def kernel_check() -> None:
 
 
 def sae_check() -> None:
-    from sae_training.train import SAETrainingConfig, train_sae
+    from sae_training.fused import standard_sae_step
+    from sae_training.train import SAETrainingConfig, make_training_sae, train_sae
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t = _time(lambda: a @ a, 10)
     peak = 2 * 8192**3 / t
     d_in, d_sae, batch = 576, 16384, 4096
     limit = peak / (12 * d_in * d_sae)
+
+    # the hand-derived step on CUDA: float32 gradients vs autograd through sae-lens's SAE
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    sae = make_training_sae(SAETrainingConfig(width=d_sae, device="cuda"), d_in, 10, "h", "m")
+    x = torch.randn(batch, d_in, device="cuda")
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.1)  # pre-activations ~ N(0, 0.1^2) at init: about 16% fire
+    from sae_lens.saes.sae import TrainStepInput
+
+    out = sae.training_forward_pass(TrainStepInput(x, {"l1": 1.0}, None, 0, False))
+    out.loss.backward()
+    params = dict(sae.named_parameters())
+    print(f"fused step check: {float((out.feature_acts > 0).float().mean()):.2f} of features fire")
+    exact = standard_sae_step(sae, x, 1.0)
+    low = standard_sae_step(sae, x, 1.0, torch.bfloat16)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        ref = params[name].grad
+        err = ((exact.grads[name] - ref).norm() / ref.norm()).item()
+        cos = torch.nn.functional.cosine_similarity(
+            low.grads[name].flatten(), ref.flatten(), 0
+        ).item()
+        print(f"fused step {name}: float32 rel. error vs autograd {err:.1e}; bf16 cosine {cos:.4f}")
+    del sae, out, exact, low, params
+
     acts = torch.randn(batch * 1300, d_in, device="cuda")  # on the GPU: no host-side gather
-    for compile_ in (False, True):
+    heldout = torch.randn(batch, d_in, device="cuda")
+    rates = {}
+    for trainer in ("fused", "sae-lens"):
         cfg = SAETrainingConfig(
             width=d_sae,
             l1_coefficient=1.0,
@@ -123,9 +153,9 @@ def sae_check() -> None:
             epochs=1.0,
             device="cuda",
             autocast=True,
-            compile=compile_,
+            trainer=trainer,
         )
-        train_sae(acts[: batch * 20], cfg, "h", "m")  # warm-up (and compilation)
+        train_sae(acts[: batch * 20], cfg, "h", "m")  # warm-up
 
         def run(n_steps: int, cfg=cfg) -> tuple[float, object]:
             torch.cuda.synchronize()
@@ -134,18 +164,27 @@ def sae_check() -> None:
             torch.cuda.synchronize()
             return time.perf_counter() - t0, sae
 
-        # Steady-state rate: the marginal cost of 1000 more steps (set-up, norm estimate and
-        # recompilation for the new schedule cancel).
+        # Steady-state rate: the marginal cost of 1000 more steps (set-up and the norm estimate
+        # cancel).
         (t_short, _), (t_long, sae) = run(300), run(1300)
         tps = batch * 1000 / (t_long - t_short)
+        rates[trainer] = tps
         with torch.no_grad():
-            x = acts[-batch:]
-            mse = ((sae.decode(sae.encode(x)) - x) ** 2).sum(-1).mean().item()
+            f = sae.encode(heldout)
+            mse = ((sae.decode(f) - heldout) ** 2).sum(-1).mean().item()
+            loss = mse + (f * sae.W_dec.norm(dim=1)).sum(-1).mean().item()
         print(
-            f"sae (compile={compile_}): bf16 matmul peak {peak / 1e12:.0f} TFLOP/s -> limit "
+            f"sae (trainer={trainer}): bf16 matmul peak {peak / 1e12:.0f} TFLOP/s -> limit "
             f"{limit / 1e6:.2f} M tok/s; train_sae {tps / 1e6:.2f} M tok/s steady state -> "
-            f"fraction {tps / limit:.2f} (target >= 0.35); final MSE {mse:.3f}"
+            f"fraction {tps / limit:.2f} (target >= 0.35); held-out MSE {mse:.3f}, loss {loss:.3f}"
         )
+    print(f"sae: fused / sae-lens step {rates['fused'] / rates['sae-lens']:.2f}x")
+    cfg = SAETrainingConfig(width=d_sae, batch_size=batch, epochs=1.0, device="cuda", autocast=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        train_sae(acts[: batch * 120], cfg, "h", "m")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12))
 
 
 if __name__ == "__main__":

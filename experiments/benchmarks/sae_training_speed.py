@@ -38,11 +38,7 @@ def main() -> None:
 
     import datasets
     import sae_lens.cache_activations_runner as car
-    import sae_lens.llm_sae_training_runner as ltr
-    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, StandardTrainingSAEConfig
     from sae_lens.config import CacheActivationsRunnerConfig
-
-    from sae_training.train import SAETrainingConfig, train_sae
 
     sys.path.insert(0, str(Path(__file__).parent))
     from cache_throughput import make_model
@@ -52,6 +48,11 @@ def main() -> None:
     p.add_argument("--width-mult", type=int, default=4)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--l1", type=float, default=5.0)
+    p.add_argument(
+        "--precisions",
+        default="float32,bf16",
+        help="comma list: float32 (no autocast) and/or bf16 (autocast, both sides)",
+    )
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ctx, layer = 128, 3
@@ -86,6 +87,54 @@ def main() -> None:
         acts = ds[:][hook].reshape(-1, d_in).float()
         train_acts, heldout = acts[: args.tokens], acts[args.tokens : args.tokens + 2048]
 
+        results = []
+        for precision in args.precisions.split(","):
+            autocast = {"float32": False, "bf16": True}[precision]
+            results.append(
+                (
+                    precision,
+                    *_compare(
+                        args,
+                        model,
+                        hook,
+                        token_ds,
+                        cache_path,
+                        train_acts,
+                        heldout,
+                        d_in,
+                        d_sae,
+                        device,
+                        autocast,
+                    ),
+                )
+            )
+
+    print(
+        f"device {device}; d_in {d_in}, d_sae {d_sae}, batch {args.batch}, {args.tokens} tokens, l1 {args.l1}"
+    )
+    for precision, ours_tps, theirs_tps, loss_ours, loss_theirs in results:
+        print(
+            f"  [{precision}] irmlens train_sae  {ours_tps:10.0f} tokens/s   held-out loss {loss_ours:.4f}"
+        )
+        print(
+            f"  [{precision}] SAELens runner     {theirs_tps:10.0f} tokens/s   held-out loss {loss_theirs:.4f}"
+        )
+        print(
+            f"  [{precision}] speed ratio {ours_tps / theirs_tps:.2f}x (target >= 1.5x); loss "
+            f"difference {100 * (loss_ours - loss_theirs) / loss_theirs:+.2f}% (target within 2%)"
+        )
+
+
+def _compare(
+    args, model, hook, token_ds, cache_path, train_acts, heldout, d_in, d_sae, device, autocast
+):
+    """(irmlens tokens/s, SAELens tokens/s, irmlens held-out loss, SAELens held-out loss)."""
+    import sae_lens.llm_sae_training_runner as ltr
+    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, StandardTrainingSAEConfig
+
+    from sae_training.train import SAETrainingConfig, train_sae
+
+    with tempfile.TemporaryDirectory() as tmp:
         ours_cfg = SAETrainingConfig(
             width=d_sae,
             l1_coefficient=args.l1,
@@ -93,6 +142,7 @@ def main() -> None:
             batch_size=args.batch,
             epochs=1.0,
             device=device,
+            autocast=autocast,
         )
         t = time.perf_counter()
         ours = train_sae(train_acts, ours_cfg, hook, "bench")
@@ -113,7 +163,7 @@ def main() -> None:
             dataset_path="",
             use_cached_activations=True,
             cached_activations_path=cache_path,
-            context_size=ctx,
+            context_size=model.cfg.n_ctx,
             training_tokens=steps * args.batch,
             train_batch_size_tokens=args.batch,
             lr=3e-4,
@@ -126,6 +176,7 @@ def main() -> None:
             dead_feature_window=max(1, steps // 4),
             feature_sampling_window=max(1, steps // 4),
             device=device,
+            autocast=autocast,
             checkpoint_path=None,
             output_path=str(Path(tmp) / "out"),
             logger=LoggingConfig(log_to_wandb=False),
@@ -138,15 +189,7 @@ def main() -> None:
         theirs_tps = args.tokens / (time.perf_counter() - t)
 
     loss_ours, loss_theirs = l1_loss(ours, heldout, args.l1), l1_loss(theirs, heldout, args.l1)
-    print(
-        f"device {device}; d_in {d_in}, d_sae {d_sae}, batch {args.batch}, {args.tokens} tokens, l1 {args.l1}"
-    )
-    print(f"  irmlens train_sae      {ours_tps:10.0f} tokens/s   held-out loss {loss_ours:.4f}")
-    print(f"  SAELens runner         {theirs_tps:10.0f} tokens/s   held-out loss {loss_theirs:.4f}")
-    print(
-        f"  speed ratio {ours_tps / theirs_tps:.2f}x (target >= 1.5x); "
-        f"loss difference {100 * (loss_ours - loss_theirs) / loss_theirs:+.2f}% (target within 2%)"
-    )
+    return ours_tps, theirs_tps, loss_ours, loss_theirs
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+"""A hand-derived training step for the standard (L1) SAE, run inside sae-lens's own trainer.
+
+Why our own step: the GPU check (``experiments/benchmarks/gpu_cache_sae.py``) profiled sae-lens's
+step for d_in 576, width 16384, batch 4096 at 0.12 of the bf16 matmul limit. Matmuls were 15% of
+GPU time; the rest was autograd's elementwise passes over the [batch, width] matrix in float32
+under autocast (casts included), plus ~2.4 ms of host time and one stream synchronisation per step
+(``n_forward_passes_since_fired[did_fire] = 0`` is a boolean-mask assignment). The gradients of
+this loss are short enough to write by hand, so this step does five matmuls (bf16 on CUDA,
+float32 accumulation) and four elementwise passes over [batch, width], never synchronises, and
+uses torch's fused Adam on CUDA.
+
+Everything else is sae-lens's: ``FusedStandardTrainer`` subclasses ``SAETrainer`` and replaces only
+``_train_step``, so the loss (MSE summed over d_in + l1 * sum_i f_i ||W_dec,i||, sae-lens's
+``StandardTrainingSAE``), L1 warm-up, learning-rate schedule, gradient clipping at norm 1, Adam,
+activation scaling and its folding, dead-feature statistics, checkpoints and the saved SAE are the
+ones sae-lens uses. ``tests/sae_training/test_fused.py`` checks the gradients against autograd
+through sae-lens's ``training_forward_pass`` and whole runs against sae-lens's trainer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+_PARAMETERS = {"W_enc", "b_enc", "W_dec", "b_dec"}
+
+
+def supports(sae) -> bool:
+    """Whether ``sae`` is a sae-lens standard training SAE whose loss this step implements."""
+    from sae_lens import StandardTrainingSAE
+
+    return (
+        isinstance(sae, StandardTrainingSAE)
+        and {n for n, _ in sae.named_parameters()} == _PARAMETERS
+        and sae.cfg.lp_norm == 1.0
+        and sae.cfg.normalize_activations in ("none", "expected_average_only_in")
+        and sae.cfg.reshape_activations == "none"
+    )
+
+
+class StepResult(NamedTuple):
+    losses: dict[str, torch.Tensor]  # mse_loss, l1_loss (float32 scalars)
+    grads: dict[str, torch.Tensor]  # by parameter name, float32
+    reconstruction: torch.Tensor  # x_hat [batch, d_in]
+    feature_acts: torch.Tensor  # f [batch, d_sae], compute dtype
+    firing_counts: torch.Tensor  # rows in which each feature fired [d_sae], float32
+
+
+def standard_sae_step(
+    sae, x: torch.Tensor, l1_coefficient: float, compute_dtype: torch.dtype | None = None
+) -> StepResult:
+    """Losses, gradients, reconstruction and feature activations of one standard-SAE step.
+
+    The loss is sae-lens's: ``mean_b sum_d (x_hat - x)^2 + c * mean_b sum_i f_i ||W_dec,i||`` with
+    ``f = relu((x - b_dec) @ W_enc + b_enc)`` and ``x_hat = f @ W_dec + b_dec``. Its gradients:
+    ``g = 2 (x_hat - x) / B``; ``dW_dec = f^T g + (c / B) (sum_b f) W_dec / ||W_dec||``;
+    ``dpre = (g W_dec^T + (c / B) ||W_dec||) * [f > 0]``; ``dW_enc = (x - b_dec)^T dpre``;
+    ``db_enc = sum_b dpre``; ``db_dec = sum_b g - db_enc W_enc^T`` (b_dec is subtracted from the
+    input too). ``compute_dtype`` (bf16 on a GPU) is the matmul input type; accumulation, losses
+    and gradients are float32. No autograd graph is built.
+    """
+    with torch.no_grad():
+        W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+        dt = compute_dtype or W_enc.dtype
+        x = x.to(W_enc.dtype)
+        batch = x.shape[0]
+        apply_b_dec = bool(sae.cfg.apply_b_dec_to_input)
+        x_in = (x - b_dec if apply_b_dec else x).to(dt)
+        W_enc_c, W_dec_c = W_enc.to(dt), W_dec.to(dt)
+        f = torch.addmm(b_enc.to(dt), x_in, W_enc_c).relu_()  # pre-activation overwritten in place
+        x_hat = torch.addmm(b_dec.to(dt), f, W_dec_c).to(x.dtype)
+        residual = x_hat - x
+        # the ReLU's derivative as 0/1 in the compute dtype (cheaper than a bool mask on a CPU,
+        # where summing or multiplying by bools converts them first)
+        fired = torch.sign(f)
+        f_sum = f.sum(0, dtype=torch.float32)
+        firing_counts = fired.sum(0, dtype=torch.float32)
+        dec_norm = W_dec.norm(dim=1)
+        mse = residual.pow(2).sum() / batch
+        l1 = l1_coefficient * (f_sum * dec_norm).sum() / batch
+        g = residual.mul_(2.0 / batch)
+        g_c = g.to(dt)
+        grad_W_dec = (f.T @ g_c).to(W_dec.dtype)
+        grad_W_dec.addcmul_((l1_coefficient / batch) * (f_sum / dec_norm)[:, None], W_dec)
+        d_pre = torch.addmm(((l1_coefficient / batch) * dec_norm).to(dt), g_c, W_dec_c.T)
+        d_pre.mul_(fired)
+        grad_b_enc = d_pre.sum(0, dtype=torch.float32)
+        grad_W_enc = (x_in.T @ d_pre).to(W_enc.dtype)
+        grad_b_dec = g.sum(0)
+        if apply_b_dec:
+            # not ``grad_b_enc @ W_enc.T``: MKL's matrix-vector product rounds differently with
+            # the buffers' memory alignment, so a resumed run drifted from an uninterrupted one
+            grad_b_dec -= (W_enc * grad_b_enc).sum(1)
+    losses = {"mse_loss": mse, "l1_loss": l1}
+    grads = {"W_enc": grad_W_enc, "b_enc": grad_b_enc, "W_dec": grad_W_dec, "b_dec": grad_b_dec}
+    return StepResult(losses, grads, x_hat, f, firing_counts)
+
+
+def fused_trainer_class():
+    """``FusedStandardTrainer``, built on first use so importing this module stays cheap."""
+    from sae_lens.saes.sae import TrainStepOutput
+    from sae_lens.training.optim import get_lr_scheduler
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    class FusedStandardTrainer(SAETrainer):
+        """sae-lens's ``SAETrainer`` with ``standard_sae_step`` as its step (see module docstring)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            if not supports(self.sae):
+                raise ValueError(
+                    "the fused step implements sae-lens's standard L1 SAE only; "
+                    "use trainer='sae-lens' for this SAE"
+                )
+            self.distributed = None
+            if torch.device(self.cfg.device).type == "cuda":
+                # the same Adam, in torch's single-kernel form (one launch for all parameters)
+                self.optimizer = torch.optim.Adam(
+                    self.sae.parameters(),
+                    lr=self.cfg.lr,
+                    betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
+                    fused=True,
+                )
+                self.lr_scheduler = get_lr_scheduler(
+                    self.cfg.lr_scheduler_name,
+                    lr=self.cfg.lr,
+                    optimizer=self.optimizer,
+                    warm_up_steps=self.cfg.lr_warm_up_steps,
+                    decay_steps=self.cfg.lr_decay_steps,
+                    training_steps=self.cfg.total_training_steps,
+                    lr_end=self.cfg.lr_end,
+                    num_cycles=self.cfg.n_restart_cycles,
+                )
+
+        def _train_step(self, sae, sae_in: torch.Tensor):
+            sae.train()
+            dtype = torch.bfloat16 if self.cfg.autocast else None
+            coefficients = self.get_coefficients()
+            losses, grads, sae_out, feature_acts, counts = standard_sae_step(
+                sae, sae_in, coefficients["l1"], dtype
+            )
+            with torch.no_grad():
+                # the trainer's firing statistics, without a boolean-mask assignment (a sync)
+                self.n_forward_passes_since_fired.add_(1).masked_fill_(counts > 0, 0)
+                self.act_freq_scores += counts
+                self.n_frac_active_samples += self.cfg.train_batch_size_samples
+            params = dict(sae.named_parameters())
+            for name, grad in grads.items():
+                if self.distributed is not None:
+                    dist, world = self.distributed
+                    dist.all_reduce(grad)
+                    grad.div_(world)
+                params[name].grad = grad
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            self.lr_scheduler.step()
+            for scheduler in self.coefficient_schedulers.values():
+                scheduler.step()
+            return TrainStepOutput(
+                sae_in=sae_in,
+                sae_out=sae_out,
+                feature_acts=feature_acts,
+                hidden_pre=feature_acts,  # not kept: the ReLU overwrote it in place
+                loss=losses["mse_loss"] + losses["l1_loss"],
+                losses=losses,
+            )
+
+    return FusedStandardTrainer

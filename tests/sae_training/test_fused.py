@@ -1,0 +1,80 @@
+"""The hand-derived standard-SAE step (sae_training/fused.py) against sae-lens's autograd step."""
+
+import pytest
+import torch
+from sae_lens.saes.sae import TrainStepInput
+
+from sae_training.fused import standard_sae_step
+from sae_training.train import SAETrainingConfig, make_training_sae, train_sae
+
+
+def _acts(n=3000, d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(20, d, generator=g), dim=1)
+    codes = torch.rand(n, 20, generator=g) * (torch.rand(n, 20, generator=g) < 0.1)
+    return codes @ dirs * 3 + 0.2 * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+def test_gradients_equal_autograd_through_sae_lens(apply_b_dec):
+    torch.manual_seed(0)
+    sae = make_training_sae(SAETrainingConfig(width=40), 12, 100, "h", "m")
+    sae.cfg.apply_b_dec_to_input = apply_b_dec
+    with torch.no_grad():  # non-trivial biases, so every gradient term is exercised
+        sae.b_dec.normal_(0, 0.3)
+        sae.b_enc.normal_(0, 0.3)
+    x, l1 = _acts(n=64), 0.7
+    out = sae.training_forward_pass(TrainStepInput(x, {"l1": l1}, None, 0, False))
+    out.loss.backward()
+    losses, grads, x_hat, f, counts = standard_sae_step(sae, x, l1)
+    assert torch.equal(counts, (out.feature_acts > 0).sum(0).float())
+    assert torch.allclose(losses["mse_loss"], out.losses["mse_loss"], rtol=1e-5)
+    assert torch.allclose(losses["l1_loss"], out.losses["l1_loss"], rtol=1e-5)
+    assert torch.allclose(x_hat, out.sae_out, atol=1e-5)
+    assert torch.allclose(f, out.feature_acts, atol=1e-6)
+    assert 0.05 < (f > 0).float().mean() < 0.95  # both sides of the ReLU are exercised
+    for name, grad in grads.items():
+        ref = dict(sae.named_parameters())[name].grad
+        assert grad.shape == ref.shape and grad.dtype == ref.dtype
+        assert torch.allclose(grad, ref, rtol=1e-4, atol=1e-6), (name, (grad - ref).abs().max())
+
+
+def test_bf16_step_stays_close_to_float32():
+    torch.manual_seed(0)
+    sae = make_training_sae(SAETrainingConfig(width=64), 12, 100, "h", "m")
+    x = _acts(n=256)
+    exact, g32, *_ = standard_sae_step(sae, x, 1.0)
+    low, g16, *_ = standard_sae_step(sae, x, 1.0, torch.bfloat16)
+    assert all(g.dtype == torch.float32 for g in g16.values())
+    assert abs(float(low["mse_loss"] / exact["mse_loss"]) - 1) < 0.02
+    for name in g32:
+        cos = torch.nn.functional.cosine_similarity(g32[name].flatten(), g16[name].flatten(), 0)
+        assert cos > 0.99, (name, cos)
+
+
+def test_fused_training_equals_sae_lens_training():
+    """Whole runs (lr warm-up and cosine decay, L1 warm-up, clipping, Adam, scaling and its
+    folding, dead-feature statistics) give the same SAE through either step."""
+    acts = _acts()
+    common = dict(width=48, l1_coefficient=0.5, lr=3e-3, batch_size=128, epochs=3, seed=1)
+    ours = train_sae(acts, SAETrainingConfig(**common, trainer="fused"), "h", "m")
+    ref = train_sae(acts, SAETrainingConfig(**common, trainer="sae-lens"), "h", "m")
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), (name, (a - b).abs().max())
+    assert ours.cfg.metadata.l0 == pytest.approx(ref.cfg.metadata.l0, rel=1e-6)
+    assert ours.cfg.metadata.num_dead_features == ref.cfg.metadata.num_dead_features
+    # and training moved the weights a long way from the initialisation both runs share
+    init = make_training_sae(SAETrainingConfig(**common), 12, 1, "h", "m")
+    assert (ours.W_dec - init.W_dec).abs().max() > 0.05
+
+
+def test_fused_trainer_is_chosen_for_standard_only():
+    assert SAETrainingConfig().uses_fused_step
+    assert not SAETrainingConfig(architecture="topk").uses_fused_step
+    assert not SAETrainingConfig(compile=True).uses_fused_step
+    assert not SAETrainingConfig(trainer="sae-lens").uses_fused_step
+    with pytest.raises(ValueError, match="standard"):
+        SAETrainingConfig(architecture="topk", trainer="fused")
+    with pytest.raises(ValueError, match="choose auto"):
+        SAETrainingConfig(trainer="fast")
