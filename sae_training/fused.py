@@ -6,8 +6,8 @@ GPU time; the rest was autograd's elementwise passes over the [batch, width] mat
 under autocast (casts included), plus ~2.4 ms of host time and one stream synchronisation per step
 (``n_forward_passes_since_fired[did_fire] = 0`` is a boolean-mask assignment). The gradients of
 this loss are short enough to write by hand, so this step does five matmuls (bf16 on CUDA,
-float32 accumulation) and four elementwise passes over [batch, width], never synchronises, and
-uses torch's fused Adam on CUDA.
+float32 accumulation, the ReLU fused into the first), a few elementwise passes and column sums over
+[batch, width], never synchronises, and uses torch's fused Adam on CUDA.
 
 Everything else is sae-lens's: ``FusedStandardTrainer`` subclasses ``SAETrainer`` and replaces only
 ``_train_step``, so the loss (MSE summed over d_in + l1 * sum_i f_i ||W_dec,i||, sae-lens's
@@ -68,7 +68,10 @@ def standard_sae_step(
         apply_b_dec = bool(sae.cfg.apply_b_dec_to_input)
         x_in = (x - b_dec if apply_b_dec else x).to(dt)
         W_enc_c, W_dec_c = W_enc.to(dt), W_dec.to(dt)
-        f = torch.addmm(b_enc.to(dt), x_in, W_enc_c).relu_()  # pre-activation overwritten in place
+        if x.is_cuda:  # the ReLU as the matmul's epilogue (cuBLASLt): one pass fewer
+            f = torch._addmm_activation(b_enc.to(dt), x_in, W_enc_c)
+        else:  # the pre-activation is overwritten in place
+            f = torch.addmm(b_enc.to(dt), x_in, W_enc_c).relu_()
         x_hat = torch.addmm(b_dec.to(dt), f, W_dec_c).to(x.dtype)
         residual = x_hat - x
         # the ReLU's derivative as 0/1 in the compute dtype (cheaper than a bool mask on a CPU,
@@ -162,7 +165,7 @@ def fused_trainer_class():
                 sae_in=sae_in,
                 sae_out=sae_out,
                 feature_acts=feature_acts,
-                hidden_pre=feature_acts,  # not kept: the ReLU overwrote it in place
+                hidden_pre=feature_acts,  # not kept: the ReLU runs in place or in the matmul
                 loss=losses["mse_loss"] + losses["l1_loss"],
                 losses=losses,
             )

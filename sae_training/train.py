@@ -80,9 +80,12 @@ def shuffled_batches(
         if emitted + per_epoch <= skip:  # a whole epoch to skip: only its permutation was needed
             emitted += per_epoch
             continue
+        # one copy per epoch: a per-batch copy of indices from pageable host memory waits for
+        # the GPU's queue, i.e. synchronises every training step
+        perm = perm.to(acts.device)
         for i in range(0, per_epoch * batch_size, batch_size):
             if emitted >= skip:
-                yield acts[perm[i : i + batch_size].to(acts.device)]
+                yield acts[perm[i : i + batch_size]]
             emitted += 1
 
 
