@@ -78,3 +78,36 @@ def test_fused_trainer_is_chosen_for_standard_only():
         SAETrainingConfig(architecture="topk", trainer="fused")
     with pytest.raises(ValueError, match="choose auto"):
         SAETrainingConfig(trainer="fast")
+
+
+def test_l1_coefficient_may_be_a_tensor():
+    """The CUDA graph feeds the (warming-up) L1 coefficient as a 0-d tensor: same step."""
+    torch.manual_seed(0)
+    sae = make_training_sae(SAETrainingConfig(width=32), 12, 100, "h", "m")
+    x = _acts(n=64)
+    a = standard_sae_step(sae, x, 0.3)
+    b = standard_sae_step(sae, x, torch.tensor(0.3))
+    for name in a.grads:
+        assert torch.allclose(a.grads[name], b.grads[name], rtol=1e-6, atol=1e-8), name
+    assert torch.allclose(a.losses["l1_loss"], b.losses["l1_loss"], rtol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_training_equals_eager_training():
+    import sae_training.fused as fused
+
+    acts = _acts(n=8192, d=64).cuda()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    common = dict(width=256, l1_coefficient=0.5, lr=3e-3, batch_size=512, epochs=3, seed=2)
+    trainer = fused.fused_trainer_class()
+    runs = {}
+    for graphed in (True, False):
+        trainer.use_cuda_graph = graphed
+        try:
+            runs[graphed] = train_sae(acts, SAETrainingConfig(**common, device="cuda"), "h", "m")
+        finally:
+            trainer.use_cuda_graph = True
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        a, b = getattr(runs[True], name), getattr(runs[False], name)
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (name, (a - b).abs().max())
+    assert runs[True].cfg.metadata.l0 == pytest.approx(runs[False].cfg.metadata.l0, rel=1e-5)
