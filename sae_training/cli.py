@@ -67,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         help="torch.compile sae-lens's training forward pass (runs sae-lens's step)",
     )
     p.add_argument(
+        "--normalize",
+        choices=("expected_average_only_in", "covariance_whitening", "none"),
+        default="expected_average_only_in",
+        help="input normalisation (sae-lens's; folded into the saved weights): scale to norm "
+        "sqrt(d_in), PCA whitening (also saves whitening.safetensors), or none",
+    )
+    p.add_argument(
         "--trainer",
         choices=("auto", "sae-lens", "fused"),
         default="auto",
@@ -129,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         autocast=args.device.startswith("cuda") if args.autocast is None else args.autocast,
         compile=args.compile,
         trainer=args.trainer,
+        normalize=args.normalize,
     )
     out = Path(args.out)
     ckpt = out.with_name(f".{out.name}.checkpoints") if args.checkpoints else None

@@ -35,7 +35,9 @@ def supports(sae) -> bool:
         isinstance(sae, StandardTrainingSAE)
         and {n for n, _ in sae.named_parameters()} == _PARAMETERS
         and sae.cfg.lp_norm == 1.0
-        and sae.cfg.normalize_activations in ("none", "expected_average_only_in")
+        # the trainer scales or whitens the batch before the step; the SAE itself sees it as is
+        and sae.cfg.normalize_activations
+        in ("none", "expected_average_only_in", "covariance_whitening")
         and sae.cfg.reshape_activations == "none"
     )
 

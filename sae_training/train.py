@@ -17,6 +17,11 @@ from pathlib import Path
 import torch
 
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
+# sae-lens's input normalisations that train_sae supports: scale to mean norm sqrt(d_in) (the
+# default), PCA whitening (zero mean, identity covariance; arXiv 2511.13981), or none. Both are
+# folded into the saved weights, so saved SAEs take raw activations.
+NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening", "none")
+WHITENING_FILENAME = "whitening.safetensors"
 
 
 @dataclass
@@ -40,6 +45,7 @@ class SAETrainingConfig:
     # same loss and optimizer) for the standard architecture, sae-lens's own step otherwise;
     # "sae-lens": always sae-lens's autograd step; "fused": the hand-derived step (standard only)
     trainer: str = "auto"
+    normalize: str = "expected_average_only_in"  # one of NORMALIZATIONS
 
     def __post_init__(self) -> None:
         if self.width <= 0 or self.batch_size <= 0 or self.epochs <= 0:
@@ -47,6 +53,10 @@ class SAETrainingConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"SAE architecture {self.architecture!r}; choose one of {ARCHITECTURES}"
+            )
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(
+                f"SAE input normalisation {self.normalize!r}; choose one of {NORMALIZATIONS}"
             )
         if self.trainer not in ("auto", "sae-lens", "fused"):
             raise ValueError(f"trainer {self.trainer!r}; choose auto, sae-lens or fused")
@@ -99,7 +109,7 @@ def make_training_sae(
     common = dict(
         d_in=d_in,
         d_sae=cfg.width,
-        normalize_activations="expected_average_only_in",
+        normalize_activations=cfg.normalize,
         device=cfg.device,
         metadata=SAEMetadata(model_name=model_name, hook_name=hook_name, prepend_bos=True),
     )
@@ -129,16 +139,17 @@ def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:
 
     if not ckpt_dir.exists():
         return []
-    done = [
-        p
-        for p in ckpt_dir.iterdir()
-        if p.name.isdigit()
-        and all(
-            (p / f).exists()
-            for f in (TRAINER_STATE_FILENAME, SAE_WEIGHTS_FILENAME, ACTIVATION_SCALER_CFG_FILENAME)
-        )
-    ]
-    return sorted(done, key=lambda p: int(p.name))
+
+    def complete(p: Path) -> bool:
+        files = (TRAINER_STATE_FILENAME, SAE_WEIGHTS_FILENAME, ACTIVATION_SCALER_CFG_FILENAME)
+        if not p.name.isdigit() or not all((p / f).exists() for f in files):
+            return False
+        # sae-lens writes the whitening matrices after the scaler's json: a checkpoint cut
+        # between the two would otherwise resume without whitening
+        scaler = json.loads((p / ACTIVATION_SCALER_CFG_FILENAME).read_text())
+        return not scaler.get("has_whitening") or any(p.glob("*whitening*.safetensors"))
+
+    return sorted((p for p in ckpt_dir.iterdir() if complete(p)), key=lambda p: int(p.name))
 
 
 def train_sae(
@@ -230,13 +241,32 @@ def train_sae(
         trainer.activation_scaler.estimate_scaling_factor(
             acts.shape[1], shuffled_batches(acts, cfg.batch_size, cfg.seed), n_norm
         )
+    elif sae.cfg.normalize_activations == "covariance_whitening":
+        trainer.activation_scaler.estimate_whitening(
+            acts.shape[1], shuffled_batches(acts, cfg.batch_size, cfg.seed), n_norm
+        )
+    # fit() folds the whitening into the weights and forgets it: keep it, to save beside the SAE
+    # (a random control dictionary in the same whitened space needs it)
+    whitening = trainer.activation_scaler.whitening
     if world > 1 and cfg.uses_fused_step:
         trainer.distributed = (dist, world)  # the fused step all-reduces its gradients itself
     elif world > 1:
         _all_reduce_gradients(sae, dist, world)
     sae = trainer.fit()
     if out_dir is not None and rank == 0:
-        save_sae(sae, out_dir, extra={"training": asdict(cfg), "n_train_positions": acts.shape[0]})
+        extra_files = {}
+        if whitening is not None:
+            extra_files[WHITENING_FILENAME] = {
+                "mean": whitening.mean.cpu().contiguous(),
+                "matrix": whitening.matrix.cpu().contiguous(),
+                "inverse_matrix": whitening.inverse_matrix.cpu().contiguous(),
+            }
+        save_sae(
+            sae,
+            out_dir,
+            extra={"training": asdict(cfg), "n_train_positions": acts.shape[0]},
+            tensors=extra_files,
+        )
         if ckpt_dir is not None:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     return sae
@@ -279,15 +309,33 @@ def _all_reduce_gradients(sae, dist, world: int) -> None:
             p.register_post_accumulate_grad_hook(hook)
 
 
-def save_sae(sae, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write the inference SAE (SAELens format) atomically, plus ``training.json``."""
+def save_sae(
+    sae,
+    out_dir: str | Path,
+    extra: dict | None = None,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write the inference SAE (SAELens format) atomically, plus ``training.json`` and any extra
+    safetensors files (``{file name: tensors}``, e.g. the whitening it was trained in)."""
+    from safetensors.torch import save_file
+
     from irmlens.io import atomic_dir
 
     with atomic_dir(out_dir) as tmp:
         sae.save_inference_model(str(tmp))
         if extra is not None:
             (Path(tmp) / "training.json").write_text(json.dumps(extra, indent=2))
+        for name, ts in (tensors or {}).items():
+            save_file(ts, str(Path(tmp) / name))
     return Path(out_dir)
+
+
+def load_whitening(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The whitening (mean, matrix, inverse_matrix) an SAE was trained in, or None."""
+    from safetensors.torch import load_file
+
+    f = Path(path) / WHITENING_FILENAME
+    return load_file(str(f)) if f.exists() else None
 
 
 def load_sae(path: str | Path, device: str = "cpu"):

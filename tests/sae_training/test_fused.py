@@ -52,11 +52,14 @@ def test_bf16_step_stays_close_to_float32():
         assert cos > 0.99, (name, cos)
 
 
-def test_fused_training_equals_sae_lens_training():
-    """Whole runs (lr warm-up and cosine decay, L1 warm-up, clipping, Adam, scaling and its
-    folding, dead-feature statistics) give the same SAE through either step."""
+@pytest.mark.parametrize("normalize", ["expected_average_only_in", "covariance_whitening"])
+def test_fused_training_equals_sae_lens_training(normalize):
+    """Whole runs (lr warm-up and cosine decay, L1 warm-up, clipping, Adam, scaling or whitening
+    and its folding, dead-feature statistics) give the same SAE through either step."""
     acts = _acts()
-    common = dict(width=48, l1_coefficient=0.5, lr=3e-3, batch_size=128, epochs=3, seed=1)
+    common = dict(
+        width=48, l1_coefficient=0.5, lr=3e-3, batch_size=128, epochs=3, seed=1, normalize=normalize
+    )
     ours = train_sae(acts, SAETrainingConfig(**common, trainer="fused"), "h", "m")
     ref = train_sae(acts, SAETrainingConfig(**common, trainer="sae-lens"), "h", "m")
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):

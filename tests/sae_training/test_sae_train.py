@@ -69,12 +69,19 @@ def test_other_architectures_train_and_load_identically(arch, tmp_path):
             assert torch.allclose(loaded(acts[:200]), sae(acts[:200]), atol=1e-5)
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("normalize", ["expected_average_only_in", "covariance_whitening"])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, normalize):
     from sae_training.train import _complete_checkpoints
 
     acts, _ = _sparse_data(n=4096)
     cfg = SAETrainingConfig(
-        width=32, l1_coefficient=1.0, lr=3e-3, batch_size=256, epochs=4, n_checkpoints=3
+        width=32,
+        l1_coefficient=1.0,
+        lr=3e-3,
+        batch_size=256,
+        epochs=4,
+        n_checkpoints=3,
+        normalize=normalize,
     )
     reference = train_sae(
         acts, cfg, "h", "m", out_dir=tmp_path / "ref", checkpoint_dir=tmp_path / "ref_ckpt"
@@ -108,3 +115,35 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     )
     assert torch.allclose(resumed.W_dec, reference.W_dec, atol=1e-6)
     assert torch.allclose(resumed.W_enc, reference.W_enc, atol=1e-6)
+
+
+def test_whitened_sae_takes_raw_activations_and_saves_its_whitening(tmp_path):
+    """PCA whitening (sae-lens's covariance_whitening) is folded into the saved weights; the
+    whitening itself is saved beside them (random controls in the same space need it)."""
+    from sae_training.train import load_whitening
+
+    acts, dirs = _sparse_data()
+    acts = acts * torch.linspace(0.3, 3.0, acts.shape[1])  # unequal variances
+    cfg = SAETrainingConfig(
+        width=64,
+        l1_coefficient=0.3,
+        lr=1e-2,
+        batch_size=256,
+        epochs=30,
+        normalize="covariance_whitening",
+    )
+    sae = train_sae(acts, cfg, "blocks.0.hook_resid_post", "synthetic", out_dir=tmp_path / "w")
+    loaded = SAE.load_from_disk(str(tmp_path / "w"))
+    assert loaded.cfg.normalize_activations == "none"  # folded: raw activations in and out
+    m = evaluate_sae(loaded, acts)
+    assert m["explained_variance"] > 0.8, m
+    with torch.no_grad():
+        assert torch.allclose(loaded(acts[:100]), sae(acts[:100]), atol=1e-4)
+    w = load_whitening(tmp_path / "w")
+    z = (acts.double() - w["mean"]) @ w["matrix"]
+    cov = torch.cov(z.T)
+    assert torch.allclose(cov, torch.eye(cov.shape[0], dtype=cov.dtype), atol=0.1)
+    assert torch.allclose(
+        w["matrix"] @ w["inverse_matrix"], torch.eye(16, dtype=cov.dtype), atol=1e-6
+    )
+    assert load_whitening(tmp_path) is None
