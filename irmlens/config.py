@@ -104,6 +104,13 @@ class SAEStageConfig:
     # k at the widest width (0: none).
     wide_topk_k: int = 64
     trainer: str = "auto"  # auto | fused | sae-lens (see sae_training.train.SAETrainingConfig)
+    # input normalisation of every dictionary: "expected_average_only_in" (scale to norm
+    # sqrt(d_in)), "covariance_whitening" (PCA whitening, so low-variance directions, where
+    # RLHF's change lies in the tiny default, get features too; see docs/concepts.md) or "none"
+    normalize: str = "expected_average_only_in"
+
+    def __post_init__(self) -> None:
+        self.training_config(1, 0, "cpu")  # the same checks as the trainer's, at load time
 
     def training_config(self, width: int, seed: int, device: str) -> SAETrainingConfig:
         return SAETrainingConfig(
@@ -118,6 +125,7 @@ class SAEStageConfig:
             seed=seed,
             device=device,
             trainer=self.trainer,
+            normalize=self.normalize,
         )
 
 

@@ -295,7 +295,11 @@ def stage_saes(
                 tr, ev = (shared_train, shared_eval) if shared else (train_idx, eval_idx)
                 tcfg = cfg.sae.training_config(width, cfg.seed, cfg.model.device)
                 if model != data_key:  # the wide TopK dictionary of the feature-space comparison
-                    tcfg = replace(tcfg, architecture="topk", k=cfg.sae.wide_topk_k)
+                    # (the fused step is the standard SAE's; TopK trains with sae-lens's)
+                    trainer = "auto" if tcfg.trainer == "fused" else tcfg.trainer
+                    tcfg = replace(
+                        tcfg, architecture="topk", k=cfg.sae.wide_topk_k, trainer=trainer
+                    )
                 _log(
                     f"sae: training {tcfg.architecture} {model} {hook} width {width} on {len(tr)} positions"
                 )
@@ -356,22 +360,31 @@ def wide_topk_label(cfg: StudyConfig) -> str:
     return f"shared-topk{cfg.sae.wide_topk_k}"
 
 
-def _random_sae(d_in: int, width: int, seed: int, like=None):
+def _random_sae(d_in: int, width: int, seed: int, like=None, whitening=None):
     """A randomly initialised (untrained) sae-lens SAE of the given width: the control that asks
     how much of the IRM any dictionary of that size and kind would give. ``like``: an SAE whose
-    architecture (standard, TopK with its k, JumpReLU) the random one copies."""
+    architecture (standard, TopK with its k, JumpReLU) the random one copies; ``whitening``: the
+    input whitening that SAE was trained in (``load_whitening``), folded into the random one
+    too, so it is a random dictionary in the same whitened space."""
     import sae_lens
 
     torch.manual_seed(seed)
     arch = like.cfg.architecture() if like is not None else "standard"
     common = dict(d_in=d_in, d_sae=width, normalize_activations="none")
     if arch == "topk":
-        cfg = sae_lens.TopKTrainingSAEConfig(k=like.cfg.k, **common)
-        return sae_lens.TopKTrainingSAE(cfg).eval()
-    if arch == "jumprelu":
-        return sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(**common)).eval()
-    cfg = sae_lens.StandardTrainingSAEConfig(**common)
-    return sae_lens.StandardTrainingSAE(cfg).eval()
+        sae = sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(k=like.cfg.k, **common))
+    elif arch == "jumprelu":
+        sae = sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(**common))
+    else:
+        sae = sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(**common))
+    if whitening is not None:
+        with torch.no_grad():
+            sae.fold_activation_whitening(
+                mean=whitening["mean"],
+                whitening_matrix=whitening["matrix"],
+                unwhitening_matrix=whitening["inverse_matrix"],
+            )
+    return sae.eval()
 
 
 def _word_means_of(
@@ -540,7 +553,7 @@ def stage_irm(
     from irmlens.irm.implicit import token_log_ratios, word_implicit_rewards
     from irmlens.irm.metrics import bootstrap_tau_ci, kendall_tau, spearman
     from irmlens.irm.spaces import difference_space
-    from sae_training.train import load_sae
+    from sae_training.train import load_sae, load_whitening
 
     metrics_path = paths.irm / "metrics.json"
     if metrics_path.exists():
@@ -708,8 +721,14 @@ def stage_irm(
         "topk_wide_codes": [topk],
         "multi_layer_pre": shared,
     }.get(chosen.name, [shared[li]])
+    sae_dirs = {
+        "base_sae_codes": [paths.sae_dir("base", hooks[li], width)],
+        "topk_wide_codes": [topk_dir],
+        "multi_layer_pre": [paths.sae_dir("shared", h, width) for h in hooks],
+    }.get(chosen.name, [paths.sae_dir("shared", hooks[li], width)])
     randoms = [
-        _random_sae(d_model, s.cfg.d_sae, cfg.seed + 1 + i, like=s) for i, s in enumerate(saes)
+        _random_sae(d_model, s.cfg.d_sae, cfg.seed + 1 + i, like=s, whitening=load_whitening(p))
+        for i, (s, p) in enumerate(zip(saes, sae_dirs, strict=True))
     ]
     control_spaces = {
         "random_sae": space(
