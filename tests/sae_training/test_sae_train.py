@@ -147,3 +147,29 @@ def test_whitened_sae_takes_raw_activations_and_saves_its_whitening(tmp_path):
         w["matrix"] @ w["inverse_matrix"], torch.eye(16, dtype=cov.dtype), atol=1e-6
     )
     assert load_whitening(tmp_path) is None
+
+
+def test_checkpoint_without_its_whitening_file_is_incomplete(tmp_path):
+    """sae-lens writes the whitening matrices after the scaler's json: a checkpoint cut between
+    the two must not be resumed from (it would train on without whitening)."""
+    import json
+
+    from sae_lens.constants import (
+        ACTIVATION_SCALER_CFG_FILENAME,
+        ACTIVATION_WHITENING_FILENAME,
+        SAE_WEIGHTS_FILENAME,
+        TRAINER_STATE_FILENAME,
+    )
+
+    from sae_training.train import _complete_checkpoints
+
+    for name, whitened in (("100", False), ("200", True)):
+        p = tmp_path / name
+        p.mkdir()
+        (p / TRAINER_STATE_FILENAME).write_bytes(b"x")
+        (p / SAE_WEIGHTS_FILENAME).write_bytes(b"x")
+        scaler = {"scaling_factor": None, "has_whitening": whitened}
+        (p / ACTIVATION_SCALER_CFG_FILENAME).write_text(json.dumps(scaler))
+    assert [p.name for p in _complete_checkpoints(tmp_path)] == ["100"]
+    (tmp_path / "200" / ACTIVATION_WHITENING_FILENAME).write_bytes(b"x")
+    assert [p.name for p in _complete_checkpoints(tmp_path)] == ["100", "200"]
