@@ -553,6 +553,7 @@ def stage_irm(
     from irmlens.irm.implicit import token_log_ratios, word_implicit_rewards
     from irmlens.irm.metrics import bootstrap_tau_ci, kendall_tau, spearman
     from irmlens.irm.spaces import difference_space
+    from irmlens.irm.words import WORD_UTILITIES, word_utilities_text
     from sae_training.train import load_sae, load_whitening
 
     metrics_path = paths.irm / "metrics.json"
@@ -900,25 +901,13 @@ def stage_irm(
     tmp = paths.irm / ".coefficients.safetensors.tmp"
     save_file({"coef": coef.float(), "intercept": torch.tensor([main.model.intercept])}, str(tmp))
     tmp.replace(paths.irm / "coefficients.safetensors")
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(
-        ["word", "split", "true_utility", "irm_utility", "model_implicit_reward", "n_positions"]
-    )
     wcounts = torch.bincount(targets.word, minlength=len(targets.words))
-    for split_name, preds in (("fit", main.fit_irm), ("heldout", main.heldout_irm)):
-        for w, v in sorted(preds.items(), key=lambda kv: targets.words[kv[0]]):
-            writer.writerow(
-                [
-                    targets.words[w],
-                    split_name,
-                    targets.utility[w],
-                    f"{v:.6f}",
-                    f"{implicit[w]:.6f}" if w in implicit else "",
-                    int(wcounts[w]),
-                ]
-            )
-    atomic_write_text(paths.irm / "word_utilities.csv", buf.getvalue())
+    word_rows = [
+        (targets.words[w], split_name, targets.utility[w], v, implicit.get(w), int(wcounts[w]))
+        for split_name, preds in (("fit", main.fit_irm), ("heldout", main.heldout_irm))
+        for w, v in sorted(preds.items(), key=lambda kv: targets.words[kv[0]])
+    ]
+    atomic_write_text(paths.root / WORD_UTILITIES, word_utilities_text(word_rows))
     atomic_write_json(paths.irm / "word_attribution.json", div_words)
     result = {
         "layer": layer,

@@ -71,7 +71,9 @@ class Study:
         model-level implicit reward, number of positions."""
         import pandas as pd
 
-        return pd.read_csv(self.run_dir / "irm" / "word_utilities.csv")
+        from irmlens.irm.words import COLUMNS, read_word_utilities
+
+        return pd.DataFrame(read_word_utilities(self.run_dir), columns=list(COLUMNS))
 
     @property
     def word_attribution(self):

@@ -221,17 +221,13 @@ def feature_map_rows(run_dir: Path, report: dict) -> list[dict]:
 
 
 def _fit_points(run_dir: Path) -> list[dict]:
-    import csv
+    from irmlens.irm.words import read_word_utilities
 
-    path = run_dir / "irm" / "word_utilities.csv"
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [
-            {"word": r["word"], "true": float(r["true_utility"]), "irm": float(r["irm_utility"])}
-            for r in csv.DictReader(f)
-            if r["split"] == "fit"
-        ]
+    return [
+        {"word": r["word"], "true": r["true_utility"], "irm": r["irm_utility"]}
+        for r in read_word_utilities(run_dir)
+        if r["split"] == "fit"
+    ]
 
 
 def tau_bars(report: dict) -> list[dict]:

@@ -127,13 +127,12 @@ def words_csv(run_dir: Path) -> str:
     """One row per lexicon word: split, true and IRM utility, implicit reward, and (held-out words)
     the standardised divergence."""
     from irmlens.io import read_json
+    from irmlens.irm.words import COLUMNS, read_word_utilities
 
-    with open(run_dir / "irm" / "word_utilities.csv", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
     div = {w["word"]: w["divergence"] for w in read_json(run_dir / "irm" / "word_attribution.json")}
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]) + ["divergence"])
+    w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "divergence"])
     w.writeheader()
-    for r in rows:
+    for r in read_word_utilities(run_dir):
         w.writerow({**r, "divergence": div.get(r["word"], "") if r["split"] == "heldout" else ""})
     return buf.getvalue()
