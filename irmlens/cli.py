@@ -174,7 +174,7 @@ def cmd_irm(args) -> int:
 
 def cmd_report(args) -> int:
     from irmlens.config import load_config
-    from irmlens.io import read_json
+    from irmlens.pipeline import read_model_dirs
     from irmlens.report.build import FORMATS, collect_report, write_report
 
     run_dir = Path(args.run_dir)
@@ -193,7 +193,7 @@ def cmd_report(args) -> int:
         from irmlens.pipeline import run_study
 
         run_study(cfg, run_dir, stop_after="cards")
-    dirs = {k: Path(v) for k, v in read_json(dirs_file).items()}
+    dirs = read_model_dirs(run_dir)
     write_report(run_dir, collect_report(run_dir, cfg, dirs), formats)
     names = {"html": "index.html", "json": "report.json", "md": "summary.md"}
     for f in formats:

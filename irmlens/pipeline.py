@@ -1030,6 +1030,33 @@ def stage_cards(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, pai
 # ---------------------------------------------------------------- the whole study
 
 
+def write_model_dirs(run_dir: Path, dirs: dict[str, Path]) -> None:
+    """``models/dirs.json``: where each model of the pair is. Folders inside the run folder are
+    stored relative to it and others absolute, so the run can be moved and read from any
+    working directory (``irmlens report`` reloads the models)."""
+    root = Path(run_dir).resolve()
+    out = {}
+    for name, d in dirs.items():
+        d = Path(d).resolve()
+        out[name] = str(d.relative_to(root)) if d.is_relative_to(root) else str(d)
+    atomic_write_json(Path(run_dir) / "models" / "dirs.json", out)
+
+
+def read_model_dirs(run_dir: Path) -> dict[str, Path]:
+    """The model folders ``write_model_dirs`` recorded, as paths usable from here."""
+
+    def resolve(d: str) -> Path:
+        if Path(d).is_absolute():
+            return Path(d)
+        inside = Path(run_dir) / d
+        # runs written before 2026-11-27 stored paths relative to the working directory
+        return inside if inside.exists() or not Path(d).exists() else Path(d)
+
+    return {
+        name: resolve(d) for name, d in read_json(Path(run_dir) / "models" / "dirs.json").items()
+    }
+
+
 def _check_run_dir(paths: RunPaths, cfg_text: str) -> None:
     """Refuse a different study in an existing run folder. The comparison is on the resolved
     config text, so a run written by an irmlens with other settings or defaults is refused too:
@@ -1102,7 +1129,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, stop_after: str = "report")
     splits = load_splits(cfg, assets.reviews)
     base_dir = ensure_base_model(cfg, splits, assets.reviews)
     dirs = resolve_pair(cfg, paths, base_dir, rm, splits)
-    atomic_write_json(paths.root / "models" / "dirs.json", {k: str(v) for k, v in dirs.items()})
+    write_model_dirs(paths.root, dirs)
     if stop_after == "rlhf":
         return dirs["rlhf"]
 
