@@ -92,7 +92,9 @@ def standard_sae_step(
         g = residual.mul_(2.0 / batch)
         g_c = g.to(dt)
         grad_W_dec = (f.T @ g_c).to(W_dec.dtype)
-        grad_W_dec.addcmul_((l1_coefficient / batch) * (f_sum / dec_norm)[:, None], W_dec)
+        # a zero decoder row has zero norm: its L1 gradient is 0 (autograd's subgradient), not NaN
+        safe_norm = dec_norm.clamp_min(torch.finfo(dec_norm.dtype).tiny)
+        grad_W_dec.addcmul_((l1_coefficient / batch) * (f_sum / safe_norm)[:, None], W_dec)
         d_pre = torch.addmm(((l1_coefficient / batch) * dec_norm).to(dt), g_c, W_dec_c.T)
         d_pre.mul_(fired)
         grad_b_enc = d_pre.sum(0, dtype=torch.float32)
@@ -166,6 +168,11 @@ def fused_trainer_class():
             return result
 
         def _graphed_gradients(self, sae, sae_in: torch.Tensor, l1: float) -> StepResult:
+            # streams and graphs belong to the *current* device: make it the batch's (cuda:1 ...)
+            with torch.cuda.device(sae_in.device):
+                return self._graphed_gradients_on_device(sae, sae_in, l1)
+
+        def _graphed_gradients_on_device(self, sae, sae_in: torch.Tensor, l1: float) -> StepResult:
             if self._graph is None:
                 self._x = sae_in.detach().clone()
                 self._l1 = torch.tensor(float(l1), device=sae_in.device)

@@ -149,7 +149,10 @@ def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:
             return False
         # sae-lens writes the whitening matrices after the scaler's json: a checkpoint cut
         # between the two would otherwise resume without whitening
-        scaler = json.loads((p / ACTIVATION_SCALER_CFG_FILENAME).read_text())
+        try:
+            scaler = json.loads((p / ACTIVATION_SCALER_CFG_FILENAME).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):  # cut mid-write: not complete
+            return False
         return not scaler.get("has_whitening") or (p / ACTIVATION_WHITENING_FILENAME).exists()
 
     return sorted((p for p in ckpt_dir.iterdir() if complete(p)), key=lambda p: int(p.name))
@@ -223,9 +226,12 @@ def train_sae(
 
     if cfg.compile:
         sae.training_forward_pass = torch.compile(sae.training_forward_pass)
-    if cfg.uses_fused_step:
-        from sae_training.fused import fused_trainer_class
+    from sae_training.fused import fused_trainer_class, supports
 
+    # "auto" falls back to sae-lens's step for an SAE the fused step does not implement;
+    # "fused" asked for it explicitly, so the trainer refuses such an SAE with a clear error
+    use_fused = cfg.uses_fused_step and (cfg.trainer == "fused" or supports(sae))
+    if use_fused:
         trainer = fused_trainer_class()(cfg=trainer_cfg, sae=sae, data_provider=data())
     else:
         trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data())
@@ -251,7 +257,7 @@ def train_sae(
     # fit() folds the whitening into the weights and forgets it: keep it, to save beside the SAE
     # (a random control dictionary in the same whitened space needs it)
     whitening = trainer.activation_scaler.whitening
-    if world > 1 and cfg.uses_fused_step:
+    if world > 1 and use_fused:
         trainer.distributed = (dist, world)  # the fused step all-reduces its gradients itself
     elif world > 1:
         _all_reduce_gradients(sae, dist, world)

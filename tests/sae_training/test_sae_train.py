@@ -163,13 +163,15 @@ def test_checkpoint_without_its_whitening_file_is_incomplete(tmp_path):
 
     from sae_training.train import _complete_checkpoints
 
-    for name, whitened in (("100", False), ("200", True)):
+    for name, whitened in (("100", False), ("200", True), ("300", None)):
         p = tmp_path / name
         p.mkdir()
         (p / TRAINER_STATE_FILENAME).write_bytes(b"x")
         (p / SAE_WEIGHTS_FILENAME).write_bytes(b"x")
         scaler = {"scaling_factor": None, "has_whitening": whitened}
-        (p / ACTIVATION_SCALER_CFG_FILENAME).write_text(json.dumps(scaler))
+        # "300": the scaler's json itself cut mid-write
+        text = json.dumps(scaler) if whitened is not None else '{"scaling_fac'
+        (p / ACTIVATION_SCALER_CFG_FILENAME).write_text(text)
     assert [p.name for p in _complete_checkpoints(tmp_path)] == ["100"]
     (tmp_path / "200" / ACTIVATION_WHITENING_FILENAME).write_bytes(b"x")
     assert [p.name for p in _complete_checkpoints(tmp_path)] == ["100", "200"]
