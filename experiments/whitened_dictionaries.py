@@ -27,7 +27,7 @@ def main() -> None:
     from irmlens.cache.store import hook_name, load_activations, load_manifest, load_token_rows
     from irmlens.config import load_config
     from irmlens.data.assets import fetch_assets
-    from irmlens.irm.fit import Split, position_targets, sparse_irm, split_words
+    from irmlens.irm.fit import position_targets, sparse_irm, split_words, word_split
     from irmlens.irm.metrics import bootstrap_tau_ci, kendall_tau
     from irmlens.pipeline import RunPaths, _random_sae, load_reward_model
     from sae_training.train import encode_batched, load_sae, load_whitening, train_sae
@@ -90,24 +90,10 @@ def main() -> None:
     lexicon = sorted(w for w in targets.utility if counts[w] >= cfg.irm.min_word_count)
     shuffled = lexicon[:]
     random.Random(0).shuffle(shuffled)
-    is_lex = torch.zeros(len(targets.words), dtype=torch.bool)
-    is_lex[list(targets.utility)] = True
-    non_lexicon = torch.nonzero(~is_lex[targets.word]).squeeze(-1)
-
-    def fold_split(held: list[int], seed: int) -> Split:
-        fit = sorted(set(lexicon) - set(held))
-        in_fit = torch.zeros(len(targets.words), dtype=torch.bool)
-        in_fit[fit] = True
-        in_held = torch.zeros(len(targets.words), dtype=torch.bool)
-        in_held[held] = True
-        fit_lex = torch.nonzero(in_fit[targets.word]).squeeze(-1)
-        n_non = min(len(non_lexicon), int(cfg.irm.nonlexicon_ratio * len(fit_lex)))
-        gen = torch.Generator().manual_seed(seed)
-        non = non_lexicon[torch.randperm(len(non_lexicon), generator=gen)[:n_non]]
-        fit_pos = torch.sort(torch.cat([fit_lex, non])).values
-        return Split(fit, held, fit_pos, torch.nonzero(in_held[targets.word]).squeeze(-1))
-
-    folds = [fold_split(sorted(shuffled[f :: args.folds]), f) for f in range(args.folds)]
+    folds = []
+    for f in range(args.folds):  # each fold's held-out words; the others fit
+        held = sorted(shuffled[f :: args.folds])
+        folds.append(word_split(targets, sorted(set(lexicon) - set(held)), held, cfg.irm, f))
     print(
         f"{args.run}: layers {layers}, width {width}, {len(lexicon)} lexicon words "
         f"({len(fixed.heldout_words)} held out by the run's split, seed {cfg.irm.seed})"

@@ -567,8 +567,10 @@ def stage_irm(
     hooks = [hook_name(la) for la in layers]
     models = load_manifest(paths.cache)["models"]
     acts = {m: [load_activations(paths.cache, m, h) for h in hooks] for m in models}
-    shared = [load_sae(paths.sae_dir("shared", h, width)) for h in hooks]
-    base_sae = load_sae(paths.sae_dir("base", hooks[li], width))
+    shared_dirs = [paths.sae_dir("shared", h, width) for h in hooks]
+    shared = [load_sae(d) for d in shared_dirs]
+    base_dir = paths.sae_dir("base", hooks[li], width)
+    base_sae = load_sae(base_dir)
     topk_dir = paths.sae_dir(wide_topk_label(cfg), hooks[li], width)
     rows = load_token_rows(paths.cache)
     targets = position_targets(rows.word_id[rows.valid], rows.words, rm.word_utility)
@@ -717,19 +719,16 @@ def stage_irm(
         "multi_layer_pre": "pre",
     }[chosen.name]
     layer_idx = list(range(len(layers))) if chosen.name == "multi_layer_pre" else one
-    saes = {
-        "base_sae_codes": [base_sae],
-        "topk_wide_codes": [topk],
-        "multi_layer_pre": shared,
-    }.get(chosen.name, [shared[li]])
-    sae_dirs = {
-        "base_sae_codes": [paths.sae_dir("base", hooks[li], width)],
-        "topk_wide_codes": [topk_dir],
-        "multi_layer_pre": [paths.sae_dir("shared", h, width) for h in hooks],
-    }.get(chosen.name, [paths.sae_dir("shared", hooks[li], width)])
+    # the chosen space's dictionaries with their folders (a whitened one saved its whitening there)
+    sources = {
+        "base_sae_codes": [(base_sae, base_dir)],
+        "topk_wide_codes": [(topk, topk_dir)],
+        "multi_layer_pre": list(zip(shared, shared_dirs, strict=True)),
+    }.get(chosen.name, [(shared[li], shared_dirs[li])])
+    saes = [s for s, _ in sources]
     randoms = [
-        _random_sae(d_model, s.cfg.d_sae, cfg.seed + 1 + i, like=s, whitening=load_whitening(p))
-        for i, (s, p) in enumerate(zip(saes, sae_dirs, strict=True))
+        _random_sae(d_model, s.cfg.d_sae, cfg.seed + 1 + i, like=s, whitening=load_whitening(d))
+        for i, (s, d) in enumerate(sources)
     ]
     control_spaces = {
         "random_sae": space(

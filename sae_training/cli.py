@@ -15,6 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
+# the package's __init__ imports sae_training.train already, so this costs no start-up time
+from sae_training.train import NORMALIZATIONS, TRAINERS
+
 
 def _parse_width(value: str, d_in: int) -> int:
     if value.endswith("x"):
@@ -68,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--normalize",
-        choices=("expected_average_only_in", "covariance_whitening", "none"),
+        choices=NORMALIZATIONS,
         default="expected_average_only_in",
         help="input normalisation (sae-lens's; folded into the saved weights): scale to norm "
         "sqrt(d_in), PCA whitening (also saves whitening.safetensors), or none",
     )
     p.add_argument(
         "--trainer",
-        choices=("auto", "sae-lens", "fused"),
+        choices=TRAINERS,
         default="auto",
         help="training step: 'fused' = irmlens's hand-derived standard-SAE step (faster, same "
         "loss), 'sae-lens' = sae-lens's autograd step; 'auto' = fused for standard, else sae-lens",

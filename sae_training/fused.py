@@ -127,6 +127,7 @@ def fused_trainer_class():
                     "use trainer='sae-lens' for this SAE"
                 )
             self.distributed = None
+            self._params = dict(self.sae.named_parameters())  # fixed objects: look them up once
             if torch.device(self.cfg.device).type == "cuda":
                 # the same Adam, in torch's single-kernel form (one launch for all parameters)
                 self.optimizer = torch.optim.Adam(
@@ -157,13 +158,12 @@ def fused_trainer_class():
             """Gradients of one step, all-reduced under DDP, set as ``.grad`` and clipped at 1."""
             dtype = torch.bfloat16 if self.cfg.autocast else None
             result = standard_sae_step(sae, x, l1, dtype)
-            params = dict(sae.named_parameters())
             for name, grad in result.grads.items():
                 if self.distributed is not None:
                     dist, world = self.distributed
                     dist.all_reduce(grad)
                     grad.div_(world)
-                params[name].grad = grad
+                self._params[name].grad = grad
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
             return result
 
@@ -189,9 +189,8 @@ def fused_trainer_class():
             self._x.copy_(sae_in)
             self._l1.fill_(float(l1))
             self._graph.replay()
-            params = dict(sae.named_parameters())
             for name, grad in self._static.grads.items():  # zero_grad() dropped them
-                params[name].grad = grad
+                self._params[name].grad = grad
             return self._static
 
         def _train_step(self, sae, sae_in: torch.Tensor):

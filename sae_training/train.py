@@ -24,6 +24,7 @@ ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
 # folded into the saved weights, so saved SAEs take raw activations.
 NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening", "none")
 WHITENING_FILENAME = "whitening.safetensors"
+TRAINERS = ("auto", "sae-lens", "fused")  # see SAETrainingConfig.trainer
 
 
 @dataclass
@@ -60,7 +61,7 @@ class SAETrainingConfig:
             raise ValueError(
                 f"SAE input normalisation {self.normalize!r}; choose one of {NORMALIZATIONS}"
             )
-        if self.trainer not in ("auto", "sae-lens", "fused"):
+        if self.trainer not in TRAINERS:
             raise ValueError(f"trainer {self.trainer!r}; choose auto, sae-lens or fused")
         if self.trainer == "fused" and (self.architecture != "standard" or self.compile):
             raise ValueError(

@@ -85,8 +85,15 @@ def split_words(targets: PositionTargets, cfg: IRMConfig) -> Split:
     shuffled = lex[:]
     rng.shuffle(shuffled)
     n_held = max(5, int(round(cfg.heldout_fraction * len(lex))))
-    held = sorted(shuffled[:n_held])
-    fit = sorted(shuffled[n_held:])
+    return word_split(targets, sorted(shuffled[n_held:]), sorted(shuffled[:n_held]), cfg, cfg.seed)
+
+
+def word_split(
+    targets: PositionTargets, fit: list[int], held: list[int], cfg: IRMConfig, seed: int
+) -> Split:
+    """The positions of a given fit/held-out word split: every position of a fit word, plus
+    ``cfg.nonlexicon_ratio`` times as many non-lexicon positions drawn under ``seed`` (target 0),
+    and every position of a held-out word."""
     is_fit = torch.zeros(len(targets.words), dtype=torch.bool)
     is_fit[fit] = True
     is_held = torch.zeros(len(targets.words), dtype=torch.bool)
@@ -96,7 +103,7 @@ def split_words(targets: PositionTargets, cfg: IRMConfig) -> Split:
     fit_lex = torch.nonzero(is_fit[targets.word]).squeeze(-1)
     nonlex = torch.nonzero(~is_lex[targets.word]).squeeze(-1)
     n_non = min(len(nonlex), int(cfg.nonlexicon_ratio * len(fit_lex)))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     nonlex = nonlex[torch.randperm(len(nonlex), generator=gen)[:n_non]]
     fit_pos = torch.sort(torch.cat([fit_lex, nonlex])).values
     held_pos = torch.nonzero(is_held[targets.word]).squeeze(-1)
