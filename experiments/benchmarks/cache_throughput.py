@@ -11,6 +11,13 @@ tokens, for:
                  dataset to disk), with its model loader patched to return the same in-memory model
                  (it can only load models by hub name).
 Prints tokens/s for each and irmlens's ratio to each (target in the issue: >= 3x both).
+
+Two bounds, same tokens, nothing stored (they say how far any caching pipeline could go):
+  * bare TL forward  -- TransformerLens's forward stopped after the hook's layer, the hook's
+                        output kept in memory: the ceiling of any pipeline built on TL's forward;
+  * hand-written     -- the same layers written directly (one fused QKV matmul, torch's SDPA,
+                        F.linear), checked against TL to 1e-4: the ceiling of replacing TL's forward
+                        at this precision. Its ratio to SAELens is the most a 3x target could get.
 """
 
 from __future__ import annotations
@@ -61,6 +68,75 @@ def bench_tl_full(model, tokens) -> float:
     for i in range(0, len(tokens), 32):
         _, cache = model.run_with_cache(tokens[i : i + 32].to(model.cfg.device))
         del cache
+    return tokens.numel() / (time.perf_counter() - t)
+
+
+@torch.no_grad()
+def bench_bare_forward(model, tokens, layer) -> float:
+    hook = f"blocks.{layer}.hook_resid_post"
+    t = time.perf_counter()
+    for i in range(0, len(tokens), 32):
+        _, cache = model.run_with_cache(
+            tokens[i : i + 32].to(model.cfg.device), names_filter=hook, stop_at_layer=layer + 1
+        )
+        del cache
+    return tokens.numel() / (time.perf_counter() - t)
+
+
+def hand_written_forward(model, layer: int):
+    """``tokens -> blocks.{layer}.hook_resid_post`` for ``make_model``'s GPT-2 shape (LayerNorm,
+    GELU, learned positions) without TransformerLens: QKV as one matmul, torch's SDPA."""
+    import torch.nn.functional as F
+
+    cfg = model.cfg
+    n_heads, d_head, d = cfg.n_heads, cfg.d_head, cfg.d_model
+    blocks = []
+    for block in model.blocks[: layer + 1]:
+        a = block.attn
+        w_qkv = torch.cat([w.permute(0, 2, 1).reshape(-1, d) for w in (a.W_Q, a.W_K, a.W_V)])
+        b_qkv = torch.cat([a.b_Q.reshape(-1), a.b_K.reshape(-1), a.b_V.reshape(-1)])
+        blocks.append(
+            (
+                block.ln1,
+                w_qkv.contiguous(),
+                b_qkv,
+                a.W_O.reshape(-1, d).T.contiguous(),
+                a.b_O,
+                block.ln2,
+                block.mlp.W_in.T.contiguous(),
+                block.mlp.b_in,
+                block.mlp.W_out.T.contiguous(),
+                block.mlp.b_out,
+            )
+        )
+
+    def layer_norm(x, ln):
+        return F.layer_norm(x, (d,), ln.w, ln.b, cfg.eps)
+
+    @torch.no_grad()
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        b, t = tokens.shape
+        x = model.embed.W_E[tokens] + model.pos_embed.W_pos[:t]
+        for ln1, w_qkv, b_qkv, w_o, b_o, ln2, w_in, b_in, w_out, b_out in blocks:
+            qkv = F.linear(layer_norm(x, ln1), w_qkv, b_qkv).view(b, t, 3, n_heads, d_head)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + F.linear(z.transpose(1, 2).reshape(b, t, n_heads * d_head), w_o, b_o)
+            x = x + F.linear(F.gelu(F.linear(layer_norm(x, ln2), w_in, b_in)), w_out, b_out)
+        return x
+
+    return forward
+
+
+def bench_hand_written(model, tokens, layer) -> float:
+    forward = hand_written_forward(model, layer)
+    hook = f"blocks.{layer}.hook_resid_post"
+    _, cache = model.run_with_cache(tokens[:4], names_filter=hook, stop_at_layer=layer + 1)
+    err = float((forward(tokens[:4]) - cache[hook]).abs().max())
+    assert err < 1e-4, f"hand-written forward differs from TransformerLens by {err}"
+    t = time.perf_counter()
+    for i in range(0, len(tokens), 32):
+        forward(tokens[i : i + 32].to(model.cfg.device))
     return tokens.numel() / (time.perf_counter() - t)
 
 
@@ -116,6 +192,10 @@ def main() -> None:
             "irmlens": bench_irmlens(model, tokens, args.layer, tmp),
             "TL full run_with_cache": bench_tl_full(model, tokens),
         }
+        bounds = {
+            "bare TL forward (bound)": bench_bare_forward(model, tokens, args.layer),
+            "hand-written forward (bound)": bench_hand_written(model, tokens, args.layer),
+        }
         try:
             results["SAELens CacheActivationsRunner"] = bench_saelens(
                 model, tokens, args.layer, tmp
@@ -126,12 +206,17 @@ def main() -> None:
         f"device {device}; model {args.layers} layers, d_model {args.d_model}; hook layer {args.layer}; "
         f"{tokens.numel()} tokens"
     )
-    for name, tps in results.items():
+    for name, tps in {**results, **bounds}.items():
         print(f"  {name:32s} {tps:12.0f} tokens/s")
     base = results["irmlens"]
     for name, tps in results.items():
         if name != "irmlens":
             print(f"  irmlens / {name}: {base / tps:.2f}x (target >= 3x)")
+    print(f"  irmlens / bare TL forward: {base / bounds['bare TL forward (bound)']:.2f}")
+    theirs = results.get("SAELens CacheActivationsRunner")
+    if theirs:
+        for name, tps in bounds.items():
+            print(f"  most any pipeline could reach vs SAELens, {name}: {tps / theirs:.2f}x")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ GPT-2-shaped model); SAELens's ``LanguageModelSAETrainingRunner`` trains from th
 (``use_cached_activations``), irmlens from the same rows loaded as one tensor. Prints tokens/s,
 the ratio (target >= 1.5x) and both SAEs' training loss (MSE + l1 * sum|f| ||W_dec||) on the
 same held-out rows (target: within 2%).
+
+Also prints a bound: the time of the five matrix products one standard-SAE step cannot avoid
+(encode, decode, and the gradients of W_dec, of the pre-activations and of W_enc), at the
+benchmark's shapes and precision, times the number of steps. SAELens's time over that floor is the
+most any implementation of this training could gain over SAELens on this machine.
 """
 
 from __future__ import annotations
@@ -31,6 +36,31 @@ def l1_loss(sae, x: torch.Tensor, l1: float) -> float:
     mse = ((recon - x) ** 2).sum(-1).mean()
     sparsity = (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
     return float(mse + l1 * sparsity)
+
+
+def matmul_floor(batch: int, d_in: int, d_sae: int, steps: int, device: str, autocast: bool):
+    """Seconds for ``steps`` x the five matmuls of a standard-SAE step (best of 3 timings)."""
+    dtype = torch.bfloat16 if autocast else torch.float32
+    x = torch.randn(batch, d_in, device=device, dtype=dtype)
+    f = torch.randn(batch, d_sae, device=device, dtype=dtype)
+    w_enc = torch.randn(d_in, d_sae, device=device, dtype=dtype)
+    w_dec = torch.randn(d_sae, d_in, device=device, dtype=dtype)
+
+    def step() -> None:
+        x @ w_enc, f @ w_dec, f.T @ x, x @ w_dec.T, x.T @ f
+
+    step()
+    best = float("inf")
+    for _ in range(3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(5):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t) / 5)
+    return best * steps
 
 
 def main() -> None:
@@ -112,7 +142,9 @@ def main() -> None:
     print(
         f"device {device}; d_in {d_in}, d_sae {d_sae}, batch {args.batch}, {args.tokens} tokens, l1 {args.l1}"
     )
+    steps = args.tokens // args.batch
     for precision, ours_tps, theirs_tps, loss_ours, loss_theirs in results:
+        floor = matmul_floor(args.batch, d_in, d_sae, steps, device, precision == "bf16")
         print(
             f"  [{precision}] irmlens train_sae  {ours_tps:10.0f} tokens/s   held-out loss {loss_ours:.4f}"
         )
@@ -122,6 +154,11 @@ def main() -> None:
         print(
             f"  [{precision}] speed ratio {ours_tps / theirs_tps:.2f}x (target >= 1.5x); loss "
             f"difference {100 * (loss_ours - loss_theirs) / loss_theirs:+.2f}% (target within 2%)"
+        )
+        print(
+            f"  [{precision}] bound: the step's five matmuls alone {args.tokens / floor:10.0f} "
+            f"tokens/s = {args.tokens / floor / theirs_tps:.2f}x SAELens; irmlens reaches "
+            f"{floor / (args.tokens / ours_tps):.2f} of that floor"
         )
 
 
