@@ -1,6 +1,6 @@
 """Where does the implicit reward live in the activation difference? (docs/concepts.md)
 
-    python experiments/irm_subspace.py RUN_DIR [--ms 1,2,4,8,16,32] [--draws 20]
+    python experiments/irm_subspace.py RUN_DIR [--ms 1,2,4,8,16,32] [--draws 10]
 
 Why: on every run so far a random dictionary matches the trained one, in the full IRM and in the
 sparse one. This asks whether that is a property of the *signal* rather than of our dictionaries.
@@ -12,11 +12,12 @@ On a finished study run, with the raw residual differences a_rlhf - a_base of th
   * ``rest m``: the difference with those m components removed;
   * ``random m``: m random Gaussian directions (``--draws`` draws: mean and range);
   * ``word pca m``: the top m principal components of the per-word mean differences (every word
-    seen >= 3 times, lexicon or not: context variation averaged out, still no labels);
+    seen >= 3 times among the fit positions, lexicon or not: context averaged out, no labels);
   * ``contrast m`` (when the run cached a null model): the m directions in which RLHF changed the
     activations most *relative to* the null fine-tuning, i.e. the top generalised eigenvectors of
     (cov of a_rlhf - a_base, cov of a_null - a_base + 0.1 * mean variance * I), both covariances
-    over every cached position (no labels: a dictionary could find these directions too);
+    over every cached position, as the dictionaries are trained (no labels, and positions of
+    held-out words are a small part of them);
   * ``raw``: all of it (the ceiling the IRM's signal retention is measured against);
 
 and the share of the raw ridge's held-out prediction variance that lies in the top m components
@@ -48,7 +49,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run", type=Path)
     p.add_argument("--ms", default="1,2,4,8,16,32")
-    p.add_argument("--draws", type=int, default=20)
+    p.add_argument("--draws", type=int, default=10)
     args = p.parse_args()
     cfg = load_config(args.run / "config.toml")
     paths = RunPaths(args.run)
@@ -81,9 +82,11 @@ def main() -> None:
     def tau(fit: torch.Tensor, held: torch.Tensor) -> float:
         return fit_and_score(fit.float(), held.float(), targets, split, cfg.irm).heldout_kendall_tau
 
-    counts = torch.bincount(targets.word, minlength=len(targets.words)).double()
+    # per-word means over fit positions only (held-out words never shape a direction scored on them)
+    fit_word = targets.word[split.fit_positions]
+    counts = torch.bincount(fit_word, minlength=len(targets.words)).double()
     sums = torch.zeros(len(targets.words), diff.shape[1], dtype=diff.dtype)
-    sums.index_add_(0, targets.word, diff)
+    sums.index_add_(0, fit_word, x_fit)
     word_means = sums[counts >= 3] / counts[counts >= 3, None]
     _, _, word_vt = torch.linalg.svd(word_means - word_means.mean(0), full_matrices=False)
 

@@ -57,10 +57,12 @@ def cmd_pretrain(args) -> int:
 def cmd_rlhf(args) -> int:
     import dataclasses
 
-    from irmlens.config import load_config
+    from irmlens.config import dump_config, load_config
     from irmlens.data.assets import require_assets
+    from irmlens.io import atomic_write_text
     from irmlens.pipeline import (
         RunPaths,
+        check_run_dir,
         ensure_base_model,
         load_reward_model,
         load_splits,
@@ -78,12 +80,19 @@ def cmd_rlhf(args) -> int:
             cfg.rlhf = dataclasses.replace(cfg.rlhf, **overrides)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    out = _run_dir(args, cfg)
+    paths = RunPaths(out)
+    # the run folder records the config its RLHF model was trained with (overrides included), so
+    # a later `irmlens run` or `irmlens rlhf` with other settings is refused, not silently mixed in
+    cfg_text = dump_config(cfg)
+    check_run_dir(paths, cfg_text)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths.config, cfg_text)
     assets = require_assets()
     splits = load_splits(cfg, assets.reviews)
     rm = load_reward_model(cfg, assets.lexicon)
     base = ensure_base_model(cfg, splits, assets.reviews)
-    out = _run_dir(args, cfg)
-    s = stage_rlhf(cfg, RunPaths(out), base, rm, splits)
+    s = stage_rlhf(cfg, paths, base, rm, splits)
     print(
         f"RLHF model: {RunPaths(out).rlhf_model}\n{s['algorithm']} against {s['trained_against']}: "
         f"reward ({s['reward_model']}) {s['reward_before']:.3f} -> {s['reward_after']:.3f}, "

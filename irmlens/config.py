@@ -110,6 +110,13 @@ class SAEStageConfig:
     normalize: str = "expected_average_only_in"
 
     def __post_init__(self) -> None:
+        if not self.width_multipliers or any(m <= 0 for m in self.width_multipliers):
+            raise ValueError(
+                f"sae.width_multipliers = {self.width_multipliers}: give one or more positive "
+                "multiples of d_model, e.g. [2, 4]"
+            )
+        if self.wide_topk_k < 0:
+            raise ValueError(f"sae.wide_topk_k = {self.wide_topk_k}: use 0 (none) or a k >= 1")
         self.training_config(1, 0, "cpu")  # the same checks as the trainer's, at load time
 
     def training_config(self, width: int, seed: int, device: str) -> SAETrainingConfig:
@@ -165,11 +172,50 @@ def _build(cls, values: dict[str, Any], where: str):
                 raise ConfigError(f"[{where}{k}] must be a table")
             kwargs[k] = _build(sub, v, f"{where}{k}.")
         else:
+            _check_type(cls, f, v, where)
             kwargs[k] = v
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid value in [{where.rstrip('.') or 'top level'}]: {e}") from None
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_type(cls, f: dataclasses.Field, value: Any, where: str) -> None:
+    """A value of the default's kind (numbers for numbers, lists of numbers for lists of
+    numbers...), so a quoted "5" fails here naming its key, not later inside a stage."""
+    default = f.default
+    if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    if default is None or default is dataclasses.MISSING:
+        return  # optional settings: their own checks apply
+    key = f"{where}{f.name}"
+
+    def fits(kind: type, v: Any) -> bool:
+        if kind is bool:
+            return isinstance(v, bool)
+        if kind is float:
+            return isinstance(v, int | float) and not isinstance(v, bool)
+        if kind is int:
+            return isinstance(v, int) and not isinstance(v, bool)
+        return isinstance(v, kind)
+
+    if isinstance(default, list):
+        kinds = {type(x) for x in default}
+        kind = (
+            float if kinds and kinds <= {int, float} else (kinds.pop() if len(kinds) == 1 else None)
+        )
+        if not isinstance(value, list) or (kind and not all(fits(kind, x) for x in value)):
+            raise ConfigError(f"{key} = {value!r} must be a list like {default!r}")
+        return
+    kind = float if type(default) is float else type(default)
+    if kind in _KINDS and not fits(kind, value):
+        raise ConfigError(
+            f"{key} = {value!r} must be {_KINDS[kind]} (e.g. {default!r}), "
+            f"not {type(value).__name__}"
+        )
 
 
 _SECTIONS = {

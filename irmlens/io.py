@@ -41,6 +41,28 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of an append-only JSON-lines log ([] if absent). A process killed mid-append leaves
+    a partial last line: it is dropped (that row is logged again on resume). An unreadable line
+    anywhere else means the file is damaged, and the error says which file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(
+                f"{path}, line {i + 1}, is not JSON ({e.msg}): the log is damaged; delete the "
+                "run's folder for this stage to redo it"
+            ) from e
+    return rows
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path`` in one rename.

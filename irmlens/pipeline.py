@@ -543,6 +543,7 @@ def stage_irm(
     from irmlens.data.corpus import load_reviews
     from irmlens.irm.contrastive import ContrastiveConfig, paper_estimator
     from irmlens.irm.fit import (
+        IRM_SPACES,
         fit_and_score,
         position_targets,
         shuffled_target_control,
@@ -694,6 +695,8 @@ def stage_irm(
             f"  CV R2 {f.cv_r2:+.4f}"
         )
     by_name = {sp.name: sp for sp in candidates}
+    # irm.space is checked against IRM_SPACES when the config loads: keep the two in step
+    assert set(by_name) <= set(IRM_SPACES), f"spaces missing from IRM_SPACES: {set(by_name)}"
     if icfg.space == "auto":
         chosen = max(candidates, key=lambda sp: fits[sp.name].cv_r2)
     elif icfg.space in by_name:
@@ -851,7 +854,11 @@ def stage_irm(
         rm.word_utility,
         word_counts,
         icfg.alphas,
-        ContrastiveConfig(contexts_per_word=icfg.paper_contexts_per_word, seed=icfg.seed),
+        ContrastiveConfig(
+            contexts_per_word=icfg.paper_contexts_per_word,
+            cv_folds=icfg.cv_folds,
+            seed=icfg.seed,
+        ),
     )
     _log(
         f"irm: {chosen.name} tau {main.heldout_kendall_tau:.3f} CI [{tau_ci[0]:.3f}, {tau_ci[1]:.3f}]; "
@@ -1056,7 +1063,7 @@ def read_model_dirs(run_dir: Path) -> dict[str, Path]:
     }
 
 
-def _check_run_dir(paths: RunPaths, cfg_text: str) -> None:
+def check_run_dir(paths: RunPaths, cfg_text: str) -> None:
     """Refuse a different study in an existing run folder. The comparison is on the resolved
     config text, so a run written by an irmlens with other settings or defaults is refused too:
     its outputs may come from another recipe (base model, null pair, dictionaries)."""
@@ -1118,7 +1125,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, stop_after: str = "report")
     torch.manual_seed(cfg.seed)
     paths = RunPaths(Path(out_dir))
     cfg_text = dump_config(cfg)
-    _check_run_dir(paths, cfg_text)
+    check_run_dir(paths, cfg_text)
     paths.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.config, cfg_text)
     t0 = time.time()

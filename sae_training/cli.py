@@ -20,9 +20,15 @@ from sae_training.train import NORMALIZATIONS, TRAINERS
 
 
 def _parse_width(value: str, d_in: int) -> int:
-    if value.endswith("x"):
-        return int(float(value[:-1]) * d_in)
-    return int(value)
+    try:
+        width = int(float(value[:-1]) * d_in) if value.endswith("x") else int(value)
+    except ValueError:
+        width = 0
+    if width <= 0:
+        raise ValueError(
+            f"--width {value!r}: give a number of features (4096) or a multiple of d_in (8x)"
+        )
+    return width
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from safetensors.torch import load_file
 
-    from sae_training.train import SAETrainingConfig, evaluate_sae, train_sae
-
     if (args.cache is None) == (args.activations is None):
         p.error("give either --cache (with --model and --hook) or --activations")
     parts = []
@@ -125,6 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.model
         else "+".join(Path(a).parent.name for a in args.activations)
     )
+    try:
+        return _train(args, acts, hook, model_name)
+    except ValueError as e:  # bad settings or data: say which, no traceback
+        print(f"sae-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(args, acts, hook: str, model_name: str) -> int:
+    from sae_training.train import SAETrainingConfig, evaluate_sae, train_sae
+
     cfg = SAETrainingConfig(
         width=_parse_width(args.width, acts.shape[1]),
         architecture=args.arch,

@@ -184,7 +184,8 @@ def train_sae(
     if acts.shape[0] < cfg.batch_size:
         raise ValueError(
             f"only {acts.shape[0]} activation rows for batch_size {cfg.batch_size}: "
-            "cache more tokens or lower sae.batch_size"
+            "cache more tokens or lower the batch size (sae.batch_size in a study config, "
+            "--batch-size for sae-train)"
         )
     dist, rank, world = _distributed()
     if cfg.batch_size % world:

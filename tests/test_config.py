@@ -30,3 +30,31 @@ def test_bad_values_are_reported():
     with pytest.raises(ConfigError, match="ppo|algorithm"):
         config_from_dict({"rlhf": {"algorithm": "dpo"}})
     assert StudyConfig().irm.heldout_fraction == 0.3
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"irm": {"cv_folds": "5"}}, r"irm\.cv_folds = '5' must be an integer"),
+        ({"sae": {"lr": "1e-3"}}, r"sae\.lr = '1e-3' must be a number"),
+        ({"irm": {"alphas": [1, "10"]}}, r"irm\.alphas .* must be a list like"),
+        ({"layers": {"relative": 1}}, r"layers\.relative = 1 must be true or false"),
+        ({"irm": {"cv_folds": 1}}, r"irm\.cv_folds = 1: cross-validation needs 2"),
+        ({"irm": {"alphas": []}}, r"irm\.alphas = \[\]: give one or more positive"),
+        ({"irm": {"alphas": [0.0, 1.0]}}, r"positive ridge penalties"),
+        ({"irm": {"n_shuffles": 0}}, r"irm\.n_shuffles = 0 must be 1 or more"),
+        ({"irm": {"space": "sae_pree"}}, r"irm\.space = 'sae_pree'; choose auto or one of"),
+        ({"sae": {"width_multipliers": []}}, r"sae\.width_multipliers = \[\]"),
+    ],
+)
+def test_bad_values_fail_at_load_naming_the_key(values, message):
+    """Caught when the config loads, not hours later inside a stage."""
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(values)
+
+
+def test_numbers_of_either_kind_where_a_float_is_expected():
+    cfg = config_from_dict(
+        {"sae": {"lr": 1, "width_multipliers": [1.5, 3]}, "irm": {"alphas": [1, 10.0]}}
+    )
+    assert cfg.sae.lr == 1 and cfg.sae.width_multipliers == [1.5, 3]

@@ -25,6 +25,7 @@ class ContrastiveConfig:
     contexts_per_word: int = 6
     n_neutral: int = 20
     max_prefix_words: int = 20
+    cv_folds: int = 5  # of the ridge's alpha choice (the study passes irm.cv_folds)
     seed: int = 0
 
 
@@ -107,7 +108,7 @@ def paper_estimator(
     word_index = {w: i for i, w in enumerate(sorted(set(words)))}
     groups = torch.tensor([word_index[w] for w in words])
     y = torch.tensor([utility(w) for w in words], dtype=torch.float64)
-    alpha, cv_r2, _ = ridge_cv(x[is_fit], y[is_fit], groups[is_fit], alphas, 5, cfg.seed)
+    alpha, cv_r2, _ = ridge_cv(x[is_fit], y[is_fit], groups[is_fit], alphas, cfg.cv_folds, cfg.seed)
     ridge = fit_ridge(x[is_fit], y[is_fit], alpha)
     pred = ridge.predict(x)
     per_word: dict[str, list[float]] = {}

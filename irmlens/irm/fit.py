@@ -20,6 +20,17 @@ from irmlens.irm.metrics import kendall_tau, spearman
 from irmlens.irm.ridge import RidgeModel, fit_ridge, ridge_cv
 
 DEFAULT_ALPHAS = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
+# the dictionary feature spaces the main IRM can be fitted in (irmlens.pipeline builds them; a run
+# has those its config allows: topk_wide_codes needs sae.wide_topk_k > 0, multi_layer_pre two or
+# more studied layers)
+IRM_SPACES = (
+    "sae_codes",
+    "sae_pre",
+    "sae_codes_error",
+    "base_sae_codes",
+    "topk_wide_codes",
+    "multi_layer_pre",
+)
 
 
 @dataclass
@@ -40,6 +51,22 @@ class IRMConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ValueError("irm.heldout_fraction must be between 0 and 1")
+        if self.cv_folds < 2:
+            raise ValueError(f"irm.cv_folds = {self.cv_folds}: cross-validation needs 2 or more")
+        if not self.alphas or any(a <= 0 for a in self.alphas):
+            raise ValueError(
+                f"irm.alphas = {self.alphas}: give one or more positive ridge penalties, "
+                "e.g. [0.1, 1.0, 10.0]"
+            )
+        for name in ("n_shuffles", "sparse_k", "min_word_count", "paper_contexts_per_word"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"irm.{name} = {getattr(self, name)} must be 1 or more")
+        if self.nonlexicon_ratio < 0:
+            raise ValueError(f"irm.nonlexicon_ratio = {self.nonlexicon_ratio} must be >= 0")
+        if self.space != "auto" and self.space not in IRM_SPACES:
+            raise ValueError(
+                f"irm.space = {self.space!r}; choose auto or one of {', '.join(IRM_SPACES)}"
+            )
 
 
 @dataclass

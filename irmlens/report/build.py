@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 
-from irmlens.io import atomic_write_json, atomic_write_text, csv_value, read_json
+from irmlens.io import atomic_write_json, atomic_write_text, csv_value, read_json, read_jsonl
 
 SCHEMA_VERSION = 2
 
@@ -22,12 +21,6 @@ def _model_info(model_dir: Path, name: str) -> dict:
         "n_layers": int(c.num_hidden_layers),
         "d_model": int(c.hidden_size),
     }
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 IRM_KEYS = (
@@ -494,7 +487,7 @@ def write_report(run_dir: Path, report: dict, formats=FORMATS) -> Path:
         atomic_write_json(out / "report.json", report)
     rows = feature_map_rows(run_dir, report) if {"html", "csv"} & set(formats) else []
     if "html" in formats:
-        metrics = _read_jsonl(run_dir / "rlhf" / "metrics.jsonl")
+        metrics = read_jsonl(run_dir / "rlhf" / "metrics.jsonl")
         atomic_write_text(
             out / "index.html", render_html(report, metrics, rows, _fit_points(run_dir))
         )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from irmlens.io import atomic_dir, atomic_write_json, read_json
+from irmlens.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, read_jsonl
 from irmlens.rlhf.recorder import RewardRecorder, make_metrics_callback
 from irmlens.rlhf.sampling import kl_estimate, sample_completions
 from irmlens.rlhf.signals import lexicon_fraction, repetition_rate
@@ -83,12 +83,8 @@ def _truncate_metrics(path: Path, upto_step: int) -> None:
     """Drop rows logged after the checkpoint we resume from: they will be logged again."""
     if not path.exists():
         return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line and json.loads(line)["step"] <= upto_step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [row for row in read_jsonl(path) if row["step"] <= upto_step]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
 
 
 def _common_trl_args(cfg: RLHFConfig, out: Path) -> dict:

@@ -34,3 +34,21 @@ def test_sae_train_cli_trains_on_two_files(tmp_path, capsys):
     sae = SAE.load_from_disk(str(out))
     assert sae.cfg.d_sae == 16 and sae.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
     assert main(["--activations", str(tmp_path / "missing.safetensors"), "--out", str(out)]) == 2
+
+
+def test_sae_train_cli_names_bad_settings_without_a_traceback(tmp_path, capsys):
+    path = tmp_path / "blocks.0.hook_resid_post.safetensors"
+    save_file({"activations": torch.randn(300, 8)}, str(path))
+    out = tmp_path / "sae"
+    base = ["--activations", str(path), "--out", str(out), "--epochs", "1"]
+    cases = [
+        (["--trainer", "fused", "--arch", "topk"], "trainer 'fused'"),
+        (["--width", "wide"], "--width 'wide'"),
+        (["--batch-size", "1024"], "--batch-size for sae-train"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sae-train: error:") and message in err, err
+        assert "Traceback" not in err
+    assert not out.exists()  # nothing half-written

@@ -1,0 +1,35 @@
+"""irmlens.io: logs a killed process left behind are read back, damage is named."""
+
+import json
+
+import pytest
+
+from irmlens.io import read_jsonl
+from irmlens.rlhf.train import _truncate_metrics
+
+
+def _log(path, rows, tail=""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def test_partial_last_line_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _log(path, [{"step": 1}, {"step": 2}], tail='{"step": 3, "rew')  # killed mid-append
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    assert read_jsonl(tmp_path / "absent.jsonl") == []
+
+
+def test_damage_before_the_last_line_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2"):
+        read_jsonl(path)
+
+
+def test_resume_truncates_a_log_with_a_partial_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    _log(path, [{"step": s} for s in (1, 2, 3, 4)], tail='{"step": 5, "re')
+    _truncate_metrics(path, upto_step=2)
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    assert path.read_text().endswith("\n")
+    assert not list(tmp_path.glob(".*.tmp"))  # rewritten atomically, no temp file left
