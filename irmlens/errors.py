@@ -19,3 +19,7 @@ class LexiconFormatError(IrmlensError):
 
 class ModelPairError(IrmlensError):
     pass
+
+
+class CorruptCacheError(IrmlensError):
+    """A cache file does not match the checksum it was written with."""

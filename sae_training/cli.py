@@ -104,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.model or not args.hook:
             p.error("--cache needs --model and --hook")
+        from irmlens.errors import CorruptCacheError
+
         try:
-            parts = [load_activations(args.cache, m, args.hook) for m in args.model]
-        except FileNotFoundError as e:
+            parts = [load_activations(args.cache, m, args.hook, verify=True) for m in args.model]
+        except (FileNotFoundError, CorruptCacheError) as e:
             print(f"sae-train: error: {e}", file=sys.stderr)
             return 2
     for f in args.activations or []:

@@ -134,6 +134,62 @@ def make_training_sae(
     return sae_lens.JumpReLUTrainingSAE(c)
 
 
+def _readable_safetensors(path: Path) -> bool:
+    """A safetensors file whose header is whole and whose data covers what the header lists."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+        return True
+    except Exception:  # safetensors raises its own error types for truncated or garbled files
+        return False
+
+
+CHECKPOINT_ORIGIN = "origin.json"
+
+
+def _data_fingerprint(acts: torch.Tensor) -> str:
+    """sha256 of the activations' shape and of up to 4096 evenly spaced rows: cheap, and any
+    other cache or hook changes it."""
+    import hashlib
+
+    step = max(1, acts.shape[0] // 4096)
+    sample = acts[::step].detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(str(tuple(acts.shape)).encode())
+    h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_checkpoint_origin(ckpt_dir: Path, cfg: SAETrainingConfig, acts, write: bool) -> None:
+    """Checkpoints resume only the run that wrote them: same settings (device aside), same data.
+    A rerun with another L1, seed or cache into the same output would otherwise continue the old
+    run silently."""
+    from irmlens.io import atomic_write_json, read_json
+
+    origin = {
+        "training": {k: v for k, v in asdict(cfg).items() if k != "device"},
+        "data": _data_fingerprint(acts),
+    }
+    path = ckpt_dir / CHECKPOINT_ORIGIN
+    if path.exists():
+        recorded = read_json(path)
+        if recorded != origin:
+            changed = sorted(
+                k
+                for k in set(recorded["training"]) | set(origin["training"])
+                if recorded["training"].get(k) != origin["training"].get(k)
+            ) + (["activations"] if recorded["data"] != origin["data"] else [])
+            raise ValueError(
+                f"{ckpt_dir} holds checkpoints of another run (differs in: {', '.join(changed)}); "
+                "delete that folder to start over, or write to another output folder"
+            )
+    elif write:
+        atomic_write_json(path, origin)
+
+
 def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """sae-lens checkpoint folders (named by training samples seen) that were fully written."""
     from sae_lens.constants import (
@@ -156,7 +212,12 @@ def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:
             scaler = json.loads((p / ACTIVATION_SCALER_CFG_FILENAME).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):  # cut mid-write: not complete
             return False
-        return not scaler.get("has_whitening") or (p / ACTIVATION_WHITENING_FILENAME).exists()
+        if not _readable_safetensors(p / SAE_WEIGHTS_FILENAME):
+            return False
+        # the whitening file is written last and in place: a cut can leave it half-written
+        return not scaler.get("has_whitening") or _readable_safetensors(
+            p / ACTIVATION_WHITENING_FILENAME
+        )
 
     return sorted((p for p in ckpt_dir.iterdir() if complete(p)), key=lambda p: int(p.name))
 
@@ -199,7 +260,10 @@ def train_sae(
     steps = max(1, total // cfg.batch_size)
     n_norm = min(100, steps)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    done = _complete_checkpoints(ckpt_dir) if ckpt_dir is not None and cfg.n_checkpoints > 0 else []
+    uses_checkpoints = ckpt_dir is not None and cfg.n_checkpoints > 0
+    if uses_checkpoints:
+        _check_checkpoint_origin(ckpt_dir, cfg, acts, write=rank == 0)
+    done = _complete_checkpoints(ckpt_dir) if uses_checkpoints else []
     resume = done[-1] if done else None
     sae = make_training_sae(cfg, acts.shape[1], steps, hook_name, model_name)
     if resume is not None:

@@ -33,3 +33,14 @@ def test_resume_truncates_a_log_with_a_partial_last_line(tmp_path):
     assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
     assert path.read_text().endswith("\n")
     assert not list(tmp_path.glob(".*.tmp"))  # rewritten atomically, no temp file left
+
+
+def test_atomic_writes_get_the_mode_of_an_ordinary_write(tmp_path):
+    import os
+
+    from irmlens.io import atomic_write_text
+
+    atomic_write_text(tmp_path / "report.json", "{}")
+    (tmp_path / "plain.json").write_text("{}")
+    mode = os.stat(tmp_path / "report.json").st_mode & 0o777
+    assert mode == os.stat(tmp_path / "plain.json").st_mode & 0o777

@@ -21,14 +21,18 @@ from irmlens.cache.store import (
     DTYPES,
     ERROR_BOUNDS,
     FORMAT,
+    STAT_SUM,
+    STAT_SUM_NORM,
     hook_name,
     load_progress,
     save_tensors_atomic,
     shard_path,
+    shard_statistics,
     verified_shards,
     write_progress,
 )
 from irmlens.cache.tokens import TokenRows
+from irmlens.errors import ConfigError
 from irmlens.io import atomic_write_json, sha256_file
 
 
@@ -148,6 +152,11 @@ def build_paired_cache(
     """Write (or resume) every model's shards, then the manifest. Returns the manifest."""
     if dtype not in DTYPES:
         raise ValueError(f"cache dtype {dtype!r}; choose one of {DTYPES}")
+    if len(rows.tokens) == 0 or not bool(rows.valid.any()):
+        raise ConfigError(
+            "the text to cache gave no token positions: check the held-out reviews "
+            "(data.n_heldout) and cache.max_rows"
+        )
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / "manifest.json").unlink(missing_ok=True)
@@ -160,6 +169,12 @@ def build_paired_cache(
         "models": names,
         "dtype": dtype,
         "shard_rows": shard_rows,
+        # the forward's precision (capture_encoded autocasts on CUDA): part of the settings, so a
+        # cache begun on a CPU and resumed on a GPU starts over instead of mixing precisions
+        "forward": {
+            name: "bfloat16 autocast" if next(m.parameters()).device.type == "cuda" else "float32"
+            for name, m in models.items()
+        },
     }
     progress = load_progress(cache_dir)
     if progress.get("settings") != settings:  # different tokens or layout: start over
@@ -178,13 +193,15 @@ def build_paired_cache(
             )
             for hook, (tensors, col_sum, norm_sum) in encoded.items():
                 path = shard_path(cache_dir, name, hook, k)
-                save_tensors_atomic(path, tensors)
-                progress["shards"][f"{name}/{hook}/{k}"] = {
-                    "sha256": sha256_file(path),
-                    "n": int(next(iter(tensors.values())).shape[0]),
-                    "sum": col_sum.tolist(),
-                    "sum_norm": norm_sum,
+                n = int(next(iter(tensors.values())).shape[0])
+                # the shard's running statistics travel inside it (covered by its sha256):
+                # progress.json, rewritten after every shard, stays small
+                stats = {
+                    STAT_SUM: col_sum.to(torch.float64),
+                    STAT_SUM_NORM: torch.tensor(float(norm_sum), dtype=torch.float64),
                 }
+                save_tensors_atomic(path, {**tensors, **stats})
+                progress["shards"][f"{name}/{hook}/{k}"] = {"sha256": sha256_file(path), "n": n}
                 write_progress(cache_dir, progress)
     return _write_manifest(cache_dir, progress, n_shards, rows, layers, meta, settings)
 
@@ -202,9 +219,9 @@ def _write_manifest(cache_dir, progress, n_shards, rows, layers, meta, settings)
                     "n": info["n"],
                 }
                 n += info["n"]
-                s = torch.tensor(info["sum"], dtype=torch.float64)
+                s, s_norm = shard_statistics(cache_dir, name, hook, k, info)
                 total = s if total is None else total + s
-                norm += info["sum_norm"]
+                norm += s_norm
             statistics[f"{name}/{hook}"] = {
                 "n": n,
                 "mean": (total / n).tolist(),
@@ -218,6 +235,7 @@ def _write_manifest(cache_dir, progress, n_shards, rows, layers, meta, settings)
         "hooks": settings["hooks"],
         "layers": layers,
         "dtype": settings["dtype"],
+        "forward": settings["forward"],
         "error_bound": ERROR_BOUNDS[settings["dtype"]],
         "n_shards": n_shards,
         "shard_rows": settings["shard_rows"],

@@ -69,7 +69,8 @@ if triton is not None:
         col_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         norm_acc = tl.zeros([1], dtype=tl.float32)
         for r in range(ROWS):
-            row = pid * ROWS + r
+            # 64-bit: row * stride overflows int32 beyond 2^31 elements in one batch
+            row = pid.to(tl.int64) * ROWS + r
             m = cmask & ((row + cols * 0) < n_rows)
             x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
             col_acc += x

@@ -6,8 +6,10 @@ Layout under ``<run>/cache/``::
     words.json                     word strings indexed by word_id
     <model>/<hook>/shard-00000.safetensors ...
                                    "activations" [n, d] (bfloat16 / float32), or for int8
-                                   "q" [n, d] int8 + "scale" [n] float32 (x ~ q * scale)
-    progress.json                  shards finished so far, with sha256 and running statistics
+                                   "q" [n, d] int8 + "scale" [n] float32 (x ~ q * scale);
+                                   "stat_sum" [d] and "stat_sum_norm" [] float64: the shard's
+                                   column sums and sum of row norms (running statistics)
+    progress.json                  shards finished so far, with their sha256
     manifest.json                  written last: the cache is complete and may be used
 
 Shard ``k`` holds the valid positions (row-major) of token rows ``[k*R, (k+1)*R)``, so the
@@ -22,9 +24,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from irmlens.cache.kernels import encode_reference
+from irmlens.errors import CorruptCacheError
 from irmlens.io import atomic_write_json, read_json, sha256_file
 
 MANIFEST = "manifest.json"
@@ -33,10 +37,14 @@ FORMAT = "irmlens-activations-v1"
 DTYPES = ("bfloat16", "float32", "int8")
 HOOK_KINDS = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out"}
 
-# Worst-case error of the stored value, per element (|x| is the element, max|row| its row's max).
+STAT_SUM, STAT_SUM_NORM = "stat_sum", "stat_sum_norm"
+
+# Worst-case error of the stored value, per element (|x| is the element, max|row| its row's max),
+# relative to the activations the forward pass produced (on a GPU that forward runs under bf16
+# autocast: the manifest's "forward" says which)
 ERROR_BOUNDS = {
     "float32": "exact",
-    "bfloat16": "relative 2^-9 of |x| (round-to-nearest, 8-bit mantissa)",
+    "bfloat16": "relative 2^-8 of |x| (round-to-nearest to 8 significant bits)",
     "int8": "absolute max|row| / 254 (per-row scale max|row|/127, round-to-nearest)",
 }
 
@@ -126,19 +134,42 @@ def _require_manifest(cache_dir: str | Path) -> dict:
     return manifest
 
 
-def load_activations(cache_dir: str | Path, model: str, hook: str) -> torch.Tensor:
-    """All ``[n_valid_positions, d_model]`` activations of ``model`` at ``hook``, as float32."""
+def load_activations(
+    cache_dir: str | Path, model: str, hook: str, verify: bool = False
+) -> torch.Tensor:
+    """All ``[n_valid_positions, d_model]`` activations of ``model`` at ``hook``, as float32.
+
+    ``verify`` checks each shard against the manifest's sha256 first (entry points that did not
+    verify the cache themselves, such as ``sae-train --cache``, pass it)."""
     manifest = _require_manifest(cache_dir)
     if model not in manifest["models"] or hook not in manifest["hooks"]:
         raise FileNotFoundError(
             f"the cache in {cache_dir} has models {manifest['models']} and hooks {manifest['hooks']}, "
             f"not {model!r} at {hook!r}"
         )
-    parts = [
-        decode_shard(load_file(str(shard_path(cache_dir, model, hook, k))))
-        for k in range(manifest["n_shards"])
-    ]
+    parts = []
+    for k in range(manifest["n_shards"]):
+        path = shard_path(cache_dir, model, hook, k)
+        if verify:
+            expected = manifest["files"][str(path.relative_to(cache_dir))]["sha256"]
+            if sha256_file(path) != expected:
+                raise CorruptCacheError(
+                    f"{path} does not match its sha256 in {Path(cache_dir) / MANIFEST}: the "
+                    "cache is damaged; rerun the cache stage (it rewrites failing shards)"
+                )
+        parts.append(decode_shard(load_file(str(path))))
     return torch.cat(parts)
+
+
+def shard_statistics(
+    cache_dir: str | Path, model: str, hook: str, index: int, info: dict
+) -> tuple[torch.Tensor, float]:
+    """A shard's column sums and sum of row norms: stored in the shard (older caches: in
+    ``progress.json``, ``info``)."""
+    if "sum" in info:
+        return torch.tensor(info["sum"], dtype=torch.float64), float(info["sum_norm"])
+    with safe_open(str(shard_path(cache_dir, model, hook, index)), "pt") as f:
+        return f.get_tensor(STAT_SUM), float(f.get_tensor(STAT_SUM_NORM))
 
 
 def hook_statistics(cache_dir: str | Path, model: str, hook: str) -> dict:

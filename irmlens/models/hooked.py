@@ -9,7 +9,9 @@ activations equal HF's hidden states and weight deltas are the real parameter ch
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -31,15 +33,20 @@ def load_hf_model(model_dir: str | Path, device: str = "cpu"):
     return hf, tok
 
 
-def _ensure_n_ctx(model_dir: Path) -> None:
-    """transformers 5 drops GPT-2's ``n_ctx`` on save; TransformerLens's converter needs it."""
-    cfg_path = model_dir / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("model_type") == "gpt2" and "n_ctx" not in cfg:
-        from irmlens.io import atomic_write_json
-
+@contextlib.contextmanager
+def _config_dir_for_transformer_lens(model_dir: Path):
+    """The folder TransformerLens should read ``config.json`` from. transformers 5 drops GPT-2's
+    ``n_ctx`` on save and TransformerLens's converter needs it: then a temporary folder holding a
+    patched copy of the config (TransformerLens takes the weights from the loaded HF model, so it
+    reads nothing else there). The user's folder is never written to."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if cfg.get("model_type") != "gpt2" or "n_ctx" in cfg:
+        yield model_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="irmlens-config-") as tmp:
         cfg["n_ctx"] = cfg.get("n_positions", 1024)
-        atomic_write_json(cfg_path, cfg)
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        yield Path(tmp)
 
 
 def load_hooked_model(model_dir: str | Path, device: str = "cpu", hf_model=None, tokenizer=None):
@@ -53,9 +60,9 @@ def load_hooked_model(model_dir: str | Path, device: str = "cpu", hf_model=None,
     model_dir = Path(model_dir)
     if hf_model is None or tokenizer is None:
         hf_model, tokenizer = load_hf_model(model_dir, device)
-    _ensure_n_ctx(model_dir)
-    cfg = get_pretrained_model_config(str(model_dir), device=device, dtype=torch.float32)
-    state = get_pretrained_state_dict(str(model_dir), cfg, hf_model=hf_model)
+    with _config_dir_for_transformer_lens(model_dir) as config_dir:
+        cfg = get_pretrained_model_config(str(config_dir), device=device, dtype=torch.float32)
+        state = get_pretrained_state_dict(str(config_dir), cfg, hf_model=hf_model)
     model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
     model.load_and_process_state_dict(
         state,

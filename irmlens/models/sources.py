@@ -101,9 +101,10 @@ def resolve_base_model(name: str, log=print, key: str = "model.base") -> Path:
 def _from_hub(name: str, key: str = "model.base") -> Path:
     import os
 
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    # the values huggingface_hub itself reads as true
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise ConfigError(
-            f"{key} = {name!r} looks like a hub name, but HF_HUB_OFFLINE=1 (irmlens's default). "
+            f"{key} = {name!r} looks like a hub name, but HF_HUB_OFFLINE is set (irmlens's default). "
             "Run with HF_HUB_OFFLINE=0 and network access to download it, or use 'tiny' / 'smollm2' "
             "/ a local folder."
         )

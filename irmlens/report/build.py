@@ -1,4 +1,4 @@
-"""Assemble report.json (schema v1) and a self-contained index.html from a finished run folder."""
+"""Assemble report.json (schema v2, docs/report-schema.md) and a self-contained index.html from a finished run folder."""
 
 from __future__ import annotations
 
@@ -143,14 +143,47 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
     }
 
 
+# where a non-finite value comes from, by the report section it sits in: (cause, fix)
+_NON_FINITE_CAUSES = {
+    "irm": (
+        "a rank correlation or fit was undefined, usually because too few held-out words occur "
+        "in the cached text or a model's predictions are constant",
+        "cache more text (cache.max_rows, data.n_heldout) or lower irm.heldout_fraction, then "
+        "re-run `irmlens irm RUN_DIR --force`",
+    ),
+    "rlhf": (
+        "the RLHF run diverged (its reward or KL overflowed)",
+        "lower rlhf.learning_rate or raise rlhf.kl_coef and run the study into a new --out folder",
+    ),
+    "saes": (
+        "an SAE's training diverged (its loss overflowed)",
+        "lower sae.lr or sae.l1_coefficient and run the study into a new --out folder",
+    ),
+}
+_NON_FINITE_CAUSES["diff"] = (
+    "a per-feature statistic was undefined",
+    "re-run `irmlens diff RUN_DIR --force`",
+)
+for _keys, _cause in (
+    (("controls", "paper_estimator", "divergent_words"), "irm"),
+    (("mmcs",), "saes"),
+    (("feature_divergence", "divergent_features", "feature_matching", "feature_cards"), "diff"),
+):
+    for _key in _keys:
+        _NON_FINITE_CAUSES[_key] = _NON_FINITE_CAUSES[_cause]
+
+
 def _check_finite(obj, where="report") -> None:
     if isinstance(obj, float) and not math.isfinite(obj):
-        raise ValueError(
-            f"{where} is {obj}: a rank correlation or fit was undefined, usually because too few "
-            "held-out words occur in the cached text or a model's predictions are constant. "
-            "Cache more text (cache.max_rows, data.n_heldout) or lower irm.heldout_fraction, then "
-            "re-run `irmlens irm RUN_DIR --force`."
+        section = where.removeprefix("report.").split(".")[0].split("[")[0]
+        cause, fix = _NON_FINITE_CAUSES.get(
+            section,
+            (
+                "a stage produced an undefined number",
+                "delete that stage's outputs in the run folder and re-run the study",
+            ),
         )
+        raise ValueError(f"{where} is {obj}: {cause}. Fix: {fix}.")
     if isinstance(obj, dict):
         for k, v in obj.items():
             _check_finite(v, f"{where}.{k}")

@@ -149,3 +149,38 @@ def test_unknown_words_are_not_scored_and_not_part_of_the_next_word():
     words = [r.words[w] if w >= 0 else None for w in r.word_id[0].tolist()]
     assert words[:5] == [None, "a", None, "great", "movie"]  # zorblax reads as <unk>
     assert r.in_word[0, :5].tolist() == [False, True, False, True, True]
+
+
+def test_readers_can_verify_shards_and_statistics_live_in_them(rows, tmp_path, make_hooked):
+    from irmlens.errors import CorruptCacheError
+
+    build_paired_cache({"base": make_hooked(0)}, rows, [2], tmp_path, {}, shard_rows=4)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["forward"] == {"base": "float32"}
+    assert manifest["error_bound"].startswith("relative 2^-8")
+    # progress.json keeps checksums and counts only: it is rewritten after every shard
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert all(set(v) == {"sha256", "n"} for v in progress["shards"].values())
+    # the statistics, summed from the shards, are those of the activations before encoding
+    full = capture_residuals(make_hooked(0), rows, [2], batch_size=4)[H2]
+    stats = hook_statistics(tmp_path, "base", H2)
+    assert torch.allclose(torch.tensor(stats["mean"]), full.double().mean(0).float(), atol=1e-5)
+    assert stats["mean_norm"] == pytest.approx(float(full.norm(dim=1).mean()), rel=1e-5)
+    reference = load_activations(tmp_path, "base", H2, verify=True)
+    p = shard_path(tmp_path, "base", H2, 1)
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(CorruptCacheError, match="shard-00001.*does not match its sha256"):
+        load_activations(tmp_path, "base", H2, verify=True)
+    assert load_activations(tmp_path, "base", H2).shape == reference.shape  # unchecked read
+
+
+def test_no_token_positions_is_a_clear_error(rows, tmp_path, make_hooked):
+    from dataclasses import replace
+
+    from irmlens.errors import ConfigError
+
+    empty = replace(rows, valid=torch.zeros_like(rows.valid))
+    with pytest.raises(ConfigError, match="no token positions"):
+        build_paired_cache({"base": make_hooked(0)}, empty, [2], tmp_path, {})

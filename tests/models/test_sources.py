@@ -9,9 +9,10 @@ def test_local_folder_and_bad_names(tiny_hf_dir, tmp_path, monkeypatch):
     assert resolve_base_model(str(tiny_hf_dir)) == tiny_hf_dir
     with pytest.raises(ConfigError, match="not an HF model folder"):
         resolve_base_model(str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="hub name.*HF_HUB_OFFLINE"):
-        resolve_base_model("EleutherAI/pythia-70m")
+    for value in ("1", "true", "YES"):  # every spelling huggingface_hub reads as offline
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        with pytest.raises(ConfigError, match="hub name.*HF_HUB_OFFLINE"):
+            resolve_base_model("EleutherAI/pythia-70m")
 
 
 @pytest.mark.slow

@@ -154,24 +154,55 @@ def test_checkpoint_without_its_whitening_file_is_incomplete(tmp_path):
     the two must not be resumed from (it would train on without whitening)."""
     import json
 
+    import torch
     from sae_lens.constants import (
         ACTIVATION_SCALER_CFG_FILENAME,
         ACTIVATION_WHITENING_FILENAME,
         SAE_WEIGHTS_FILENAME,
         TRAINER_STATE_FILENAME,
     )
+    from safetensors.torch import save_file
 
     from sae_training.train import _complete_checkpoints
+
+    def write_safetensors(path):
+        save_file({"W": torch.randn(64, 64)}, str(path))
+        return path.read_bytes()
 
     for name, whitened in (("100", False), ("200", True), ("300", None)):
         p = tmp_path / name
         p.mkdir()
         (p / TRAINER_STATE_FILENAME).write_bytes(b"x")
-        (p / SAE_WEIGHTS_FILENAME).write_bytes(b"x")
+        write_safetensors(p / SAE_WEIGHTS_FILENAME)
         scaler = {"scaling_factor": None, "has_whitening": whitened}
         # "300": the scaler's json itself cut mid-write
         text = json.dumps(scaler) if whitened is not None else '{"scaling_fac'
         (p / ACTIVATION_SCALER_CFG_FILENAME).write_text(text)
     assert [p.name for p in _complete_checkpoints(tmp_path)] == ["100"]
-    (tmp_path / "200" / ACTIVATION_WHITENING_FILENAME).write_bytes(b"x")
+    whitening = tmp_path / "200" / ACTIVATION_WHITENING_FILENAME
+    data = write_safetensors(whitening)
     assert [p.name for p in _complete_checkpoints(tmp_path)] == ["100", "200"]
+    whitening.write_bytes(data[: len(data) // 3])  # cut while sae-lens wrote it in place
+    assert [p.name for p in _complete_checkpoints(tmp_path)] == ["100"]
+
+
+def test_checkpoints_resume_only_the_run_that_wrote_them(tmp_path):
+    """An interrupted run's checkpoints, then a rerun with another L1 or other data into the same
+    folder: refused, naming what changed (it would otherwise continue the old run silently)."""
+    import pytest
+    import torch
+
+    from sae_training.train import SAETrainingConfig, train_sae
+
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(1024, 8, generator=g)
+    cfg = SAETrainingConfig(width=16, batch_size=128, epochs=1.0, n_checkpoints=2)
+    ckpt = tmp_path / "ckpt"
+    train_sae(acts, cfg, "h", "m", checkpoint_dir=ckpt)  # no out_dir: checkpoints stay
+    assert (ckpt / "origin.json").exists()
+    train_sae(acts, cfg, "h", "m", checkpoint_dir=ckpt)  # the same run: resumes
+    other = SAETrainingConfig(**{**cfg.__dict__, "l1_coefficient": 3.0})
+    with pytest.raises(ValueError, match=r"another run \(differs in: l1_coefficient\)"):
+        train_sae(acts, other, "h", "m", checkpoint_dir=ckpt)
+    with pytest.raises(ValueError, match=r"differs in: activations"):
+        train_sae(acts + 1.0, cfg, "h", "m", checkpoint_dir=ckpt)
