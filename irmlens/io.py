@@ -14,7 +14,13 @@ from typing import Any
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without changing it where Linux allows (os.umask(0) would open a
+    moment in which another thread's new files are world-writable)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -25,7 +31,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp makes the file private (0600); give it the mode an ordinary write would
-        os.fchmod(fd, 0o666 & ~_umask())
+        if hasattr(os, "fchmod"):  # not on Windows before Python 3.13
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -131,32 +131,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.model
         else "+".join(Path(a).parent.name for a in args.activations)
     )
+    from sae_training.train import TrainingInputError
+
     try:
         return _train(args, acts, hook, model_name)
-    except ValueError as e:  # bad settings or data: say which, no traceback
+    except TrainingInputError as e:  # bad settings or data: say which, no traceback
         print(f"sae-train: error: {e}", file=sys.stderr)
         return 2
 
 
 def _train(args, acts, hook: str, model_name: str) -> int:
-    from sae_training.train import SAETrainingConfig, evaluate_sae, train_sae
+    from sae_training.train import TrainingInputError, evaluate_sae, train_sae
 
-    cfg = SAETrainingConfig(
-        width=_parse_width(args.width, acts.shape[1]),
-        architecture=args.arch,
-        k=args.k,
-        l1_coefficient=args.l1,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        n_checkpoints=args.checkpoints,
-        seed=args.seed,
-        device=args.device,
-        autocast=args.device.startswith("cuda") if args.autocast is None else args.autocast,
-        compile=args.compile,
-        trainer=args.trainer,
-        normalize=args.normalize,
-    )
+    try:
+        cfg = _config(args, acts.shape[1])
+    except ValueError as e:  # the config's own checks (bugs elsewhere keep their traceback)
+        raise TrainingInputError(str(e)) from None
     out = Path(args.out)
     ckpt = out.with_name(f".{out.name}.checkpoints") if args.checkpoints else None
     sae = train_sae(acts, cfg, hook, model_name, out_dir=out, checkpoint_dir=ckpt)
@@ -173,6 +163,28 @@ def _train(args, acts, hook: str, model_name: str) -> int:
         f"saved {args.out}: explained variance {m['explained_variance']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}"
     )
     return 0
+
+
+def _config(args, d_in: int):
+    """The training config the command line describes."""
+    from sae_training.train import SAETrainingConfig
+
+    return SAETrainingConfig(
+        width=_parse_width(args.width, d_in),
+        architecture=args.arch,
+        k=args.k,
+        l1_coefficient=args.l1,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        n_checkpoints=args.checkpoints,
+        seed=args.seed,
+        device=args.device,
+        autocast=args.device.startswith("cuda") if args.autocast is None else args.autocast,
+        compile=args.compile,
+        trainer=args.trainer,
+        normalize=args.normalize,
+    )
 
 
 def _init_distributed(args) -> None:

@@ -149,6 +149,15 @@ def _readable_safetensors(path: Path) -> bool:
 
 
 CHECKPOINT_ORIGIN = "origin.json"
+_EXECUTION_SETTINGS = ("device", "autocast", "compile", "trainer")
+
+
+class TrainingInputError(ValueError):
+    """Bad data or settings given to ``train_sae`` (what the CLI reports without a traceback)."""
+
+
+def _children(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.exists() else []
 
 
 def _data_fingerprint(acts: torch.Tensor) -> str:
@@ -170,10 +179,18 @@ def _check_checkpoint_origin(ckpt_dir: Path, cfg: SAETrainingConfig, acts, write
     from irmlens.io import atomic_write_json, read_json
 
     origin = {
-        "training": {k: v for k, v in asdict(cfg).items() if k != "device"},
+        # settings that change the run; how it executes (device, autocast, compile, which
+        # implementation of the step) may change between an interruption and its resume
+        "training": {k: v for k, v in asdict(cfg).items() if k not in _EXECUTION_SETTINGS},
         "data": _data_fingerprint(acts),
     }
     path = ckpt_dir / CHECKPOINT_ORIGIN
+    if not path.exists() and any(p.name.isdigit() for p in _children(ckpt_dir)):
+        raise TrainingInputError(
+            f"{ckpt_dir} holds checkpoints with no record of the run that wrote them "
+            f"({CHECKPOINT_ORIGIN}; written by irmlens since 2026-11-27): delete that folder to "
+            "start over"
+        )
     if path.exists():
         recorded = read_json(path)
         if recorded != origin:
@@ -182,7 +199,7 @@ def _check_checkpoint_origin(ckpt_dir: Path, cfg: SAETrainingConfig, acts, write
                 for k in set(recorded["training"]) | set(origin["training"])
                 if recorded["training"].get(k) != origin["training"].get(k)
             ) + (["activations"] if recorded["data"] != origin["data"] else [])
-            raise ValueError(
+            raise TrainingInputError(
                 f"{ckpt_dir} holds checkpoints of another run (differs in: {', '.join(changed)}); "
                 "delete that folder to start over, or write to another output folder"
             )
@@ -241,16 +258,18 @@ def train_sae(
     from sae_lens.training.sae_trainer import SAETrainer
 
     if acts.ndim != 2:
-        raise ValueError(f"activations must be [n_positions, d_in], got {tuple(acts.shape)}")
+        raise TrainingInputError(
+            f"activations must be [n_positions, d_in], got {tuple(acts.shape)}"
+        )
     if acts.shape[0] < cfg.batch_size:
-        raise ValueError(
+        raise TrainingInputError(
             f"only {acts.shape[0]} activation rows for batch_size {cfg.batch_size}: "
             "cache more tokens or lower the batch size (sae.batch_size in a study config, "
             "--batch-size for sae-train)"
         )
     dist, rank, world = _distributed()
     if cfg.batch_size % world:
-        raise ValueError(
+        raise TrainingInputError(
             f"batch_size {cfg.batch_size} must be divisible by the {world} DDP processes"
         )
     local = cfg.batch_size // world

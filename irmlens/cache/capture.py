@@ -219,7 +219,7 @@ def _write_manifest(cache_dir, progress, n_shards, rows, layers, meta, settings)
                     "n": info["n"],
                 }
                 n += info["n"]
-                s, s_norm = shard_statistics(cache_dir, name, hook, k, info)
+                s, s_norm = shard_statistics(cache_dir, name, hook, k)
                 total = s if total is None else total + s
                 norm += s_norm
             statistics[f"{name}/{hook}"] = {

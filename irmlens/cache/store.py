@@ -162,12 +162,9 @@ def load_activations(
 
 
 def shard_statistics(
-    cache_dir: str | Path, model: str, hook: str, index: int, info: dict
+    cache_dir: str | Path, model: str, hook: str, index: int
 ) -> tuple[torch.Tensor, float]:
-    """A shard's column sums and sum of row norms: stored in the shard (older caches: in
-    ``progress.json``, ``info``)."""
-    if "sum" in info:
-        return torch.tensor(info["sum"], dtype=torch.float64), float(info["sum_norm"])
+    """A shard's column sums and sum of row norms, stored in the shard itself."""
     with safe_open(str(shard_path(cache_dir, model, hook, index)), "pt") as f:
         return f.get_tensor(STAT_SUM), float(f.get_tensor(STAT_SUM_NORM))
 

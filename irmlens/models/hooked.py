@@ -44,9 +44,11 @@ def _config_dir_for_transformer_lens(model_dir: Path):
         yield model_dir
         return
     with tempfile.TemporaryDirectory(prefix="irmlens-config-") as tmp:
+        folder = Path(tmp) / model_dir.name  # TransformerLens names the model after the folder
+        folder.mkdir()
         cfg["n_ctx"] = cfg.get("n_positions", 1024)
-        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
-        yield Path(tmp)
+        (folder / "config.json").write_text(json.dumps(cfg))
+        yield folder
 
 
 def load_hooked_model(model_dir: str | Path, device: str = "cpu", hf_model=None, tokenizer=None):

@@ -40,6 +40,7 @@ def test_a_read_only_model_folder_without_n_ctx_loads_and_is_left_untouched(tiny
         with torch.no_grad():
             assert torch.allclose(hf(ids).logits, hooked(ids), atol=1e-4)
         assert hooked.cfg.n_ctx == cfg["n_positions"]
+        assert hooked.cfg.model_name == "model"  # named after the user's folder, as before
         assert (folder / "config.json").read_bytes() == before
     finally:
         os.chmod(folder, 0o755)

@@ -206,3 +206,10 @@ def test_checkpoints_resume_only_the_run_that_wrote_them(tmp_path):
         train_sae(acts, other, "h", "m", checkpoint_dir=ckpt)
     with pytest.raises(ValueError, match=r"differs in: activations"):
         train_sae(acts + 1.0, cfg, "h", "m", checkpoint_dir=ckpt)
+    # how the run executes may change between an interruption and its resume
+    other = SAETrainingConfig(**{**cfg.__dict__, "trainer": "sae-lens", "autocast": True})
+    train_sae(acts, other, "h", "m", checkpoint_dir=ckpt)
+    # checkpoints with no record of their run are not adopted
+    (ckpt / "origin.json").unlink()
+    with pytest.raises(ValueError, match="no record of the run"):
+        train_sae(acts, cfg, "h", "m", checkpoint_dir=ckpt)
