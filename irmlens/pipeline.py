@@ -293,7 +293,8 @@ def stage_saes(
                     continue
                 shared = data_key == "shared"
                 tr, ev = (shared_train, shared_eval) if shared else (train_idx, eval_idx)
-                tcfg = cfg.sae.training_config(width, cfg.seed, cfg.model.device)
+                seed = sae_init_seed(cfg.seed, model, layer, width)
+                tcfg = cfg.sae.training_config(width, seed, cfg.model.device)
                 if model != data_key:  # the wide TopK dictionary of the feature-space comparison
                     # (the fused step is the standard SAE's; TopK trains with sae-lens's)
                     trainer = "auto" if tcfg.trainer == "fused" else tcfg.trainer
@@ -354,6 +355,16 @@ def stage_saes(
                 )
     atomic_write_json(paths.saes / "mmcs.json", mmcs_rows)
     return rows
+
+
+def sae_init_seed(study_seed: int, model: str, layer: int, width: int) -> int:
+    """Each dictionary's own seed. One seed for all would start the base, RLHF and shared SAEs
+    from the same weights (and a narrow SAE from the first rows of the wide one's), so MMCS and
+    the matching of paired dictionaries would partly measure that common start: untrained, two
+    widths from one seed already have MMCS 1.0."""
+    import zlib
+
+    return (study_seed * 1_000_003 + zlib.crc32(f"{model}/{layer}/{width}".encode())) % 2**31
 
 
 def wide_topk_label(cfg: StudyConfig) -> str:

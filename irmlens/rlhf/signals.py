@@ -5,11 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 
+def _words(text: str) -> list[str]:
+    """Whitespace tokens with a letter in them: punctuation tokens ("," ".") are not words, and
+    counting them would let a policy move both signals by emitting more or less punctuation."""
+    return [w for w in text.split() if any(c.isalpha() for c in w)]
+
+
 def repetition_rate(texts: Sequence[str]) -> float:
     """Fraction of words that repeat an earlier word of the same completion (0: no repeats)."""
     repeated = total = 0
     for text in texts:
-        words = text.split()
+        words = _words(text)
         total += len(words)
         repeated += len(words) - len(set(words))
     return repeated / total if total else 0.0
@@ -19,7 +25,7 @@ def lexicon_fraction(texts: Sequence[str], word_utility: Callable[[str], float |
     """Fraction of words in the completions that the reward model's lexicon scores."""
     hits = total = 0
     for text in texts:
-        for w in text.split():
+        for w in _words(text):
             total += 1
             hits += word_utility(w) is not None
     return hits / total if total else 0.0

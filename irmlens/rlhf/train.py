@@ -60,6 +60,23 @@ class RLHFConfig:
             raise ValueError(f"rlhf.algorithm = {self.algorithm!r}; choose one of {ALGORITHMS}")
         if self.reward not in REWARDS:
             raise ValueError(f"rlhf.reward = {self.reward!r}; choose one of {REWARDS}")
+        for name in ("batch_size", "mini_batch_size", "n_eval_prompts", "prompt_min_words"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rlhf.{name} = {getattr(self, name)} must be 1 or more")
+        if self.prompt_min_words > self.prompt_max_words:
+            raise ValueError(
+                f"rlhf.prompt_min_words = {self.prompt_min_words} exceeds rlhf.prompt_max_words "
+                f"= {self.prompt_max_words}"
+            )
+        if self.algorithm in ("grpo", "rloo") and self.num_generations < 2:
+            raise ValueError(f"rlhf.num_generations must be 2 or more for {self.algorithm}")
+        if self.algorithm in ("grpo", "rloo") and self.reward == "zero":
+            # every reward 0 gives every advantage 0, and the KL term has zero gradient at the
+            # reference: the "null model" would be the base model itself, not a fine-tuning
+            raise ValueError(
+                f"a zero reward trains nothing with {self.algorithm} (all advantages are 0): "
+                "use reward 'shuffled' for a null pair (null.reward), or algorithm 'ppo'"
+            )
         if self.algorithm in ("grpo", "rloo") and self.batch_size % self.num_generations:
             raise ValueError("rlhf.batch_size must be a multiple of rlhf.num_generations")
         if self.algorithm == "ppo" and self.batch_size % self.mini_batch_size:
@@ -95,6 +112,10 @@ def _common_trl_args(cfg: RLHFConfig, out: Path) -> dict:
         logging_steps=cfg.logging_steps,
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
+        # float32 for every algorithm: trl's GRPO/RLOO configs default to bf16 mixed precision
+        # (on a CPU too), its PPO does not, and rewards, KLs and weight deltas should be comparable
+        bf16=False,
+        fp16=False,
         seed=cfg.seed,
         disable_tqdm=False,
     )

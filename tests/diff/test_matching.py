@@ -24,3 +24,32 @@ def test_one_to_one_is_stricter_than_plain_max():
         torch.nn.functional.normalize(small, dim=1) @ torch.nn.functional.normalize(large, dim=1).T
     )
     assert float(plain_max.max(1).values.mean()) > mmcs(small, large) + 0.3
+
+
+def test_the_study_starts_every_dictionary_from_its_own_weights():
+    """Two SAEs from one seed share their start (the narrow decoder is the wide one's first rows):
+    MMCS would be 1.0 before any training. The study gives each dictionary its own seed."""
+    import sae_lens
+    import torch
+
+    from irmlens.pipeline import sae_init_seed
+
+    def decoder(model, width):
+        torch.manual_seed(sae_init_seed(0, model, 1, width))
+        cfg = sae_lens.StandardTrainingSAEConfig(d_in=32, d_sae=width)
+        return sae_lens.StandardTrainingSAE(cfg).W_dec.detach().double()
+
+    seeds = {
+        sae_init_seed(0, m, la, w)
+        for m in ("base", "rlhf", "shared")
+        for la in (0, 1)
+        for w in (64, 128)
+    }
+    assert len(seeds) == 12
+    assert mmcs(decoder("base", 64), decoder("base", 128)) < 0.6
+    assert mmcs(decoder("base", 64), decoder("rlhf", 64)) < 0.6
+    torch.manual_seed(0)
+    same = sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(d_in=32, d_sae=64))
+    torch.manual_seed(0)
+    wide = sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(d_in=32, d_sae=128))
+    assert mmcs(same.W_dec.detach().double(), wide.W_dec.detach().double()) > 0.999  # the old way

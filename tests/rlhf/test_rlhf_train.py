@@ -112,7 +112,7 @@ def test_null_controls_train_against_permuted_or_zero_reward(micro_base, tmp_pat
         vader_like,
         prompts,
         evals,
-        _cfg("grpo", steps=2, reward="zero"),
+        _cfg("ppo", steps=2, reward="zero"),  # (GRPO/RLOO refuse a zero reward: no advantage)
         tmp_path / "m",
         tmp_path / "r",
     )
