@@ -39,6 +39,10 @@ def sample_completions(
             top_k=0,
             temperature=1.0,
             pad_token_id=tokenizer.pad_token_id,
+            # the same stopping rule for every model: trl's PPO clears the policy's
+            # generation_config.eos_token_id, which would let "after" samples draw the EOS token
+            # as an ordinary one while "before" samples have it blocked by min_new_tokens
+            eos_token_id=tokenizer.eos_token_id,
         )
         new = out[:, prompt_len:]
         completions += tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -347,6 +347,9 @@ def run_rlhf(
         ],
         "config": asdict(cfg),
     }
+    # trl's PPO clears eos_token_id (stop_token unset) so training completions run to full length;
+    # the saved model should stop at EOS like the base model does
+    policy.generation_config.eos_token_id = tok.eos_token_id
     with atomic_dir(out_model_dir) as tmp:
         policy.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -58,6 +58,11 @@ def test_algorithm_raises_reward_of_easy_rm(algorithm, micro_base, tmp_path):
     assert (tmp_path / "model/config.json").exists() and not (
         tmp_path / "rlhf/checkpoints"
     ).exists()
+    # the saved policy stops at EOS like its base (trl's PPO clears eos_token_id while training)
+    from transformers import AutoTokenizer, GenerationConfig
+
+    eos = AutoTokenizer.from_pretrained(base_dir).eos_token_id
+    assert GenerationConfig.from_pretrained(tmp_path / "model").eos_token_id == eos
 
 
 class _Interrupt(TrainerCallback):
