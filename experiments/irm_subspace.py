@@ -33,31 +33,24 @@ The ``contrast`` rows were added after that first run, as the next unsupervised 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 
 def main() -> None:
-    from irmlens.cache.store import hook_name, load_activations, load_manifest, load_token_rows
-    from irmlens.config import load_config
-    from irmlens.data.assets import fetch_assets
-    from irmlens.irm.fit import fit_and_score, position_targets, split_words
-    from irmlens.pipeline import RunPaths, load_reward_model
+    from finished_run import load_finished_run
+
+    from irmlens.cache.store import hook_name, load_activations, load_manifest
+    from irmlens.irm.fit import fit_and_score
 
     p = argparse.ArgumentParser()
     p.add_argument("run", type=Path)
     p.add_argument("--ms", default="1,2,4,8,16,32")
     p.add_argument("--draws", type=int, default=10)
     args = p.parse_args()
-    cfg = load_config(args.run / "config.toml")
-    paths = RunPaths(args.run)
-    rm = load_reward_model(cfg, fetch_assets().lexicon)
-    layers = sorted(json.loads((paths.root / "diff" / "layers.json").read_text())["studied_layers"])
-    rows = load_token_rows(paths.cache)
-    targets = position_targets(rows.word_id[rows.valid], rows.words, rm.word_utility)
-    split = split_words(targets, cfg.irm)
+    run = load_finished_run(args.run)
+    cfg, paths, layers, targets, split = run.cfg, run.paths, run.layers, run.targets, run.split
     at = targets.position
     models = load_manifest(paths.cache)["models"]
 

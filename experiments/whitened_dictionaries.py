@@ -15,7 +15,6 @@ Kendall tau and the paired bootstrap 95% CI of tau(whitened SAE) - tau(control) 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -24,12 +23,12 @@ import torch
 
 
 def main() -> None:
-    from irmlens.cache.store import hook_name, load_activations, load_manifest, load_token_rows
-    from irmlens.config import load_config
-    from irmlens.data.assets import fetch_assets
-    from irmlens.irm.fit import position_targets, sparse_irm, split_words, word_split
+    from finished_run import load_finished_run
+
+    from irmlens.cache.store import hook_name, load_activations, load_manifest
+    from irmlens.irm.fit import sparse_irm, word_split
     from irmlens.irm.metrics import bootstrap_tau_ci, kendall_tau
-    from irmlens.pipeline import RunPaths, _random_sae, load_reward_model
+    from irmlens.pipeline import _random_sae
     from sae_training.train import encode_batched, load_sae, load_whitening, train_sae
 
     p = argparse.ArgumentParser()
@@ -38,10 +37,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the whitened SAEs")
     p.add_argument("--folds", type=int, default=5)
     args = p.parse_args()
-    cfg = load_config(args.run / "config.toml")
-    paths = RunPaths(args.run)
-    rm = load_reward_model(cfg, fetch_assets().lexicon)
-    layers = sorted(json.loads((paths.root / "diff" / "layers.json").read_text())["studied_layers"])
+    run = load_finished_run(args.run)
+    cfg, paths, layers, targets = run.cfg, run.paths, run.layers, run.targets
     hooks = [hook_name(la) for la in layers]
     models = load_manifest(paths.cache)["models"]
     acts = {m: [load_activations(paths.cache, m, h) for h in hooks] for m in models}
@@ -64,8 +61,6 @@ def main() -> None:
             _random_sae(d_model, width, cfg.seed + 1 + i, like=sae, whitening=load_whitening(out))
         )
 
-    rows = load_token_rows(paths.cache)
-    targets = position_targets(rows.word_id[rows.valid], rows.words, rm.word_utility)
     at = targets.position
 
     def differences(saes) -> torch.Tensor:
@@ -85,7 +80,7 @@ def main() -> None:
         "random SAE, whitened": differences(random_whitened),
     }
 
-    fixed = split_words(targets, cfg.irm)
+    fixed = run.split
     counts = torch.bincount(targets.word, minlength=len(targets.words))
     lexicon = sorted(w for w in targets.utility if counts[w] >= cfg.irm.min_word_count)
     shuffled = lexicon[:]

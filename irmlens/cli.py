@@ -57,12 +57,11 @@ def cmd_pretrain(args) -> int:
 def cmd_rlhf(args) -> int:
     import dataclasses
 
-    from irmlens.config import dump_config, load_config
+    from irmlens.config import load_config
     from irmlens.data.assets import require_assets
-    from irmlens.io import atomic_write_text
     from irmlens.pipeline import (
         RunPaths,
-        check_run_dir,
+        claim_run_dir,
         ensure_base_model,
         load_reward_model,
         load_splits,
@@ -84,10 +83,7 @@ def cmd_rlhf(args) -> int:
     paths = RunPaths(out)
     # the run folder records the config its RLHF model was trained with (overrides included), so
     # a later `irmlens run` or `irmlens rlhf` with other settings is refused, not silently mixed in
-    cfg_text = dump_config(cfg)
-    check_run_dir(paths, cfg_text)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(paths.config, cfg_text)
+    claim_run_dir(paths, cfg)
     assets = require_assets()
     splits = load_splits(cfg, assets.reviews)
     rm = load_reward_model(cfg, assets.lexicon)

@@ -172,7 +172,7 @@ def _build(cls, values: dict[str, Any], where: str):
                 raise ConfigError(f"[{where}{k}] must be a table")
             kwargs[k] = _build(sub, v, f"{where}{k}.")
         else:
-            _check_type(cls, f, v, where)
+            _check_type(f, v, where)
             kwargs[k] = v
     try:
         return cls(**kwargs)
@@ -183,7 +183,7 @@ def _build(cls, values: dict[str, Any], where: str):
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
-def _check_type(cls, f: dataclasses.Field, value: Any, where: str) -> None:
+def _check_type(f: dataclasses.Field, value: Any, where: str) -> None:
     """A value of the default's kind (numbers for numbers, lists of numbers for lists of
     numbers...), so a quoted "5" fails here naming its key, not later inside a stage."""
     default = f.default

@@ -1074,16 +1074,20 @@ def read_model_dirs(run_dir: Path) -> dict[str, Path]:
     }
 
 
-def check_run_dir(paths: RunPaths, cfg_text: str) -> None:
-    """Refuse a different study in an existing run folder. The comparison is on the resolved
-    config text, so a run written by an irmlens with other settings or defaults is refused too:
-    its outputs may come from another recipe (base model, null pair, dictionaries)."""
+def claim_run_dir(paths: RunPaths, cfg: StudyConfig) -> None:
+    """Record ``cfg`` as the run folder's config, refusing a folder that holds a different study.
+    The comparison is on the resolved config text, so a run written by an irmlens with other
+    settings or defaults is refused too: its outputs may come from another recipe (base model,
+    null pair, dictionaries)."""
+    cfg_text = dump_config(cfg)
     if paths.config.exists() and paths.config.read_text(encoding="utf-8") != cfg_text:
         raise ConfigError(
             f"{paths.root} already holds a run with a different config ({paths.config}), or one "
             "written by another irmlens version. Choose another --out folder, or delete that one "
             "to start over."
         )
+    paths.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths.config, cfg_text)
 
 
 class HookedPair:
@@ -1135,10 +1139,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, stop_after: str = "report")
         raise ConfigError(f"unknown stage {stop_after!r}; choose one of {STAGES}")
     torch.manual_seed(cfg.seed)
     paths = RunPaths(Path(out_dir))
-    cfg_text = dump_config(cfg)
-    check_run_dir(paths, cfg_text)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(paths.config, cfg_text)
+    claim_run_dir(paths, cfg)
     t0 = time.time()
 
     assets = fetch_assets(log=_log)

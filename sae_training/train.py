@@ -156,10 +156,6 @@ class TrainingInputError(ValueError):
     """Bad data or settings given to ``train_sae`` (what the CLI reports without a traceback)."""
 
 
-def _children(folder: Path) -> list[Path]:
-    return list(folder.iterdir()) if folder.exists() else []
-
-
 def _data_fingerprint(acts: torch.Tensor) -> str:
     """sha256 of the activations' shape and of up to 4096 evenly spaced rows: cheap, and any
     other cache or hook changes it."""
@@ -185,7 +181,11 @@ def _check_checkpoint_origin(ckpt_dir: Path, cfg: SAETrainingConfig, acts, write
         "data": _data_fingerprint(acts),
     }
     path = ckpt_dir / CHECKPOINT_ORIGIN
-    if not path.exists() and any(p.name.isdigit() for p in _children(ckpt_dir)):
+    if (
+        not path.exists()
+        and ckpt_dir.exists()
+        and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    ):
         raise TrainingInputError(
             f"{ckpt_dir} holds checkpoints with no record of the run that wrote them "
             f"({CHECKPOINT_ORIGIN}; written by irmlens since 2026-11-27): delete that folder to "

@@ -1,4 +1,5 @@
-"""Assemble report.json (schema v2, docs/report-schema.md) and a self-contained index.html from a finished run folder."""
+"""Assemble report.json (schema v2, docs/report-schema.md) and a self-contained index.html from a
+finished run folder."""
 
 from __future__ import annotations
 
@@ -144,33 +145,33 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
 
 
 # where a non-finite value comes from, by the report section it sits in: (cause, fix)
+_IRM_CAUSE = (
+    "a rank correlation or fit was undefined, usually because too few held-out words occur "
+    "in the cached text or a model's predictions are constant",
+    "cache more text (cache.max_rows, data.n_heldout) or lower irm.heldout_fraction, then "
+    "re-run `irmlens irm RUN_DIR --force`",
+)
+_SAE_CAUSE = (
+    "an SAE's training diverged (its loss overflowed)",
+    "lower sae.lr or sae.l1_coefficient and run the study into a new --out folder",
+)
+_DIFF_CAUSE = ("a per-feature statistic was undefined", "re-run `irmlens diff RUN_DIR --force`")
 _NON_FINITE_CAUSES = {
-    "irm": (
-        "a rank correlation or fit was undefined, usually because too few held-out words occur "
-        "in the cached text or a model's predictions are constant",
-        "cache more text (cache.max_rows, data.n_heldout) or lower irm.heldout_fraction, then "
-        "re-run `irmlens irm RUN_DIR --force`",
-    ),
     "rlhf": (
         "the RLHF run diverged (its reward or KL overflowed)",
         "lower rlhf.learning_rate or raise rlhf.kl_coef and run the study into a new --out folder",
     ),
-    "saes": (
-        "an SAE's training diverged (its loss overflowed)",
-        "lower sae.lr or sae.l1_coefficient and run the study into a new --out folder",
-    ),
+    "saes": _SAE_CAUSE,
+    "mmcs": _SAE_CAUSE,
+    "irm": _IRM_CAUSE,
+    "controls": _IRM_CAUSE,
+    "paper_estimator": _IRM_CAUSE,
+    "divergent_words": _IRM_CAUSE,
+    "feature_divergence": _DIFF_CAUSE,
+    "divergent_features": _DIFF_CAUSE,
+    "feature_matching": _DIFF_CAUSE,
+    "feature_cards": _DIFF_CAUSE,
 }
-_NON_FINITE_CAUSES["diff"] = (
-    "a per-feature statistic was undefined",
-    "re-run `irmlens diff RUN_DIR --force`",
-)
-for _keys, _cause in (
-    (("controls", "paper_estimator", "divergent_words"), "irm"),
-    (("mmcs",), "saes"),
-    (("feature_divergence", "divergent_features", "feature_matching", "feature_cards"), "diff"),
-):
-    for _key in _keys:
-        _NON_FINITE_CAUSES[_key] = _NON_FINITE_CAUSES[_cause]
 
 
 def _check_finite(obj, where="report") -> None:
