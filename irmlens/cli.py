@@ -60,13 +60,14 @@ def cmd_rlhf(args) -> int:
     from irmlens.config import load_config
     from irmlens.data.assets import require_assets
     from irmlens.pipeline import (
-        RunPaths,
+        check_lexicon_fits_corpus,
         claim_run_dir,
         ensure_base_model,
         load_reward_model,
         load_splits,
         stage_rlhf,
     )
+    from irmlens.run import RunPaths, run_lock
 
     cfg = load_config(args.config)
     overrides = {
@@ -81,14 +82,17 @@ def cmd_rlhf(args) -> int:
             raise ConfigError(str(e)) from None
     out = _run_dir(args, cfg)
     paths = RunPaths(out)
-    # the run folder records the config its RLHF model was trained with (overrides included), so
-    # a later `irmlens run` or `irmlens rlhf` with other settings is refused, not silently mixed in
-    claim_run_dir(paths, cfg)
-    assets = require_assets()
-    splits = load_splits(cfg, assets.reviews)
-    rm = load_reward_model(cfg, assets.lexicon)
-    base = ensure_base_model(cfg, splits, assets.reviews)
-    s = stage_rlhf(cfg, paths, base, rm, splits)
+    with run_lock(out):
+        # the run folder records the config its RLHF model was trained with (overrides
+        # included), so a later `irmlens run` or `irmlens rlhf` with other settings is refused,
+        # not silently mixed in
+        claim_run_dir(paths, cfg)
+        assets = require_assets()
+        splits = load_splits(cfg, assets.reviews)
+        rm = load_reward_model(cfg, assets.lexicon)
+        check_lexicon_fits_corpus(rm, splits)
+        base = ensure_base_model(cfg, splits, assets.reviews)
+        s = stage_rlhf(cfg, paths, base, rm, splits)
     print(
         f"RLHF model: {RunPaths(out).rlhf_model}\n{s['algorithm']} against {s['trained_against']}: "
         f"reward ({s['reward_model']}) {s['reward_before']:.3f} -> {s['reward_after']:.3f}, "
@@ -124,9 +128,10 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _rerun_stage(args, stage: str, outputs: list[str]) -> Path:
+def _rerun_stage(args, stage: str) -> Path:
     """Re-run one analysis stage on an existing run folder (its config.toml), earlier stages reused.
-    ``--force`` deletes that stage's outputs (and those derived from them) first."""
+    ``--force`` recomputes it: the previous results stay usable until the new ones replace them,
+    and the outputs derived from them (feature cards, report) are invalidated then."""
     from irmlens.config import load_config
     from irmlens.pipeline import run_study
 
@@ -137,17 +142,16 @@ def _rerun_stage(args, stage: str, outputs: list[str]) -> Path:
             "`irmlens run CONFIG --out DIR` first"
         )
     cfg = load_config(run_dir / "config.toml")
-    if args.force:  # derived files only: the stage rewrites them (atomically) from the cache
-        for rel in outputs:
-            (run_dir / rel).unlink(missing_ok=True)
-    return run_study(cfg, run_dir, stop_after=stage)
+    out = run_study(cfg, run_dir, stop_after=stage, force=(stage,) if args.force else ())
+    if args.force and not (run_dir / "report" / "report.json").exists():
+        print(f"(the report was removed: rebuild it with `irmlens report {run_dir}`)")
+    return out
 
 
 def cmd_diff(args) -> int:
     from irmlens.io import read_json
 
-    # the IRM does not read the diff stage's outputs; the feature cards do
-    out = _rerun_stage(args, "diff", ["diff/features.json", "diff/cards.json"])
+    out = _rerun_stage(args, "diff")
     r = read_json(out / "features.json")
     table = out / f"features_layer{r['layer']}.csv"
     fm = r["feature_matching"]
@@ -163,7 +167,7 @@ def cmd_diff(args) -> int:
 def cmd_irm(args) -> int:
     from irmlens.io import read_json
 
-    out = _rerun_stage(args, "irm", ["irm/metrics.json", "diff/cards.json"])
+    out = _rerun_stage(args, "irm")
     m = read_json(out / "metrics.json")
     lo, hi = m["heldout_kendall_tau_ci"]
     retention = m["signal_retention"]
@@ -194,12 +198,15 @@ def cmd_report(args) -> int:
     if unknown:
         raise ConfigError(f"unknown --format {unknown}; choose from {','.join(FORMATS)}")
     cfg = load_config(run_dir / "config.toml")
-    if not (run_dir / "diff" / "cards.json").exists():  # e.g. after `irmlens irm --force`
-        from irmlens.pipeline import run_study
+    from irmlens.run import run_lock
 
-        run_study(cfg, run_dir, stop_after="cards")
-    dirs = read_model_dirs(run_dir)
-    write_report(run_dir, collect_report(run_dir, cfg, dirs), formats)
+    with run_lock(run_dir):
+        if not (run_dir / "diff" / "cards.json").exists():  # e.g. after `irmlens irm --force`
+            from irmlens.pipeline import run_study
+
+            run_study(cfg, run_dir, stop_after="cards")
+        dirs = read_model_dirs(run_dir)
+        write_report(run_dir, collect_report(run_dir, cfg, dirs), formats)
     names = {"html": "index.html", "json": "report.json", "md": "summary.md"}
     for f in formats:
         for name in ["features.csv", "words.csv"] if f == "csv" else [names[f]]:

@@ -32,6 +32,9 @@ class ModelConfig:
     # The null model (see [null]); empty: trained here when null.reward is not "none".
     null: str = ""
     device: str = "cpu"
+    # Let a model folder run its own Python code (config.json / tokenizer_config.json
+    # ``auto_map``). Off: such a folder is refused before anything loads it, whatever its name.
+    trust_remote_code: bool = False
 
 
 @dataclass

@@ -23,3 +23,11 @@ class ModelPairError(IrmlensError):
 
 class CorruptCacheError(IrmlensError):
     """A cache file does not match the checksum it was written with."""
+
+
+class RunLockedError(IrmlensError):
+    """Another irmlens process is working on the same run folder."""
+
+
+class RemoteCodeError(IrmlensError):
+    """A model folder asks to run its own Python code, and the config did not allow it."""

@@ -85,16 +85,17 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     On error the temporary folder is removed and an existing ``path`` is left untouched.
     """
     path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise FileExistsError(f"{path} exists and is not a folder: refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
+            # a fresh name for the outgoing folder: never one that may already hold something
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old)
         else:

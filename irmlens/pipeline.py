@@ -8,78 +8,29 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from irmlens.config import StudyConfig, dump_config
 from irmlens.errors import ConfigError
-from irmlens.io import atomic_write_json, atomic_write_text, csv_value, read_json, sha256_file
+from irmlens.io import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    csv_value,
+    read_json,
+    sha256_file,
+)
 from irmlens.paths import models_dir
+from irmlens.run import RunPaths, run_lock
 
 
 def _log(msg: str) -> None:
     print(f"[irmlens {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.toml"
-
-    @property
-    def rlhf_model(self) -> Path:
-        return self.root / "models" / "rlhf"
-
-    @property
-    def null_model(self) -> Path:
-        return self.root / "models" / "null"
-
-    @property
-    def null_rlhf(self) -> Path:
-        return self.root / "rlhf-null"
-
-    @property
-    def pair_json(self) -> Path:
-        return self.root / "models" / "pair.json"
-
-    @property
-    def rlhf(self) -> Path:
-        return self.root / "rlhf"
-
-    @property
-    def diff(self) -> Path:
-        return self.root / "diff"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def saes(self) -> Path:
-        return self.root / "saes"
-
-    @property
-    def irm(self) -> Path:
-        return self.root / "irm"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report"
-
-    def features_table(self, layer: int) -> Path:
-        return self.diff / f"features_layer{layer}.csv"
-
-    def matching_file(self, layer: int) -> Path:
-        return self.diff / f"matching_layer{layer}.json"
-
-    def sae_dir(self, model: str, hook: str, width: int) -> Path:
-        return self.saes / model / hook / str(width)
 
 
 # ---------------------------------------------------------------- data and reward model
@@ -100,6 +51,19 @@ def load_splits(cfg: StudyConfig, reviews_path: Path):
     return split_reviews(reviews, cfg.data.n_validation, cfg.data.n_heldout, cfg.data.seed)
 
 
+def check_lexicon_fits_corpus(rm, splits) -> dict:
+    """Refuse, before any stage runs, a lexicon too few of whose words occur in the held-out
+    reviews (the text the IRM is fit and scored on)."""
+    from irmlens.rewards.lexicon import check_lexicon_coverage
+
+    counts = check_lexicon_coverage(rm, [r.text for r in splits.heldout])
+    _log(
+        f"lexicon: {counts['n_words_in_corpus']} of its {counts['n_lexicon_words']} words occur "
+        f"in the {counts['n_texts']} held-out reviews"
+    )
+    return counts
+
+
 # ---------------------------------------------------------------- stages
 
 
@@ -110,7 +74,9 @@ def ensure_base_model(cfg: StudyConfig, splits, reviews_path: Path) -> Path:
     if cfg.model.base != "tiny":
         from irmlens.models.sources import resolve_base_model
 
-        return resolve_base_model(cfg.model.base, log=_log)
+        return resolve_base_model(
+            cfg.model.base, log=_log, trust_remote_code=cfg.model.trust_remote_code
+        )
     data_id = f"{sha256_file(reviews_path)[:12]}-{cfg.data.n_validation}-{cfg.data.n_heldout}-{cfg.data.seed}"
     out = models_dir() / f"tiny-{cfg.pretrain.fingerprint(data_id)}"
     if (out / "pretrain.json").exists():
@@ -177,18 +143,30 @@ def stage_rlhf(
 
 
 def resolve_pair(cfg: StudyConfig, paths: RunPaths, base_dir: Path, rm, splits) -> dict[str, Path]:
-    """Model folders of the study: base, rlhf (trained here or given) and, if any, the null model."""
+    """Model folders of the study: base, rlhf (trained here or given) and, if any, the null model.
+    A given pair is checked (tokenizer, weights) before anything is trained on it."""
+    from irmlens.models.pair import check_pair_folders
     from irmlens.models.sources import resolve_base_model
 
     dirs = {"base": base_dir}
     if cfg.model.rlhf:
-        dirs["rlhf"] = resolve_base_model(cfg.model.rlhf, log=_log, key="model.rlhf")
+        dirs["rlhf"] = resolve_base_model(
+            cfg.model.rlhf,
+            log=_log,
+            key="model.rlhf",
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
         _log(f"rlhf: given model {dirs['rlhf']} (no RLHF stage)")
     else:
         stage_rlhf(cfg, paths, base_dir, rm, splits)
         dirs["rlhf"] = paths.rlhf_model
     if cfg.model.null:
-        dirs["null"] = resolve_base_model(cfg.model.null, log=_log, key="model.null")
+        dirs["null"] = resolve_base_model(
+            cfg.model.null,
+            log=_log,
+            key="model.null",
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
         _log(f"null: given model {dirs['null']}")
     elif cfg.null.reward != "none" and not cfg.model.rlhf:
         null_cfg = replace(cfg.rlhf, reward=cfg.null.reward)
@@ -196,6 +174,7 @@ def resolve_pair(cfg: StudyConfig, paths: RunPaths, base_dir: Path, rm, splits) 
             cfg, paths, base_dir, rm, splits, null_cfg, paths.null_model, paths.null_rlhf, "null"
         )
         dirs["null"] = paths.null_model
+    check_pair_folders(dirs)
     return dirs
 
 
@@ -409,7 +388,12 @@ def _word_means_of(
 
 
 def stage_diff(
-    cfg: StudyConfig, paths: RunPaths, layers: list[int], layer: int, d_model: int
+    cfg: StudyConfig,
+    paths: RunPaths,
+    layers: list[int],
+    layer: int,
+    d_model: int,
+    force: bool = False,
 ) -> dict:
     """Per-feature divergence through the widest shared SAE (base vs rlhf, and base vs null), and
     Hungarian matching of the base and rlhf dictionaries of the same width, for every studied
@@ -418,21 +402,31 @@ def stage_diff(
     from irmlens.cache.store import load_token_rows
 
     out = paths.diff / "features.json"
-    if out.exists():
+    if out.exists() and not force:
         return read_json(out)
     rows = load_token_rows(paths.cache)
-    per_layer = {la: _diff_layer(cfg, paths, la, d_model, rows) for la in sorted(layers)}
+    # every file is computed before any is replaced: a recomputation (``force``) interrupted
+    # while computing leaves the previous tables whole
+    staged: dict[Path, str] = {}
+    per_layer = {la: _diff_layer(cfg, paths, la, d_model, rows, staged) for la in sorted(layers)}
     result = per_layer[layer] | {
         "layers": [
             {k: r[k] for k in ("layer", "n_features", "n_divergent", "n_divergent_null")}
             for r in per_layer.values()
         ]
     }
-    atomic_write_json(out, result)
+    if force:
+        invalidate(paths, FORCEABLE["diff"])
+    for path, text in staged.items():
+        atomic_write_text(path, text)
+    atomic_write_json(out, result)  # last: its presence marks the stage done
     return result
 
 
-def _diff_layer(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, rows) -> dict:
+def _diff_layer(
+    cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, rows, staged: dict[Path, str]
+) -> dict:
+    """One layer's divergence and matching; its files go into ``staged`` (path -> text)."""
     from irmlens.cache.store import hook_name, load_activations, load_manifest
     from irmlens.diff.features import (
         FeatureCodes,
@@ -484,7 +478,7 @@ def _diff_layer(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, row
     writer = csv.DictWriter(buf, fieldnames=list(table[0]))
     writer.writeheader()
     writer.writerows(table)
-    atomic_write_text(paths.features_table(layer), buf.getvalue())
+    staged[paths.features_table(layer)] = buf.getvalue()
     n_div = int((div["divergence"] > d.threshold).sum())
     n_null = int((null_div["divergence"] > d.threshold).sum()) if null_div else None
     result = {
@@ -503,13 +497,17 @@ def _diff_layer(cfg: StudyConfig, paths: RunPaths, layer: int, d_model: int, row
         | {"width": width, "layer": layer},
         "divergent_features": divergent,
     }
-    atomic_write_json(
-        paths.matching_file(layer),
-        {
-            "partner": matching["partner"].tolist(),
-            "cosine": [None if c != c else c for c in matching["cosine"].tolist()],
-            "tag_base": matching["tag_base"],
-        },
+    staged[paths.matching_file(layer)] = (
+        json.dumps(
+            {
+                "partner": matching["partner"].tolist(),
+                "cosine": [None if c != c else c for c in matching["cosine"].tolist()],
+                "tag_base": matching["tag_base"],
+            },
+            indent=2,
+            allow_nan=False,
+        )
+        + "\n"
     )
     _log(
         f"diff L{layer}: {n_div} of {sae.cfg.d_sae} shared-SAE features above divergence {d.threshold}"
@@ -542,10 +540,19 @@ def _retention(tau: float, ref: float) -> float | None:
 
 
 def stage_irm(
-    cfg: StudyConfig, paths: RunPaths, rm, layers: list[int], layer: int, d_model: int, pair
+    cfg: StudyConfig,
+    paths: RunPaths,
+    rm,
+    layers: list[int],
+    layer: int,
+    d_model: int,
+    pair,
+    force: bool = False,
 ) -> dict:
     """IRM in several feature spaces on one word split; the chosen space's controls, references,
-    sparse IRM, the paper's estimator, per-word divergence and attribution."""
+    sparse IRM, the paper's estimator, per-word divergence and attribution. All its files are
+    written into a temporary folder that replaces ``irm/`` in one rename, so a recomputation
+    (``force``) that is interrupted leaves the previous results whole."""
 
     from safetensors.torch import save_file
 
@@ -569,9 +576,11 @@ def stage_irm(
     from sae_training.train import load_sae, load_whitening
 
     metrics_path = paths.irm / "metrics.json"
-    if metrics_path.exists():
+    if metrics_path.exists() and not force:
         _log("irm: outputs present, skipping")
         return read_json(metrics_path)
+    if force:
+        _log("irm: recomputing (--force); the previous results stay until the new ones are written")
     icfg = cfg.irm
     width = max(int(m * d_model) for m in cfg.sae.width_multipliers)
     layers = sorted(layers)
@@ -914,18 +923,12 @@ def stage_irm(
     )
     for f in top_features:
         f.update(feature_ref(f["feature"]))
-    paths.irm.mkdir(parents=True, exist_ok=True)
-    tmp = paths.irm / ".coefficients.safetensors.tmp"
-    save_file({"coef": coef.float(), "intercept": torch.tensor([main.model.intercept])}, str(tmp))
-    tmp.replace(paths.irm / "coefficients.safetensors")
     wcounts = torch.bincount(targets.word, minlength=len(targets.words))
     word_rows = [
         (targets.words[w], split_name, targets.utility[w], v, implicit.get(w), int(wcounts[w]))
         for split_name, preds in (("fit", main.fit_irm), ("heldout", main.heldout_irm))
         for w, v in sorted(preds.items(), key=lambda kv: targets.words[kv[0]])
     ]
-    atomic_write_text(paths.root / WORD_UTILITIES, word_utilities_text(word_rows))
-    atomic_write_json(paths.irm / "word_attribution.json", div_words)
     result = {
         "layer": layer,
         "layers": layers,
@@ -966,7 +969,16 @@ def stage_irm(
         "controls": controls,
         "paper_estimator": paper,
     }
-    atomic_write_json(metrics_path, result)
+    with atomic_dir(paths.irm) as tmp:
+        save_file(
+            {"coef": coef.float(), "intercept": torch.tensor([main.model.intercept])},
+            str(tmp / "coefficients.safetensors"),
+        )
+        atomic_write_text(tmp / WORD_UTILITIES.name, word_utilities_text(word_rows))
+        atomic_write_json(tmp / "word_attribution.json", div_words)
+        atomic_write_json(tmp / "metrics.json", result)
+        if force:  # before the swap: a kill between the two leaves the old IRM, without cards
+            invalidate(paths, FORCEABLE["irm"])
     return result
 
 
@@ -1104,7 +1116,9 @@ class HookedPair:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.dirs["base"])
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self.dirs["base"], trust_remote_code=self.cfg.model.trust_remote_code
+            )
         return self._tokenizer
 
     def get(self) -> dict:
@@ -1114,11 +1128,12 @@ class HookedPair:
 
             self._models = {}
             for name, d in self.dirs.items():
-                hf, tok = load_hf_model(d, self.cfg.model.device)
+                trust = self.cfg.model.trust_remote_code
+                hf, tok = load_hf_model(d, self.cfg.model.device, trust)
                 if self._tokenizer is None:
                     self._tokenizer = tok
                 self._models[name] = load_hooked_model(
-                    d, self.cfg.model.device, hf_model=hf, tokenizer=tok
+                    d, self.cfg.model.device, hf_model=hf, tokenizer=tok, trust_remote_code=trust
                 )
             for name in self._models:
                 if name != "base":
@@ -1127,24 +1142,63 @@ class HookedPair:
 
 
 STAGES = ("rlhf", "cache", "saes", "diff", "irm", "cards", "report")
+# stages that ``force`` can redo, and the derived outputs each invalidates (the redesign will read
+# this from each stage's ``needs``)
+FORCEABLE = {"diff": ("cards", "report"), "irm": ("cards", "report")}
 
 
-def run_study(cfg: StudyConfig, out_dir: str | Path, stop_after: str = "report") -> Path:
+def invalidate(paths: RunPaths, stages: tuple[str, ...]) -> None:
+    """Remove the outputs of derived stages (feature cards, report) so they are rebuilt from the
+    new results instead of describing the old ones. Each goes in one rename, then is deleted."""
+    import shutil
+    import tempfile
+
+    for stage in stages:
+        target = {"cards": paths.cards, "report": paths.report}[stage]
+        if not target.exists():
+            continue
+        if target.is_dir():
+            gone = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.stale."))
+            target.replace(gone / target.name)
+            shutil.rmtree(gone)
+        else:
+            target.unlink()
+        _log(f"{stage}: outputs removed (they described the previous results)")
+
+
+def run_study(
+    cfg: StudyConfig,
+    out_dir: str | Path,
+    stop_after: str = "report",
+    force: tuple[str, ...] = (),
+) -> Path:
     """Run (or resume) the stages up to ``stop_after``; return its main output path
-    (the HTML report for a whole study)."""
+    (the HTML report for a whole study). ``force``: stages to recompute although their outputs
+    exist; the previous outputs stay in place (and usable) until the new ones replace them in
+    one step, and the stages derived from them are invalidated then. The run folder is locked
+    for the whole call (``irmlens.run.run_lock``)."""
+    if stop_after not in STAGES:
+        raise ConfigError(f"unknown stage {stop_after!r}; choose one of {STAGES}")
+    unknown = sorted(set(force) - set(FORCEABLE))
+    if unknown:
+        raise ConfigError(f"cannot force {unknown}; forceable stages: {sorted(FORCEABLE)}")
+    paths = RunPaths(Path(out_dir))
+    with run_lock(paths.root):
+        return _run_study_locked(cfg, paths, stop_after, frozenset(force))
+
+
+def _run_study_locked(cfg: StudyConfig, paths: RunPaths, stop_after: str, force) -> Path:
     from irmlens.data.assets import fetch_assets
     from irmlens.report.build import build_report
 
-    if stop_after not in STAGES:
-        raise ConfigError(f"unknown stage {stop_after!r}; choose one of {STAGES}")
     torch.manual_seed(cfg.seed)
-    paths = RunPaths(Path(out_dir))
     claim_run_dir(paths, cfg)
     t0 = time.time()
 
     assets = fetch_assets(log=_log)
     rm = load_reward_model(cfg, assets.lexicon)
     splits = load_splits(cfg, assets.reviews)
+    check_lexicon_fits_corpus(rm, splits)
     base_dir = ensure_base_model(cfg, splits, assets.reviews)
     dirs = resolve_pair(cfg, paths, base_dir, rm, splits)
     write_model_dirs(paths.root, dirs)
@@ -1161,15 +1215,17 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, stop_after: str = "report")
     if stop_after == "saes":
         return paths.saes
     irm_layer = next(layer for layer in layers["ranking"] if layer in layers["studied_layers"])
-    stage_diff(cfg, paths, layers["studied_layers"], irm_layer, d_model)
+    stage_diff(cfg, paths, layers["studied_layers"], irm_layer, d_model, force="diff" in force)
     if stop_after == "diff":
         return paths.diff
-    stage_irm(cfg, paths, rm, layers["studied_layers"], irm_layer, d_model, pair)
+    stage_irm(
+        cfg, paths, rm, layers["studied_layers"], irm_layer, d_model, pair, force="irm" in force
+    )
     if stop_after == "irm":
         return paths.irm
     stage_cards(cfg, paths, irm_layer, d_model, pair)
     if stop_after == "cards":
-        return paths.diff / "cards.json"
+        return paths.cards
     report = build_report(paths.root, cfg, dirs)
     _log(f"done in {time.time() - t0:.0f}s")
     return report

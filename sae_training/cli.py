@@ -7,6 +7,10 @@
 or, for a plain tensor file, ``--activations FILE.safetensors`` (an "activations" [n, d] tensor;
 several files are concatenated). ``--checkpoints N`` writes N checkpoints next to ``--out``; a
 re-run after an interruption resumes from the newest complete one.
+
+``--out`` is replaced whole by the SAE folder, so it must be new, empty, or an SAE folder irmlens
+wrote (a re-train); a file, any other non-empty folder, or a folder in or around the activation
+cache or the activation files is refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 from pathlib import Path
 
 # the package's __init__ imports sae_training.train already, so this costs no start-up time
-from sae_training.train import NORMALIZATIONS, TRAINERS
+from sae_training.train import NORMALIZATIONS, TRAINERS, TrainingInputError
 
 
 def _parse_width(value: str, d_in: int) -> int:
@@ -98,12 +102,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if (args.cache is None) == (args.activations is None):
         p.error("give either --cache (with --model and --hook) or --activations")
+    if args.cache is not None and (not args.model or not args.hook):
+        p.error("--cache needs --model and --hook")
+    try:  # before loading or training: --out is replaced whole once the SAE is trained
+        _check_out(args)
+    except TrainingInputError as e:
+        print(f"sae-train: error: {e}", file=sys.stderr)
+        return 2
     parts = []
     if args.cache is not None:
         from irmlens.cache.store import load_activations
-
-        if not args.model or not args.hook:
-            p.error("--cache needs --model and --hook")
         from irmlens.errors import CorruptCacheError
 
         try:
@@ -131,8 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.model
         else "+".join(Path(a).parent.name for a in args.activations)
     )
-    from sae_training.train import TrainingInputError
-
     try:
         return _train(args, acts, hook, model_name)
     except TrainingInputError as e:  # bad settings or data: say which, no traceback
@@ -140,16 +146,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _checkpoint_dir(args) -> Path | None:
+    out = Path(args.out)
+    return out.with_name(f".{out.name}.checkpoints") if args.checkpoints else None
+
+
+def _check_out(args) -> None:
+    """Refuse an --out (or its checkpoint folder) that writing the SAE would lose data in: see
+    ``sae_training.train.check_output_dir``."""
+    from sae_training.train import _check_checkpoint_dir, check_output_dir
+
+    inputs = [args.cache] if args.cache is not None else list(args.activations)
+    check_output_dir(args.out, inputs, label="--out")
+    ckpt = _checkpoint_dir(args)
+    if ckpt is not None:
+        _check_checkpoint_dir(ckpt, inputs)
+
+
 def _train(args, acts, hook: str, model_name: str) -> int:
-    from sae_training.train import TrainingInputError, evaluate_sae, train_sae
+    from sae_training.train import evaluate_sae, train_sae
 
     try:
         cfg = _config(args, acts.shape[1])
     except ValueError as e:  # the config's own checks (bugs elsewhere keep their traceback)
         raise TrainingInputError(str(e)) from None
-    out = Path(args.out)
-    ckpt = out.with_name(f".{out.name}.checkpoints") if args.checkpoints else None
-    sae = train_sae(acts, cfg, hook, model_name, out_dir=out, checkpoint_dir=ckpt)
+    ckpt = _checkpoint_dir(args)
+    sae = train_sae(acts, cfg, hook, model_name, out_dir=Path(args.out), checkpoint_dir=ckpt)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

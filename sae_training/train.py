@@ -5,18 +5,22 @@ tracking, activation scaling or whitening and its folding, checkpoints) and feed
 shuffled batches from the cache: sae-lens's own pipeline wants to run a model, while ours trains on
 stored activations of *two* models. For the standard SAE the trainer's step is our hand-derived one
 (``sae_training.fused``; the GPU check measured sae-lens's step at 0.12 of the matmul limit).
-The saved folder (``cfg.json`` + ``sae_weights.safetensors``) loads with ``sae_lens.SAE.load_from_disk``.
+The saved folder (``cfg.json`` + ``sae_weights.safetensors``) loads with ``sae_lens.SAE.load_from_disk``;
+its ``training.json`` records the settings and the sha256 of each file, which ``load_sae`` checks.
+``save_sae`` replaces only a folder it wrote (``check_output_dir``).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from irmlens.errors import CorruptCacheError, IrmlensError
 
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
 # sae-lens's input normalisations that train_sae supports: scale to mean norm sqrt(d_in) (the
@@ -152,8 +156,9 @@ CHECKPOINT_ORIGIN = "origin.json"
 _EXECUTION_SETTINGS = ("device", "autocast", "compile", "trainer")
 
 
-class TrainingInputError(ValueError):
-    """Bad data or settings given to ``train_sae`` (what the CLI reports without a traceback)."""
+class TrainingInputError(ValueError, IrmlensError):
+    """Bad data, settings or output folder given to ``train_sae`` (what ``sae-train`` and the
+    irmlens CLI report without a traceback)."""
 
 
 def _data_fingerprint(acts: torch.Tensor) -> str:
@@ -267,6 +272,10 @@ def train_sae(
             "cache more tokens or lower the batch size (sae.batch_size in a study config, "
             "--batch-size for sae-train)"
         )
+    if out_dir is not None:  # refused now, not after training
+        check_output_dir(out_dir)
+    if checkpoint_dir is not None:
+        _check_checkpoint_dir(Path(checkpoint_dir))
     dist, rank, world = _distributed()
     if cfg.batch_size % world:
         raise TrainingInputError(
@@ -364,7 +373,7 @@ def train_sae(
             tensors=extra_files,
         )
         if ckpt_dir is not None:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            _remove_checkpoints(ckpt_dir)
     return sae
 
 
@@ -405,6 +414,203 @@ def _all_reduce_gradients(sae, dist, world: int) -> None:
             p.register_post_accumulate_grad_hook(hook)
 
 
+# --- the output folder: never replace what sae-train did not write ------------------------------
+
+TRAINING_RECORD = "training.json"  # written by save_sae beside SAELens's cfg.json and weights
+SAE_MARKER = "irmlens sae_training"  # training.json's "written_by": this folder is ours
+# files of an SAE folder written before the marker existed (older irmlens), and the file
+# irmlens's saes stage adds to every SAE folder it trained
+_LEGACY_SAE_FILES = ("cfg.json", "sae_weights.safetensors", TRAINING_RECORD, WHITENING_FILENAME)
+_STAGE_FILES = ("metrics.json",)
+
+
+def _read_training_record(folder: Path) -> dict | None:
+    """``training.json`` of ``folder`` as a dict, or None (absent, unreadable, not a dict)."""
+    try:
+        record = json.loads((folder / TRAINING_RECORD).read_text())
+    except (OSError, ValueError):  # ValueError: JSONDecodeError and UnicodeDecodeError
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def is_irmlens_sae_dir(folder: str | Path) -> bool:
+    """Whether ``folder`` is an SAE folder that irmlens wrote, so replacing it loses nothing else.
+
+    That is a real folder (not a link) holding only regular files, with a ``training.json`` and
+    either
+      * ``"written_by": "irmlens sae_training"`` in it, every other file being one its ``"sha256"``
+        lists or ``metrics.json`` (what the saes stage adds), or
+      * no marker (irmlens before the marker): a ``training.json`` with irmlens's
+        ``"training"`` settings and ``"n_train_positions"``, ``cfg.json`` and
+        ``sae_weights.safetensors``, and nothing but those, ``whitening.safetensors`` and
+        ``metrics.json``.
+    """
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    record = _read_training_record(folder)
+    if record is None:
+        return False
+    entries = list(folder.iterdir())
+    if any(e.is_symlink() or not e.is_file() for e in entries):
+        return False
+    names = {e.name for e in entries}
+    if record.get("written_by") == SAE_MARKER:
+        sums = record.get("sha256")
+        listed = set(sums) if isinstance(sums, dict) else set()
+        return names <= {TRAINING_RECORD, *listed, *_STAGE_FILES}
+    legacy = isinstance(record.get("training"), dict) and "n_train_positions" in record
+    return (
+        legacy
+        and {"cfg.json", "sae_weights.safetensors"} <= names
+        and names <= {*_LEGACY_SAE_FILES, *_STAGE_FILES}
+    )
+
+
+def _is_activation_cache(folder: Path) -> bool:
+    """An irmlens activation cache, complete (its manifest) or being written (its progress)."""
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            fmt = json.loads(manifest.read_text()).get("format", "")
+        except (OSError, ValueError, AttributeError):
+            fmt = ""
+        if isinstance(fmt, str) and fmt.startswith("irmlens-activations"):
+            return True
+    return (folder / "progress.json").is_file() and (folder / "tokens.safetensors").exists()
+
+
+def _enclosing_cache(path: Path) -> Path | None:
+    """The activation cache folder ``path`` (resolved) is, or lies in; None if none."""
+    for folder in (path, *path.parents):
+        if _is_activation_cache(folder):
+            return folder
+    return None
+
+
+def _refuse_overlap(path: Path, inputs: Iterable[str | Path], label: str) -> None:
+    """Refuse ``path`` that is, lies in or contains an input (or the cache an input lies in),
+    or lies in any activation cache."""
+    target = path.resolve()
+    cache = _enclosing_cache(target)
+    if cache is not None:
+        raise TrainingInputError(
+            f"{label} {path} {'is' if cache == target else 'lies in'} the activation cache "
+            f"{cache}: choose a folder outside it "
+            "(an SAE written there would replace or mix with the cached activations)"
+        )
+    protected = []
+    for p in inputs:
+        p = Path(p).resolve()
+        protected.append(p)
+        cache = _enclosing_cache(p)
+        if cache is not None:
+            protected.append(cache)
+    for p in protected:
+        if target == p or target.is_relative_to(p) or p.is_relative_to(target):
+            where = "is" if target == p else "lies in" if target.is_relative_to(p) else "contains"
+            raise TrainingInputError(
+                f"{label} {path} {where} the training input {p}: choose a folder apart from "
+                "the activations"
+            )
+
+
+def check_output_dir(
+    out_dir: str | Path, inputs: Iterable[str | Path] = (), label: str = "output folder"
+) -> None:
+    """Raise ``TrainingInputError`` unless ``save_sae`` may write ``out_dir``.
+
+    ``save_sae`` replaces ``out_dir`` as a whole, so it must be absent, an empty folder, or an SAE
+    folder irmlens wrote (``is_irmlens_sae_dir``: retraining replaces it). Refused: a file or
+    link; a non-empty folder of anything else; a path that is, lies in or contains one of ``inputs`` (files or
+    folders of the training data), or the activation cache one of them lies in; a path in any
+    irmlens activation cache. ``label`` names the folder in the message (``--out`` for the CLI).
+    """
+    given = Path(out_dir)
+    _refuse_overlap(given, inputs, label)
+    if given.is_symlink():
+        raise TrainingInputError(
+            f"{label} {given} is a symbolic link: give the folder itself, or a new folder"
+        )
+    # the folder the path names once its parents exist ('new/..' is the folder holding 'new'):
+    # what save_sae replaces, since it writes to the resolved path
+    out = given.resolve()
+    if out.exists() and not out.is_dir():
+        raise TrainingInputError(
+            f"{label} {out} exists and is not a folder: give a new or empty folder (it would be "
+            "replaced by the SAE folder)"
+        )
+    if out.is_dir() and any(out.iterdir()) and not is_irmlens_sae_dir(out):
+        raise TrainingInputError(
+            f"{label} {out} is a non-empty folder that is not an SAE folder irmlens wrote: give a "
+            "new or empty folder (writing the SAE replaces the whole folder)"
+        )
+
+
+def _check_checkpoint_dir(ckpt_dir: Path, inputs: Iterable[str | Path] = ()) -> None:
+    """Checkpoints go into a folder (made if absent) apart from the training data."""
+    _refuse_overlap(ckpt_dir, inputs, "checkpoint folder")
+    if os.path.lexists(ckpt_dir) and (ckpt_dir.is_symlink() or not ckpt_dir.is_dir()):
+        raise TrainingInputError(
+            f"checkpoint folder {ckpt_dir} exists and is not a folder: move it away"
+        )
+
+
+def _remove_checkpoints(ckpt_dir: Path) -> None:
+    """After the final save: remove the checkpoints this run wrote (the folders sae-lens names
+    by samples seen, and our origin record), and the folder if nothing else is in it. A folder
+    without our origin record is left alone (it is not ours)."""
+    import shutil
+
+    origin = ckpt_dir / CHECKPOINT_ORIGIN
+    if ckpt_dir.is_symlink() or not origin.is_file():
+        return
+    for p in ckpt_dir.iterdir():
+        if p.name.isdigit() and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+    origin.unlink(missing_ok=True)
+    try:
+        ckpt_dir.rmdir()
+    except OSError:  # something else is in it: not ours to remove
+        pass
+
+
+def _verify_sae_files(folder: Path, names: Iterable[str] | None = None) -> None:
+    """Check the files ``training.json``'s ``"sha256"`` lists (only ``names`` if given);
+    raise ``CorruptCacheError`` naming the first that is missing or differs."""
+    from irmlens.io import sha256_file
+
+    path = folder / TRAINING_RECORD
+    if not path.exists():
+        return
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        raise CorruptCacheError(
+            f"{path} is not readable JSON (damaged on disk?): delete {folder} and train the SAE "
+            "again (re-run the saes stage, or sae-train)"
+        ) from None
+    sums = record.get("sha256") if isinstance(record, dict) else None
+    if not isinstance(sums, dict):  # written before the checksums, or not by irmlens
+        return
+    wanted = None if names is None else set(names)
+    for name, digest in sums.items():
+        if wanted is not None and name not in wanted:
+            continue
+        f = folder / name
+        if not f.is_file():
+            raise CorruptCacheError(
+                f"{f} is missing (listed in {path}): delete {folder} and train the SAE again "
+                "(re-run the saes stage, or sae-train)"
+            )
+        if sha256_file(f) != digest:
+            raise CorruptCacheError(
+                f"{f} does not match its sha256 in {path}: the file changed after training "
+                f"(disk fault, partial copy or edit); delete {folder} and train the SAE again "
+                "(re-run the saes stage, or sae-train)"
+            )
+
+
 def save_sae(
     sae,
     out_dir: str | Path,
@@ -412,31 +618,57 @@ def save_sae(
     tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write the inference SAE (SAELens format) atomically, plus ``training.json`` and any extra
-    safetensors files (``{file name: tensors}``, e.g. the whitening it was trained in)."""
+    safetensors files (``{file name: tensors}``, e.g. the whitening it was trained in).
+
+    ``training.json`` holds ``extra``, ``"written_by": "irmlens sae_training"`` and ``"sha256"``:
+    the sha256 of every other file written (``load_sae`` checks them). ``out_dir`` must pass
+    ``check_output_dir`` (absent, empty or an SAE folder irmlens wrote): it is replaced whole.
+    """
     from safetensors.torch import save_file
 
-    from irmlens.io import atomic_dir
+    from irmlens.io import atomic_dir, sha256_file
 
-    with atomic_dir(out_dir) as tmp:
+    check_output_dir(out_dir)
+    with atomic_dir(Path(out_dir).resolve()) as tmp:  # the folder check_output_dir checked
+        tmp = Path(tmp)
         sae.save_inference_model(str(tmp))
-        if extra is not None:
-            (Path(tmp) / "training.json").write_text(json.dumps(extra, indent=2))
         for name, ts in (tensors or {}).items():
-            save_file(ts, str(Path(tmp) / name))
+            save_file(ts, str(tmp / name))
+        record = {
+            **(extra or {}),
+            "written_by": SAE_MARKER,
+            "sha256": {
+                p.name: sha256_file(p)
+                for p in sorted(tmp.iterdir())
+                if p.is_file() and p.name != TRAINING_RECORD
+            },
+        }
+        (tmp / TRAINING_RECORD).write_text(json.dumps(record, indent=2))
     return Path(out_dir)
 
 
 def load_whitening(path: str | Path) -> dict[str, torch.Tensor] | None:
-    """The whitening (mean, matrix, inverse_matrix) an SAE was trained in, or None."""
+    """The whitening (mean, matrix, inverse_matrix) an SAE was trained in, or None.
+
+    Checked against its sha256 in ``training.json`` when recorded (``CorruptCacheError``)."""
     from safetensors.torch import load_file
 
     f = Path(path) / WHITENING_FILENAME
-    return load_file(str(f)) if f.exists() else None
+    if not f.exists():
+        return None
+    _verify_sae_files(Path(path), [WHITENING_FILENAME])
+    return load_file(str(f))
 
 
 def load_sae(path: str | Path, device: str = "cpu"):
+    """The SAE in SAELens folder ``path`` (``sae_lens.SAE.load_from_disk``).
+
+    The files ``training.json`` records a sha256 for (folders ``save_sae`` wrote) are checked
+    first: a missing or changed file raises ``irmlens.errors.CorruptCacheError`` naming it and the
+    fix. A folder without checksums (irmlens before them, or any SAELens SAE) loads unchecked."""
     from sae_lens import SAE
 
+    _verify_sae_files(Path(path))
     return SAE.load_from_disk(str(path), device=device)
 
 

@@ -16,55 +16,110 @@ from pathlib import Path
 
 import torch
 
-from irmlens.errors import ModelPairError
+from irmlens.errors import ModelPairError, RemoteCodeError
+
+REMOTE_CODE_KEY = "model.trust_remote_code"
+_CODE_FILES = ("config.json", "tokenizer_config.json")
 
 
-def load_hf_model(model_dir: str | Path, device: str = "cpu"):
+def remote_code_entries(model_dir: str | Path) -> dict[str, dict]:
+    """The ``auto_map`` entries of a model folder's config files: the classes it wants loaded
+    from its own (or a hub repo's) Python files instead of transformers' built-in ones."""
+    found = {}
+    for name in _CODE_FILES:
+        f = Path(model_dir) / name
+        if f.exists():
+            try:
+                auto_map = json.loads(f.read_text(encoding="utf-8")).get("auto_map")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                continue  # not ours to judge here: transformers names a broken file itself
+            if auto_map:
+                found[name] = auto_map
+    return found
+
+
+def check_remote_code(model_dir: str | Path, trust_remote_code: bool, key: str = "model") -> None:
+    """Refuse a folder that would run its own Python code unless the config allows it."""
+    entries = remote_code_entries(model_dir)
+    if entries and not trust_remote_code:
+        detail = "; ".join(f"{name}: auto_map {sorted(m)}" for name, m in entries.items())
+        raise RemoteCodeError(
+            f"{key} folder {model_dir} asks to run its own Python code ({detail}). irmlens runs "
+            f"no code from a model folder unless you allow it: set {REMOTE_CODE_KEY} = true in "
+            "the config if you trust this folder, or use a folder without auto_map."
+        )
+
+
+def load_hf_model(model_dir: str | Path, device: str = "cpu", trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = Path(model_dir)
+    model_dir = Path(model_dir).resolve()
     if not (model_dir / "config.json").exists():
         raise ModelPairError(
             f"{model_dir} is not an HF model folder (no config.json). Give a folder written by "
             "`save_pretrained`, or run `irmlens pretrain` to build the embedded default."
         )
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    check_remote_code(model_dir, trust_remote_code)
+    hf = (
+        AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+        .to(device)
+        .eval()
+    )
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     return hf, tok
 
 
 @contextlib.contextmanager
-def _config_dir_for_transformer_lens(model_dir: Path):
-    """The folder TransformerLens should read ``config.json`` from. transformers 5 drops GPT-2's
-    ``n_ctx`` on save and TransformerLens's converter needs it: then a temporary folder holding a
-    patched copy of the config (TransformerLens takes the weights from the loaded HF model, so it
-    reads nothing else there). The user's folder is never written to."""
-    cfg = json.loads((model_dir / "config.json").read_text())
-    if cfg.get("model_type") != "gpt2" or "n_ctx" in cfg:
-        yield model_dir
-        return
-    with tempfile.TemporaryDirectory(prefix="irmlens-config-") as tmp:
-        folder = Path(tmp) / model_dir.name  # TransformerLens names the model after the folder
-        folder.mkdir()
+def _config_dir_for_transformer_lens(model_dir: Path, trust_remote_code: bool = False):
+    """The folder TransformerLens reads ``config.json`` from: always a temporary folder holding
+    only a copy of the config, named like the user's folder (TransformerLens names the model
+    after it). TransformerLens takes the weights from the HF model we loaded, so it needs
+    nothing else, and:
+
+    * it turns ``trust_remote_code`` on by itself for names that start like ``Qwen/Qwen-`` or
+      ``microsoft/phi-2`` (a relative path of a folder can), so it must never see the user's
+      folder, whose Python files would then run; the copy is absolute, holds no code and, unless
+      the user allowed remote code, no ``auto_map``;
+    * transformers 5 drops GPT-2's ``n_ctx`` on save and TransformerLens's converter needs it.
+
+    The user's folder is never written to."""
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if cfg.get("model_type") == "gpt2" and "n_ctx" not in cfg:
         cfg["n_ctx"] = cfg.get("n_positions", 1024)
+    if not trust_remote_code:
+        cfg.pop("auto_map", None)
+    with tempfile.TemporaryDirectory(prefix="irmlens-config-") as tmp:
+        folder = Path(tmp).resolve() / model_dir.name
+        folder.mkdir()
         (folder / "config.json").write_text(json.dumps(cfg))
         yield folder
 
 
-def load_hooked_model(model_dir: str | Path, device: str = "cpu", hf_model=None, tokenizer=None):
-    """A ``HookedTransformer`` with the weights of the HF folder ``model_dir``."""
+def load_hooked_model(
+    model_dir: str | Path,
+    device: str = "cpu",
+    hf_model=None,
+    tokenizer=None,
+    trust_remote_code: bool = False,
+):
+    """A ``HookedTransformer`` with the weights of the HF folder ``model_dir``. No Python file of
+    the folder runs unless ``trust_remote_code`` (``model.trust_remote_code`` in a config)."""
     from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import (
         get_pretrained_model_config,
         get_pretrained_state_dict,
     )
 
-    model_dir = Path(model_dir)
+    model_dir = Path(model_dir).resolve()
+    check_remote_code(model_dir, trust_remote_code)
     if hf_model is None or tokenizer is None:
-        hf_model, tokenizer = load_hf_model(model_dir, device)
-    with _config_dir_for_transformer_lens(model_dir) as config_dir:
-        cfg = get_pretrained_model_config(str(config_dir), device=device, dtype=torch.float32)
-        state = get_pretrained_state_dict(str(config_dir), cfg, hf_model=hf_model)
+        hf_model, tokenizer = load_hf_model(model_dir, device, trust_remote_code)
+    with _config_dir_for_transformer_lens(model_dir, trust_remote_code) as config_dir:
+        kw = {"trust_remote_code": trust_remote_code}
+        cfg = get_pretrained_model_config(str(config_dir), device=device, dtype=torch.float32, **kw)
+        state = get_pretrained_state_dict(str(config_dir), cfg, hf_model=hf_model, **kw)
     model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
     model.load_and_process_state_dict(
         state,

@@ -83,19 +83,31 @@ def ensure_smollm2(log=print) -> Path:
     return out
 
 
-def resolve_base_model(name: str, log=print, key: str = "model.base") -> Path:
-    """A local HF folder for ``model.base`` (everything but ``"tiny"``), or another model key."""
+def resolve_base_model(
+    name: str, log=print, key: str = "model.base", trust_remote_code: bool = False
+) -> Path:
+    """The absolute HF folder for ``model.base`` (everything but ``"tiny"``), or another model key.
+
+    A local folder wins over a hub name of the same spelling and is made absolute before any
+    library sees it (libraries read names like ``Qwen/Qwen-...`` as hub names and change their
+    behaviour for them). A folder that would run its own code is refused unless
+    ``trust_remote_code``."""
+    from irmlens.models.hooked import check_remote_code
+
     if name == "smollm2":
         return ensure_smollm2(log)
     path = Path(name).expanduser()
     if (path / "config.json").exists():
-        return path
-    if path.exists() or name.startswith((".", "/", "~")):
+        path = path.resolve()
+    elif path.exists() or name.startswith((".", "/", "~")):
         raise ConfigError(
             f"{key} = {name!r} is not an HF model folder (no config.json). Use 'tiny', "
             "'smollm2', a folder written by save_pretrained, or a hub name when online."
         )
-    return _from_hub(name, key)
+    else:
+        path = _from_hub(name, key)
+    check_remote_code(path, trust_remote_code, key)
+    return path
 
 
 def _from_hub(name: str, key: str = "model.base") -> Path:

@@ -15,7 +15,7 @@ SCHEMA_VERSION = 2
 def _model_info(model_dir: Path, name: str) -> dict:
     from transformers import AutoConfig
 
-    c = AutoConfig.from_pretrained(model_dir)
+    c = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     return {
         "name": name,
         "path": str(model_dir),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 
 
@@ -21,36 +22,54 @@ def md_text(text: str) -> str:
     return "".join("\\" + c if c in "\\`*_[]|#~" else c for c in text)
 
 
+def md_code(text: str, cell: bool = False) -> str:
+    """Text as a literal Markdown code span (HTML and emphasis are not read inside one): the fence
+    is longer than any run of backticks in the text, and in a table ``cell`` a ``|`` is escaped
+    (GFM splits cells before it reads code spans)."""
+    text = str(text).replace("\n", " ").replace("\r", " ")
+    if cell:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _ci(ci) -> str:
     return "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def to_markdown(report: dict) -> str:
     """The study in one page of Markdown: set-up, verdict, IRM against references and controls,
-    feature spaces, divergent features and words."""
+    feature spaces, divergent features and words.
+
+    Every string that comes from the config or the run (run name, model names and paths, RLHF
+    algorithm, the reward model / lexicon name, feature-space and control names) goes through
+    ``md_text`` (or ``md_code``), so a name like ``<script>`` stays literal text."""
     from irmlens.report.build import _verdict, tau_bars
 
     irm, m, r = report["irm"], report["models"], report["rlhf"]
-    lines = [f"# irmlens: {report['name']}", ""]
+    lines = [f"# irmlens: {md_text(report['name'])}", ""]
     lines += [
-        f"- **Base model**: {m['base']['name']} ({m['base']['n_layers']} layers, d_model "
+        f"- **Base model**: {md_text(m['base']['name'])} ({m['base']['n_layers']} layers, d_model "
         f"{m['base']['d_model']})",
-        f"- **RLHF model**: {m['rlhf']['name']}",
+        f"- **RLHF model**: {md_text(m['rlhf']['name'])}",
     ]
     if "null" in m:
-        lines.append(f"- **Null model**: {m['null']['name']}")
+        lines.append(f"- **Null model**: {md_text(m['null']['name'])}")
     if r:
         lines.append(
-            f"- **RLHF**: {r['algorithm']}, {r['steps']} steps against {r['trained_against']}; "
+            f"- **RLHF**: {md_text(r['algorithm'])}, {r['steps']} steps against "
+            f"{md_text(r['trained_against'])}; "
             f"mean reward {r['reward_before']:.3f} → {r['reward_after']:.3f}, KL {r['kl']:.2f} "
             "nats/completion"
         )
     lines += [
-        f"- **IRM**: layer {irm['layer']}, feature space `{irm['space']}` ({irm['space_selection']});"
+        f"- **IRM**: layer {irm['layer']}, feature space {md_code(irm['space'])} "
+        f"({md_text(irm['space_selection'])});"
         f" {irm['n_fit_words']} fit / {irm['n_heldout_words']} held-out words (split seed "
         f"{irm['split_seed']})",
         "",
-        f"**Verdict**: {_verdict(irm, report['controls'])}",
+        f"**Verdict**: {md_text(_verdict(irm, report['controls']))}",
         "",
         "## Held-out Kendall τ",
         "",
@@ -58,7 +77,9 @@ def to_markdown(report: dict) -> str:
         "|---|---|---|",
     ]
     for b in tau_bars(report):
-        lines.append(f"| {b['name']} | {b['kind']} | {b['tau']:.3f}{_ci(b.get('ci'))} |")
+        lines.append(
+            f"| {md_text(b['name'])} | {md_text(b['kind'])} | {b['tau']:.3f}{_ci(b.get('ci'))} |"
+        )
     lines += [
         "",
         f"Signal retention (IRM τ / raw-difference τ): {_f(irm['signal_retention'], '.2f')}; "
@@ -71,7 +92,7 @@ def to_markdown(report: dict) -> str:
         if "difference_ci" in c:
             lo, hi = c["difference_ci"]
             lines.append(
-                f"- {name.replace('_', ' ')}: [{lo:.3f}, {hi:.3f}]"
+                f"- {md_text(name.replace('_', ' '))}: [{lo:.3f}, {hi:.3f}]"
                 + (" (excludes 0)" if lo > 0 or hi < 0 else " (includes 0)")
             )
     lines += [
@@ -83,7 +104,7 @@ def to_markdown(report: dict) -> str:
     ]
     for sp in irm["spaces"]:
         lines.append(
-            f"| `{sp['name']}` | {sp['n_features']} | {sp['heldout_kendall_tau']:.3f}"
+            f"| {md_code(sp['name'], cell=True)} | {sp['n_features']} | {sp['heldout_kendall_tau']:.3f}"
             f"{_ci(sp['heldout_kendall_tau_ci'])} | {sp['cv_r2']:.4f} | "
             f"{_f(sp['signal_retention'], '.2f')} |"
         )

@@ -154,7 +154,9 @@ def _train_grpo_or_rloo(
     resumed_from = int(Path(last).name.split("-")[-1]) if last is not None else 0
     _truncate_metrics(metrics_path, resumed_from)
     trainer = Trainer(
-        model=AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+        model=AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=torch.float32, trust_remote_code=False
+        ),
         reward_funcs=reward_fn,
         args=Config(**args),
         train_dataset=Dataset.from_dict({"prompt": prompts}),
@@ -189,7 +191,7 @@ def _train_ppo(
     cfg, base_dir, tok, rm_train, recorder, prompts, ckpt_dir, metrics_path, extra_callbacks
 ):
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     from irmlens.rlhf.ppo import LexiconRewardAdapter, fixed_length_prompts
@@ -207,10 +209,18 @@ def _train_ppo(
     policy = None
     while done < cfg.steps:
         seg = min(cfg.checkpoint_every, cfg.steps - done)
-        policy = AutoModelForCausalLM.from_pretrained(policy_src, dtype=torch.float32)
-        ref = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        policy = AutoModelForCausalLM.from_pretrained(
+            policy_src, dtype=torch.float32, trust_remote_code=False
+        )
+        ref = AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=torch.float32, trust_remote_code=False
+        )
+        # Seed every global RNG (python, numpy, torch) per segment: from_pretrained initialises
+        # the value head from torch's, and trl's PPO draws its minibatch order from numpy's,
+        # which it never seeds. Unseeded, every run gave another RLHF model.
+        set_seed(cfg.seed + done)
         value = AutoModelForSequenceClassification.from_pretrained(
-            value_src, num_labels=1, dtype=torch.float32
+            value_src, num_labels=1, dtype=torch.float32, trust_remote_code=False
         )
         value.config.pad_token_id = tok.pad_token_id
         args = PPOConfig(
@@ -266,7 +276,9 @@ def _train_ppo(
                 shutil.rmtree(old, ignore_errors=True)
         policy_src, value_src = last / "policy", last / "value"
     if policy is None:  # every step was already checkpointed
-        policy = AutoModelForCausalLM.from_pretrained(policy_src, dtype=torch.float32)
+        policy = AutoModelForCausalLM.from_pretrained(
+            policy_src, dtype=torch.float32, trust_remote_code=False
+        )
     return policy, resumed_from
 
 
@@ -292,11 +304,13 @@ def run_rlhf(
     ckpt_dir = rlhf_dir / "checkpoints"
     rm_train = training_reward_model(reward_model, cfg.reward, cfg.seed)
 
-    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, trust_remote_code=False
+    ).eval()
 
     t0 = time.time()
     before = sample_completions(base, tok, eval_prompts, cfg.max_completion_length, seed=cfg.seed)

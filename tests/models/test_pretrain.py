@@ -27,7 +27,6 @@ def test_short_pretraining_beats_uniform_and_saves_an_hf_folder(assets, tmp_path
         n_ctx=32,
         batch_size=16,
         max_steps=60,
-        time_budget_s=30,
         warmup_steps=5,
     )
     m = pretrain_tiny_lm(cfg, s.train[:100], s.validation, tmp_path / "lm")

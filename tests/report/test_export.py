@@ -1,6 +1,6 @@
 """irmlens.report.export: exported text that model and lexicon words cannot break."""
 
-from irmlens.report.export import md_text
+from irmlens.report.export import md_code, md_text, to_markdown
 
 
 def test_markdown_cells_keep_words_literal():
@@ -28,3 +28,93 @@ def test_a_non_finite_number_is_blamed_on_the_stage_it_came_from():
     with pytest.raises(ValueError, match=r"report\.saes\[0\]\.mse is inf: an SAE's training"):
         _check_finite({"saes": [{"mse": float("inf")}]})
     _check_finite({"irm": {"tau": 0.3}, "note": None})  # finite: passes
+
+
+HOSTILE = "<script>alert(1)</script>"
+
+
+def _report(name: str, lexicon: str, model: str) -> dict:
+    """A report.json-shaped dict with just the keys to_markdown reads."""
+    tau = {"heldout_kendall_tau": 0.4, "heldout_kendall_tau_ci": [0.3, 0.5]}
+    return {
+        "schema_version": 2,
+        "name": name,
+        "models": {
+            "base": {"name": model, "path": model, "n_layers": 2, "d_model": 64},
+            "rlhf": {"name": f"{model} + ppo", "path": model},
+            "null": {"name": f"{model} + ppo against the zero reward", "path": model},
+        },
+        "reward_model": {"name": lexicon, "formula": "clip(sum of word utilities / 5, -10, 10)"},
+        "rlhf": {
+            "algorithm": "ppo",
+            "steps": 10,
+            "trained_against": lexicon,
+            "reward_before": 0.1,
+            "reward_after": 0.5,
+            "kl": 1.2,
+        },
+        "irm": {
+            **tau,
+            "layer": 1,
+            "space": "sae_codes",
+            "space_selection": "best CV R² on the fit words",
+            "n_fit_words": 70,
+            "n_heldout_words": 30,
+            "split_seed": 0,
+            "signal_retention": 0.9,
+            "sparse": {"k": 32, "signal_retention": 0.8, **tau},
+            "reference": {"raw_difference": tau},
+            "spaces": [
+                {"name": "sae_codes", "n_features": 256, "cv_r2": 0.5, "signal_retention": 0.9}
+                | {"heldout_kendall_tau": 0.4, "heldout_kendall_tau_ci": [0.3, 0.5]}
+            ],
+        },
+        "controls": {
+            "shuffled_targets": {"heldout_kendall_tau": 0.0, "heldout_kendall_tau_std": 0.05},
+            "random_sae": {"heldout_kendall_tau": 0.1, "difference_ci": [0.2, 0.4]},
+        },
+        "paper_estimator": {"kendall_tau": 0.35},
+        "feature_divergence": {
+            "layer": 1,
+            "threshold": 0.5,
+            "n_features": 256,
+            "n_divergent": 3,
+            "n_divergent_null": 1,
+        },
+        "feature_matching": {
+            "width": 256,
+            "threshold": 0.7,
+            "n_shared": 200,
+            "n_base_only": 30,
+            "n_rlhf_only": 26,
+        },
+        "divergent_features": [
+            {
+                "feature": 7,
+                "divergence": 0.9,
+                "frequency_base": 0.01,
+                "frequency_rlhf": 0.2,
+                "top_words_increase": ["<3", HOSTILE],
+            }
+        ],
+        "divergent_words": [{"word": HOSTILE, "true": 2.0, "irm": 0.5, "divergence": 1.5}],
+    }
+
+
+def test_markdown_summary_escapes_config_strings():
+    md = to_markdown(_report(HOSTILE, f"lex{HOSTILE}", f"/models/{HOSTILE}|`x`"))
+    assert "<script" not in md.lower() and "<3" not in md
+    assert md.startswith("# irmlens: &lt;script&gt;alert(1)&lt;/script&gt;\n")
+    assert "against lex&lt;script&gt;" in md and "**Base model**: /models/&lt;script&gt;" in md
+    assert "\\|\\`x\\`" in md  # a model path cannot split a line or open a code span
+    assert "feature space `sae_codes`" in md and "| `sae_codes` | 256 |" in md
+    # an ordinary run renders as before
+    plain = to_markdown(_report("demo", "vader", "tiny"))
+    assert plain.startswith("# irmlens: demo\n") and "steps against vader;" in plain
+
+
+def test_code_spans_stay_literal():
+    assert md_code("sae_codes") == "`sae_codes`"
+    assert md_code("a`b") == "``a`b``"
+    assert md_code("`x`") == "`` `x` ``"
+    assert md_code("a|b", cell=True) == "`a\\|b`" and md_code("a|b") == "`a|b`"
