@@ -17,3 +17,15 @@ def test_rlhf_overrides_are_recorded_and_a_mismatch_is_refused(tmp_path, capsys)
     assert rc == 2
     assert "different config" in capsys.readouterr().err
     assert (run / "config.toml").read_text() == 'name = "another study"\n'  # left as it was
+
+
+def test_a_lexicon_foreign_to_the_corpus_is_refused_before_any_work(assets, tmp_path, capsys):
+    """Such a lexicon ran every stage and then crashed, advising to cache more held-out text."""
+    lexicon = tmp_path / "foreign.tsv"
+    lexicon.write_text("".join(f"zqxw{i}\t{i - 6}\n" for i in range(12)))
+    cfg = tmp_path / "foreign.toml"
+    cfg.write_text(f'name = "foreign"\n[data]\nlexicon = "{lexicon}"\n')
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "only 0 distinct word(s) of lexicon" in err and "Fix:" in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".irmlens.lock", "config.toml"]

@@ -166,3 +166,69 @@ def test_diff_and_irm_commands_on_a_finished_run(micro_run, capsys, tmp_path):
     assert "paired dictionaries" in capsys.readouterr().out
     assert main(["irm", str(tmp_path)]) == 2
     assert "not an irmlens run folder" in capsys.readouterr().err
+
+
+def _irm_files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run / "irm").iterdir())}
+
+
+def test_interrupted_irm_force_leaves_the_previous_results_usable(micro_run, tmp_path, monkeypatch):
+    """Issue 18, defect 4: `irm --force` deleted the results first, so an interruption left a run
+    that `irmlens report` refused. Two kills: while computing, and after the derived outputs were
+    invalidated but before the new IRM was swapped in."""
+    import shutil
+
+    import irmlens.irm.fit
+    import irmlens.pipeline
+
+    run = tmp_path / "copy"
+    shutil.copytree(micro_run, run)
+    before = _irm_files(run)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # late in the computation: everything but the ranking done
+        m.setattr(irmlens.irm.fit, "top_irm_features", killed)
+        with pytest.raises(KeyboardInterrupt):
+            main(["irm", str(run), "--force"])
+    assert _irm_files(run) == before
+    assert (run / "diff/cards.json").exists() and (run / "report/report.json").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".irm.")]  # no temp folder left
+
+    invalidate = irmlens.pipeline.invalidate
+
+    def invalidate_then_killed(*args, **kwargs):
+        invalidate(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(irmlens.pipeline, "invalidate", invalidate_then_killed)
+        with pytest.raises(KeyboardInterrupt):
+            main(["irm", str(run), "--force"])
+    assert _irm_files(run) == before  # the old IRM, whole; its cards and report are gone
+    assert not (run / "diff/cards.json").exists() and not (run / "report").exists()
+    assert main(["report", str(run)]) == 0  # rebuilds the cards, then the report
+    assert (run / "report/report.json").exists()
+
+
+def test_irm_force_replaces_the_results_and_invalidates_cards_and_report(
+    micro_run, tmp_path, capsys
+):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(micro_run, run)
+    metrics = json.loads((run / "irm/metrics.json").read_text())
+    stamp = (run / "irm/metrics.json").stat().st_mtime_ns
+    assert main(["irm", str(run), "--force"]) == 0
+    assert "the report was removed" in capsys.readouterr().out
+    assert (run / "irm/metrics.json").stat().st_mtime_ns != stamp  # recomputed ...
+    new = json.loads((run / "irm/metrics.json").read_text())
+    assert new["heldout_kendall_tau"] == metrics["heldout_kendall_tau"]  # ... deterministically
+    assert not (run / "diff/cards.json").exists() and not (run / "report").exists()
+    assert main(["report", str(run)]) == 0
+    assert (
+        json.loads((run / "report/report.json").read_text())["irm"]["heldout_kendall_tau"]
+        == (new["heldout_kendall_tau"])
+    )
