@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from pathlib import Path
 @dataclass
 class FinishedRun:
     cfg: object  # StudyConfig
-    paths: object  # irmlens.pipeline.RunPaths
+    paths: object  # irmlens.run.RunPaths
     layers: list[int]  # the studied layers, ascending
     targets: object  # irmlens.irm.fit.PositionTargets of the cached text
     split: object  # the run's own fit / held-out word split (irm.seed)
@@ -20,14 +19,15 @@ def load_finished_run(run_dir: Path) -> FinishedRun:
     """The run's config, studied layers, word targets (true utilities) and word split."""
     from irmlens.cache.store import load_token_rows
     from irmlens.config import load_config
-    from irmlens.data.assets import fetch_assets
     from irmlens.irm.fit import position_targets, split_words
-    from irmlens.pipeline import RunPaths, load_reward_model
+    from irmlens.run import RunPaths
+    from irmlens.stages.context import StudyContext
 
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_config(RunPaths(run_dir).config)
     paths = RunPaths(run_dir)
-    rm = load_reward_model(cfg, fetch_assets().lexicon)
-    layers = sorted(json.loads((paths.root / "diff" / "layers.json").read_text())["studied_layers"])
+    ctx = StudyContext(cfg, paths)
+    rm = ctx.rm
+    layers = sorted(ctx.studied_layers)
     rows = load_token_rows(paths.cache)
     targets = position_targets(rows.word_id[rows.valid], rows.words, rm.word_utility)
     return FinishedRun(cfg, paths, layers, targets, split_words(targets, cfg.irm))

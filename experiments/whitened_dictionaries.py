@@ -28,8 +28,8 @@ def main() -> None:
     from irmlens.cache.store import hook_name, load_activations, load_manifest
     from irmlens.irm.fit import sparse_irm, word_split
     from irmlens.irm.metrics import bootstrap_tau_ci, kendall_tau
-    from irmlens.pipeline import _random_sae
     from sae_training.train import encode_batched, load_sae, load_whitening, train_sae
+    from sae_training.train import random_sae as _random_sae
 
     p = argparse.ArgumentParser()
     p.add_argument("run", type=Path)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from irmlens.errors import ConfigError, IrmlensError
+from irmlens.run import RunPaths
 
 
 def offline_env() -> None:
@@ -38,15 +39,15 @@ def cmd_data_fetch(args) -> int:
 def cmd_pretrain(args) -> int:
     from irmlens.config import StudyConfig, load_config
     from irmlens.data.assets import require_assets
-    from irmlens.pipeline import ensure_base_model, load_splits
+    from irmlens.models.pretrain import load_pretrain_metrics
+    from irmlens.stages.context import StudyContext
+    from irmlens.stages.models import ensure_base_model
 
     cfg = load_config(args.config) if args.config else StudyConfig()
-    assets = require_assets()
-    splits = load_splits(cfg, assets.reviews)
+    require_assets()
     cfg.model.base = "tiny"
-    out = ensure_base_model(cfg, splits, assets.reviews)
-    from irmlens.models.pretrain import load_pretrain_metrics
-
+    ctx = StudyContext(cfg, RunPaths(Path("runs") / cfg.name))  # reads no run folder
+    out = ensure_base_model(cfg, ctx.splits, ctx.assets.reviews)
     m = load_pretrain_metrics(out)
     print(f"model: {out}\nvalidation perplexity: {m['validation_perplexity']:.1f}")
     for s in m["samples"]:
@@ -58,18 +59,15 @@ def cmd_rlhf(args) -> int:
     import dataclasses
 
     from irmlens.config import load_config
-    from irmlens.data.assets import require_assets
-    from irmlens.pipeline import (
-        check_lexicon_fits_corpus,
-        claim_run_dir,
-        ensure_base_model,
-        load_reward_model,
-        load_splits,
-        stage_rlhf,
-    )
-    from irmlens.run import RunPaths, run_lock
+    from irmlens.pipeline import run_study
+    from irmlens.stages.rlhf import summary
 
     cfg = load_config(args.config)
+    if cfg.model.rlhf:
+        raise ConfigError(
+            f"model.rlhf = {cfg.model.rlhf!r} is given: there is no RLHF stage to run. Leave "
+            "model.rlhf empty to let irmlens train the RLHF model."
+        )
     overrides = {
         k: v
         for k, v in (("algorithm", args.algorithm), ("reward", args.reward), ("steps", args.steps))
@@ -81,20 +79,12 @@ def cmd_rlhf(args) -> int:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     out = _run_dir(args, cfg)
-    paths = RunPaths(out)
-    with run_lock(out):
-        # the run folder records the config its RLHF model was trained with (overrides
-        # included), so a later `irmlens run` or `irmlens rlhf` with other settings is refused,
-        # not silently mixed in
-        claim_run_dir(paths, cfg)
-        assets = require_assets()
-        splits = load_splits(cfg, assets.reviews)
-        rm = load_reward_model(cfg, assets.lexicon)
-        check_lexicon_fits_corpus(rm, splits)
-        base = ensure_base_model(cfg, splits, assets.reviews)
-        s = stage_rlhf(cfg, paths, base, rm, splits)
+    # the run folder records the config its RLHF model was trained with (overrides included), so
+    # a later `irmlens run` or `irmlens rlhf` with other settings is refused, not silently mixed in
+    model = run_study(cfg, out, stop_after="rlhf")
+    s = summary(RunPaths(out))
     print(
-        f"RLHF model: {RunPaths(out).rlhf_model}\n{s['algorithm']} against {s['trained_against']}: "
+        f"RLHF model: {model}\n{s['algorithm']} against {s['trained_against']}: "
         f"reward ({s['reward_model']}) {s['reward_before']:.3f} -> {s['reward_after']:.3f}, "
         f"KL {s['kl']:.2f} nats per completion"
     )
@@ -136,14 +126,14 @@ def _rerun_stage(args, stage: str) -> Path:
     from irmlens.pipeline import run_study
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.toml").exists():
+    if not (RunPaths(run_dir).config).exists():
         raise ConfigError(
             f"{run_dir} is not an irmlens run folder (no config.toml); run "
             "`irmlens run CONFIG --out DIR` first"
         )
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_config(RunPaths(run_dir).config)
     out = run_study(cfg, run_dir, stop_after=stage, force=(stage,) if args.force else ())
-    if args.force and not (run_dir / "report" / "report.json").exists():
+    if args.force and not (RunPaths(run_dir).report_json).exists():
         print(f"(the report was removed: rebuild it with `irmlens report {run_dir}`)")
     return out
 
@@ -183,12 +173,12 @@ def cmd_irm(args) -> int:
 
 def cmd_report(args) -> int:
     from irmlens.config import load_config
-    from irmlens.pipeline import read_model_dirs
     from irmlens.report.build import FORMATS, collect_report, write_report
+    from irmlens.run import read_model_dirs
 
     run_dir = Path(args.run_dir)
-    dirs_file = run_dir / "models" / "dirs.json"
-    if not (run_dir / "irm" / "metrics.json").exists() or not dirs_file.exists():
+    dirs_file = RunPaths(run_dir).model_dirs
+    if not (RunPaths(run_dir).irm_metrics).exists() or not dirs_file.exists():
         raise ConfigError(
             f"{run_dir} is not a finished irmlens run (no irm/metrics.json or models/dirs.json); "
             f"run `irmlens run CONFIG --out {run_dir}` first"
@@ -197,11 +187,11 @@ def cmd_report(args) -> int:
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ConfigError(f"unknown --format {unknown}; choose from {','.join(FORMATS)}")
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_config(RunPaths(run_dir).config)
     from irmlens.run import run_lock
 
     with run_lock(run_dir):
-        if not (run_dir / "diff" / "cards.json").exists():  # e.g. after `irmlens irm --force`
+        if not (RunPaths(run_dir).cards).exists():  # e.g. after `irmlens irm --force`
             from irmlens.pipeline import run_study
 
             run_study(cfg, run_dir, stop_after="cards")
@@ -210,11 +200,13 @@ def cmd_report(args) -> int:
     names = {"html": "index.html", "json": "report.json", "md": "summary.md"}
     for f in formats:
         for name in ["features.csv", "words.csv"] if f == "csv" else [names[f]]:
-            print((run_dir / "report" / name).resolve())
+            print((RunPaths(run_dir).report / name).resolve())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from irmlens.rlhf.train import ALGORITHMS, REWARDS
+
     p = argparse.ArgumentParser(prog="irmlens", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="offline assets").add_subparsers(
@@ -229,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     rl = sub.add_parser("rlhf", help="run the RLHF stage of a config")
     rl.add_argument("config")
     rl.add_argument("--out", help="run folder (default runs/<name>)")
-    rl.add_argument("--algorithm", choices=["ppo", "grpo", "rloo"], help="override rlhf.algorithm")
+    rl.add_argument("--algorithm", choices=ALGORITHMS, help="override rlhf.algorithm")
     rl.add_argument(
         "--reward",
-        choices=["lexicon", "shuffled", "zero"],
+        choices=REWARDS,
         help="override rlhf.reward (null-pair controls)",
     )
     rl.add_argument("--steps", type=int, help="override rlhf.steps")
@@ -247,7 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         c = sub.add_parser(name, help=help_)
         c.add_argument("run_dir", help="a run folder written by `irmlens run`")
-        c.add_argument("--force", action="store_true", help="recompute even if outputs exist")
+        c.add_argument(
+            "--force",
+            action="store_true",
+            help="recompute even if outputs exist (the previous results stay until the new ones "
+            "replace them; the cards and report derived from them are removed)",
+        )
         c.set_defaults(func=func)
     rep = sub.add_parser("report", help="write a finished run's report in the given formats")
     rep.add_argument("run_dir", help="a run folder written by `irmlens run`")

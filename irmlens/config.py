@@ -154,6 +154,30 @@ class StudyConfig:
     diff: DiffConfig = field(default_factory=DiffConfig)
     irm: IRMConfig = field(default_factory=IRMConfig)
 
+    def __post_init__(self) -> None:
+        """The rules that need more than one section, checked at load so that a config which
+        cannot finish fails before hours of compute, naming the key and the fix."""
+        space, top_k = self.irm.space, self.layers.top_k
+        if top_k < 1:
+            raise ValueError(f"layers.top_k = {top_k}: study at least one layer (1 or more)")
+        if self.model.base == "tiny" and top_k > self.pretrain.n_layer:
+            raise ValueError(
+                f"layers.top_k = {top_k} but the tiny model has pretrain.n_layer = "
+                f"{self.pretrain.n_layer} layers: lower layers.top_k"
+            )
+        if space != "auto":
+            from irmlens.irm.spaces import SPACES
+
+            problem = SPACES[space].unmet(self)
+            if problem:
+                raise ValueError(f"irm.space = {space!r} {problem}, or choose another irm.space")
+        if "resid_post" not in self.cache.hook_kinds:
+            raise ValueError(
+                f"cache.hook_kinds = {self.cache.hook_kinds}: the SAE, diff and IRM stages read "
+                "the residual stream, so it must include 'resid_post' (add 'mlp_out' beside it "
+                "to cache MLP outputs too, e.g. ['resid_post', 'mlp_out'])"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

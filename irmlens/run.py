@@ -90,6 +90,105 @@ class RunPaths:
     def sae_dir(self, model: str, hook: str, width: int) -> Path:
         return self.saes / model / hook / str(width)
 
+    @property
+    def model_dirs(self) -> Path:
+        return self.root / "models" / "dirs.json"
+
+    @property
+    def rlhf_summary(self) -> Path:
+        return self.rlhf / "summary.json"
+
+    @property
+    def null_summary(self) -> Path:
+        return self.null_rlhf / "summary.json"
+
+    @property
+    def rlhf_metrics(self) -> Path:
+        return self.rlhf / "metrics.jsonl"
+
+    @property
+    def layers_json(self) -> Path:
+        return self.diff / "layers.json"
+
+    @property
+    def features_json(self) -> Path:
+        return self.diff / "features.json"
+
+    @property
+    def mmcs(self) -> Path:
+        return self.saes / "mmcs.json"
+
+    @property
+    def irm_metrics(self) -> Path:
+        return self.irm / "metrics.json"
+
+    @property
+    def irm_coefficients(self) -> Path:
+        return self.irm / "coefficients.safetensors"
+
+    @property
+    def word_attribution(self) -> Path:
+        return self.irm / "word_attribution.json"
+
+    @property
+    def word_utilities(self) -> Path:
+        return self.irm / "word_utilities.csv"
+
+    @property
+    def report_json(self) -> Path:
+        return self.report / "report.json"
+
+
+def write_model_dirs(run_dir: Path, dirs: dict[str, Path]) -> None:
+    """``models/dirs.json``: where each model of the pair is. Folders inside the run folder are
+    stored relative to it and others absolute, so the run can be moved and read from any
+    working directory (``irmlens report`` reloads the models)."""
+    root = Path(run_dir).resolve()
+    out = {}
+    for name, d in dirs.items():
+        d = Path(d).resolve()
+        out[name] = str(d.relative_to(root)) if d.is_relative_to(root) else str(d)
+    from irmlens.io import atomic_write_json
+
+    atomic_write_json(Path(run_dir) / "models" / "dirs.json", out)
+
+
+def read_model_dirs(run_dir: Path) -> dict[str, Path]:
+    """The model folders ``write_model_dirs`` recorded, as paths usable from here."""
+
+    def resolve(d: str) -> Path:
+        if Path(d).is_absolute():
+            return Path(d)
+        inside = Path(run_dir) / d
+        # runs written before 2026-11-27 stored paths relative to the working directory
+        return inside if inside.exists() or not Path(d).exists() else Path(d)
+
+    from irmlens.io import read_json
+
+    return {
+        name: resolve(d) for name, d in read_json(Path(run_dir) / "models" / "dirs.json").items()
+    }
+
+
+def claim_run_dir(paths: RunPaths, cfg) -> None:
+    """Record ``cfg`` as the run folder's config, refusing a folder that holds a different study.
+    The comparison is on the resolved config text, so a run written by an irmlens with other
+    settings or defaults is refused too: its outputs may come from another recipe (base model,
+    null pair, dictionaries)."""
+    from irmlens.config import dump_config
+    from irmlens.errors import ConfigError
+    from irmlens.io import atomic_write_text
+
+    cfg_text = dump_config(cfg)
+    if paths.config.exists() and paths.config.read_text(encoding="utf-8") != cfg_text:
+        raise ConfigError(
+            f"{paths.root} already holds a run with a different config ({paths.config}), or one "
+            "written by another irmlens version. Choose another --out folder, or delete that one "
+            "to start over."
+        )
+    paths.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths.config, cfg_text)
+
 
 # folders this process holds the lock of, with how many nested holders (``irmlens report`` runs
 # the cards stage through run_study, which takes the same lock again)

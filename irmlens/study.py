@@ -11,6 +11,7 @@ from pathlib import Path
 
 from irmlens.errors import IrmlensError
 from irmlens.io import read_json
+from irmlens.run import RunPaths
 
 
 @dataclass
@@ -21,7 +22,7 @@ class Study:
     @classmethod
     def load(cls, run_dir: str | Path) -> Study:
         run_dir = Path(run_dir)
-        path = run_dir / "report" / "report.json"
+        path = RunPaths(run_dir).report_json
         if not path.exists():
             raise IrmlensError(
                 f"{run_dir} has no report/report.json: finish the run first "
@@ -47,13 +48,13 @@ class Study:
         return df.sort_values("divergence", ascending=False).reset_index(drop=True)
 
     def _features_table(self, layer: int) -> Path:
-        return self.run_dir / "diff" / f"features_layer{layer}.csv"
+        return RunPaths(self.run_dir).features_table(layer)
 
     def diff_layers(self) -> list[int]:
         """Layers with a feature-divergence table (every studied layer)."""
         return sorted(
             int(p.stem.removeprefix("features_layer"))
-            for p in (self.run_dir / "diff").glob("features_layer*.csv")
+            for p in RunPaths(self.run_dir).diff.glob("features_layer*.csv")
         )
 
     def features_of_layer(self, layer: int):
@@ -81,7 +82,7 @@ class Study:
         import pandas as pd
 
         rows = []
-        for w in read_json(self.run_dir / "irm" / "word_attribution.json"):
+        for w in read_json(RunPaths(self.run_dir).word_attribution):
             for rank, f in enumerate(w["top_features"]):
                 rows.append(
                     {
@@ -111,29 +112,17 @@ class Study:
 
     @property
     def controls(self):
-        """The main IRM, its references and its controls, one row each."""
+        """The main IRM, its references and its controls, one row each
+        (``irmlens.report.summary.result_rows``, with each row's scores from report.json)."""
         import pandas as pd
 
-        irm = self.report["irm"]
-        rows = [
-            {
-                "name": f"IRM ({irm['space']})",
-                "kind": "main",
-                "heldout_kendall_tau": irm["heldout_kendall_tau"],
-            }
-        ]
-        for name, r in irm["reference"].items():
-            rows.append({"name": name, "kind": "reference", **_scalars(r)})
-        for name, r in self.report["controls"].items():
-            rows.append({"name": name, "kind": "control", **_scalars(r)})
-        rows.append(
-            {
-                "name": "paper_estimator",
-                "kind": "reproduction",
-                "heldout_kendall_tau": self.report["paper_estimator"]["kendall_tau"],
-            }
+        from irmlens.report.summary import result_rows
+
+        irm, controls = self.report["irm"], self.report["controls"]
+        scores = irm["reference"] | controls
+        return pd.DataFrame(
+            [r | _scalars(scores.get(r["name"], {})) for r in result_rows(self.report)]
         )
-        return pd.DataFrame(rows)
 
     @property
     def metrics(self) -> dict:
@@ -155,7 +144,7 @@ class Study:
     def irm_coefficients(self):
         from safetensors.torch import load_file
 
-        return load_file(str(self.run_dir / "irm" / "coefficients.safetensors"))["coef"]
+        return load_file(str(RunPaths(self.run_dir).irm_coefficients))["coef"]
 
     def sae(self, model: str = "shared", layer: int | None = None, width: int | None = None):
         """A saved SAE (sae-lens ``SAE``); defaults: the IRM's layer and width."""
@@ -165,7 +154,7 @@ class Study:
         layer = irm["layer"] if layer is None else layer
         width = irm["sae"]["width"] if width is None else width
         return load_sae(
-            self.run_dir / "saes" / model / f"blocks.{layer}.hook_resid_post" / str(width)
+            RunPaths(self.run_dir).sae_dir(model, f"blocks.{layer}.hook_resid_post", width)
         )
 
 

@@ -1,6 +1,9 @@
 """SAE training over cached activations, with SAELens's SAE classes, trainer and file format.
 
-Reads irmlens caches; never imports irmlens's later stages (diff, irm, viz, report).
+It depends on irmlens only for these (``tests/test_layering.py`` holds it to that list):
+``irmlens.cache.store`` (reading activation caches), ``irmlens.io`` (atomic writes, checksums)
+and ``irmlens.errors`` (errors the irmlens CLI prints without a traceback). It never imports
+irmlens's stages or its later libraries (diff, irm, viz, report).
 """
 
 from sae_training.train import SAETrainingConfig, evaluate_sae, train_sae

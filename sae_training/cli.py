@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 # the package's __init__ imports sae_training.train already, so this costs no start-up time
-from sae_training.train import NORMALIZATIONS, TRAINERS, TrainingInputError
+from sae_training.train import ARCHITECTURES, NORMALIZATIONS, TRAINERS, TrainingInputError
 
 
 def _parse_width(value: str, d_in: int) -> int:
@@ -44,9 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--activations", action="append", help="file with an 'activations' [n, d] tensor"
     )
-    p.add_argument(
-        "--arch", default="standard", choices=["standard", "topk", "batchtopk", "jumprelu"]
-    )
+    p.add_argument("--arch", default="standard", choices=ARCHITECTURES)
     p.add_argument("--k", type=int, default=32, help="active features for topk / batchtopk")
     p.add_argument("--checkpoints", type=int, default=0, help="checkpoints written during training")
     p.add_argument(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,34 +108,62 @@ def shuffled_batches(
             emitted += 1
 
 
+# Per architecture, the arguments of sae-lens's training config that come from ours; the classes
+# themselves come from sae-lens's registry. One table for training and for the random control.
+ARCHITECTURE_ARGS: dict[str, Callable[[SAETrainingConfig, int], dict]] = {
+    "standard": lambda cfg, warm: {"l1_coefficient": cfg.l1_coefficient, "l1_warm_up_steps": warm},
+    "topk": lambda cfg, warm: {"k": cfg.k},
+    "batchtopk": lambda cfg, warm: {"k": cfg.k},
+    "jumprelu": lambda cfg, warm: {
+        "l0_coefficient": cfg.l1_coefficient,
+        "l0_warm_up_steps": warm,
+    },
+}
+
+
+def _training_sae(architecture: str, **kwargs):
+    from sae_lens.registry import get_sae_training_class
+
+    sae_class, cfg_class = get_sae_training_class(architecture)
+    return sae_class(cfg_class(**kwargs))
+
+
 def make_training_sae(
     cfg: SAETrainingConfig, d_in: int, steps: int, hook_name: str, model_name: str
 ):
     """A sae-lens training SAE of the configured architecture."""
-    import sae_lens
     from sae_lens.saes.sae import SAEMetadata
 
-    common = dict(
+    warm = int(cfg.l1_warm_up_fraction * steps)
+    return _training_sae(
+        cfg.architecture,
         d_in=d_in,
         d_sae=cfg.width,
         normalize_activations=cfg.normalize,
         device=cfg.device,
         metadata=SAEMetadata(model_name=model_name, hook_name=hook_name, prepend_bos=True),
+        **ARCHITECTURE_ARGS[cfg.architecture](cfg, warm),
     )
-    warm = int(cfg.l1_warm_up_fraction * steps)
-    if cfg.architecture == "standard":
-        c = sae_lens.StandardTrainingSAEConfig(
-            **common, l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=warm
-        )
-        return sae_lens.StandardTrainingSAE(c)
-    if cfg.architecture == "topk":
-        return sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(**common, k=cfg.k))
-    if cfg.architecture == "batchtopk":
-        return sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(**common, k=cfg.k))
-    c = sae_lens.JumpReLUTrainingSAEConfig(
-        **common, l0_coefficient=cfg.l1_coefficient, l0_warm_up_steps=warm
-    )
-    return sae_lens.JumpReLUTrainingSAE(c)
+
+
+def random_sae(d_in: int, width: int, seed: int, like=None, whitening=None):
+    """A randomly initialised (untrained) sae-lens SAE of the given width: the control that asks
+    how much of the IRM any dictionary of that size and kind would give. ``like``: an SAE whose
+    architecture (standard, TopK with its k, JumpReLU: what a saved SAE loads as) the random one
+    copies; ``whitening``: the input whitening that SAE was trained in (``load_whitening``),
+    folded into the random one too, so it is a random dictionary in the same whitened space."""
+    torch.manual_seed(seed)
+    arch = like.cfg.architecture() if like is not None else "standard"
+    extra = {"k": like.cfg.k} if arch in ("topk", "batchtopk") else {}
+    sae = _training_sae(arch, d_in=d_in, d_sae=width, normalize_activations="none", **extra)
+    if whitening is not None:
+        with torch.no_grad():
+            sae.fold_activation_whitening(
+                mean=whitening["mean"],
+                whitening_matrix=whitening["matrix"],
+                unwhitening_matrix=whitening["inverse_matrix"],
+            )
+    return sae.eval()
 
 
 def _readable_safetensors(path: Path) -> bool:

@@ -48,10 +48,11 @@ def micro_base(assets):
     from pathlib import Path
 
     from irmlens.config import load_config
-    from irmlens.pipeline import ensure_base_model, load_splits
+    from irmlens.stages.context import StudyContext
+    from irmlens.stages.models import ensure_base_model
 
     cfg = load_config(Path(__file__).parent / "micro.toml")
-    splits = load_splits(cfg, assets.reviews)
+    splits = StudyContext(cfg, None).splits  # reads no run folder
     return ensure_base_model(cfg, splits, assets.reviews), splits
 
 

@@ -58,3 +58,26 @@ def test_numbers_of_either_kind_where_a_float_is_expected():
         {"sae": {"lr": 1, "width_multipliers": [1.5, 3]}, "irm": {"alphas": [1, 10.0]}}
     )
     assert cfg.sae.lr == 1 and cfg.sae.width_multipliers == [1.5, 3]
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (
+            {"irm": {"space": "topk_wide_codes"}, "sae": {"wide_topk_k": 0}},
+            r"irm\.space = 'topk_wide_codes' needs the wide TopK.*set sae\.wide_topk_k >= 1",
+        ),
+        (
+            {"irm": {"space": "multi_layer_pre"}, "layers": {"top_k": 1}},
+            r"irm\.space = 'multi_layer_pre'.*set layers\.top_k >= 2",
+        ),
+        ({"cache": {"hook_kinds": ["mlp_out"]}}, r"cache\.hook_kinds.*must include 'resid_post'"),
+        ({"layers": {"top_k": 5}, "pretrain": {"n_layer": 4}}, r"layers\.top_k = 5.*n_layer = 4"),
+    ],
+)
+def test_configs_that_used_to_fail_hours_in_fail_at_load(values, message):
+    """Each of these loaded and failed only after the SAEs were trained (issue 12)."""
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(values)
+    ok = {"cache": {"hook_kinds": ["resid_post", "mlp_out"]}, "layers": {"top_k": 2}}
+    config_from_dict(ok | {"irm": {"space": "multi_layer_pre"}})

@@ -4,7 +4,7 @@ moved (a relative --out used to leave paths that only worked from the original d
 import json
 import shutil
 
-from irmlens.pipeline import read_model_dirs, write_model_dirs
+from irmlens.run import read_model_dirs, write_model_dirs
 
 
 def test_model_dirs_resolve_from_anywhere(tmp_path, monkeypatch):

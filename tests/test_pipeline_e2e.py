@@ -127,8 +127,8 @@ def test_rerun_skips_finished_stages(micro_run, capsys):
     before = (micro_run / "irm/metrics.json").read_text()
     assert main(["run", str(ROOT / "tests/micro.toml"), "--out", str(micro_run)]) == 0
     out = capsys.readouterr().out
-    assert "rlhf: outputs present, skipping" in out and "null: outputs present, skipping" in out
-    assert "cache: complete and verified, skipping" in out
+    assert "rlhf: done, skipping" in out and "null: done, skipping" in out
+    assert "cache: done, skipping" in out
     assert (micro_run / "irm/metrics.json").read_text() == before
 
 
@@ -141,7 +141,7 @@ def test_changed_config_on_existing_run_is_refused(micro_run, tmp_path, capsys):
 
 
 def test_verdict_requires_beating_every_control():
-    from irmlens.report.build import _verdict
+    from irmlens.report.summary import verdict as _verdict
 
     shuffled = {"heldout_kendall_tau": 0.0, "heldout_kendall_tau_std": 0.02}
     irm = {"heldout_kendall_tau": 0.3}
@@ -174,12 +174,12 @@ def _irm_files(run: Path) -> dict[str, bytes]:
 
 def test_interrupted_irm_force_leaves_the_previous_results_usable(micro_run, tmp_path, monkeypatch):
     """Issue 18, defect 4: `irm --force` deleted the results first, so an interruption left a run
-    that `irmlens report` refused. Two kills: while computing, and after the derived outputs were
-    invalidated but before the new IRM was swapped in."""
+    that `irmlens report` refused. Two kills: late in the computation, and while the new files
+    are being written. The cards and report (derived from the IRM) are invalidated up front."""
     import shutil
 
     import irmlens.irm.fit
-    import irmlens.pipeline
+    import irmlens.stages.irm
 
     run = tmp_path / "copy"
     shutil.copytree(micro_run, run)
@@ -188,40 +188,39 @@ def test_interrupted_irm_force_leaves_the_previous_results_usable(micro_run, tmp
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as m:  # late in the computation: everything but the ranking done
-        m.setattr(irmlens.irm.fit, "top_irm_features", killed)
-        with pytest.raises(KeyboardInterrupt):
-            main(["irm", str(run), "--force"])
-    assert _irm_files(run) == before
-    assert (run / "diff/cards.json").exists() and (run / "report/report.json").exists()
-    assert not [p for p in run.iterdir() if p.name.startswith(".irm.")]  # no temp folder left
-
-    invalidate = irmlens.pipeline.invalidate
-
-    def invalidate_then_killed(*args, **kwargs):
-        invalidate(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(irmlens.pipeline, "invalidate", invalidate_then_killed)
-        with pytest.raises(KeyboardInterrupt):
-            main(["irm", str(run), "--force"])
-    assert _irm_files(run) == before  # the old IRM, whole; its cards and report are gone
-    assert not (run / "diff/cards.json").exists() and not (run / "report").exists()
-    assert main(["report", str(run)]) == 0  # rebuilds the cards, then the report
-    assert (run / "report/report.json").exists()
+    for module, name in (
+        (irmlens.irm.fit, "top_irm_features"),
+        (irmlens.stages.irm, "atomic_write_json"),  # inside the temporary irm folder
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(module, name, killed)
+            with pytest.raises(KeyboardInterrupt):
+                main(["irm", str(run), "--force"])
+        assert _irm_files(run) == before, name  # the old IRM, whole
+        assert not [p for p in run.iterdir() if p.name.startswith(".irm.")]  # no temp folder
+        assert not (run / "diff/cards.json").exists() and not (run / "report").exists()
+        assert main(["report", str(run)]) == 0  # rebuilds the cards, then the report
+        assert (run / "report/report.json").exists()
 
 
 def test_irm_force_replaces_the_results_and_invalidates_cards_and_report(
-    micro_run, tmp_path, capsys
+    micro_run, tmp_path, capsys, monkeypatch
 ):
+    """Also: a feature space is one registry entry (docs/extending.md's example, as a reference
+    so that the main IRM's choice stays the same)."""
     import shutil
+
+    from irmlens.irm.spaces import SPACES, SpaceSpec
 
     run = tmp_path / "copy"
     shutil.copytree(micro_run, run)
     metrics = json.loads((run / "irm/metrics.json").read_text())
     stamp = (run / "irm/metrics.json").stat().st_mtime_ns
+    extra = SpaceSpec("base_sae_pre", "pre", "base", False, False, lambda i: "base-only pre")
+    monkeypatch.setitem(SPACES, extra.name, extra)
     assert main(["irm", str(run), "--force"]) == 0
+    spaces = {r["name"] for r in json.loads((run / "irm/metrics.json").read_text())["spaces"]}
+    assert spaces == {r["name"] for r in metrics["spaces"]} | {"base_sae_pre"}
     assert "the report was removed" in capsys.readouterr().out
     assert (run / "irm/metrics.json").stat().st_mtime_ns != stamp  # recomputed ...
     new = json.loads((run / "irm/metrics.json").read_text())
@@ -232,3 +231,37 @@ def test_irm_force_replaces_the_results_and_invalidates_cards_and_report(
         json.loads((run / "report/report.json").read_text())["irm"]["heldout_kendall_tau"]
         == (new["heldout_kendall_tau"])
     )
+
+
+def test_a_stage_is_one_module_and_one_line(micro_run, tmp_path, monkeypatch):
+    """docs/extending.md's example stage, added to STAGES: it runs on resume, and is invalidated
+    (then rebuilt) when a stage it needs is forced."""
+    import shutil
+    import types
+
+    import irmlens.pipeline
+    from irmlens.config import load_config
+    from irmlens.io import atomic_write_json, read_json
+    from irmlens.pipeline import STAGES, Stage, run_study
+
+    def run_top_words(ctx):
+        points = read_json(ctx.paths.irm_metrics)["heldout_points"]
+        atomic_write_json(
+            ctx.paths.root / "irm_top_words.json", sorted(points, key=lambda p: -p["irm"])[:20]
+        )
+
+    top_words = types.SimpleNamespace(
+        run=run_top_words, outputs=lambda paths: [paths.root / "irm_top_words.json"]
+    )
+    stages = list(STAGES)
+    stages.insert(-1, Stage("top_words", top_words.run, top_words.outputs, ("irm",)))
+    monkeypatch.setattr(irmlens.pipeline, "STAGES", tuple(stages))
+    run = tmp_path / "copy"
+    shutil.copytree(micro_run, run)
+    cfg = load_config(run / "config.toml")
+    run_study(cfg, run, stop_after="top_words")
+    out = run / "irm_top_words.json"
+    assert len(read_json(out)) == 20
+    assert [s.name for s in irmlens.pipeline.dependents("irm")] == ["cards", "top_words", "report"]
+    irmlens.pipeline.invalidate(irmlens.pipeline.RunPaths(run), "irm")
+    assert not out.exists() and not (run / "report").exists()

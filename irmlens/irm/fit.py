@@ -18,19 +18,9 @@ import torch
 
 from irmlens.irm.metrics import kendall_tau, spearman
 from irmlens.irm.ridge import RidgeModel, fit_ridge, ridge_cv
+from irmlens.irm.spaces import IRM_SPACES
 
 DEFAULT_ALPHAS = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
-# the dictionary feature spaces the main IRM can be fitted in (irmlens.pipeline builds them; a run
-# has those its config allows: topk_wide_codes needs sae.wide_topk_k > 0, multi_layer_pre two or
-# more studied layers)
-IRM_SPACES = (
-    "sae_codes",
-    "sae_pre",
-    "sae_codes_error",
-    "base_sae_codes",
-    "topk_wide_codes",
-    "multi_layer_pre",
-)
 
 
 @dataclass

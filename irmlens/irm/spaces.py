@@ -8,8 +8,9 @@ the implicit reward?"; the pipeline fits the same ridge in each and reports them
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -71,3 +72,200 @@ def difference_space(
     if kind == "codes+error" and len(saes) > 1:
         raise ValueError("codes+error spaces are built for one layer at a time")
     return FeatureSpace(name, description, fit, held, n_features, selectable)
+
+
+# ---------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class SpaceInputs:
+    """What the feature spaces are built from, for one study: activations per model and studied
+    layer (sorted), the dictionaries by role (``shared``: one per layer; ``base`` and
+    ``wide_topk``: the IRM layer's, or absent), their labels in feature references, and the fit
+    and held-out positions."""
+
+    layers: list[int]
+    layer_index: int  # the IRM layer's index in ``layers``
+    acts: dict[str, list[torch.Tensor]]  # model -> one [n_positions, d_model] tensor per layer
+    dictionaries: dict[str, list[tuple[object, Path]]]  # role -> (SAE, its folder) per layer used
+    labels: dict[str, str]  # role -> dictionary name in feature references
+    positions: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def layer(self) -> int:
+        return self.layers[self.layer_index]
+
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    """One way to represent the change between the checkpoints: ``representation`` (``codes``,
+    ``pre`` or ``codes+error``, see ``sae_representation``) of the dictionary with role
+    ``dictionary`` (``raw``: the activations themselves), at the IRM layer or at every studied
+    layer (``all_layers``), as rlhf - base. ``selectable``: a candidate for the main IRM (the raw
+    spaces are references). ``describe`` says what it is, given the inputs."""
+
+    name: str
+    representation: str
+    dictionary: str
+    all_layers: bool
+    selectable: bool
+    describe: Callable[[SpaceInputs], str]
+
+    def unmet(self, cfg) -> str | None:
+        """Why a study with config ``cfg`` cannot have this space (None: it can)."""
+        if self.all_layers and cfg.layers.top_k < 2:
+            return (
+                f"concatenates several layers, but layers.top_k = {cfg.layers.top_k}: set "
+                "layers.top_k >= 2"
+            )
+        if self.dictionary == "wide_topk" and cfg.sae.wide_topk_k == 0:
+            return (
+                "needs the wide TopK dictionary, but sae.wide_topk_k = 0 (none): set "
+                "sae.wide_topk_k >= 1 (e.g. 64)"
+            )
+        return None
+
+    def available(self, inputs: SpaceInputs) -> bool:
+        if self.all_layers and len(inputs.layers) < 2:
+            return False
+        return self.dictionary == "raw" or bool(inputs.dictionaries.get(self.dictionary))
+
+    def layer_indices(self, inputs: SpaceInputs) -> list[int]:
+        return list(range(len(inputs.layers))) if self.all_layers else [inputs.layer_index]
+
+    def sources(self, inputs: SpaceInputs) -> list[tuple[object, Path | None]]:
+        """The dictionaries (with their folders) this space reads, one per layer it covers."""
+        idx = self.layer_indices(inputs)
+        if self.dictionary == "raw":
+            return [(None, None)] * len(idx)
+        found = inputs.dictionaries[self.dictionary]
+        return found if self.all_layers or len(found) == 1 else [found[i] for i in idx]
+
+    def build(
+        self,
+        inputs: SpaceInputs,
+        saes: Sequence | None = None,
+        model: str = "rlhf",
+        base_only: bool = False,
+        name: str | None = None,
+        description: str | None = None,
+    ) -> FeatureSpace:
+        """The space's fit/held-out matrices: ``rep(model) - rep(base)``, or ``rep(base)`` alone.
+        ``saes`` replaces the space's own dictionaries (the controls: a random one, the same
+        construction on the null pair)."""
+        idx = self.layer_indices(inputs)
+        saes = [s for s, _ in self.sources(inputs)] if saes is None else list(saes)
+        return difference_space(
+            name or self.name,
+            description or self.describe(inputs),
+            saes,
+            [inputs.acts["base"][i] for i in idx],
+            None if base_only else [inputs.acts[model][i] for i in idx],
+            inputs.positions,
+            self.representation,
+            self.selectable and name is None,
+        )
+
+    def feature_ref(self, col: int, inputs: SpaceInputs) -> dict:
+        """Which dictionary, layer and feature column ``col`` of this space is."""
+        layers = [inputs.layers[i] for i in self.layer_indices(inputs)]
+        d_sae = self.sources(inputs)[0][0].cfg.d_sae
+        if self.representation == "codes+error" and col >= d_sae:
+            return {"dictionary": "sae_error", "layer": layers[0], "local_feature": col - d_sae}
+        return {
+            "dictionary": inputs.labels[self.dictionary],
+            "layer": layers[col // d_sae],
+            "local_feature": col % d_sae,
+        }
+
+    @property
+    def reference(self) -> str:
+        """The raw-difference reference over the same layers (signal retention is against it)."""
+        return "raw_difference_layers" if self.all_layers else "raw_difference"
+
+
+def _layers_text(inputs: SpaceInputs) -> str:
+    return str(inputs.layers)
+
+
+SPACES: dict[str, SpaceSpec] = {
+    spec.name: spec
+    for spec in (
+        SpaceSpec(
+            "sae_codes",
+            "codes",
+            "shared",
+            False,
+            True,
+            lambda i: "shared-SAE codes, f(a_rlhf) - f(a_base) (the paper's)",
+        ),
+        SpaceSpec(
+            "sae_pre",
+            "pre",
+            "shared",
+            False,
+            True,
+            lambda i: "shared-SAE encoder pre-activations, rlhf - base",
+        ),
+        SpaceSpec(
+            "sae_codes_error",
+            "codes+error",
+            "shared",
+            False,
+            True,
+            lambda i: "shared-SAE codes and reconstruction error, rlhf - base",
+        ),
+        SpaceSpec(
+            "base_sae_codes",
+            "codes",
+            "base",
+            False,
+            True,
+            lambda i: "codes of an SAE trained on the base model only, rlhf - base",
+        ),
+        SpaceSpec(
+            "topk_wide_codes",
+            "codes",
+            "wide_topk",
+            False,
+            True,
+            lambda i: (
+                f"shared TopK SAE (k={i.dictionaries['wide_topk'][0][0].cfg.k}) codes, rlhf - base"
+            ),
+        ),
+        SpaceSpec(
+            "multi_layer_pre",
+            "pre",
+            "shared",
+            True,
+            True,
+            lambda i: f"shared-SAE pre-activations of layers {_layers_text(i)}, concatenated",
+        ),
+        SpaceSpec(
+            "raw_difference",
+            "codes",
+            "raw",
+            False,
+            False,
+            lambda i: f"raw residual activation difference, layer {i.layer}",
+        ),
+        SpaceSpec(
+            "raw_difference_layers",
+            "codes",
+            "raw",
+            True,
+            False,
+            lambda i: (
+                f"raw residual activation differences of layers {_layers_text(i)}, concatenated"
+            ),
+        ),
+    )
+}
+
+# the spaces the main IRM can be fitted in (``irm.space``; "auto" picks the best CV R^2)
+IRM_SPACES = tuple(name for name, spec in SPACES.items() if spec.selectable)
+
+
+def available(inputs: SpaceInputs, selectable: bool) -> list[SpaceSpec]:
+    """The registered spaces (candidates, or references) a study with these inputs can build."""
+    return [s for s in SPACES.values() if s.selectable == selectable and s.available(inputs)]

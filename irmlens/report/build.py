@@ -8,6 +8,9 @@ import math
 from pathlib import Path
 
 from irmlens.io import atomic_write_json, atomic_write_text, csv_value, read_json, read_jsonl
+from irmlens.report.summary import controls_text, tau_bars, verdict
+from irmlens.run import RunPaths
+from irmlens.viz.card_html import render_card
 
 SCHEMA_VERSION = 2
 
@@ -50,15 +53,15 @@ IRM_KEYS = (
 
 
 def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
-    summary_path = run_dir / "rlhf" / "summary.json"
+    summary_path = RunPaths(run_dir).rlhf_summary
     rlhf = read_json(summary_path) if summary_path.exists() else None  # None: a given pair
-    layers = read_json(run_dir / "diff" / "layers.json")
-    features = read_json(run_dir / "diff" / "features.json")
+    layers = read_json(RunPaths(run_dir).layers_json)
+    features = read_json(RunPaths(run_dir).features_json)
     saes = sorted(
-        (read_json(p) for p in (run_dir / "saes").rglob("metrics.json")),
+        (read_json(p) for p in RunPaths(run_dir).saes.rglob("metrics.json")),
         key=lambda s: (s["layer"], s["width"], s["model"]),
     )
-    irm = read_json(run_dir / "irm" / "metrics.json")
+    irm = read_json(RunPaths(run_dir).irm_metrics)
     base_name = (
         "tiny (embedded, pretrained by irmlens)"
         if cfg.model.base == "tiny"
@@ -69,7 +72,7 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
         dirs["rlhf"], f"{base_name} + {rlhf['algorithm']}" if rlhf else str(cfg.model.rlhf)
     )
     if "null" in dirs:
-        null_summary = run_dir / "rlhf-null" / "summary.json"
+        null_summary = RunPaths(run_dir).null_summary
         how = (
             f"{base_name} + {cfg.rlhf.algorithm} against the {cfg.null.reward} reward"
             if null_summary.exists()
@@ -100,9 +103,7 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
             for d in layers["layers"]
         ],
         "studied_layers": layers["studied_layers"],
-        "mmcs": read_json(run_dir / "saes" / "mmcs.json")
-        if (run_dir / "saes" / "mmcs.json").exists()
-        else [],
+        "mmcs": read_json(RunPaths(run_dir).mmcs) if (RunPaths(run_dir).mmcs).exists() else [],
         "saes": [
             {
                 k: s.get(k)
@@ -138,8 +139,8 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
         "irm": {k: irm[k] for k in IRM_KEYS},
         "controls": irm["controls"],
         "paper_estimator": irm["paper_estimator"],
-        "feature_cards": read_json(run_dir / "diff" / "cards.json")
-        if (run_dir / "diff" / "cards.json").exists()
+        "feature_cards": read_json(RunPaths(run_dir).cards)
+        if (RunPaths(run_dir).cards).exists()
         else [],
     }
 
@@ -197,35 +198,6 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def _verdict(irm: dict, controls: dict) -> str:
-    """A finding only when the IRM beats every control: the shuffle by more than 2 of its standard
-    deviations, and each other control with a paired CI of the difference that excludes 0."""
-    shuffled = controls["shuffled_targets"]
-    failed = []
-    margin = irm["heldout_kendall_tau"] - shuffled["heldout_kendall_tau"]
-    if not (margin > 0 and margin > 2 * shuffled.get("heldout_kendall_tau_std", 0.0)):
-        failed.append("shuffled targets")
-    for name in ("random_sae", "base_only", "null_pair"):
-        if name in controls and controls[name]["difference_ci"][0] <= 0:
-            failed.append(name.replace("_", " "))
-    if failed:
-        return f"No finding yet: the IRM does not beat the {', '.join(failed)} control(s)."
-    return "The IRM beats every control computed here (see the rows below)."
-
-
-def _controls_text(controls: dict) -> str:
-    parts = []
-    for name in ("random_sae", "base_only", "null_pair", "random_sae_sparse"):
-        c = controls.get(name)
-        if c:
-            lo, hi = c["difference_ci"]
-            verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
-            parts.append(
-                f"{name.replace('_', ' ')}: {c['heldout_kendall_tau']:.3f} (difference CI [{lo:.3f}, {hi:.3f}], {verdict})"
-            )
-    return "; ".join(parts)
-
-
 def feature_map_rows(run_dir: Path, report: dict) -> list[dict]:
     """Every shared-SAE feature of the IRM layer with its divergence numbers, IRM weight and
     matching tag (the layer's features table + IRM coefficients), for the feature map."""
@@ -235,10 +207,10 @@ def feature_map_rows(run_dir: Path, report: dict) -> list[dict]:
 
     from irmlens.irm.fit import irm_feature_weights
 
-    table = run_dir / "diff" / f"features_layer{report['irm']['layer']}.csv"
+    table = RunPaths(run_dir).features_table(report["irm"]["layer"])
     with open(table, encoding="utf-8") as f:
         rows = [{k: csv_value(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    coef = load_file(str(run_dir / "irm" / "coefficients.safetensors"))["coef"]
+    coef = load_file(str(RunPaths(run_dir).irm_coefficients))["coef"]
     weights = irm_feature_weights(report["irm"], coef, len(rows))
     words = {f["feature"]: f["top_words_increase"] for f in report["divergent_features"]}
     for r in rows:
@@ -255,101 +227,6 @@ def _fit_points(run_dir: Path) -> list[dict]:
         for r in read_word_utilities(run_dir)
         if r["split"] == "fit"
     ]
-
-
-def tau_bars(report: dict) -> list[dict]:
-    """The IRM's held-out tau beside its references and controls (with CIs where known)."""
-    irm = report["irm"]
-    bars = [
-        {
-            "name": f"IRM ({irm['space']})",
-            "tau": irm["heldout_kendall_tau"],
-            "ci": irm["heldout_kendall_tau_ci"],
-            "kind": "main",
-        },
-        {
-            "name": f"sparse IRM (k={irm['sparse']['k']})",
-            "tau": irm["sparse"]["heldout_kendall_tau"],
-            "ci": irm["sparse"]["heldout_kendall_tau_ci"],
-            "kind": "main",
-        },
-    ]
-    for name, r in irm["reference"].items():
-        bars.append(
-            {
-                "name": name.replace("_", " "),
-                "tau": r["heldout_kendall_tau"],
-                "ci": r.get("heldout_kendall_tau_ci"),
-                "kind": "reference",
-            }
-        )
-    bars.append(
-        {
-            "name": "paper's estimator",
-            "tau": report["paper_estimator"]["kendall_tau"],
-            "kind": "reference",
-        }
-    )
-    for name, c in report["controls"].items():
-        bars.append(
-            {"name": name.replace("_", " "), "tau": c["heldout_kendall_tau"], "kind": "control"}
-        )
-    return bars
-
-
-def _highlight(ctx: dict, scale: float) -> str:
-    spans = []
-    for i, (t, a) in enumerate(zip(ctx["tokens"], ctx["activations"], strict=True)):
-        alpha = 0.0 if scale <= 0 else min(1.0, max(0.0, a / scale))
-        border = "border-bottom:2px solid #000;" if i == ctx["focus"] else ""
-        spans.append(
-            f'<span class="tok" style="background:rgba(214,39,40,{alpha:.2f});{border}" '
-            f'title="{a:.3f}">{html.escape(t)}</span>'
-        )
-    return "".join(spans)
-
-
-def render_card(card: dict, include_plotlyjs: bool = False) -> str:
-    """One feature card as an HTML fragment (contexts highlighted by activation, histogram,
-    promoted/suppressed tokens, IRM weight, matched partner)."""
-    from irmlens.viz.figures import feature_histogram_figure
-
-    scale = max([c["max"] for c in card["contexts_base"] + card["contexts_rlhf"]] or [0.0])
-    ctx = {
-        name: "".join(
-            f"<div class='ctx'>{_highlight(c, scale)} <small>({c['max']:.2f})</small></div>"
-            for c in card[f"contexts_{name}"]
-        )
-        or "<div class='ctx'><i>never fires</i></div>"
-        for name in ("base", "rlhf")
-    }
-    tokens = {
-        k: ", ".join(f"<code>{html.escape(t['token'])}</code>" for t in card[k])
-        for k in ("promoted", "suppressed")
-    }
-    weight = "n/a" if card["irm_weight"] is None else f"{card['irm_weight']:+.4g}"
-
-    def partner_text(model: str) -> str:
-        p, c = card[f"{model}_partner"], card[f"{model}_cosine"]
-        return (
-            "none" if p is None or p < 0 or c is None else f"feature {p} (decoder cosine {c:.2f})"
-        )
-
-    partner = (
-        f"{card['matching_tag']}: in the base SAE {partner_text('base')}; in the RLHF SAE "
-        f"{partner_text('rlhf')}"
-    )
-    hist = feature_histogram_figure(card).to_html(
-        full_html=False, include_plotlyjs=include_plotlyjs, config={"displaylogo": False}
-    )
-    return f"""<details class="card" id="feature-{card["feature"]}"><summary><b>feature {card["feature"]}</b>
-(layer {card["layer"]}; {html.escape(card["reason"].strip())}): divergence {card["divergence"]:.3f}, firing
-{card["frequency_base"]:.3f} &rarr; {card["frequency_rlhf"]:.3f}, IRM weight {weight}</summary>
-<table class="kv"><tr><th>matched partners</th><td>{html.escape(partner)}</td></tr>
-<tr><th>promotes (logit lens)</th><td>{tokens["promoted"]}</td></tr>
-<tr><th>suppresses</th><td>{tokens["suppressed"]}</td></tr></table>
-<div class="ctxs"><div><h4>top contexts, base</h4>{ctx["base"]}</div><div><h4>top contexts, RLHF</h4>{ctx["rlhf"]}</div></div>
-{hist}</details>"""
 
 
 def render_html(
@@ -402,9 +279,11 @@ def render_html(
     margin = irm["heldout_kendall_tau"] - ctrl["heldout_kendall_tau"]
     spread = ctrl.get("heldout_kendall_tau_std", 0.0)
     if margin > 2 * spread and margin > 0:
-        verdict = f"is {margin:.3f} above this control (more than 2 of its standard deviations)"
+        shuffle_text = (
+            f"is {margin:.3f} above this control (more than 2 of its standard deviations)"
+        )
     else:
-        verdict = (
+        shuffle_text = (
             f"is within 2 standard deviations of this control (difference {margin:+.3f}): "
             "<b>no finding yet</b>"
         )
@@ -435,14 +314,14 @@ def render_html(
 <tr><th>studied layers</th><td>{report["studied_layers"]}</td></tr>
 <tr><th>IRM</th><td>layer {irm["layer"]}, space <b>{html.escape(irm["space"])}</b> ({html.escape(irm["space_selection"])}): {html.escape(irm["features"])}; {irm["n_fit_words"]} fit words, {irm["n_heldout_words"]} held-out words</td></tr>
 <tr><th>held-out Kendall τ / Spearman ρ</th><td>{irm["heldout_kendall_tau"]:.3f} / {irm["heldout_spearman"]:.3f} (CV R² {irm["cv_r2"]:.3f})</td></tr>
-<tr><th>verdict</th><td><b>{html.escape(_verdict(irm, report["controls"]))}</b></td></tr>
+<tr><th>verdict</th><td><b>{html.escape(verdict(irm, report["controls"]))}</b></td></tr>
 <tr><th>95% CI of τ (bootstrap over held-out words)</th><td>[{irm["heldout_kendall_tau_ci"][0]:.3f}, {irm["heldout_kendall_tau_ci"][1]:.3f}]</td></tr>
 <tr><th>reference: ridge on raw activation differences</th><td>τ {ref["raw_difference"]["heldout_kendall_tau"]:.3f}; signal retention of the IRM {_fmt(irm["signal_retention"])}</td></tr>
 <tr><th>reference: model-level implicit reward</th><td>τ {ref["model_implicit_reward"]["heldout_kendall_tau"]:.3f} (&beta; log &pi;<sub>RLHF</sub>/&pi;<sub>base</sub> per word: what the policy itself learned)</td></tr>
 <tr><th>sparse IRM ({sp["k"]} features)</th><td>τ {sp["heldout_kendall_tau"]:.3f} [{sp["heldout_kendall_tau_ci"][0]:.3f}, {sp["heldout_kendall_tau_ci"][1]:.3f}], retention {_fmt(sp["signal_retention"])}; same selection on a random SAE {report["controls"]["random_sae_sparse"]["heldout_kendall_tau"]:.3f}</td></tr>
 <tr><th>the paper's estimator</th><td>τ {paper["kendall_tau"]:.3f} on {paper["n_heldout_words"]} held-out words ({paper["n_examples"]} contrastive examples)</td></tr>
-<tr><th>controls (τ; 95% CI of IRM τ minus control τ)</th><td>{_controls_text(report["controls"])}</td></tr>
-<tr><th>shuffled-target control τ / ρ</th><td>{ctrl["heldout_kendall_tau"]:.3f} / {ctrl["heldout_spearman"]:.3f} ± {ctrl.get("heldout_kendall_tau_std", 0.0):.3f} over {ctrl.get("n_shuffles", 1)} permutations &mdash; the IRM {verdict}</td></tr>
+<tr><th>controls (τ; 95% CI of IRM τ minus control τ)</th><td>{controls_text(report["controls"])}</td></tr>
+<tr><th>shuffled-target control τ / ρ</th><td>{ctrl["heldout_kendall_tau"]:.3f} / {ctrl["heldout_spearman"]:.3f} ± {ctrl.get("heldout_kendall_tau_std", 0.0):.3f} over {ctrl.get("n_shuffles", 1)} permutations &mdash; the IRM {shuffle_text}</td></tr>
 </table>"""
     space_rows = "".join(
         f"<tr><td>{html.escape(x['name'])}</td><td>{html.escape(x['description'])}</td><td>{x['n_features']}</td>"
@@ -516,12 +395,12 @@ def write_report(run_dir: Path, report: dict, formats=FORMATS) -> Path:
     if unknown:
         raise ValueError(f"unknown report format(s) {unknown}; choose from {list(FORMATS)}")
     _check_finite(report)
-    out = run_dir / "report"
+    out = RunPaths(run_dir).report
     if "json" in formats:
         atomic_write_json(out / "report.json", report)
     rows = feature_map_rows(run_dir, report) if {"html", "csv"} & set(formats) else []
     if "html" in formats:
-        metrics = read_jsonl(run_dir / "rlhf" / "metrics.jsonl")
+        metrics = read_jsonl(RunPaths(run_dir).rlhf_metrics)
         atomic_write_text(
             out / "index.html", render_html(report, metrics, rows, _fit_points(run_dir))
         )

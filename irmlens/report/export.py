@@ -8,6 +8,8 @@ import io
 import re
 from pathlib import Path
 
+from irmlens.run import RunPaths
+
 
 def _f(x, fmt: str = ".3f") -> str:
     return "n/a" if x is None else format(x, fmt)
@@ -45,7 +47,7 @@ def to_markdown(report: dict) -> str:
     Every string that comes from the config or the run (run name, model names and paths, RLHF
     algorithm, the reward model / lexicon name, feature-space and control names) goes through
     ``md_text`` (or ``md_code``), so a name like ``<script>`` stays literal text."""
-    from irmlens.report.build import _verdict, tau_bars
+    from irmlens.report.summary import tau_bars, verdict
 
     irm, m, r = report["irm"], report["models"], report["rlhf"]
     lines = [f"# irmlens: {md_text(report['name'])}", ""]
@@ -69,7 +71,7 @@ def to_markdown(report: dict) -> str:
         f" {irm['n_fit_words']} fit / {irm['n_heldout_words']} held-out words (split seed "
         f"{irm['split_seed']})",
         "",
-        f"**Verdict**: {md_text(_verdict(irm, report['controls']))}",
+        f"**Verdict**: {md_text(verdict(irm, report['controls']))}",
         "",
         "## Held-out Kendall τ",
         "",
@@ -161,7 +163,7 @@ def words_csv(run_dir: Path) -> str:
     from irmlens.io import read_json
     from irmlens.irm.words import COLUMNS, read_word_utilities
 
-    div = {w["word"]: w["divergence"] for w in read_json(run_dir / "irm" / "word_attribution.json")}
+    div = {w["word"]: w["divergence"] for w in read_json(RunPaths(run_dir).word_attribution)}
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "divergence"])
     w.writeheader()

@@ -32,7 +32,7 @@ def test_the_study_starts_every_dictionary_from_its_own_weights():
     import sae_lens
     import torch
 
-    from irmlens.pipeline import sae_init_seed
+    from irmlens.stages.saes import sae_init_seed
 
     def decoder(model, width):
         torch.manual_seed(sae_init_seed(0, model, 1, width))

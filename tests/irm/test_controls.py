@@ -2,8 +2,8 @@
 
 import torch
 
-from irmlens.pipeline import _random_sae
 from sae_training.train import SAETrainingConfig, make_training_sae
+from sae_training.train import random_sae as _random_sae
 
 
 def test_random_control_copies_architecture_and_whitening():

@@ -98,7 +98,7 @@ class Explorer:
 
     def card(self, feature: int) -> str:
         """A feature's card: the full card where the report has one, else its table row."""
-        from irmlens.report.build import render_card
+        from irmlens.viz.card_html import render_card
 
         if self.layer == self.irm_layer and feature in self.cards:
             return render_card(self.cards[feature], include_plotlyjs="cdn")

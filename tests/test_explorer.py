@@ -5,12 +5,12 @@ from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def explorer(planted_run):
-    from irmlens.viz.explorer import Explorer
+    from irmlens.explorer import Explorer
 
     return Explorer(planted_run)
 

@@ -1,0 +1,136 @@
+"""Are two finished runs the same study result? Compares the files a study's conclusions come from.
+
+    python experiments/compare_runs.py RUN_A RUN_B [--rtol 0]
+
+Compared: the RLHF (and null) model weights, ``irm/metrics.json``, ``diff/features.json``,
+``diff/features_layer*.csv`` and ``report/report.json``, value by value. Left out, because they
+differ between two runs of the same study without saying anything about it: wall-clock timings
+and throughputs (keys naming seconds, times, dates, tokens per second, trl's ``eps``) and
+absolute paths (strings naming the run folder or a model folder). With ``--rtol 0`` (the default)
+every other number must be equal; a tolerance compares floats relatively.
+
+Used to check that the same config and seed give the same result twice on one machine, and that a
+refactoring changed nothing. Exit status 0: the same; 1: differences, listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+IGNORED_KEY_PARTS = ("seconds", "time", "date", "per_second", "tokens_s", "elapsed", "created")
+IGNORED_KEYS = {"eps", "path", "run_dir", "model_paths", "tokenizer", "generated", "irmlens"}
+
+
+def _ignored(key: str) -> bool:
+    k = key.lower()
+    return k in IGNORED_KEYS or any(part in k for part in IGNORED_KEY_PARTS)
+
+
+def _is_path(value: str) -> bool:
+    return value.startswith("/") or value.startswith("runs/")
+
+
+def compare_values(a, b, where: str, rtol: float, out: list[str]) -> None:
+    """Append a line to ``out`` for each difference between ``a`` and ``b``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if _ignored(str(k)):
+                continue
+            if k not in a or k not in b:
+                out.append(f"{where}.{k}: only in {'B' if k not in a else 'A'}")
+                continue
+            compare_values(a[k], b[k], f"{where}.{k}", rtol, out)
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            out.append(f"{where}: {len(a)} vs {len(b)} items")
+            return
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            compare_values(x, y, f"{where}[{i}]", rtol, out)
+    elif isinstance(a, float) or isinstance(b, float):
+        if not isinstance(a, int | float) or not isinstance(b, int | float):
+            out.append(f"{where}: {a!r} vs {b!r}")
+        elif not (a == b or (math.isnan(a) and math.isnan(b))):
+            if rtol == 0 or not math.isclose(a, b, rel_tol=rtol, abs_tol=1e-12):
+                out.append(f"{where}: {a!r} vs {b!r}")
+    elif isinstance(a, str) and isinstance(b, str) and _is_path(a) and _is_path(b):
+        return
+    elif a != b:
+        out.append(f"{where}: {str(a)[:80]!r} vs {str(b)[:80]!r}")
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def _weights_equal(a: Path, b: Path, out: list[str], where: str) -> None:
+    from safetensors.torch import load_file
+
+    fa, fb = sorted(a.glob("*.safetensors")), sorted(b.glob("*.safetensors"))
+    if [f.name for f in fa] != [f.name for f in fb]:
+        out.append(f"{where}: weight files {[f.name for f in fa]} vs {[f.name for f in fb]}")
+        return
+    for x, y in zip(fa, fb, strict=True):
+        ta, tb = load_file(str(x)), load_file(str(y))
+        if set(ta) != set(tb):
+            out.append(f"{where}/{x.name}: other tensors")
+            continue
+        worst = max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta)
+        if worst > 0:
+            out.append(f"{where}/{x.name}: weights differ (max |diff| {worst:.3g})")
+
+
+def compare_runs(a: Path, b: Path, rtol: float = 0.0) -> list[str]:
+    """The differences between two run folders (empty: the same result)."""
+    out: list[str] = []
+    for model in ("rlhf", "null"):
+        da, db = a / "models" / model, b / "models" / model
+        if da.exists() or db.exists():
+            if not (da.exists() and db.exists()):
+                out.append(f"models/{model}: only in one run")
+            else:
+                _weights_equal(da, db, out, f"models/{model}")
+    files = ["irm/metrics.json", "diff/features.json", "report/report.json"]
+    files += sorted(str(p.relative_to(a)) for p in (a / "diff").glob("features_layer*.csv"))
+    for rel in files:
+        fa, fb = a / rel, b / rel
+        if not fa.exists() or not fb.exists():
+            out.append(f"{rel}: missing in {'A' if not fa.exists() else 'B'}")
+            continue
+        if rel.endswith(".csv"):
+            compare_values(_csv_rows(fa), _csv_rows(fb), rel, rtol, out)
+        else:
+            compare_values(json.loads(fa.read_text()), json.loads(fb.read_text()), rel, rtol, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_a", type=Path)
+    p.add_argument("run_b", type=Path)
+    p.add_argument("--rtol", type=float, default=0.0, help="relative tolerance for floats")
+    args = p.parse_args(argv)
+    diffs = compare_runs(args.run_a, args.run_b, args.rtol)
+    for line in diffs[:200]:
+        print(line)
+    if len(diffs) > 200:
+        print(f"... and {len(diffs) - 200} more")
+    n_files = "weights, irm/metrics.json, diff/features*.json/csv, report/report.json"
+    print(f"{'SAME' if not diffs else f'{len(diffs)} DIFFERENCES'} ({n_files})")
+    return 0 if not diffs else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

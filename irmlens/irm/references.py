@@ -1,0 +1,66 @@
+"""The references an IRM is read against: what the policy itself learned (the model-level implicit
+reward) and the paper's contrastive estimator, both scored on the IRM's held-out words."""
+
+from __future__ import annotations
+
+from irmlens.irm.contrastive import ContrastiveConfig, paper_estimator
+from irmlens.irm.implicit import token_log_ratios, word_implicit_rewards
+from irmlens.irm.metrics import bootstrap_tau_ci, kendall_tau, spearman
+
+
+def implicit_reward_reference(
+    hooked: dict, rows, targets, heldout_irm: dict, kl_coef: float, batch_size: int, seed: int
+) -> tuple[dict, dict[int, float]]:
+    """The model-level implicit reward per word (beta x mean summed log pi_rlhf / pi_base) and
+    its held-out scores; returns (the reference row, the per-word values)."""
+    log_ratio = token_log_ratios(hooked["base"], hooked["rlhf"], rows.tokens, batch_size)
+    implicit = word_implicit_rewards(log_ratio, rows.valid, rows.word_id, rows.in_word, kl_coef)
+    held = [w for w in sorted(heldout_irm) if w in implicit]
+    imp = [implicit[w] for w in held]
+    truth = [targets.utility[w] for w in held]
+    row = {
+        "heldout_kendall_tau": kendall_tau(imp, truth),
+        "heldout_spearman": spearman(imp, truth),
+        "heldout_kendall_tau_ci": list(
+            bootstrap_tau_ci({w: implicit[w] for w in held}, targets.utility, seed=seed)
+        ),
+        "definition": "beta * mean over occurrences of the summed log pi_rlhf/pi_base of the "
+        f"word's tokens (beta = rlhf.kl_coef = {kl_coef})",
+    }
+    return row, implicit
+
+
+def paper_reference(
+    model, tokenizer, saes_by_hook: dict, sentences: list[str], targets, split, word_utility, icfg
+) -> dict:
+    """The paper's contrastive estimator on the same word split, on the words the model can read
+    (a word its tokenizer maps to <unk> has no activation of its own)."""
+    import torch
+
+    unk = getattr(tokenizer, "unk_token", None)
+
+    def known(w: str) -> bool:
+        return unk is None or unk not in tokenizer.tokenize(w)
+
+    fit_w = [targets.words[w] for w in split.fit_words if known(targets.words[w])]
+    held_w = [targets.words[w] for w in split.heldout_words if known(targets.words[w])]
+    counts = torch.bincount(targets.word, minlength=len(targets.words)).tolist()
+    word_counts = {
+        targets.words[i]: c for i, c in enumerate(counts) if c and known(targets.words[i])
+    }
+    return paper_estimator(
+        model,
+        tokenizer,
+        saes_by_hook,
+        sentences,
+        fit_w,
+        held_w,
+        word_utility,
+        word_counts,
+        icfg.alphas,
+        ContrastiveConfig(
+            contexts_per_word=icfg.paper_contexts_per_word,
+            cv_folds=icfg.cv_folds,
+            seed=icfg.seed,
+        ),
+    )

@@ -1,0 +1,98 @@
+"""What a report concludes, written once for every view of it (HTML, Markdown, ``Study``): the
+verdict rule and the list of main / reference / control rows."""
+
+from __future__ import annotations
+
+
+def verdict(irm: dict, controls: dict) -> str:
+    """A finding only when the IRM beats every control: the shuffle by more than 2 of its standard
+    deviations, and each other control with a paired CI of the difference that excludes 0."""
+    shuffled = controls["shuffled_targets"]
+    failed = []
+    margin = irm["heldout_kendall_tau"] - shuffled["heldout_kendall_tau"]
+    if not (margin > 0 and margin > 2 * shuffled.get("heldout_kendall_tau_std", 0.0)):
+        failed.append("shuffled targets")
+    for name in ("random_sae", "base_only", "null_pair"):
+        if name in controls and controls[name]["difference_ci"][0] <= 0:
+            failed.append(name.replace("_", " "))
+    if failed:
+        return f"No finding yet: the IRM does not beat the {', '.join(failed)} control(s)."
+    return "The IRM beats every control computed here (see the rows below)."
+
+
+def controls_text(controls: dict) -> str:
+    """The controls' taus and paired CIs in one line (the report's verdict table)."""
+    parts = []
+    for name in ("random_sae", "base_only", "null_pair", "random_sae_sparse"):
+        c = controls.get(name)
+        if c:
+            lo, hi = c["difference_ci"]
+            verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
+            parts.append(
+                f"{name.replace('_', ' ')}: {c['heldout_kendall_tau']:.3f} (difference CI [{lo:.3f}, {hi:.3f}], {verdict})"
+            )
+    return "; ".join(parts)
+
+
+def result_rows(report: dict) -> list[dict]:
+    """The IRM's held-out tau beside its references and controls, one row each: ``name`` (the
+    key in report.json), ``label`` (for people), ``kind`` (main / reference / control), ``tau``
+    and, where known, ``ci``. The one list the HTML report, summary.md and ``Study`` show."""
+    irm = report["irm"]
+    rows = [
+        {
+            "name": "irm",
+            "label": f"IRM ({irm['space']})",
+            "tau": irm["heldout_kendall_tau"],
+            "ci": irm["heldout_kendall_tau_ci"],
+            "kind": "main",
+        },
+        {
+            "name": "sparse_irm",
+            "label": f"sparse IRM (k={irm['sparse']['k']})",
+            "tau": irm["sparse"]["heldout_kendall_tau"],
+            "ci": irm["sparse"]["heldout_kendall_tau_ci"],
+            "kind": "main",
+        },
+    ]
+    for name, r in irm["reference"].items():
+        rows.append(
+            {
+                "name": name,
+                "label": name.replace("_", " "),
+                "tau": r["heldout_kendall_tau"],
+                "ci": r.get("heldout_kendall_tau_ci"),
+                "kind": "reference",
+            }
+        )
+    rows.append(
+        {
+            "name": "paper_estimator",
+            "label": "paper's estimator",
+            "tau": report["paper_estimator"]["kendall_tau"],
+            "kind": "reference",
+        }
+    )
+    for name, c in report["controls"].items():
+        rows.append(
+            {
+                "name": name,
+                "label": name.replace("_", " "),
+                "tau": c["heldout_kendall_tau"],
+                "ci": c.get("difference_ci"),
+                "kind": "control",
+            }
+        )
+    return rows
+
+
+def tau_bars(report: dict) -> list[dict]:
+    """``result_rows`` as the figure's bars ({name, tau, ci?, kind}; controls without a CI bar:
+    theirs is of a difference, not of their tau)."""
+    bars = []
+    for r in result_rows(report):
+        bar = {"name": r["label"], "tau": r["tau"], "kind": r["kind"]}
+        if r["kind"] != "control" and "ci" in r:
+            bar["ci"] = r["ci"]
+        bars.append(bar)
+    return bars

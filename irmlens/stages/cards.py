@@ -1,0 +1,84 @@
+"""Stage ``cards``: feature cards (top contexts, histograms, logit effects, partners) for the most
+divergent shared-SAE features and the sparse IRM's features (``diff/cards.json``)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from irmlens.io import atomic_write_json, csv_value, read_json
+from irmlens.stages.context import StudyContext, log
+
+
+def run(ctx: StudyContext) -> None:
+    """Feature cards for the most divergent shared-SAE features and the sparse IRM's features."""
+    from safetensors.torch import load_file
+
+    from irmlens.cache.store import hook_name, load_activations, load_token_rows
+    from irmlens.diff.cards import activation_histograms, logit_effects, top_contexts
+    from irmlens.irm.fit import irm_feature_weights
+    from sae_training.train import encode_batched, load_sae
+
+    cfg, paths, pair, layer, width = ctx.cfg, ctx.paths, ctx.pair, ctx.irm_layer, ctx.widest
+    hook = hook_name(layer)
+    sae = load_sae(paths.sae_dir("shared", hook, width))
+    features = read_json(paths.diff / "features.json")
+    irm = read_json(paths.irm / "metrics.json")
+    coef = load_file(str(paths.irm / "coefficients.safetensors"))["coef"]
+    weights = irm_feature_weights(irm, coef, sae.cfg.d_sae)
+    table = {f["feature"]: f for f in features["divergent_features"]}
+    chosen = [f["feature"] for f in features["divergent_features"]][: cfg.diff.n_cards]
+    sparse = [
+        ref["local_feature"]
+        for ref in irm["sparse"]["feature_refs"]
+        if ref["dictionary"] == "shared" and ref["layer"] == layer
+    ]
+    chosen += [f for f in sparse if f not in chosen]
+    codes = {
+        m: encode_batched(sae, load_activations(paths.cache, m, hook)) for m in ("base", "rlhf")
+    }
+    rows = load_token_rows(paths.cache)
+    tok = pair.tokenizer
+
+    def token_str(i: int) -> str:
+        return tok.decode([i])
+
+    w_u = pair.get()["base"].W_U.detach()
+    with open(paths.features_table(layer), encoding="utf-8") as f:
+        csv_rows = {int(r["feature"]): r for r in csv.DictReader(f)}
+    cards = []
+    for j in chosen:
+        summary = table.get(j) or {k: csv_value(v) for k, v in csv_rows[j].items()}
+        cards.append(
+            {
+                "feature": j,
+                "layer": layer,
+                "reason": ("divergent" if j in table else "")
+                + (" sparse-IRM" if j in sparse else ""),
+                "divergence": summary["divergence"],
+                "frequency_base": summary["frequency_base"],
+                "frequency_rlhf": summary["frequency_rlhf"],
+                "mean_change": summary["mean_change"],
+                "irm_weight": weights.get(j),
+                **{
+                    k: summary[k]
+                    for k in (
+                        "base_partner",
+                        "base_cosine",
+                        "rlhf_partner",
+                        "rlhf_cosine",
+                        "matching_tag",
+                    )
+                },
+                "contexts_base": top_contexts(codes["base"], rows.tokens, rows.valid, token_str, j),
+                "contexts_rlhf": top_contexts(codes["rlhf"], rows.tokens, rows.valid, token_str, j),
+                "histogram": activation_histograms(codes["base"], codes["rlhf"], j),
+                **logit_effects(sae.W_dec[j].detach(), w_u, token_str),
+            }
+        )
+    atomic_write_json(paths.cards, cards)
+    log(f"cards: {len(cards)} feature cards ({len(sparse)} sparse-IRM features)")
+
+
+def outputs(paths) -> list[Path]:
+    return [paths.cards]

@@ -1,0 +1,142 @@
+"""What every stage of a study shares, computed once: the config's assets, reward model and
+splits, the model pair, the studied layers, d_model and the dictionary widths.
+
+A value that an earlier stage wrote is read back from its file (through ``RunPaths``), so a stage
+works the same whether the earlier ones ran in this process or in an earlier, killed one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from irmlens.config import StudyConfig
+from irmlens.io import read_json
+from irmlens.run import RunPaths, read_model_dirs
+
+
+def log(msg: str) -> None:
+    print(f"[irmlens {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class HookedPair:
+    """Loads the study's models (base, rlhf, and the null model if any) as HookedTransformers on
+    first use (stages that skip never pay)."""
+
+    def __init__(self, cfg: StudyConfig, dirs: dict[str, Path]) -> None:
+        self.cfg, self.dirs = cfg, dict(dirs)
+        self._models: dict | None = None
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self.dirs["base"], trust_remote_code=self.cfg.model.trust_remote_code
+            )
+        return self._tokenizer
+
+    def get(self) -> dict:
+        if self._models is None:
+            from irmlens.models.hooked import load_hf_model, load_hooked_model
+            from irmlens.models.pair import check_pair_configs
+
+            self._models = {}
+            for name, d in self.dirs.items():
+                trust = self.cfg.model.trust_remote_code
+                hf, tok = load_hf_model(d, self.cfg.model.device, trust)
+                if self._tokenizer is None:
+                    self._tokenizer = tok
+                self._models[name] = load_hooked_model(
+                    d, self.cfg.model.device, hf_model=hf, tokenizer=tok, trust_remote_code=trust
+                )
+            for name in self._models:
+                if name != "base":
+                    check_pair_configs(self._models["base"].cfg, self._models[name].cfg)
+        return self._models
+
+
+@dataclass
+class StudyContext:
+    """One study run: its config, its folder, the stages forced to recompute, and the values
+    the stages share (each computed on first use)."""
+
+    cfg: StudyConfig
+    paths: RunPaths
+    force: frozenset[str] = frozenset()
+    # set by the models stage: the base model's folder, and models given in the config
+    base_dir: Path | None = None
+    given: dict[str, Path] = field(default_factory=dict)
+
+    def forced(self, stage: str) -> bool:
+        return stage in self.force
+
+    @cached_property
+    def assets(self):
+        from irmlens.data.assets import fetch_assets
+
+        return fetch_assets(log=log)
+
+    @cached_property
+    def rm(self):
+        """The reward model of ``data.lexicon`` (the true reward the IRM is scored against)."""
+        from irmlens.rewards.lexicon import LexiconRewardModel
+
+        if self.cfg.data.lexicon == "vader":
+            return LexiconRewardModel.from_file(self.assets.lexicon, name="vader")
+        return LexiconRewardModel.from_file(self.cfg.data.lexicon)
+
+    @cached_property
+    def splits(self):
+        from irmlens.data.corpus import load_reviews, split_reviews
+
+        d = self.cfg.data
+        return split_reviews(load_reviews(self.assets.reviews), d.n_validation, d.n_heldout, d.seed)
+
+    @cached_property
+    def dirs(self) -> dict[str, Path]:
+        """The model folders of the pair, as the pair stage recorded them."""
+        return read_model_dirs(self.paths.root)
+
+    @cached_property
+    def pair(self) -> HookedPair:
+        return HookedPair(self.cfg, self.dirs)
+
+    @cached_property
+    def layers(self) -> dict:
+        """``diff/layers.json``: per-layer divergence, the ranking and the studied layers."""
+        return read_json(self.paths.diff / "layers.json")
+
+    @property
+    def studied_layers(self) -> list[int]:
+        return self.layers["studied_layers"]
+
+    @property
+    def irm_layer(self) -> int:
+        """The most changed of the studied layers: the IRM's, the feature table's."""
+        return next(la for la in self.layers["ranking"] if la in self.studied_layers)
+
+    @cached_property
+    def d_model(self) -> int:
+        from irmlens.cache.store import load_manifest
+
+        return next(iter(load_manifest(self.paths.cache)["shapes"].values()))[1]
+
+    @property
+    def widths(self) -> list[int]:
+        """Dictionary widths, narrowest first (``sae.width_multipliers`` x d_model)."""
+        return sorted({int(m * self.d_model) for m in self.cfg.sae.width_multipliers})
+
+    @property
+    def widest(self) -> int:
+        """The width of the dictionaries the diff, IRM and cards stages read."""
+        return self.widths[-1]
+
+    @property
+    def wide_topk_label(self) -> str:
+        """The folder name (under ``saes/``) of the wide TopK dictionary."""
+        return f"shared-topk{self.cfg.sae.wide_topk_k}"

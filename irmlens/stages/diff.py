@@ -1,0 +1,149 @@
+"""Stage ``diff``: per-feature divergence through the widest shared SAE (base vs rlhf, and base
+vs null) and Hungarian matching of the per-model dictionaries, for every studied layer."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from irmlens.io import atomic_write_json, atomic_write_text
+from irmlens.stages.context import StudyContext, log
+
+
+def run(ctx: StudyContext) -> None:
+    """Per-feature divergence through the widest shared SAE (base vs rlhf, and base vs null), and
+    Hungarian matching of the base and rlhf dictionaries of the same width, for every studied
+    layer (``diff/features_layer{L}.csv``, ``diff/matching_layer{L}.json``); the IRM layer's
+    summary and most divergent features are ``features.json``."""
+    from irmlens.cache.store import load_token_rows
+
+    paths, layer = ctx.paths, ctx.irm_layer
+    rows = load_token_rows(paths.cache)
+    # every file is computed before any is replaced: a recomputation (``--force``) interrupted
+    # while computing leaves the previous tables whole
+    staged: dict[Path, str] = {}
+    per_layer = {la: _diff_layer(ctx, la, rows, staged) for la in sorted(ctx.studied_layers)}
+    result = per_layer[layer] | {
+        "layers": [
+            {k: r[k] for k in ("layer", "n_features", "n_divergent", "n_divergent_null")}
+            for r in per_layer.values()
+        ]
+    }
+    for path, text in staged.items():
+        atomic_write_text(path, text)
+    atomic_write_json(paths.diff / "features.json", result)  # last: marks the stage done
+
+
+def outputs(paths) -> list[Path]:
+    return [
+        paths.diff / "features.json",
+        *paths.diff.glob("features_layer*.csv"),
+        *paths.diff.glob("matching_layer*.json"),
+    ]
+
+
+def _diff_layer(ctx: StudyContext, layer: int, rows, staged: dict[Path, str]) -> dict:
+    """One layer's divergence and matching; its files go into ``staged`` (path -> text)."""
+    from irmlens.cache.store import hook_name, load_activations, load_manifest
+    from irmlens.diff.features import (
+        FeatureCodes,
+        feature_divergence,
+        match_dictionaries,
+        shared_feature_partners,
+    )
+    from sae_training.train import encode_batched, load_sae
+
+    cfg, paths, width = ctx.cfg, ctx.paths, ctx.widest
+    hook = hook_name(layer)
+    sae = load_sae(paths.sae_dir("shared", hook, width))
+    models = load_manifest(paths.cache)["models"]
+    codes = {m: encode_batched(sae, load_activations(paths.cache, m, hook)) for m in models}
+    d = cfg.diff
+    div = feature_divergence(FeatureCodes(codes["base"], codes["rlhf"]), d.min_frequency)
+    null_div = (
+        feature_divergence(FeatureCodes(codes["base"], codes["null"]), d.min_frequency)
+        if "null" in codes
+        else None
+    )
+    w_base = load_sae(paths.sae_dir("base", hook, width)).W_dec
+    w_rlhf = load_sae(paths.sae_dir("rlhf", hook, width)).W_dec
+    matching = match_dictionaries(w_base, w_rlhf, d.matching_threshold)  # (b) paired dictionaries
+    partners = shared_feature_partners(sae.W_dec, w_base, w_rlhf, d.matching_threshold)
+    word = rows.word_id[rows.valid]
+    ends = torch.nonzero(word >= 0).squeeze(-1)
+    delta = codes["rlhf"][ends] - codes["base"][ends]
+    base_at_ends = codes["base"][ends]
+    order = torch.argsort(div["divergence"], descending=True)
+    table = []
+    for j in range(sae.cfg.d_sae):
+        table.append(
+            {"feature": j, **{k: float(v[j]) for k, v in div.items()}}
+            | ({"divergence_null": float(null_div["divergence"][j])} if null_div else {})
+            | {k: v[j] for k, v in partners.items()}
+        )
+    divergent = []
+    for j in order[: d.top_n].tolist():
+        divergent.append(
+            {
+                **table[j],
+                "top_words_increase": _word_means_of(delta[:, j], word[ends], rows.words, 5),
+                "top_words_decrease": _word_means_of(-delta[:, j], word[ends], rows.words, 5),
+                "top_words_base": _word_means_of(base_at_ends[:, j], word[ends], rows.words, 5),
+            }
+        )
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(table[0]))
+    writer.writeheader()
+    writer.writerows(table)
+    staged[paths.features_table(layer)] = buf.getvalue()
+    n_div = int((div["divergence"] > d.threshold).sum())
+    n_null = int((null_div["divergence"] > d.threshold).sum()) if null_div else None
+    result = {
+        "layer": layer,
+        "hook": hook,
+        "sae": {"model": "shared", "width": width},
+        "threshold": d.threshold,
+        "min_frequency": d.min_frequency,
+        "score": "RMS of the paired code change / RMS code (0 unchanged, ~1.41 disjoint)",
+        "n_features": sae.cfg.d_sae,
+        "n_divergent": n_div,
+        "n_divergent_null": n_null,
+        "feature_matching": {
+            k: v for k, v in matching.items() if k not in ("partner", "cosine", "tag_base")
+        }
+        | {"width": width, "layer": layer},
+        "divergent_features": divergent,
+    }
+    staged[paths.matching_file(layer)] = (
+        json.dumps(
+            {
+                "partner": matching["partner"].tolist(),
+                "cosine": [None if c != c else c for c in matching["cosine"].tolist()],
+                "tag_base": matching["tag_base"],
+            },
+            indent=2,
+            allow_nan=False,
+        )
+        + "\n"
+    )
+    log(
+        f"diff L{layer}: {n_div} of {sae.cfg.d_sae} shared-SAE features above divergence {d.threshold}"
+        + (f" (null pair: {n_null})" if n_null is not None else "")
+        + f"; paired dictionaries: {matching['n_shared']} shared, {matching['n_base_only']} "
+        f"base-only, {matching['n_rlhf_only']} rlhf-only (cosine >= {d.matching_threshold})"
+    )
+    return result
+
+
+def _word_means_of(
+    values: torch.Tensor, word: torch.Tensor, words: list[str], top: int
+) -> list[str]:
+    """Words (at least 2 occurrences) with the largest mean of ``values`` over their positions."""
+    from irmlens.irm.fit import word_means
+
+    means = word_means(values.double(), word, min_count=2)
+    return [words[w] for w in sorted(means, key=lambda w: -means[w])[:top]]

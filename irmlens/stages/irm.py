@@ -1,0 +1,271 @@
+"""Stage ``irm``: the implicit reward model in every registered feature space on one word split,
+the chosen space's controls and references, the sparse IRM, the paper's estimator, per-word
+divergence and attribution (``irm/``).
+
+All its files are written into a temporary folder that replaces ``irm/`` in one rename, so a
+recomputation (``irmlens irm --force``) that is interrupted leaves the previous results whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from irmlens.errors import ConfigError
+from irmlens.io import atomic_dir, atomic_write_json, atomic_write_text
+from irmlens.stages.context import StudyContext, log
+
+
+def _inputs(ctx: StudyContext):
+    """The spaces' inputs (activations, dictionaries, positions), the targets, the word split
+    and the cache's token rows."""
+    from irmlens.cache.store import hook_name, load_activations, load_manifest, load_token_rows
+    from irmlens.irm.fit import position_targets, split_words
+    from irmlens.irm.spaces import SpaceInputs
+    from sae_training.train import load_sae
+
+    paths, layers = ctx.paths, sorted(ctx.studied_layers)
+    li, width = layers.index(ctx.irm_layer), ctx.widest
+    hooks = [hook_name(la) for la in layers]
+    models = load_manifest(paths.cache)["models"]
+    acts = {m: [load_activations(paths.cache, m, h) for h in hooks] for m in models}
+    shared_dirs = [paths.sae_dir("shared", h, width) for h in hooks]
+    base_dir = paths.sae_dir("base", hooks[li], width)
+    topk_dir = paths.sae_dir(ctx.wide_topk_label, hooks[li], width)
+    dictionaries = {
+        "shared": [(load_sae(d), d) for d in shared_dirs],
+        "base": [(load_sae(base_dir), base_dir)],
+    }
+    if topk_dir.exists():
+        dictionaries["wide_topk"] = [(load_sae(topk_dir), topk_dir)]
+    rows = load_token_rows(paths.cache)
+    targets = position_targets(rows.word_id[rows.valid], rows.words, ctx.rm.word_utility)
+    split = split_words(targets, ctx.cfg.irm)
+    positions = (targets.position[split.fit_positions], targets.position[split.heldout_positions])
+    labels = {"shared": "shared", "base": "base", "wide_topk": ctx.wide_topk_label, "raw": "raw"}
+    inputs = SpaceInputs(layers, li, acts, dictionaries, labels, positions)
+    log(
+        f"irm: {len(split.fit_words)} fit words ({len(split.fit_positions)} positions incl. "
+        f"non-lexicon), {len(split.heldout_words)} held-out words "
+        f"({len(split.heldout_positions)} positions); layers {layers}, IRM layer {ctx.irm_layer}"
+    )
+    return inputs, targets, split, rows
+
+
+def _fit_spaces(inputs, targets, split, icfg):
+    """Every available space fitted and scored; the table of them; the chosen spec."""
+    from irmlens.irm.controls import retention
+    from irmlens.irm.fit import fit_and_score
+    from irmlens.irm.metrics import bootstrap_tau_ci
+    from irmlens.irm.spaces import SPACES, available
+
+    specs = available(inputs, selectable=True) + available(inputs, selectable=False)
+    built = {spec.name: spec.build(inputs) for spec in specs}
+    fits = {n: fit_and_score(sp.fit, sp.held, targets, split, icfg) for n, sp in built.items()}
+    table = []
+    for spec in specs:
+        f, sp = fits[spec.name], built[spec.name]
+        ref_tau = fits[spec.reference if spec.selectable else "raw_difference"]
+        ci = bootstrap_tau_ci(f.heldout_irm, targets.utility, seed=icfg.seed)
+        table.append(
+            {
+                "name": spec.name,
+                "description": sp.description,
+                "n_features": int(sp.fit.shape[1]),
+                "heldout_kendall_tau": f.heldout_kendall_tau,
+                "heldout_kendall_tau_ci": list(ci),
+                "heldout_spearman": f.heldout_spearman,
+                "cv_r2": f.cv_r2,
+                "signal_retention": retention(f.heldout_kendall_tau, ref_tau.heldout_kendall_tau),
+            }
+        )
+        log(
+            f"irm space {spec.name:16s} tau {f.heldout_kendall_tau:+.3f} [{ci[0]:+.3f}, "
+            f"{ci[1]:+.3f}]  CV R2 {f.cv_r2:+.4f}"
+        )
+    candidates = [s for s in specs if s.selectable]
+    if icfg.space == "auto":
+        chosen = max(candidates, key=lambda s: fits[s.name].cv_r2)
+    elif icfg.space in {s.name for s in candidates}:
+        chosen = SPACES[icfg.space]
+    else:  # the config's checks make this unreachable for a complete run
+        raise ConfigError(f"irm.space = {icfg.space!r} is not available in this run")
+    return built, fits, table, chosen
+
+
+def _sparse(chosen, targets, split, icfg, feature_ref, raw_tau: float):
+    """The sparse IRM: ``irm.sparse_k`` features chosen greedily; its fit, features and row."""
+    from irmlens.irm.controls import retention
+    from irmlens.irm.fit import sparse_irm
+    from irmlens.irm.metrics import bootstrap_tau_ci
+
+    sparse, feats = sparse_irm(
+        chosen.fit, chosen.held, targets, split, icfg, icfg.sparse_k, chosen.n_features
+    )
+    row = {
+        "k": icfg.sparse_k,
+        "features": feats,
+        "feature_refs": [feature_ref(j) for j in feats],
+        "heldout_kendall_tau": sparse.heldout_kendall_tau,
+        "heldout_kendall_tau_ci": list(
+            bootstrap_tau_ci(sparse.heldout_irm, targets.utility, seed=icfg.seed)
+        ),
+        "heldout_spearman": sparse.heldout_spearman,
+        "signal_retention": retention(sparse.heldout_kendall_tau, raw_tau),
+    }
+    return sparse, feats, row
+
+
+def run(ctx: StudyContext) -> None:
+    from irmlens.data.assets import asset_paths
+    from irmlens.data.corpus import load_reviews
+    from irmlens.irm.attribution import most_divergent, word_divergence
+    from irmlens.irm.controls import ControlContext, retention, run_controls, score_row
+    from irmlens.irm.fit import top_irm_features
+    from irmlens.irm.metrics import bootstrap_tau_ci
+    from irmlens.irm.references import implicit_reward_reference, paper_reference
+    from sae_training.train import load_whitening
+
+    cfg, icfg, paths = ctx.cfg, ctx.cfg.irm, ctx.paths
+    inputs, targets, split, rows = _inputs(ctx)
+    built, fits, spaces_table, spec = _fit_spaces(inputs, targets, split, icfg)
+    chosen, main = built[spec.name], fits[spec.name]
+    raw_tau = fits[spec.reference].heldout_kendall_tau
+    log(
+        f"irm: main space {spec.name} (best CV R2 on fit words)"
+        if icfg.space == "auto"
+        else f"irm: main space {spec.name}"
+    )
+
+    controls_ctx = ControlContext(
+        spec, chosen, main, inputs, targets, split, icfg, cfg.seed, ctx.d_model, load_whitening
+    )
+    controls = run_controls(controls_ctx, of_sparse=False)
+
+    def feature_ref(col: int) -> dict:
+        return spec.feature_ref(col, inputs)
+
+    # References: raw differences and the model-level implicit reward (what the policy learned).
+    tau_ci = list(bootstrap_tau_ci(main.heldout_irm, targets.utility, seed=icfg.seed))
+    references = {
+        "raw_difference": score_row(fits[spec.reference], main, targets, icfg.seed)
+        | {"description": built[spec.reference].description}
+    }
+    hooked = ctx.pair.get()
+    references["model_implicit_reward"], implicit = implicit_reward_reference(
+        hooked, rows, targets, main.heldout_irm, cfg.rlhf.kl_coef, cfg.cache.batch_size, icfg.seed
+    )
+    imp_tau = references["model_implicit_reward"]["heldout_kendall_tau"]
+
+    # Sparse IRM (k features) and its controls (the same selection on a random dictionary).
+    sparse, chosen_feats, sparse_row = _sparse(chosen, targets, split, icfg, feature_ref, raw_tau)
+    controls_ctx.sparse = sparse
+    controls |= run_controls(controls_ctx, of_sparse=True)
+
+    hooks = [f"blocks.{la}.hook_resid_post" for la in inputs.layers]
+    paper = paper_reference(
+        hooked["rlhf"],
+        ctx.pair.tokenizer,
+        dict(zip(hooks, [s for s, _ in inputs.dictionaries["shared"]], strict=True)),
+        [r.text for r in load_reviews(asset_paths().sentences)],
+        targets,
+        split,
+        ctx.rm.word_utility,
+        icfg,
+    )
+    log(
+        f"irm: {spec.name} tau {main.heldout_kendall_tau:.3f} CI [{tau_ci[0]:.3f}, "
+        f"{tau_ci[1]:.3f}]; raw difference {raw_tau:.3f}; model implicit reward {imp_tau:.3f}; "
+        "controls: "
+        + ", ".join(f"{k} {v['heldout_kendall_tau']:.3f}" for k, v in controls.items())
+        + f"; sparse (k={icfg.sparse_k}) {sparse.heldout_kendall_tau:.3f} vs random "
+        f"{controls['random_sae_sparse']['heldout_kendall_tau']:.3f}"
+        f"; paper's estimator {paper['kendall_tau']:.3f}"
+    )
+
+    div_words = word_divergence(
+        main.heldout_irm,
+        targets,
+        chosen.held,
+        targets.word[split.heldout_positions],
+        main.model.coef,
+        feature_ref,
+    )
+    # the readable ranking: the sparse IRM's features in selection order, with their weights
+    top_features = top_irm_features(
+        sparse.model, chosen.fit, chosen.held, targets, split, features=chosen_feats
+    )
+    for f in top_features:
+        f.update(feature_ref(f["feature"]))
+    result = {
+        "layer": inputs.layer,
+        "layers": inputs.layers,
+        "hook": hooks[inputs.layer_index],
+        "space": spec.name,
+        "space_selection": "best cross-validated R^2 on fit words"
+        if icfg.space == "auto"
+        else "configured",
+        "sae": {"model": "shared", "width": ctx.widest},
+        "features": chosen.description,
+        "n_features": int(chosen.fit.shape[1]),
+        "n_dictionary_features": int(chosen.n_features),
+        "n_fit_words": len(split.fit_words),
+        "n_heldout_words": len(split.heldout_words),
+        "n_fit_positions": int(len(split.fit_positions)),
+        "n_heldout_positions": int(len(split.heldout_positions)),
+        "heldout_kendall_tau": main.heldout_kendall_tau,
+        "heldout_kendall_tau_ci": tau_ci,
+        "heldout_spearman": main.heldout_spearman,
+        "heldout_spearman_ci": list(
+            bootstrap_tau_ci(
+                main.heldout_irm, targets.utility, seed=icfg.seed, statistic="spearman"
+            )
+        ),
+        "reference": references,
+        "signal_retention": retention(main.heldout_kendall_tau, raw_tau),
+        "cv_r2": main.cv_r2,
+        "alpha": main.model.alpha,
+        "split_seed": icfg.seed,
+        "spaces": spaces_table,
+        "sparse": sparse_row,
+        "heldout_points": [
+            {"word": targets.words[w], "true": targets.utility[w], "irm": v}
+            for w, v in main.heldout_irm.items()
+        ],
+        "top_features": top_features,
+        "divergent_words": most_divergent(div_words),
+        "controls": controls,
+        "paper_estimator": paper,
+    }
+    _write(paths, main, targets, implicit, div_words, result)
+
+
+def _write(paths, main, targets, implicit: dict, div_words: list[dict], result: dict) -> None:
+    """Every file of the stage, swapped in as one folder."""
+    from safetensors.torch import save_file
+
+    from irmlens.irm.words import WORD_UTILITIES, word_utilities_text
+
+    wcounts = torch.bincount(targets.word, minlength=len(targets.words))
+    word_rows = [
+        (targets.words[w], split_name, targets.utility[w], v, implicit.get(w), int(wcounts[w]))
+        for split_name, preds in (("fit", main.fit_irm), ("heldout", main.heldout_irm))
+        for w, v in sorted(preds.items(), key=lambda kv: targets.words[kv[0]])
+    ]
+    with atomic_dir(paths.irm) as tmp:
+        save_file(
+            {"coef": main.model.coef.float(), "intercept": torch.tensor([main.model.intercept])},
+            str(tmp / "coefficients.safetensors"),
+        )
+        atomic_write_text(tmp / WORD_UTILITIES.name, word_utilities_text(word_rows))
+        atomic_write_json(tmp / "word_attribution.json", div_words)
+        atomic_write_json(tmp / "metrics.json", result)
+
+
+def outputs(paths) -> list[Path]:
+    return [paths.irm]
+
+
+def done(ctx: StudyContext) -> bool:
+    return (ctx.paths.irm / "metrics.json").exists()

@@ -1,0 +1,32 @@
+"""Stage ``pair``: the study's model folders (base, rlhf, null), checked as a pair (tokenizer,
+weights) and recorded in ``models/dirs.json``, which every later stage reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from irmlens.run import write_model_dirs
+from irmlens.stages import null
+from irmlens.stages.context import StudyContext
+
+
+def run(ctx: StudyContext) -> None:
+    from irmlens.models.pair import check_pair_folders
+
+    paths = ctx.paths
+    dirs = {"base": ctx.base_dir, "rlhf": ctx.given.get("rlhf", paths.rlhf_model)}
+    if "null" in ctx.given:
+        dirs["null"] = ctx.given["null"]
+    elif null.wanted(ctx.cfg):
+        dirs["null"] = paths.null_model
+    check_pair_folders(dirs)
+    write_model_dirs(paths.root, dirs)
+    ctx.__dict__.pop("dirs", None)  # read back from the file just written
+
+
+def outputs(paths) -> list[Path]:
+    return [paths.model_dirs]
+
+
+def done(ctx: StudyContext) -> bool:
+    return False  # cheap, and the models it records may have been re-resolved

@@ -1,0 +1,127 @@
+"""Stage ``saes``: SAELens dictionaries per studied layer and width, per model (base, rlhf) and
+shared (all models' activations), plus the wide TopK dictionary of the IRM's feature spaces;
+held-out evals, CE loss recovered and MMCS. Each finished dictionary is kept on resume."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from irmlens.io import atomic_write_json
+from irmlens.stages.context import StudyContext, log
+
+
+def _sae_eval_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_eval = max(1, n // 10)
+    return perm[n_eval:], perm[:n_eval]
+
+
+def run(ctx: StudyContext) -> None:
+    """Per-model and shared SAEs per layer and width; evals (held-out positions, CE loss recovered
+    with the SAE spliced into the model) and MMCS between each model's narrowest and widest SAE."""
+    from irmlens.cache.store import hook_name, load_activations, load_manifest, load_token_rows
+    from irmlens.diff.matching import mmcs
+    from sae_training.evals import ce_loss_recovered
+    from sae_training.train import evaluate_sae, load_sae, train_sae
+
+    cfg, paths, pair, layers, widths = ctx.cfg, ctx.paths, ctx.pair, ctx.studied_layers, ctx.widths
+    token_rows = None
+    for layer in layers:
+        hook = hook_name(layer)
+        # the shared dictionary sees every model of the study (the null model too), so the null
+        # pair's differences are encoded by a dictionary that knows its activations as well
+        models = load_manifest(paths.cache)["models"]
+        acts = {m: load_activations(paths.cache, m, hook) for m in models}
+        n = acts["base"].shape[0]
+        train_idx, eval_idx = _sae_eval_split(n, cfg.seed)
+        acts["shared"] = torch.cat([acts[m] for m in models])
+        shared_train = torch.cat([train_idx + i * n for i in range(len(models))])
+        shared_eval = torch.cat([eval_idx + i * n for i in range(len(models))])
+        for width in widths:
+            specs = [("base", "base"), ("rlhf", "rlhf"), ("shared", "shared")]
+            if cfg.sae.wide_topk_k and width == widths[-1]:
+                specs.append((ctx.wide_topk_label, "shared"))
+            for model, data_key in specs:
+                out = paths.sae_dir(model, hook, width)
+                metrics_path = out / "metrics.json"
+                if metrics_path.exists() and (out / "cfg.json").exists():
+                    continue
+                shared = data_key == "shared"
+                tr, ev = (shared_train, shared_eval) if shared else (train_idx, eval_idx)
+                seed = sae_init_seed(cfg.seed, model, layer, width)
+                tcfg = cfg.sae.training_config(width, seed, cfg.model.device)
+                if model != data_key:  # the wide TopK dictionary of the feature-space comparison
+                    # (the fused step is the standard SAE's; TopK trains with sae-lens's)
+                    trainer = "auto" if tcfg.trainer == "fused" else tcfg.trainer
+                    tcfg = replace(
+                        tcfg, architecture="topk", k=cfg.sae.wide_topk_k, trainer=trainer
+                    )
+                log(
+                    f"sae: training {tcfg.architecture} {model} {hook} width {width} on {len(tr)} positions"
+                )
+                ckpt = paths.saes / ".checkpoints" / model / hook / str(width)
+                train_sae(acts[data_key][tr], tcfg, hook, model, out_dir=out, checkpoint_dir=ckpt)
+                sae = load_sae(out)
+                m = evaluate_sae(sae, acts[data_key][ev])
+                if token_rows is None:
+                    token_rows = load_token_rows(paths.cache)
+                lm = pair.get()["base" if shared else model]
+                n = cfg.sae.ce_eval_rows
+                m.update(
+                    ce_loss_recovered(lm, sae, hook, token_rows.tokens[-n:], token_rows.valid[-n:])
+                )
+                row = {
+                    "model": model,
+                    "layer": layer,
+                    "hook": hook,
+                    "width": width,
+                    "architecture": tcfg.architecture,
+                    **({"k": tcfg.k} if tcfg.architecture in ("topk", "batchtopk") else {}),
+                    **m,
+                    "eval": "held-out 10% of positions; CE on the last ce_eval_rows token rows"
+                    + (" with the base model" if shared else ""),
+                }
+                atomic_write_json(metrics_path, row)
+                log(
+                    f"sae: {model} L{layer} w{width}: explained variance {m['explained_variance']:.3f}, "
+                    f"L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}, CE loss recovered "
+                    + (
+                        f"{m['ce_loss_recovered']:.3f}"
+                        if m["ce_loss_recovered"] is not None
+                        else "undefined"
+                    )
+                )
+    mmcs_rows = []
+    if len(widths) > 1:
+        for layer in layers:
+            hook = hook_name(layer)
+            for model in ("base", "rlhf", "shared"):
+                small = load_sae(paths.sae_dir(model, hook, widths[0]))
+                large = load_sae(paths.sae_dir(model, hook, widths[-1]))
+                mmcs_rows.append(
+                    {
+                        "model": model,
+                        "layer": layer,
+                        "small": widths[0],
+                        "large": widths[-1],
+                        "mmcs": mmcs(small.W_dec, large.W_dec),
+                    }
+                )
+    atomic_write_json(paths.saes / "mmcs.json", mmcs_rows)  # last: marks the stage done
+
+
+def outputs(paths) -> list[Path]:
+    return [paths.saes / "mmcs.json"]
+
+
+def sae_init_seed(study_seed: int, model: str, layer: int, width: int) -> int:
+    """Each dictionary's own seed. One seed for all would start the base, RLHF and shared SAEs
+    from the same weights (and a narrow SAE from the first rows of the wide one's), so MMCS and
+    the matching of paired dictionaries would partly measure that common start: untrained, two
+    widths from one seed already have MMCS 1.0."""
+    import zlib
+
+    return (study_seed * 1_000_003 + zlib.crc32(f"{model}/{layer}/{width}".encode())) % 2**31

@@ -1,0 +1,61 @@
+"""A feature card as a self-contained HTML fragment: used by the HTML report and the Jupyter
+explorer (so neither imports the other)."""
+
+from __future__ import annotations
+
+import html
+
+
+def _highlight(ctx: dict, scale: float) -> str:
+    spans = []
+    for i, (t, a) in enumerate(zip(ctx["tokens"], ctx["activations"], strict=True)):
+        alpha = 0.0 if scale <= 0 else min(1.0, max(0.0, a / scale))
+        border = "border-bottom:2px solid #000;" if i == ctx["focus"] else ""
+        spans.append(
+            f'<span class="tok" style="background:rgba(214,39,40,{alpha:.2f});{border}" '
+            f'title="{a:.3f}">{html.escape(t)}</span>'
+        )
+    return "".join(spans)
+
+
+def render_card(card: dict, include_plotlyjs: bool = False) -> str:
+    """One feature card as an HTML fragment (contexts highlighted by activation, histogram,
+    promoted/suppressed tokens, IRM weight, matched partner)."""
+    from irmlens.viz.figures import feature_histogram_figure
+
+    scale = max([c["max"] for c in card["contexts_base"] + card["contexts_rlhf"]] or [0.0])
+    ctx = {
+        name: "".join(
+            f"<div class='ctx'>{_highlight(c, scale)} <small>({c['max']:.2f})</small></div>"
+            for c in card[f"contexts_{name}"]
+        )
+        or "<div class='ctx'><i>never fires</i></div>"
+        for name in ("base", "rlhf")
+    }
+    tokens = {
+        k: ", ".join(f"<code>{html.escape(t['token'])}</code>" for t in card[k])
+        for k in ("promoted", "suppressed")
+    }
+    weight = "n/a" if card["irm_weight"] is None else f"{card['irm_weight']:+.4g}"
+
+    def partner_text(model: str) -> str:
+        p, c = card[f"{model}_partner"], card[f"{model}_cosine"]
+        return (
+            "none" if p is None or p < 0 or c is None else f"feature {p} (decoder cosine {c:.2f})"
+        )
+
+    partner = (
+        f"{card['matching_tag']}: in the base SAE {partner_text('base')}; in the RLHF SAE "
+        f"{partner_text('rlhf')}"
+    )
+    hist = feature_histogram_figure(card).to_html(
+        full_html=False, include_plotlyjs=include_plotlyjs, config={"displaylogo": False}
+    )
+    return f"""<details class="card" id="feature-{card["feature"]}"><summary><b>feature {card["feature"]}</b>
+(layer {card["layer"]}; {html.escape(card["reason"].strip())}): divergence {card["divergence"]:.3f}, firing
+{card["frequency_base"]:.3f} &rarr; {card["frequency_rlhf"]:.3f}, IRM weight {weight}</summary>
+<table class="kv"><tr><th>matched partners</th><td>{html.escape(partner)}</td></tr>
+<tr><th>promotes (logit lens)</th><td>{tokens["promoted"]}</td></tr>
+<tr><th>suppresses</th><td>{tokens["suppressed"]}</td></tr></table>
+<div class="ctxs"><div><h4>top contexts, base</h4>{ctx["base"]}</div><div><h4>top contexts, RLHF</h4>{ctx["rlhf"]}</div></div>
+{hist}</details>"""
