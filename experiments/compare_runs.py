@@ -2,8 +2,10 @@
 
     python experiments/compare_runs.py RUN_A RUN_B [--rtol 0]
 
-Compared: the RLHF (and null) model weights, ``irm/metrics.json``, ``diff/features.json``,
-``diff/features_layer*.csv`` and ``report/report.json``, value by value. Left out, because they
+Compared, value by value: the RLHF (and null) model weights, every SAE's weights and metrics,
+the IRM's coefficients, ``irm/`` (metrics, word attribution, word utilities), ``diff/`` (layers,
+features, per-layer feature tables and matchings, cards), ``saes/mmcs.json`` and
+``report/report.json``. Left out, because they
 differ between two runs of the same study without saying anything about it: wall-clock timings
 and throughputs (keys naming seconds, times, dates, tokens per second, trl's ``eps``) and
 absolute paths (strings naming the run folder or a model folder). With ``--rtol 0`` (the default)
@@ -87,6 +89,12 @@ def _weights_equal(a: Path, b: Path, out: list[str], where: str) -> None:
         if set(ta) != set(tb):
             out.append(f"{where}/{x.name}: other tensors")
             continue
+        shapes = [k for k in ta if ta[k].shape != tb[k].shape]
+        if shapes:
+            out.append(
+                f"{where}/{x.name}: other shapes ({shapes[0]}: {tuple(ta[shapes[0]].shape)} vs {tuple(tb[shapes[0]].shape)})"
+            )
+            continue
         worst = max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta)
         if worst > 0:
             out.append(f"{where}/{x.name}: weights differ (max |diff| {worst:.3g})")
@@ -102,8 +110,27 @@ def compare_runs(a: Path, b: Path, rtol: float = 0.0) -> list[str]:
                 out.append(f"models/{model}: only in one run")
             else:
                 _weights_equal(da, db, out, f"models/{model}")
-    files = ["irm/metrics.json", "diff/features.json", "report/report.json"]
-    files += sorted(str(p.relative_to(a)) for p in (a / "diff").glob("features_layer*.csv"))
+    saes = sorted(p.parent.relative_to(a) for p in (a / "saes").rglob("sae_weights.safetensors"))
+    for rel in saes:
+        if not (b / rel).exists():
+            out.append(f"{rel}: missing in B")
+        else:
+            _weights_equal(a / rel, b / rel, out, str(rel))
+    if (a / "irm").exists() and (b / "irm").exists():
+        _weights_equal(a / "irm", b / "irm", out, "irm")  # coefficients.safetensors
+    files = [
+        "irm/metrics.json",
+        "irm/word_attribution.json",
+        "irm/word_utilities.csv",
+        "diff/layers.json",
+        "diff/features.json",
+        "diff/cards.json",
+        "saes/mmcs.json",
+        "report/report.json",
+    ]
+    for pattern in ("features_layer*.csv", "matching_layer*.json"):
+        files += sorted(str(p.relative_to(a)) for p in (a / "diff").glob(pattern))
+    files += [str(rel / "metrics.json") for rel in saes if (a / rel / "metrics.json").exists()]
     for rel in files:
         fa, fb = a / rel, b / rel
         if not fa.exists() or not fb.exists():
@@ -127,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if len(diffs) > 200:
         print(f"... and {len(diffs) - 200} more")
-    n_files = "weights, irm/metrics.json, diff/features*.json/csv, report/report.json"
+    n_files = "model, SAE and IRM weights; irm/, diff/, saes/ and report/ tables"
     print(f"{'SAME' if not diffs else f'{len(diffs)} DIFFERENCES'} ({n_files})")
     return 0 if not diffs else 1
 

@@ -141,9 +141,10 @@ def _rerun_stage(args, stage: str) -> Path:
 def cmd_diff(args) -> int:
     from irmlens.io import read_json
 
-    out = _rerun_stage(args, "diff")
-    r = read_json(out / "features.json")
-    table = out / f"features_layer{r['layer']}.csv"
+    _rerun_stage(args, "diff")
+    paths = RunPaths(Path(args.run_dir))
+    r = read_json(paths.features_json)
+    table = paths.features_table(r["layer"])
     fm = r["feature_matching"]
     print(
         f"divergent features: {r['n_divergent']} of {r['n_features']} (threshold {r['threshold']}"
@@ -157,8 +158,9 @@ def cmd_diff(args) -> int:
 def cmd_irm(args) -> int:
     from irmlens.io import read_json
 
-    out = _rerun_stage(args, "irm")
-    m = read_json(out / "metrics.json")
+    _rerun_stage(args, "irm")
+    metrics = RunPaths(Path(args.run_dir)).irm_metrics
+    m = read_json(metrics)
     lo, hi = m["heldout_kendall_tau_ci"]
     retention = m["signal_retention"]
     print(
@@ -167,7 +169,7 @@ def cmd_irm(args) -> int:
     )
     for name, c in m["controls"].items():
         print(f"  control {name}: {c['heldout_kendall_tau']:.3f}")
-    print(f"Metrics: {(out / 'metrics.json').resolve()}")
+    print(f"Metrics: {metrics.resolve()}")
     return 0
 
 

@@ -182,8 +182,21 @@ class StudyConfig:
         return dataclasses.asdict(self)
 
 
+# Keys irmlens no longer reads: a config (or a run folder's config.toml) that has one still loads,
+# with a warning saying why it is ignored.
+REMOVED_KEYS = {
+    "pretrain.time_budget_s": "pretraining runs exactly pretrain.max_steps steps on every machine "
+    "(a wall-clock budget made the model depend on the machine's speed)",
+}
+
+
 def _build(cls, values: dict[str, Any], where: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
+    for k in [k for k in values if f"{where}{k}" in REMOVED_KEYS and k not in known]:
+        import warnings
+
+        warnings.warn(f"config key {where}{k} is ignored: {REMOVED_KEYS[where + k]}", stacklevel=2)
+        values = {kk: v for kk, v in values.items() if kk != k}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(

@@ -93,16 +93,42 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         if path.exists():
-            # a fresh name for the outgoing folder: never one that may already hold something
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
+            if exchange_paths(tmp, path):  # one step: path is never missing
+                shutil.rmtree(tmp)  # now the previous folder
+            else:
+                # a fresh name for the outgoing folder: never one that may already hold something
+                old = Path(
+                    tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")
+                )
+                os.replace(path, old / path.name)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
         else:
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def exchange_paths(a: str | Path, b: str | Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), so
+    that no reader ever finds either missing. False, and nothing changed, where the system or
+    the file system does not offer it (callers then fall back to two renames)."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def sha256_file(path: str | Path) -> str:

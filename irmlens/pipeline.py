@@ -51,8 +51,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("pair", pair.run, pair.outputs, ("rlhf", "null"), pair.done),
     Stage("layers", layers.run, layers.outputs, ("pair",)),
     Stage("cache", cache.run, cache.outputs, ("layers",), cache.done),
-    Stage("saes", saes.run, saes.outputs, ("cache",)),
-    Stage("diff", diff.run, diff.outputs, ("saes",)),
+    Stage("saes", saes.run, saes.outputs, ("cache",), result=lambda p: p.saes),
+    Stage("diff", diff.run, diff.outputs, ("saes",), result=lambda p: p.diff),
     Stage("irm", irm.run, irm.outputs, ("saes",), irm.done),
     Stage("cards", cards.run, cards.outputs, ("diff", "irm")),
     Stage("report", report.run, report.outputs, ("cards",), report.done, report.result),
@@ -94,8 +94,8 @@ def run_study(
 ) -> Path:
     """Run (or resume) the stages up to ``stop_after``; return its result (the HTML report for a
     whole study). ``force``: stages to recompute although their outputs exist. The stages that
-    need them are invalidated first; the forced stage's previous outputs stay in place until its
-    new ones replace them. The run folder is locked for the whole call (``run_lock``)."""
+    need one are invalidated just before it runs; its own previous outputs stay in place until
+    its new ones replace them. The run folder is locked for the whole call (``run_lock``)."""
     names = [s.name for s in STAGES]
     if stop_after not in names:
         raise ConfigError(f"unknown stage {stop_after!r}; choose one of {names}")
@@ -107,11 +107,12 @@ def run_study(
         torch.manual_seed(cfg.seed)
         claim_run_dir(paths, cfg)
         ctx = StudyContext(cfg, paths, frozenset(force))
-        for stage in force:
-            invalidate(paths, stage)
         t0 = time.time()
         for stage in STAGES:
-            if not ctx.forced(stage.name) and stage.is_done(ctx):
+            if ctx.forced(stage.name):
+                invalidate(paths, stage.name)  # only now: the stages before it all succeeded
+                stage.run(ctx)
+            elif stage.is_done(ctx):
                 log(f"{stage.name}: done, skipping")
             else:
                 stage.run(ctx)

@@ -121,7 +121,10 @@ class Study:
         irm, controls = self.report["irm"], self.report["controls"]
         scores = irm["reference"] | controls
         return pd.DataFrame(
-            [r | _scalars(scores.get(r["name"], {})) for r in result_rows(self.report)]
+            [
+                r | {"heldout_kendall_tau": r["tau"]} | _scalars(scores.get(r["name"], {}))
+                for r in result_rows(self.report)
+            ]
         )
 
     @property

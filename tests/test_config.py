@@ -81,3 +81,9 @@ def test_configs_that_used_to_fail_hours_in_fail_at_load(values, message):
         config_from_dict(values)
     ok = {"cache": {"hook_kinds": ["resid_post", "mlp_out"]}, "layers": {"top_k": 2}}
     config_from_dict(ok | {"irm": {"space": "multi_layer_pre"}})
+
+
+def test_a_removed_key_of_an_older_run_still_loads_with_a_warning():
+    with pytest.warns(UserWarning, match=r"pretrain\.time_budget_s is ignored"):
+        cfg = config_from_dict({"pretrain": {"time_budget_s": 450.0, "max_steps": 7}})
+    assert cfg.pretrain.max_steps == 7

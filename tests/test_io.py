@@ -44,3 +44,19 @@ def test_atomic_writes_get_the_mode_of_an_ordinary_write(tmp_path):
     (tmp_path / "plain.json").write_text("{}")
     mode = os.stat(tmp_path / "report.json").st_mode & 0o777
     assert mode == os.stat(tmp_path / "plain.json").st_mode & 0o777
+
+
+def test_a_folder_is_replaced_in_one_exchange(tmp_path):
+    from irmlens.io import atomic_dir, exchange_paths
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    assert exchange_paths(a, b)  # Linux with glibc >= 2.28, as on every machine we run on
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+    with atomic_dir(a) as tmp:
+        (tmp / "x").write_text("new")
+    assert (a / "x").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # nothing left behind

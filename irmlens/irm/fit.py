@@ -317,11 +317,10 @@ def sparse_irm(
 def irm_feature_weights(irm: dict, coef: torch.Tensor, d_sae: int) -> dict[int, float]:
     """IRM weight per shared-SAE feature of the IRM layer, where the IRM's space is built on that
     dictionary (codes, pre-activations, codes+error, or the multi-layer concatenation)."""
-    space = irm["space"]
-    if space in ("sae_codes", "sae_pre", "sae_codes_error"):
-        offset = 0
-    elif space == "multi_layer_pre":
-        offset = irm["layers"].index(irm["layer"]) * d_sae
-    else:
+    from irmlens.irm.spaces import SPACES
+
+    spec = SPACES.get(irm["space"])
+    if spec is None or spec.dictionary != "shared":
         return {}
+    offset = irm["layers"].index(irm["layer"]) * d_sae if spec.all_layers else 0
     return {j: float(coef[offset + j]) for j in range(d_sae)}

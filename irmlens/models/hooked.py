@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -94,6 +95,9 @@ def _config_dir_for_transformer_lens(model_dir: Path, trust_remote_code: bool = 
         folder = Path(tmp).resolve() / model_dir.name
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps(cfg))
+        if trust_remote_code:  # the user allowed the folder's code: its config classes with it
+            for code in model_dir.glob("*.py"):
+                shutil.copy2(code, folder / code.name)
         yield folder
 
 

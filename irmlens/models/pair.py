@@ -37,10 +37,10 @@ def write_pair_json(
     return info
 
 
-def _tokenizer_facts(model_dir: Path) -> dict:
+def _tokenizer_facts(model_dir: Path, trust_remote_code: bool = False) -> dict:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     special = {
         name: getattr(tok, name, None)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
@@ -69,16 +69,16 @@ def _same_weights(a: Path, b: Path) -> bool | None:
     return all(torch.equal(ta[k].get_tensor(k), tb[k].get_tensor(k)) for k in ta)
 
 
-def check_pair_folders(dirs: dict[str, Path]) -> None:
+def check_pair_folders(dirs: dict[str, Path], trust_remote_code: bool = False) -> None:
     """Refuse, before any work, a pair whose positions cannot be compared or that has nothing to
     compare: every model must read text with the base's tokenizer (same vocabulary, same ids,
     same special tokens; a permuted vocabulary would pair unrelated activations position by
     position), and must not hold the base's very weights (no change: every difference is zero)."""
-    base = _tokenizer_facts(dirs["base"])
+    base = _tokenizer_facts(dirs["base"], trust_remote_code)
     for name, d in dirs.items():
         if name == "base":
             continue
-        other = _tokenizer_facts(d)
+        other = _tokenizer_facts(d, trust_remote_code)
         if other["vocab"] != base["vocab"]:
             diff = sorted(
                 set(base["vocab"].items()) ^ set(other["vocab"].items()), key=lambda kv: kv[1]
@@ -88,7 +88,12 @@ def check_pair_folders(dirs: dict[str, Path]) -> None:
                 f"vocabularies differ (e.g. {diff}). The two must be the same model before and "
                 "after fine-tuning, with the base's tokenizer (save it into the fine-tuned folder)."
             )
-        if other["special"] != base["special"]:
+        special = dict(other["special"])
+        if base["special"]["pad_token_id"] is None:
+            # RLHF needs a pad token: irmlens's trainer (like most) sets it to EOS on the saved
+            # copy, which changes no token id the models read
+            special["pad_token_id"] = None
+        if special != base["special"]:
             raise ModelPairError(
                 f"model.{name} ({d}) has other special tokens than the base model: "
                 f"{other['special']} vs {base['special']}. Save the base's tokenizer with it."

@@ -15,10 +15,10 @@ from irmlens.viz.card_html import render_card
 SCHEMA_VERSION = 2
 
 
-def _model_info(model_dir: Path, name: str) -> dict:
+def _model_info(model_dir: Path, name: str, trust_remote_code: bool = False) -> dict:
     from transformers import AutoConfig
 
-    c = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    c = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     return {
         "name": name,
         "path": str(model_dir),
@@ -67,9 +67,10 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
         if cfg.model.base == "tiny"
         else str(cfg.model.base)
     )
-    models = {"base": _model_info(dirs["base"], base_name)}
+    trust = cfg.model.trust_remote_code
+    models = {"base": _model_info(dirs["base"], base_name, trust)}
     models["rlhf"] = _model_info(
-        dirs["rlhf"], f"{base_name} + {rlhf['algorithm']}" if rlhf else str(cfg.model.rlhf)
+        dirs["rlhf"], f"{base_name} + {rlhf['algorithm']}" if rlhf else str(cfg.model.rlhf), trust
     )
     if "null" in dirs:
         null_summary = RunPaths(run_dir).null_summary
@@ -78,7 +79,7 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
             if null_summary.exists()
             else str(cfg.model.null)
         )
-        models["null"] = _model_info(dirs["null"], how)
+        models["null"] = _model_info(dirs["null"], how, trust)
     rlhf_keys = (
         "algorithm",
         "steps",

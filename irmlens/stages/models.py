@@ -65,6 +65,10 @@ def run(ctx: StudyContext) -> None:
                 trust_remote_code=ctx.cfg.model.trust_remote_code,
             )
             log(f"{name}: given model {ctx.given[name]} (not trained here)")
+    if ctx.given:  # checked now, before anything is trained; the pair stage checks them all
+        from irmlens.models.pair import check_pair_folders
+
+        check_pair_folders({"base": ctx.base_dir, **ctx.given}, ctx.cfg.model.trust_remote_code)
 
 
 def outputs(paths) -> list[Path]:

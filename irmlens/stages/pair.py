@@ -19,7 +19,7 @@ def run(ctx: StudyContext) -> None:
         dirs["null"] = ctx.given["null"]
     elif null.wanted(ctx.cfg):
         dirs["null"] = paths.null_model
-    check_pair_folders(dirs)
+    check_pair_folders(dirs, ctx.cfg.model.trust_remote_code)
     write_model_dirs(paths.root, dirs)
     ctx.__dict__.pop("dirs", None)  # read back from the file just written
 
