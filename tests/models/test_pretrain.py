@@ -37,3 +37,19 @@ def test_short_pretraining_beats_uniform_and_saves_an_hf_folder(assets, tmp_path
     hf, tok = load_hf_model(tmp_path / "lm")
     assert hf.config.n_layer == 1 and tok.bos_token_id is not None
     assert not list(tmp_path.glob(".lm.*"))  # no temp folder left behind
+
+
+def test_pretraining_is_reproducible_run_to_run(assets, tmp_path):
+    """Issue 18: where training ran slower than max_steps / time_budget_s (a slow or busy machine),
+    the learning-rate schedule followed the wall clock and the budget cut training short, so the
+    same config gave another model on each run. Now the schedule is the step's alone."""
+    from safetensors.torch import load_file
+
+    s = split_reviews(load_reviews(assets.reviews), 10, 10, seed=0)
+    cfg = PretrainConfig(
+        vocab_size=256, n_layer=1, d_model=16, n_head=2, n_ctx=16, batch_size=8, max_steps=25
+    )
+    for name in ("a", "b"):
+        pretrain_tiny_lm(cfg, s.train[:40], s.validation[:5], tmp_path / name)
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("a", "b"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
