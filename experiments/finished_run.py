@@ -23,8 +23,8 @@ def load_finished_run(run_dir: Path) -> FinishedRun:
     from irmlens.run import RunPaths
     from irmlens.stages.context import StudyContext
 
-    cfg = load_config(RunPaths(run_dir).config)
     paths = RunPaths(run_dir)
+    cfg = load_config(paths.config)
     ctx = StudyContext(cfg, paths)
     rm = ctx.rm
     layers = sorted(ctx.studied_layers)

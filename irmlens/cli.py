@@ -118,31 +118,31 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _rerun_stage(args, stage: str) -> Path:
-    """Re-run one analysis stage on an existing run folder (its config.toml), earlier stages reused.
-    ``--force`` recomputes it: the previous results stay usable until the new ones replace them,
-    and the outputs derived from them (feature cards, report) are invalidated then."""
+def _rerun_stage(args, stage: str) -> RunPaths:
+    """Re-run one analysis stage on an existing run folder (its config.toml), earlier stages reused;
+    return the folder's paths. ``--force`` recomputes it: the previous results stay usable until the
+    new ones replace them, and the outputs derived from them (feature cards, report) are removed."""
     from irmlens.config import load_config
     from irmlens.pipeline import run_study
 
     run_dir = Path(args.run_dir)
-    if not (RunPaths(run_dir).config).exists():
+    paths = RunPaths(run_dir)
+    if not paths.config.exists():
         raise ConfigError(
             f"{run_dir} is not an irmlens run folder (no config.toml); run "
             "`irmlens run CONFIG --out DIR` first"
         )
-    cfg = load_config(RunPaths(run_dir).config)
-    out = run_study(cfg, run_dir, stop_after=stage, force=(stage,) if args.force else ())
-    if args.force and not (RunPaths(run_dir).report_json).exists():
+    cfg = load_config(paths.config)
+    run_study(cfg, run_dir, stop_after=stage, force=(stage,) if args.force else ())
+    if args.force and not paths.report_json.exists():
         print(f"(the report was removed: rebuild it with `irmlens report {run_dir}`)")
-    return out
+    return paths
 
 
 def cmd_diff(args) -> int:
     from irmlens.io import read_json
 
-    _rerun_stage(args, "diff")
-    paths = RunPaths(Path(args.run_dir))
+    paths = _rerun_stage(args, "diff")
     r = read_json(paths.features_json)
     table = paths.features_table(r["layer"])
     fm = r["feature_matching"]
@@ -158,8 +158,7 @@ def cmd_diff(args) -> int:
 def cmd_irm(args) -> int:
     from irmlens.io import read_json
 
-    _rerun_stage(args, "irm")
-    metrics = RunPaths(Path(args.run_dir)).irm_metrics
+    metrics = _rerun_stage(args, "irm").irm_metrics
     m = read_json(metrics)
     lo, hi = m["heldout_kendall_tau_ci"]
     retention = m["signal_retention"]
@@ -176,11 +175,11 @@ def cmd_irm(args) -> int:
 def cmd_report(args) -> int:
     from irmlens.config import load_config
     from irmlens.report.build import FORMATS, collect_report, write_report
-    from irmlens.run import read_model_dirs
+    from irmlens.run import read_model_dirs, run_lock
 
     run_dir = Path(args.run_dir)
-    dirs_file = RunPaths(run_dir).model_dirs
-    if not (RunPaths(run_dir).irm_metrics).exists() or not dirs_file.exists():
+    paths = RunPaths(run_dir)
+    if not paths.irm_metrics.exists() or not paths.model_dirs.exists():
         raise ConfigError(
             f"{run_dir} is not a finished irmlens run (no irm/metrics.json or models/dirs.json); "
             f"run `irmlens run CONFIG --out {run_dir}` first"
@@ -189,11 +188,9 @@ def cmd_report(args) -> int:
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ConfigError(f"unknown --format {unknown}; choose from {','.join(FORMATS)}")
-    cfg = load_config(RunPaths(run_dir).config)
-    from irmlens.run import run_lock
-
+    cfg = load_config(paths.config)
     with run_lock(run_dir):
-        if not (RunPaths(run_dir).cards).exists():  # e.g. after `irmlens irm --force`
+        if not paths.cards.exists():  # e.g. after `irmlens irm --force`
             from irmlens.pipeline import run_study
 
             run_study(cfg, run_dir, stop_after="cards")
@@ -202,7 +199,7 @@ def cmd_report(args) -> int:
     names = {"html": "index.html", "json": "report.json", "md": "summary.md"}
     for f in formats:
         for name in ["features.csv", "words.csv"] if f == "csv" else [names[f]]:
-            print((RunPaths(run_dir).report / name).resolve())
+            print((paths.report / name).resolve())
     return 0
 
 

@@ -82,6 +82,32 @@ def make_hooked():
     return make
 
 
+@pytest.fixture(scope="session")
+def make_random_cache(make_hooked):
+    """Factory of small activation caches (layer 1 of a seeded random model over seeded random
+    token rows), for the SAE-training tests that read a cache."""
+
+    def make(out, n_rows, n_ctx, d_model, d_vocab, shard_rows, skip_first_position=False):
+        import torch
+
+        from irmlens.cache.capture import build_paired_cache
+        from irmlens.cache.tokens import TokenRows
+
+        model = make_hooked(0, n_layers=2, d_model=d_model, n_ctx=n_ctx, d_vocab=d_vocab)
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(1, d_vocab, (n_rows, n_ctx), generator=g)
+        valid = torch.ones_like(tokens, dtype=torch.bool)
+        if skip_first_position:
+            valid[:, 0] = False
+        rows = TokenRows(tokens, valid, torch.full_like(tokens, -1), [])
+        build_paired_cache(
+            {"base": model}, rows, [1], out, {}, dtype="float32", shard_rows=shard_rows
+        )
+        return out
+
+    return make
+
+
 N_PLANTED = 60
 
 

@@ -19,6 +19,7 @@ import torch
 from irmlens.irm.metrics import kendall_tau, spearman
 from irmlens.irm.ridge import RidgeModel, fit_ridge, ridge_cv
 from irmlens.irm.spaces import IRM_SPACES
+from irmlens.rewards.lexicon import MIN_CORPUS_LEXICON_WORDS
 
 DEFAULT_ALPHAS = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
 
@@ -94,7 +95,7 @@ class Split:
 def split_words(targets: PositionTargets, cfg: IRMConfig) -> Split:
     counts = torch.bincount(targets.word, minlength=len(targets.words))
     lex = sorted(w for w in targets.utility if counts[w] >= cfg.min_word_count)
-    if len(lex) < 10:
+    if len(lex) < MIN_CORPUS_LEXICON_WORDS:
         raise ValueError(
             f"only {len(lex)} lexicon words occur in the cached tokens; cache more held-out text"
         )

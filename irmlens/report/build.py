@@ -53,15 +53,16 @@ IRM_KEYS = (
 
 
 def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
-    summary_path = RunPaths(run_dir).rlhf_summary
+    paths = RunPaths(run_dir)
+    summary_path = paths.rlhf_summary
     rlhf = read_json(summary_path) if summary_path.exists() else None  # None: a given pair
-    layers = read_json(RunPaths(run_dir).layers_json)
-    features = read_json(RunPaths(run_dir).features_json)
+    layers = read_json(paths.layers_json)
+    features = read_json(paths.features_json)
     saes = sorted(
-        (read_json(p) for p in RunPaths(run_dir).saes.rglob("metrics.json")),
+        (read_json(p) for p in paths.saes.rglob("metrics.json")),
         key=lambda s: (s["layer"], s["width"], s["model"]),
     )
-    irm = read_json(RunPaths(run_dir).irm_metrics)
+    irm = read_json(paths.irm_metrics)
     base_name = (
         "tiny (embedded, pretrained by irmlens)"
         if cfg.model.base == "tiny"
@@ -73,7 +74,7 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
         dirs["rlhf"], f"{base_name} + {rlhf['algorithm']}" if rlhf else str(cfg.model.rlhf), trust
     )
     if "null" in dirs:
-        null_summary = RunPaths(run_dir).null_summary
+        null_summary = paths.null_summary
         how = (
             f"{base_name} + {cfg.rlhf.algorithm} against the {cfg.null.reward} reward"
             if null_summary.exists()
@@ -104,7 +105,7 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
             for d in layers["layers"]
         ],
         "studied_layers": layers["studied_layers"],
-        "mmcs": read_json(RunPaths(run_dir).mmcs) if (RunPaths(run_dir).mmcs).exists() else [],
+        "mmcs": read_json(paths.mmcs) if paths.mmcs.exists() else [],
         "saes": [
             {
                 k: s.get(k)
@@ -140,9 +141,7 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
         "irm": {k: irm[k] for k in IRM_KEYS},
         "controls": irm["controls"],
         "paper_estimator": irm["paper_estimator"],
-        "feature_cards": read_json(RunPaths(run_dir).cards)
-        if (RunPaths(run_dir).cards).exists()
-        else [],
+        "feature_cards": read_json(paths.cards) if paths.cards.exists() else [],
     }
 
 
@@ -208,10 +207,11 @@ def feature_map_rows(run_dir: Path, report: dict) -> list[dict]:
 
     from irmlens.irm.fit import irm_feature_weights
 
-    table = RunPaths(run_dir).features_table(report["irm"]["layer"])
+    paths = RunPaths(run_dir)
+    table = paths.features_table(report["irm"]["layer"])
     with open(table, encoding="utf-8") as f:
         rows = [{k: csv_value(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    coef = load_file(str(RunPaths(run_dir).irm_coefficients))["coef"]
+    coef = load_file(str(paths.irm_coefficients))["coef"]
     weights = irm_feature_weights(report["irm"], coef, len(rows))
     words = {f["feature"]: f["top_words_increase"] for f in report["divergent_features"]}
     for r in rows:
@@ -396,12 +396,13 @@ def write_report(run_dir: Path, report: dict, formats=FORMATS) -> Path:
     if unknown:
         raise ValueError(f"unknown report format(s) {unknown}; choose from {list(FORMATS)}")
     _check_finite(report)
-    out = RunPaths(run_dir).report
+    paths = RunPaths(run_dir)
+    out = paths.report
     if "json" in formats:
         atomic_write_json(out / "report.json", report)
     rows = feature_map_rows(run_dir, report) if {"html", "csv"} & set(formats) else []
     if "html" in formats:
-        metrics = read_jsonl(RunPaths(run_dir).rlhf_metrics)
+        metrics = read_jsonl(paths.rlhf_metrics)
         atomic_write_text(
             out / "index.html", render_html(report, metrics, rows, _fit_points(run_dir))
         )

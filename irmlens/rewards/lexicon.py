@@ -15,8 +15,8 @@ _STRIP = "\"'.,!?;:()[]{}"
 # The IRM splits the lexicon's words into fit and held-out sets (5 or more held out), and its
 # controls permute utilities among them: a lexicon with fewer distinct words cannot be studied.
 MIN_LEXICON_WORDS = 10
-# Distinct lexicon words that must occur in the study's text: the IRM's word split
-# (irmlens.irm.fit.split_words) refuses fewer than 10 lexicon words in the cached tokens.
+# Distinct lexicon words that must occur in the study's text: checked at study start here, and
+# by the IRM's word split (irmlens.irm.fit.split_words) on the cached tokens.
 MIN_CORPUS_LEXICON_WORDS = 10
 # No real utility comes near this (VADER's run from -3.9 to 3.4): the reward is
 # clip(sum / 5, -10, 10), so one word beyond +-50 already pins every text it occurs in to the clip,

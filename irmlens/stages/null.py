@@ -28,7 +28,4 @@ def wanted(cfg) -> bool:
 def done(ctx: StudyContext) -> bool:
     if not wanted(ctx.cfg):
         return True
-    paths = ctx.paths
-    return (paths.null_rlhf / "summary.json").exists() and (
-        paths.null_model / "config.json"
-    ).exists()
+    return rlhf.trained(ctx.paths.null_model, ctx.paths.null_rlhf)

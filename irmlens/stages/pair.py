@@ -19,7 +19,11 @@ def run(ctx: StudyContext) -> None:
         dirs["null"] = ctx.given["null"]
     elif null.wanted(ctx.cfg):
         dirs["null"] = paths.null_model
-    check_pair_folders(dirs, ctx.cfg.model.trust_remote_code)
+    trained = {
+        k: d for k, d in dirs.items() if k not in ctx.given
+    }  # the models stage checked the rest
+    if len(trained) > 1:
+        check_pair_folders(trained, ctx.cfg.model.trust_remote_code)
     write_model_dirs(paths.root, dirs)
     ctx.__dict__.pop("dirs", None)  # read back from the file just written
 

@@ -53,12 +53,15 @@ def outputs(paths) -> list[Path]:
     return [paths.rlhf_model, paths.rlhf]
 
 
+def trained(out_model: Path, out_dir: Path) -> bool:
+    """Whether ``train`` finished into these folders (it writes the summary last)."""
+    return (out_dir / "summary.json").exists() and (out_model / "config.json").exists()
+
+
 def done(ctx: StudyContext) -> bool:
     if ctx.cfg.model.rlhf:
         return True  # given: nothing to train
-    return (ctx.paths.rlhf / "summary.json").exists() and (
-        ctx.paths.rlhf_model / "config.json"
-    ).exists()
+    return trained(ctx.paths.rlhf_model, ctx.paths.rlhf)
 
 
 def summary(paths) -> dict:

@@ -67,25 +67,9 @@ def _refused(capsys, argv, message):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, make_hooked):
-    from irmlens.cache.capture import build_paired_cache
-    from irmlens.cache.tokens import TokenRows
-
+def cache_dir(tmp_path_factory, make_random_cache):
     out = tmp_path_factory.mktemp("run") / "cache"
-    model = make_hooked(0, n_layers=2, d_model=16, n_ctx=16, d_vocab=100)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, 100, (40, 16), generator=g)
-    valid = torch.ones_like(tokens, dtype=torch.bool)
-    build_paired_cache(
-        {"base": model},
-        TokenRows(tokens, valid, torch.full_like(tokens, -1), []),
-        [1],
-        out,
-        {},
-        dtype="float32",
-        shard_rows=20,
-    )
-    return out
+    return make_random_cache(out, 40, 16, 16, 100, shard_rows=20)
 
 
 def test_users_file_in_out_folder_survives(tmp_path, capsys):

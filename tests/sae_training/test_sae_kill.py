@@ -12,31 +12,15 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from irmlens.cache.capture import build_paired_cache
-from irmlens.cache.tokens import TokenRows
 from sae_training.train import _complete_checkpoints
 
 HOOK = "blocks.1.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, make_hooked):
+def cache_dir(tmp_path_factory, make_random_cache):
     out = tmp_path_factory.mktemp("cache")
-    model = make_hooked(0, n_layers=2, d_model=32, n_ctx=64, d_vocab=200)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, 200, (400, 64), generator=g)
-    valid = torch.ones_like(tokens, dtype=torch.bool)
-    valid[:, 0] = False
-    build_paired_cache(
-        {"base": model},
-        TokenRows(tokens, valid, torch.full_like(tokens, -1), []),
-        [1],
-        out,
-        {},
-        dtype="float32",
-        shard_rows=50,
-    )
-    return out
+    return make_random_cache(out, 400, 64, 32, 200, shard_rows=50, skip_first_position=True)
 
 
 def _cmd(cache_dir, out):
