@@ -56,9 +56,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_rlhf(args) -> int:
-    import dataclasses
-
-    from irmlens.config import load_config
+    from irmlens.config import config_from_dict, load_config
     from irmlens.pipeline import run_study
     from irmlens.stages.rlhf import summary
 
@@ -73,11 +71,10 @@ def cmd_rlhf(args) -> int:
         for k, v in (("algorithm", args.algorithm), ("reward", args.reward), ("steps", args.steps))
         if v is not None
     }
-    if overrides:
-        try:
-            cfg.rlhf = dataclasses.replace(cfg.rlhf, **overrides)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    if overrides:  # through the loader, so they meet the same rules as the file's values
+        values = cfg.to_dict()
+        values["rlhf"].update(overrides)
+        cfg = config_from_dict(values)
     out = _run_dir(args, cfg)
     # the run folder records the config its RLHF model was trained with (overrides included), so
     # a later `irmlens run` or `irmlens rlhf` with other settings is refused, not silently mixed in

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from irmlens.cache.store import DTYPES, HOOK_KINDS
 from irmlens.errors import ConfigError
 from irmlens.irm.fit import IRMConfig
-from irmlens.models.pretrain import PretrainConfig
-from irmlens.rlhf.train import RLHFConfig
-from sae_training.train import SAETrainingConfig
+from irmlens.irm.spaces import IRM_SPACES
+from irmlens.models.pretrain import TOKENIZERS, PretrainConfig
+from irmlens.ranges import MAX_SEED, Device, Each, Flag, Int, Name, OneOf, Real, Rule, Text
+from irmlens.rlhf.train import ALGORITHMS, REWARDS, RLHFConfig
+from sae_training.train import ARCHITECTURES, NORMALIZATIONS, TRAINERS, SAETrainingConfig
 
 
 @dataclass
@@ -35,6 +39,13 @@ class ModelConfig:
     # Let a model folder run its own Python code (config.json / tokenizer_config.json
     # ``auto_map``). Off: such a folder is refused before anything loads it, whatever its name.
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        from irmlens.ranges import device_problem
+
+        problem = device_problem(self.device)
+        if problem:
+            raise ValueError(f"model.device = {self.device!r}: {problem}")
 
 
 @dataclass
@@ -157,14 +168,21 @@ class StudyConfig:
     def __post_init__(self) -> None:
         """The rules that need more than one section, checked at load so that a config which
         cannot finish fails before hours of compute, naming the key and the fix."""
-        space, top_k = self.irm.space, self.layers.top_k
-        if top_k < 1:
-            raise ValueError(f"layers.top_k = {top_k}: study at least one layer (1 or more)")
-        if self.model.base == "tiny" and top_k > self.pretrain.n_layer:
-            raise ValueError(
-                f"layers.top_k = {top_k} but the tiny model has pretrain.n_layer = "
-                f"{self.pretrain.n_layer} layers: lower layers.top_k"
+        space = self.irm.space
+        if self.model.base == "tiny":  # its sizes are in this config; other models': preflight
+            p = self.pretrain
+            check_dimensions(
+                self,
+                p.d_model,
+                p.n_layer,
+                f"the tiny model (pretrain.n_layer = {p.n_layer}, pretrain.d_model = {p.d_model})",
             )
+            if p.tokenizer == "bpe" and p.vocab_size < MIN_BPE_VOCAB:
+                raise ValueError(
+                    f"pretrain.vocab_size = {p.vocab_size} is too small for byte-level BPE (256 "
+                    f"byte tokens and the special tokens): use {MIN_BPE_VOCAB} or more, or "
+                    'pretrain.tokenizer = "word"'
+                )
         if space != "auto":
             from irmlens.irm.spaces import SPACES
 
@@ -180,6 +198,140 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+MIN_BPE_VOCAB = 300
+
+
+def check_dimensions(cfg: StudyConfig, d_model: int, n_layer: int, model: str) -> None:
+    """The rules that need the model's width and depth: the tiny model's are in the config
+    (checked at load), a given model's are read from its config.json before a run starts."""
+    if cfg.layers.top_k > n_layer:
+        raise ConfigError(
+            f"layers.top_k = {cfg.layers.top_k} but {model} has {n_layer} layers: lower "
+            "layers.top_k"
+        )
+    s = cfg.sae
+    widths = sorted({int(m * d_model) for m in s.width_multipliers})
+    if widths[0] < 1:
+        raise ConfigError(
+            f"sae.width_multipliers = {s.width_multipliers} gives a dictionary of width "
+            f"{widths[0]} for d_model {d_model} ({model}): use multipliers >= {1 / d_model:.3g}"
+        )
+    if s.k > widths[0]:  # read by topk and batchtopk; refused for all: it is meaningless
+        raise ConfigError(
+            f"sae.k = {s.k} exceeds the narrowest dictionary's width {widths[0]} (d_model "
+            f"{d_model} x {min(s.width_multipliers):g}, {model}): lower sae.k"
+        )
+    for key, k in (("sae.wide_topk_k", s.wide_topk_k), ("irm.sparse_k", cfg.irm.sparse_k)):
+        if k > widths[-1]:
+            raise ConfigError(
+                f"{key} = {k} exceeds the widest dictionary's width {widths[-1]} (d_model "
+                f"{d_model} x {max(s.width_multipliers):g}, {model}): lower {key}"
+            )
+
+
+# ------------------------------------------------------------------ the allowed value of every key
+# One rule per key, checked at load before any section is built (``_build``): a bad value fails
+# naming the key, the value and what would do. Rules that need two keys are in the sections'
+# ``__post_init__`` and ``StudyConfig.__post_init__``; rules that need the data or the machine
+# (corpus size, a model's width, whether CUDA exists) in ``irmlens.stages.preflight``, which runs
+# before a run folder is claimed. tests/test_config.py checks that every key has a rule.
+_SIZE = Int(1)  # a count or size: 1 or more
+_SEED = Int(0, MAX_SEED)
+_POSITIVE = Real(0.0, lo_open=True)
+_NONNEGATIVE = Real(0.0)
+RANGES: dict[str, Rule] = {
+    "name": Name(),
+    "seed": _SEED,
+    # [data]
+    "data.lexicon": Text(nonempty=True),  # "vader" or a file (its content: rewards/lexicon.py)
+    "data.n_validation": _SIZE,
+    "data.n_heldout": _SIZE,  # n_validation + n_heldout < the corpus: checked in preflight
+    "data.seed": _SEED,
+    # [model]
+    "model.base": Text(nonempty=True),
+    "model.rlhf": Text(),
+    "model.null": Text(),
+    "model.device": Device(),  # and this machine has it: preflight
+    "model.trust_remote_code": Flag(),
+    # [pretrain]
+    "pretrain.vocab_size": Int(16),  # byte-level BPE needs more: StudyConfig.__post_init__
+    "pretrain.tokenizer": OneOf(TOKENIZERS),
+    "pretrain.n_layer": _SIZE,
+    "pretrain.d_model": _SIZE,  # a multiple of n_head: PretrainConfig
+    "pretrain.n_head": _SIZE,
+    "pretrain.n_ctx": Int(8),
+    "pretrain.batch_size": _SIZE,
+    "pretrain.lr": Real(0.0, 1.0, lo_open=True),
+    "pretrain.warmup_steps": Int(0),
+    "pretrain.max_steps": _SIZE,
+    "pretrain.seed": _SEED,
+    # [rlhf]
+    "rlhf.algorithm": OneOf(ALGORITHMS),
+    "rlhf.reward": OneOf(REWARDS),
+    "rlhf.steps": _SIZE,
+    "rlhf.batch_size": _SIZE,
+    "rlhf.mini_batch_size": _SIZE,  # divides batch_size (ppo): RLHFConfig
+    "rlhf.ppo_epochs": _SIZE,
+    "rlhf.num_generations": _SIZE,  # 2 or more, dividing batch_size (grpo, rloo): RLHFConfig
+    "rlhf.max_completion_length": _SIZE,
+    "rlhf.max_prompt_tokens": _SIZE,
+    "rlhf.kl_coef": _POSITIVE,  # the implicit reward is kl_coef x the log-ratio: 0 has none
+    "rlhf.learning_rate": Real(0.0, 1.0, lo_open=True),
+    "rlhf.temperature": Real(0.0, 100.0, lo_open=True),
+    "rlhf.n_train_prompts": _SIZE,  # at least batch_size: RLHFConfig
+    "rlhf.n_eval_prompts": _SIZE,
+    "rlhf.prompt_min_words": _SIZE,
+    "rlhf.prompt_max_words": _SIZE,
+    "rlhf.checkpoint_every": _SIZE,
+    "rlhf.sample_every": _SIZE,
+    "rlhf.logging_steps": _SIZE,
+    "rlhf.kl_warn_bound": _POSITIVE,
+    "rlhf.seed": _SEED,
+    # [null]
+    "null.reward": OneOf(("shuffled", "zero", "none")),
+    # [layers]
+    "layers.top_k": _SIZE,  # at most the model's layers: StudyConfig / preflight
+    "layers.relative": Flag(),
+    # [cache]
+    "cache.n_ctx": Int(8),
+    "cache.max_rows": _SIZE,
+    "cache.batch_size": _SIZE,
+    "cache.dtype": OneOf(DTYPES),
+    "cache.hook_kinds": Each(OneOf(tuple(HOOK_KINDS)), unique=True),
+    "cache.shard_rows": _SIZE,
+    # [sae]
+    "sae.width_multipliers": Each(Real(0.0, 1024.0, lo_open=True)),
+    "sae.architecture": OneOf(ARCHITECTURES),
+    "sae.l1_coefficient": _POSITIVE,
+    "sae.k": _SIZE,  # at most the narrowest width: StudyConfig / preflight
+    "sae.lr": Real(0.0, 1.0, lo_open=True),
+    "sae.batch_size": _SIZE,
+    "sae.epochs": Real(0.0, 10_000.0, lo_open=True),
+    "sae.n_checkpoints": Int(0, 1000),
+    "sae.ce_eval_rows": _SIZE,
+    "sae.wide_topk_k": Int(0),  # 0: none; else at most the widest width
+    "sae.trainer": OneOf(TRAINERS),
+    "sae.normalize": OneOf(NORMALIZATIONS),
+    # [diff]
+    "diff.threshold": Real(0.0, 1.5),  # the divergence score lies in [0, sqrt 2]
+    "diff.min_frequency": Real(0.0, 1.0, hi_open=True),
+    "diff.matching_threshold": Real(0.0, 1.0),  # a decoder cosine
+    "diff.top_n": Int(0),
+    "diff.n_cards": Int(0),
+    # [irm]
+    "irm.heldout_fraction": Real(0.0, 1.0, lo_open=True, hi_open=True),
+    "irm.nonlexicon_ratio": Real(0.0, 1000.0),
+    "irm.min_word_count": _SIZE,
+    "irm.alphas": Each(Real(0.0, 1e12, lo_open=True)),
+    "irm.cv_folds": Int(2, 100),
+    "irm.n_shuffles": Int(1, 100_000),
+    "irm.sparse_k": _SIZE,  # at most the widest width: StudyConfig / preflight
+    "irm.space": OneOf(("auto", *IRM_SPACES)),
+    "irm.paper_contexts_per_word": _SIZE,
+    "irm.seed": _SEED,
+}
 
 
 # Keys irmlens no longer reads: a config (or a run folder's config.toml) that has one still loads,
@@ -213,11 +365,14 @@ def _build(cls, values: dict[str, Any], where: str):
             kwargs[k] = _build(sub, v, f"{where}{k}.")
         else:
             _check_type(f, v, where)
+            problem = RANGES[f"{where}{k}"].problem(v)
+            if problem:
+                raise ConfigError(f"{where}{k} = {v!r} {problem}")
             kwargs[k] = v
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid value in [{where.rstrip('.') or 'top level'}]: {e}") from None
+        raise ConfigError(str(e)) from None  # each names its key(s) and the fix
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -283,12 +438,28 @@ def load_config(path: str | Path) -> StudyConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist (try experiments/configs/tiny.toml)")
+    if not path.is_file():
+        raise ConfigError(f"{path} is a folder, not a config file: give a .toml file inside it")
     try:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {e.start}): save the config as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
-    values.setdefault("name", path.stem)
+    except OSError as e:
+        raise ConfigError(f"cannot read the config {path}: {e.strerror}") from None
+    # a file name may hold characters a folder name should not: the default name keeps the rest
+    values.setdefault("name", re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "study")
     return config_from_dict(values)
+
+
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"'}
+
+
+def _toml_char(c: str) -> str:
+    return f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
 
 
 def _toml_value(v: Any) -> str:
@@ -296,8 +467,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):  # a TOML basic string: backslash, quote and control characters escaped
+        return '"' + "".join(_TOML_ESCAPES.get(c) or _toml_char(c) for c in v) + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

@@ -36,6 +36,9 @@ class Stage:
     needs: tuple[str, ...] = ()
     done: Callable[[StudyContext], bool] | None = None
     result: Callable[[RunPaths], Path] | None = None
+    # cheap checks that need the data, the models or the machine, run for every stage before
+    # the run folder is claimed, so a config that cannot finish leaves no folder behind
+    check: Callable[[StudyContext], None] | None = None
 
     def is_done(self, ctx: StudyContext) -> bool:
         if self.done is not None:
@@ -45,7 +48,7 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("models", models.run, models.outputs),
+    Stage("models", models.run, models.outputs, check=models.check),
     Stage("rlhf", rlhf.run, rlhf.outputs, ("models",), rlhf.done),
     Stage("null", null.run, null.outputs, ("models",), null.done),
     Stage("pair", pair.run, pair.outputs, ("rlhf", "null"), pair.done),
@@ -103,10 +106,15 @@ def run_study(
     if unknown:
         raise ConfigError(f"cannot force {unknown}: no such stage; stages: {names}")
     paths = RunPaths(Path(out_dir))
+    if paths.root.exists() and not paths.root.is_dir():
+        raise ConfigError(f"--out {paths.root} is a file, not a folder: name a run folder")
+    ctx = StudyContext(cfg, paths, frozenset(force))
+    for stage in STAGES:
+        if stage.check is not None:
+            stage.check(ctx)
     with run_lock(paths.root):
         torch.manual_seed(cfg.seed)
         claim_run_dir(paths, cfg)
-        ctx = StudyContext(cfg, paths, frozenset(force))
         t0 = time.time()
         for stage in STAGES:
             if ctx.forced(stage.name):

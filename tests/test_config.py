@@ -39,11 +39,17 @@ def test_bad_values_are_reported():
         ({"sae": {"lr": "1e-3"}}, r"sae\.lr = '1e-3' must be a number"),
         ({"irm": {"alphas": [1, "10"]}}, r"irm\.alphas .* must be a list like"),
         ({"layers": {"relative": 1}}, r"layers\.relative = 1 must be true or false"),
-        ({"irm": {"cv_folds": 1}}, r"irm\.cv_folds = 1: cross-validation needs 2"),
-        ({"irm": {"alphas": []}}, r"irm\.alphas = \[\]: give one or more positive"),
-        ({"irm": {"alphas": [0.0, 1.0]}}, r"positive ridge penalties"),
-        ({"irm": {"n_shuffles": 0}}, r"irm\.n_shuffles = 0 must be 1 or more"),
-        ({"irm": {"space": "sae_pree"}}, r"irm\.space = 'sae_pree'; choose auto or one of"),
+        ({"irm": {"cv_folds": 1}}, r"irm\.cv_folds = 1 must be an integer from 2 to 100"),
+        ({"irm": {"alphas": []}}, r"irm\.alphas = \[\] must be a list of at least 1"),
+        (
+            {"irm": {"alphas": [0.0, 1.0]}},
+            r"irm\.alphas = \[0\.0, 1\.0\] item 0\.0 must be a finite number > 0",
+        ),
+        ({"irm": {"n_shuffles": 0}}, r"irm\.n_shuffles = 0 must be an integer from 1 to"),
+        (
+            {"irm": {"space": "sae_pree"}},
+            r"irm\.space = 'sae_pree' must be one of 'auto', 'sae_codes'",
+        ),
         ({"sae": {"width_multipliers": []}}, r"sae\.width_multipliers = \[\]"),
     ],
 )

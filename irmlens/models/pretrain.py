@@ -56,6 +56,12 @@ class PretrainConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def __post_init__(self) -> None:
+        if self.n_head < 1 or self.d_model % self.n_head:
+            raise ValueError(
+                f"pretrain.d_model = {self.d_model} is not a multiple of pretrain.n_head = "
+                f"{self.n_head} (each head gets d_model / n_head dimensions): use an n_head that "
+                "divides d_model"
+            )
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(
                 f"pretrain.tokenizer {self.tokenizer!r}; choose one of {sorted(TOKENIZERS)}"

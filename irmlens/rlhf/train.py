@@ -81,6 +81,14 @@ class RLHFConfig:
             raise ValueError("rlhf.batch_size must be a multiple of rlhf.num_generations")
         if self.algorithm == "ppo" and self.batch_size % self.mini_batch_size:
             raise ValueError("rlhf.batch_size must be a multiple of rlhf.mini_batch_size")
+        per_batch = self.batch_size // (self.num_generations if self.algorithm != "ppo" else 1)
+        if self.n_train_prompts < per_batch:
+            raise ValueError(
+                f"rlhf.n_train_prompts = {self.n_train_prompts} is fewer than the {per_batch} "
+                "prompts one update draws (rlhf.batch_size"
+                + (" / num_generations" if self.algorithm != "ppo" else "")
+                + "): raise n_train_prompts or lower batch_size"
+            )
         if min(self.steps, self.checkpoint_every, self.max_completion_length) < 1:
             raise ValueError("rlhf.steps, checkpoint_every and max_completion_length must be >= 1")
 

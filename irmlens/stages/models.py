@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from irmlens.config import StudyConfig
+from irmlens.config import StudyConfig, check_dimensions
+from irmlens.errors import ConfigError
 from irmlens.io import sha256_file
 from irmlens.paths import models_dir
 from irmlens.stages.context import StudyContext, log
@@ -50,25 +51,61 @@ def check_lexicon_fits_corpus(rm, splits) -> dict:
     return counts
 
 
-def run(ctx: StudyContext) -> None:
+def model_dimensions(folder: Path) -> tuple[int, int]:
+    """(d_model, n_layer) from an HF folder's config.json, without loading the weights."""
+    from irmlens.io import read_json
+
+    c = read_json(Path(folder) / "config.json")
+    d = c.get("hidden_size") or c.get("n_embd") or c.get("d_model")
+    n = c.get("num_hidden_layers") or c.get("n_layer") or c.get("num_layers")
+    if not isinstance(d, int) or not isinstance(n, int):
+        raise ConfigError(
+            f"{folder}/config.json names no hidden size or layer count (hidden_size / n_embd, "
+            "num_hidden_layers / n_layer): is it a causal LM folder?"
+        )
+    return d, n
+
+
+def check(ctx: StudyContext) -> None:
+    """Before the run folder is claimed: the corpus splits, the lexicon fits the corpus, and the
+    given models resolve, fit the config's sizes (``config.check_dimensions``) and form a pair.
+    Cheap, so it runs on every start, resumes included."""
     from irmlens.models.sources import resolve_base_model
 
+    cfg = ctx.cfg
+    try:
+        ctx.splits  # noqa: B018 (computed here so that a bad split fails before any work)
+    except ValueError as e:
+        raise ConfigError(
+            f"data.n_validation = {cfg.data.n_validation} and data.n_heldout = "
+            f"{cfg.data.n_heldout}: {e}; lower them"
+        ) from None
     check_lexicon_fits_corpus(ctx.rm, ctx.splits)
-    ctx.base_dir = ensure_base_model(ctx.cfg, ctx.splits, ctx.assets.reviews)
+    trust = cfg.model.trust_remote_code
+    if cfg.model.base != "tiny":
+        ctx.base_dir = resolve_base_model(cfg.model.base, log=log, trust_remote_code=trust)
+        d_model, n_layer = model_dimensions(ctx.base_dir)
+        check_dimensions(cfg, d_model, n_layer, f"model.base = {cfg.model.base!r}")
     for name in ("rlhf", "null"):
-        given = getattr(ctx.cfg.model, name)
+        given = getattr(cfg.model, name)
         if given:
             ctx.given[name] = resolve_base_model(
-                given,
-                log=log,
-                key=f"model.{name}",
-                trust_remote_code=ctx.cfg.model.trust_remote_code,
+                given, log=log, key=f"model.{name}", trust_remote_code=trust
             )
             log(f"{name}: given model {ctx.given[name]} (not trained here)")
-    if ctx.given:  # checked now, before anything is trained; the pair stage checks them all
+    if ctx.given and ctx.base_dir is not None:  # the tiny base: checked by the pair stage
         from irmlens.models.pair import check_pair_folders
 
-        check_pair_folders({"base": ctx.base_dir, **ctx.given}, ctx.cfg.model.trust_remote_code)
+        check_pair_folders({"base": ctx.base_dir, **ctx.given}, trust)
+
+
+def run(ctx: StudyContext) -> None:
+    if ctx.cfg.model.base == "tiny":
+        ctx.base_dir = ensure_base_model(ctx.cfg, ctx.splits, ctx.assets.reviews)
+        if ctx.given:  # checked now, before anything is trained
+            from irmlens.models.pair import check_pair_folders
+
+            check_pair_folders({"base": ctx.base_dir, **ctx.given}, ctx.cfg.model.trust_remote_code)
 
 
 def outputs(paths) -> list[Path]:
