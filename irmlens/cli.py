@@ -119,17 +119,12 @@ def _rerun_stage(args, stage: str) -> RunPaths:
     """Re-run one analysis stage on an existing run folder (its config.toml), earlier stages reused;
     return the folder's paths. ``--force`` recomputes it: the previous results stay usable until the
     new ones replace them, and the outputs derived from them (feature cards, report) are removed."""
-    from irmlens.config import load_config
     from irmlens.pipeline import run_study
+    from irmlens.run import read_run_config
 
     run_dir = Path(args.run_dir)
     paths = RunPaths(run_dir)
-    if not paths.config.exists():
-        raise ConfigError(
-            f"{run_dir} is not an irmlens run folder (no config.toml); run "
-            "`irmlens run CONFIG --out DIR` first"
-        )
-    cfg = load_config(paths.config)
+    cfg = read_run_config(paths)
     run_study(cfg, run_dir, stop_after=stage, force=(stage,) if args.force else ())
     if args.force and not paths.report_json.exists():
         print(f"(the report was removed: rebuild it with `irmlens report {run_dir}`)")
@@ -170,9 +165,10 @@ def cmd_irm(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from irmlens.config import load_config
+    from irmlens.pipeline import run_study, verify_finished
+    from irmlens.records import write_record
     from irmlens.report.build import FORMATS, collect_report, write_report
-    from irmlens.run import read_model_dirs, run_lock
+    from irmlens.run import read_model_dirs, read_run_config, run_lock
 
     run_dir = Path(args.run_dir)
     paths = RunPaths(run_dir)
@@ -185,14 +181,14 @@ def cmd_report(args) -> int:
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ConfigError(f"unknown --format {unknown}; choose from {','.join(FORMATS)}")
-    cfg = load_config(paths.config)
+    cfg = read_run_config(paths)
     with run_lock(run_dir):
         if not paths.cards.exists():  # e.g. after `irmlens irm --force`
-            from irmlens.pipeline import run_study
-
             run_study(cfg, run_dir, stop_after="cards")
+        verify_finished(paths, upto="cards")  # everything the report reads, before it reads
         dirs = read_model_dirs(run_dir)
         write_report(run_dir, collect_report(run_dir, cfg, dirs), formats)
+        write_record(run_dir, "report", [paths.report])
     names = {"html": "index.html", "json": "report.json", "md": "summary.md"}
     for f in formats:
         for name in ["features.csv", "words.csv"] if f == "csv" else [names[f]]:

@@ -31,3 +31,7 @@ class RunLockedError(IrmlensError):
 
 class RemoteCodeError(IrmlensError):
     """A model folder asks to run its own Python code, and the config did not allow it."""
+
+
+class DamagedFileError(IrmlensError):
+    """A file of a run folder does not match what its stage wrote, or cannot be read."""

@@ -53,7 +53,17 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """The JSON file at ``path``; a damaged one (truncated, not UTF-8, not JSON) raises
+    ``DamagedFileError`` naming it, never a bare decode error."""
+    from irmlens.errors import DamagedFileError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedFileError(
+            f"{path} is damaged ({type(e).__name__}: {e}): redo the stage that wrote it, or "
+            "restore the file"
+        ) from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -18,6 +18,7 @@ import torch
 
 from irmlens.config import StudyConfig
 from irmlens.errors import ConfigError
+from irmlens.records import damaged_files, read_record, remove_record, verify_stage, write_record
 from irmlens.run import RunPaths, claim_run_dir, run_lock
 from irmlens.stages import cache, cards, diff, irm, layers, models, null, pair, report, rlhf, saes
 from irmlens.stages.context import StudyContext, log
@@ -39,12 +40,31 @@ class Stage:
     # cheap checks that need the data, the models or the machine, run for every stage before
     # the run folder is claimed, so a config that cannot finish leaves no folder behind
     check: Callable[[StudyContext], None] | None = None
+    # the files its completion record lists (default: its outputs; see irmlens.records)
+    recorded: Callable[[RunPaths], list[Path]] | None = None
 
     def is_done(self, ctx: StudyContext) -> bool:
         if self.done is not None:
             return self.done(ctx)
         outs = self.outputs(ctx.paths)
         return bool(outs) and all(p.exists() for p in outs)
+
+    def recorded_targets(self, paths: RunPaths) -> list[Path]:
+        targets = (self.recorded or self.outputs)(paths)
+        return [t for t in targets if t.exists()]
+
+    def state(self, ctx: StudyContext) -> tuple[bool, list[str]]:
+        """(done, damage): done when its own rule says so and its completion record matches its
+        files; damage lists the files that no longer match."""
+        if not self.is_done(ctx):
+            return False, []
+        if not self.recorded_targets(ctx.paths):
+            return True, []  # nothing of its own to record (a given model, no null pair)
+        rec = read_record(ctx.paths.root, self.name)
+        if rec is None:  # killed before its record, or written before records existed: redo
+            return False, []
+        damage = damaged_files(ctx.paths.root, rec)
+        return not damage, damage
 
 
 STAGES: tuple[Stage, ...] = (
@@ -53,8 +73,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("null", null.run, null.outputs, ("models",), null.done),
     Stage("pair", pair.run, pair.outputs, ("rlhf", "null"), pair.done),
     Stage("layers", layers.run, layers.outputs, ("pair",)),
-    Stage("cache", cache.run, cache.outputs, ("layers",), cache.done),
-    Stage("saes", saes.run, saes.outputs, ("cache",), result=lambda p: p.saes),
+    Stage("cache", cache.run, cache.outputs, ("layers",), cache.done, recorded=cache.recorded),
+    Stage(
+        "saes", saes.run, saes.outputs, ("cache",), result=lambda p: p.saes, recorded=saes.recorded
+    ),
     Stage("diff", diff.run, diff.outputs, ("saes",), result=lambda p: p.diff),
     Stage("irm", irm.run, irm.outputs, ("saes",), irm.done),
     Stage("cards", cards.run, cards.outputs, ("diff", "irm")),
@@ -78,15 +100,58 @@ def invalidate(paths: RunPaths, stage: str) -> None:
     results instead of describing the old ones. Each goes in one rename, then is deleted."""
     for s in dependents(stage):
         for target in s.outputs(paths):
-            if not target.exists():
-                continue
-            if target.is_dir():
-                gone = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.stale."))
-                target.replace(gone / target.name)
-                shutil.rmtree(gone)
-            else:
-                target.unlink()
-            log(f"{s.name}: {target.name} removed (it derived from the previous {stage})")
+            if _remove(target):
+                log(f"{s.name}: {target.name} removed (it derived from the previous {stage})")
+        remove_record(paths.root, s.name)
+
+
+def _remove(target: Path) -> bool:
+    """Remove a file or folder (a folder in one rename first, so no half of it is left)."""
+    if not target.exists():
+        return False
+    if target.is_dir():
+        gone = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.stale."))
+        target.replace(gone / target.name)
+        shutil.rmtree(gone)
+    else:
+        target.unlink()
+    return True
+
+
+def verify_finished(paths: RunPaths, upto: str = "cards") -> None:
+    """Check every stage up to ``upto`` of a run about to be read: each that wrote anything has
+    a completion record and its files match it; else ``DamagedFileError`` names the damaged
+    files and the command that redoes them."""
+    verify_stage(paths.root, "config", required=False)  # config.toml (runs before records: none)
+    for stage in STAGES:
+        if stage.recorded_targets(paths) or read_record(paths.root, stage.name) is not None:
+            verify_stage(paths.root, stage.name)
+        if stage.name == upto:
+            return
+
+
+def _run_stage(ctx: StudyContext, stage: Stage) -> None:
+    """Skip a stage that is done; otherwise run it and write its completion record. A forced
+    stage keeps its previous outputs until the new ones replace them; a damaged one is redone
+    from scratch. Either way the stages that need it are invalidated first (only now: the stages
+    before it all succeeded)."""
+    paths = ctx.paths
+    forced = ctx.forced(stage.name)
+    if not forced:
+        done, damage = stage.state(ctx)
+        if done:
+            log(f"{stage.name}: done, skipping")
+            return
+        if damage:
+            log(f"{stage.name}: damaged ({'; '.join(damage)}); redoing it and the stages after it")
+            for target in stage.outputs(paths):
+                _remove(target)
+            remove_record(paths.root, stage.name)
+            forced = True
+    if forced:
+        invalidate(paths, stage.name)
+    stage.run(ctx)
+    write_record(paths.root, stage.name, stage.recorded_targets(paths))
 
 
 def run_study(
@@ -117,13 +182,7 @@ def run_study(
         claim_run_dir(paths, cfg)
         t0 = time.time()
         for stage in STAGES:
-            if ctx.forced(stage.name):
-                invalidate(paths, stage.name)  # only now: the stages before it all succeeded
-                stage.run(ctx)
-            elif stage.is_done(ctx):
-                log(f"{stage.name}: done, skipping")
-            else:
-                stage.run(ctx)
+            _run_stage(ctx, stage)
             if stage.name == stop_after:
                 break
         if stop_after == "report":

@@ -174,20 +174,74 @@ def claim_run_dir(paths: RunPaths, cfg) -> None:
     """Record ``cfg`` as the run folder's config, refusing a folder that holds a different study.
     The comparison is on the resolved config text, so a run written by an irmlens with other
     settings or defaults is refused too: its outputs may come from another recipe (base model,
-    null pair, dictionaries)."""
+    null pair, dictionaries). A ``config.toml`` damaged since it was written (its record says
+    what it held) is rewritten when ``cfg`` is the config it recorded."""
+    import hashlib
+
     from irmlens.config import dump_config
     from irmlens.errors import ConfigError
-    from irmlens.io import atomic_write_text
+    from irmlens.io import atomic_write_json, atomic_write_text, sha256_file
+    from irmlens.records import record_path
 
     cfg_text = dump_config(cfg)
-    if paths.config.exists() and paths.config.read_text(encoding="utf-8") != cfg_text:
-        raise ConfigError(
-            f"{paths.root} already holds a run with a different config ({paths.config}), or one "
-            "written by another irmlens version. Choose another --out folder, or delete that one "
-            "to start over."
-        )
+    cfg_sha = hashlib.sha256(cfg_text.encode("utf-8")).hexdigest()
+    rec_path = record_path(paths.root, "config")
+    recorded = _recorded_config_sha(rec_path)
+    if paths.config.exists():
+        same = paths.config.read_bytes() == cfg_text.encode("utf-8")
+        damaged = recorded is not None and sha256_file(paths.config) != recorded
+        if damaged and recorded == cfg_sha:
+            same = True  # the damaged file held exactly this config: write it again
+        elif damaged:
+            raise ConfigError(
+                f"{paths.config} has changed since the run was made (its sha256 differs from "
+                f"{rec_path}), and this config is not the one it recorded. Run again with the "
+                "config this run was made with, which rewrites it, or choose another --out folder."
+            )
+        if not same:
+            raise ConfigError(
+                f"{paths.root} already holds a run with a different config ({paths.config}), or "
+                "one written by another irmlens version. Choose another --out folder, or delete "
+                "that one to start over."
+            )
     paths.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.config, cfg_text)
+    atomic_write_json(
+        rec_path,
+        {
+            "stage": "config",
+            "files": {"config.toml": {"size": len(cfg_text.encode("utf-8")), "sha256": cfg_sha}},
+        },
+    )
+
+
+def _recorded_config_sha(rec_path: Path) -> str | None:
+    try:
+        return json.loads(rec_path.read_text(encoding="utf-8"))["files"]["config.toml"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_run_config(paths: RunPaths):
+    """The config a finished run was made with (its ``config.toml``), verified against its
+    record; a damaged or unreadable one is named with the fix."""
+    from irmlens.config import load_config
+    from irmlens.errors import ConfigError, DamagedFileError
+    from irmlens.records import verify_stage
+
+    if not paths.config.exists():
+        raise ConfigError(
+            f"{paths.root} is not an irmlens run folder (no config.toml); run "
+            f"`irmlens run CONFIG --out {paths.root}` first"
+        )
+    verify_stage(paths.root, "config", required=False)  # runs made before records have none
+    try:
+        return load_config(paths.config)
+    except ConfigError as e:
+        raise DamagedFileError(
+            f"{paths.config}, the run's config, cannot be read: {e}. Restore it: run "
+            f"`irmlens run YOUR_CONFIG --out {paths.root}` with the config the run was made with"
+        ) from None
 
 
 # folders this process holds the lock of, with how many nested holders (``irmlens report`` runs

@@ -28,6 +28,9 @@ class Study:
                 f"{run_dir} has no report/report.json: finish the run first "
                 f"(`irmlens run CONFIG --out {run_dir}`)"
             )
+        from irmlens.pipeline import verify_finished
+
+        verify_finished(RunPaths(run_dir), upto="report")  # every file read below is as written
         return cls(run_dir, read_json(path))
 
     # ------------------------------------------------------------------ tables

@@ -272,6 +272,30 @@ def _complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted((p for p in ckpt_dir.iterdir() if complete(p)), key=lambda p: int(p.name))
 
 
+def _loadable_checkpoint(p: Path) -> bool:
+    """Whether sae-lens can load checkpoint ``p`` (weights and trainer state read in full, the
+    state with ``weights_only``); if not, a warning names it and training resumes from the one
+    before it (or the start) instead of dying on a raw UnpicklingError or SafetensorError."""
+    import pickle
+    import warnings
+
+    from sae_lens.constants import SAE_WEIGHTS_FILENAME, TRAINER_STATE_FILENAME
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        load_file(str(p / SAE_WEIGHTS_FILENAME))
+        torch.load(p / TRAINER_STATE_FILENAME, map_location="cpu", weights_only=True)
+        return True
+    except (OSError, SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        warnings.warn(
+            f"SAE checkpoint {p} cannot be loaded ({type(e).__name__}: {str(e)[:200]}): skipped; "
+            "training resumes from an earlier checkpoint, or from the start",
+            stacklevel=3,
+        )
+        return False
+
+
 def train_sae(
     acts: torch.Tensor,
     cfg: SAETrainingConfig,
@@ -320,7 +344,7 @@ def train_sae(
     if uses_checkpoints:
         _check_checkpoint_origin(ckpt_dir, cfg, acts, write=rank == 0)
     done = _complete_checkpoints(ckpt_dir) if uses_checkpoints else []
-    resume = done[-1] if done else None
+    resume = next((p for p in reversed(done) if _loadable_checkpoint(p)), None)
     sae = make_training_sae(cfg, acts.shape[1], steps, hook_name, model_name)
     if resume is not None:
         sae = TrainingSAE.load_from_disk(str(resume), device=cfg.device)

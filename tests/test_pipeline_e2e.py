@@ -265,3 +265,68 @@ def test_a_stage_is_one_module_and_one_line(micro_run, tmp_path, monkeypatch):
     assert [s.name for s in irmlens.pipeline.dependents("irm")] == ["cards", "top_words", "report"]
     irmlens.pipeline.invalidate(irmlens.pipeline.RunPaths(run), "irm")
     assert not out.exists() and not (run / "report").exists()
+
+
+# ------------------------------------------------------------------ damaged files (issue 13)
+
+
+def _copy_run(micro_run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(micro_run, run)
+    return run
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # flip one byte in the middle: same size, other content
+        i = len(data) // 2
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :])
+
+
+DAMAGED = [
+    ("irm/metrics.json", "truncate"),
+    ("irm/metrics.json", "flip"),
+    ("diff/cards.json", "flip"),
+    ("models/dirs.json", "truncate"),
+    ("irm/coefficients.safetensors", "flip"),
+    ("diff/features_layer*.csv", "flip"),
+    ("irm/word_utilities.csv", "truncate"),
+    ("config.toml", "flip"),
+]
+
+
+@pytest.mark.parametrize("pattern, how", DAMAGED, ids=[f"{p}-{h}" for p, h in DAMAGED])
+def test_a_damaged_file_is_named_with_the_fix_by_every_reader(
+    micro_run, tmp_path, capsys, pattern, how
+):
+    """These made `irmlens report` die with JSONDecodeError / UnicodeDecodeError /
+    SafetensorError / TypeError, or were used as they were."""
+    from irmlens.errors import DamagedFileError
+    from irmlens.study import Study
+
+    run = _copy_run(micro_run, tmp_path)
+    target = next(run.glob(pattern))
+    _damage(target, how)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert str(target) in err and "irmlens run" in err, err
+    assert "Traceback" not in err
+    with pytest.raises(DamagedFileError, match=re.escape(str(target))):
+        Study.load(run)
+
+
+def test_irmlens_run_redoes_a_damaged_stage_and_the_stages_after_it(micro_run, tmp_path, capsys):
+    run = _copy_run(micro_run, tmp_path)
+    good = (run / "diff/cards.json").read_bytes()
+    _damage(run / "diff/cards.json", "flip")
+    assert main(["run", str(ROOT / "tests/micro.toml"), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "cards: damaged" in out and "irm: done, skipping" in out
+    assert (run / "diff/cards.json").read_bytes() == good  # redone, to the same bytes
+    from irmlens.study import Study
+
+    Study.load(run)  # verified again

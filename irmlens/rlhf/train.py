@@ -10,14 +10,24 @@ last one (trl's own resume for GRPO/RLOO, segment restarts for PPO).
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from irmlens.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from irmlens.errors import DamagedFileError
+from irmlens.io import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    read_jsonl,
+    sha256_file,
+)
 from irmlens.rlhf.recorder import RewardRecorder, make_metrics_callback
 from irmlens.rlhf.sampling import kl_estimate, sample_completions
 from irmlens.rlhf.signals import lexicon_fraction, repetition_rate
@@ -176,8 +186,28 @@ def _train_grpo_or_rloo(
             *extra_callbacks,
         ],
     )
-    trainer.train(resume_from_checkpoint=last)
+    try:
+        trainer.train(resume_from_checkpoint=last)
+    except (pickle.UnpicklingError, SafetensorError, EOFError) as e:
+        if last is None:
+            raise
+        raise DamagedFileError(
+            f"the RLHF checkpoint {last} cannot be loaded ({type(e).__name__}: {e}): delete that "
+            "folder to resume from the one before it (or from the start)"
+        ) from None
     return trainer.model, resumed_from
+
+
+def _load_checkpoint_tensors(path: Path):
+    """``torch.load`` with ``weights_only`` (a checkpoint never runs code), a refusal or a
+    truncated file named with the fix instead of a raw UnpicklingError."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        raise DamagedFileError(
+            f"{path} cannot be loaded as a checkpoint ({type(e).__name__}: {str(e)[:200]}): "
+            f"delete {path.parent} to resume from the checkpoint before it (or from the start)"
+        ) from None
 
 
 def _last_complete_hf_checkpoint(ckpt_dir: Path) -> str | None:
@@ -191,8 +221,33 @@ def _last_complete_hf_checkpoint(ckpt_dir: Path) -> str | None:
 
 
 def _latest_ppo_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / "state.json").exists())
-    return done[-1] if done else None
+    """The newest ``step-N`` checkpoint whose files match the sha256s its state.json recorded.
+    A damaged one is skipped with a warning (training resumes from an older one, or from the
+    start), never loaded: a flipped byte in its weights would otherwise train on silently."""
+    import warnings
+
+    from irmlens.errors import DamagedFileError
+
+    for p in sorted(ckpt_dir.glob("step-*"), reverse=True):
+        if not (p / "state.json").exists():
+            continue  # never finished writing (atomic_dir): not a checkpoint
+        try:
+            state = read_json(p / "state.json")
+            bad = [
+                rel
+                for rel, sha in state.get("sha256", {}).items()
+                if not (p / rel).is_file() or sha256_file(p / rel) != sha
+            ]
+        except (DamagedFileError, AttributeError) as e:
+            bad = [f"state.json ({e})"]
+        if not bad:
+            return p
+        warnings.warn(
+            f"RLHF checkpoint {p} is damaged ({', '.join(bad)}): skipped; training resumes "
+            "from an earlier checkpoint, or from the start",
+            stacklevel=2,
+        )
+    return None
 
 
 def _train_ppo(
@@ -270,14 +325,16 @@ def _train_ppo(
             ],
         )
         if last is not None and (last / "optimizer.pt").exists():
-            trainer.optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+            trainer.optimizer.load_state_dict(_load_checkpoint_tensors(last / "optimizer.pt"))
         trainer.train()
         done += seg
         with atomic_dir(ckpt_dir / f"step-{done:06d}") as tmp:
             policy.save_pretrained(tmp / "policy")
             value.save_pretrained(tmp / "value")
             torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-            atomic_write_json(tmp / "state.json", {"step": done})
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            sha = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
+            atomic_write_json(tmp / "state.json", {"step": done, "sha256": sha})
         last = ckpt_dir / f"step-{done:06d}"
         for old in ckpt_dir.glob("step-*"):
             if old != last:

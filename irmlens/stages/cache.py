@@ -40,6 +40,12 @@ def outputs(paths) -> list[Path]:
     return [paths.cache]
 
 
+def recorded(paths) -> list[Path]:
+    """The cache's index files; its shards are checksummed in the manifest and verified by the
+    store whenever they are read, so the completion record need not hash gigabytes again."""
+    return [paths.cache / n for n in ("manifest.json", "tokens.safetensors", "words.json")]
+
+
 def done(ctx: StudyContext) -> bool:
     from irmlens.cache.store import cache_is_complete
 

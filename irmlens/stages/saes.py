@@ -117,6 +117,10 @@ def outputs(paths) -> list[Path]:
     return [paths.saes / "mmcs.json"]
 
 
+def recorded(paths) -> list[Path]:
+    return [paths.saes]  # every dictionary (checkpoints, in .checkpoints/, are left out)
+
+
 def sae_init_seed(study_seed: int, model: str, layer: int, width: int) -> int:
     """Each dictionary's own seed. One seed for all would start the base, RLHF and shared SAEs
     from the same weights (and a narrow SAE from the first rows of the wide one's), so MMCS and

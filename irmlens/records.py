@@ -1,0 +1,102 @@
+"""Completion records: what each stage of a run wrote, with sha256, written last.
+
+A stage is done only when its record exists and every file it lists still has its size and
+sha256, so a file truncated, flipped or replaced after the stage finished is found before anything
+reads it, and named with the command that redoes it. Records live in ``RUN/.records/<stage>.json``
+(``config.json`` records ``config.toml``). Cache shards are listed in the cache's own manifest with
+their checksums and verified by the store when read; the cache stage's record covers the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from irmlens.errors import DamagedFileError
+from irmlens.io import atomic_write_json, sha256_file
+
+RECORDS_DIR = ".records"
+
+
+def record_path(root: Path, stage: str) -> Path:
+    return Path(root) / RECORDS_DIR / f"{stage}.json"
+
+
+def recorded_files(targets: Iterable[Path]) -> list[Path]:
+    """The files under ``targets`` (files or folders), hidden names (temp files, checkpoints)
+    left out: they are a stage's scratch, not its result."""
+    out = []
+    for t in targets:
+        if t.is_file():
+            out.append(t)
+        elif t.is_dir():
+            for p in sorted(t.rglob("*")):
+                rel = p.relative_to(t)
+                if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+                    out.append(p)
+    return out
+
+
+def write_record(root: Path, stage: str, targets: Iterable[Path]) -> None:
+    root = Path(root)
+    files = {
+        str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in recorded_files(targets)
+    }
+    atomic_write_json(record_path(root, stage), {"stage": stage, "files": files})
+
+
+def remove_record(root: Path, stage: str) -> None:
+    record_path(root, stage).unlink(missing_ok=True)
+
+
+def read_record(root: Path, stage: str) -> dict | None:
+    """The stage's record, or None if it has none (never finished, or an unreadable record:
+    then the stage is simply not known to be done)."""
+    p = record_path(root, stage)
+    try:
+        rec = json.loads(p.read_text(encoding="utf-8"))
+        return rec if isinstance(rec.get("files"), dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def damaged_files(root: Path, record: dict) -> list[str]:
+    """What no longer matches ``record``: each entry names the file and how it differs."""
+    root = Path(root)
+    problems = []
+    for rel, want in record["files"].items():
+        p = root / rel
+        if not p.is_file():
+            problems.append(f"{p} is missing")
+        elif p.stat().st_size != want.get("size"):
+            problems.append(f"{p} has {p.stat().st_size} bytes, not the {want.get('size')} written")
+        elif sha256_file(p) != want.get("sha256"):
+            problems.append(f"{p} has changed since it was written (sha256 differs)")
+    return problems
+
+
+def redo_command(root: Path) -> str:
+    return f"irmlens run {Path(root) / 'config.toml'} --out {root}"
+
+
+def verify_stage(root: Path, stage: str, required: bool = True) -> None:
+    """Raise ``DamagedFileError`` naming each damaged file of ``stage`` and the command that
+    redoes it. ``required``: a missing record is an error too (the stage never finished)."""
+    rec = read_record(root, stage)
+    if rec is None:
+        if required:
+            raise DamagedFileError(
+                f"{root}: stage {stage!r} has no completion record ({record_path(root, stage)}): "
+                f"it never finished, or its record is damaged. Finish or redo it with "
+                f"`{redo_command(root)}`"
+            )
+        return
+    problems = damaged_files(root, rec)
+    if problems:
+        raise DamagedFileError(
+            f"stage {stage!r} of {root} is damaged: "
+            + "; ".join(problems)
+            + f". Redo it (and the stages after it) with `{redo_command(root)}`"
+        )
