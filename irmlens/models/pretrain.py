@@ -223,6 +223,8 @@ def pretrain_tiny_lm(
     samples = sample_text(model, tokenizer, ["this movie is", "the plot", "i think the acting"])
     metrics = {
         "steps": step,
+        "max_steps": cfg.max_steps,
+        "finished": step == cfg.max_steps,  # a cached model is reused only when it did
         "train_tokens": step * cfg.batch_size * cfg.n_ctx,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - t0, 1),

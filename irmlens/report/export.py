@@ -144,6 +144,19 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def csv_cell(v):
+    """A spreadsheet-safe cell: text that a spreadsheet would run as a formula (it starts with
+    ``=``, ``+``, ``-``, ``@``, a tab or a carriage return, and is not a number) gets a leading
+    apostrophe, the OWASP rule; numbers and other text are unchanged. For the report's exports
+    only: the tables irmlens reads back (diff/, irm/) keep every word as the lexicon spells it."""
+    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(v)
+        except ValueError:
+            return "'" + v
+    return v
+
+
 def features_csv(rows: list[dict]) -> str:
     """One row per shared-SAE feature: divergence numbers, IRM weight, matching tag."""
     if not rows:
@@ -153,7 +166,8 @@ def features_csv(rows: list[dict]) -> str:
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     for r in rows:
-        w.writerow({**r, "top_words_increase": " ".join(r.get("top_words_increase", []))})
+        row = {**r, "top_words_increase": " ".join(r.get("top_words_increase", []))}
+        w.writerow({k: csv_cell(v) for k, v in row.items()})
     return buf.getvalue()
 
 
@@ -168,5 +182,6 @@ def words_csv(run_dir: Path) -> str:
     w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "divergence"])
     w.writeheader()
     for r in read_word_utilities(run_dir):
-        w.writerow({**r, "divergence": div.get(r["word"], "") if r["split"] == "heldout" else ""})
+        row = {**r, "divergence": div.get(r["word"], "") if r["split"] == "heldout" else ""}
+        w.writerow({k: csv_cell(v) for k, v in row.items()})
     return buf.getvalue()

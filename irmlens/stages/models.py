@@ -27,8 +27,12 @@ def ensure_base_model(cfg: StudyConfig, splits, reviews_path: Path) -> Path:
     data_id = f"{sha256_file(reviews_path)[:12]}-{cfg.data.n_validation}-{cfg.data.n_heldout}-{cfg.data.seed}"
     out = models_dir() / f"tiny-{cfg.pretrain.fingerprint(data_id)}"
     if (out / "pretrain.json").exists():
-        log(f"base model: cached embedded tiny LM {out}")
-        return out
+        if cached_model_finished(out, cfg.pretrain.max_steps):
+            log(f"base model: cached embedded tiny LM {out}")
+            return out
+        log(
+            f"base model: the cached {out} stopped short of {cfg.pretrain.max_steps} steps: pretraining again"
+        )
     log(f"pretraining the embedded tiny LM -> {out}")
     m = pretrain_tiny_lm(cfg.pretrain, splits.train, splits.validation, out)
     log(
@@ -36,6 +40,20 @@ def ensure_base_model(cfg: StudyConfig, splits, reviews_path: Path) -> Path:
         f"validation perplexity {m['validation_perplexity']:.1f}"
     )
     return out
+
+
+def cached_model_finished(folder: Path, max_steps: int) -> bool:
+    """Whether the cached tiny LM in ``folder`` ran all ``max_steps`` steps. One cut short (an
+    older irmlens's wall-clock budget stopped some at 26 of 400 steps) shares the fingerprint of
+    the full model and must never be reused as it."""
+    from irmlens.errors import DamagedFileError
+    from irmlens.io import read_json
+
+    try:
+        m = read_json(folder / "pretrain.json")
+    except DamagedFileError:
+        return False
+    return m.get("steps") == max_steps and m.get("finished", True) is True
 
 
 def check_lexicon_fits_corpus(rm, splits) -> dict:

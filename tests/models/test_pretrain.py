@@ -53,3 +53,18 @@ def test_pretraining_is_reproducible_run_to_run(assets, tmp_path):
         pretrain_tiny_lm(cfg, s.train[:40], s.validation[:5], tmp_path / name)
     a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("a", "b"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_cached_model_cut_short_is_never_reused_as_the_full_one(tmp_path):
+    """A wall-clock budget once stopped pretraining at 26 of 400 steps and cached the result
+    under the full model's fingerprint."""
+    import json
+
+    from irmlens.stages.models import cached_model_finished
+
+    (tmp_path / "pretrain.json").write_text(json.dumps({"steps": 26, "max_steps": 400}))
+    assert not cached_model_finished(tmp_path, 400)
+    (tmp_path / "pretrain.json").write_text(json.dumps({"steps": 400, "finished": True}))
+    assert cached_model_finished(tmp_path, 400)
+    (tmp_path / "pretrain.json").write_text('{"steps": 4')  # damaged
+    assert not cached_model_finished(tmp_path, 400)

@@ -158,3 +158,44 @@ def test_html_stays_small_for_16k_features(planted_run):
     html = render_html(report, [], rows, None)
     assert len(html.encode()) < 20e6, len(html.encode()) / 1e6
     assert html.count("<details") == len(report["feature_cards"])
+
+
+HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "=cmd|' /C calc'!A0"]
+
+
+def test_strings_from_data_are_escaped_in_html_markdown_and_csv(planted_run):
+    """Lexicon words, corpus contexts, model names and the run name come from files a user
+    brings: in the exports they must stay text, never markup or a spreadsheet formula."""
+    import copy
+
+    from irmlens.report.build import render_html
+    from irmlens.report.export import features_csv, to_markdown
+
+    report = json.loads((planted_run / "report" / "report.json").read_text())
+    baseline = render_html(report, [])
+    hostile = copy.deepcopy(report)
+    hostile["name"] = HOSTILE[0]
+    for m in hostile["models"].values():
+        m["name"] = HOSTILE[1]
+    for i, w in enumerate(hostile["divergent_words"]):
+        w["word"] = HOSTILE[i % 3]
+    for f in hostile["divergent_features"] + hostile["irm"]["top_features"]:
+        key = "top_words_increase" if "top_words_increase" in f else "top_words"
+        f[key] = HOSTILE
+    for card in hostile["feature_cards"]:
+        for c in card["contexts_base"] + card["contexts_rlhf"]:
+            c["tokens"] = [HOSTILE[i % 3] for i in range(len(c["tokens"]))]
+    assert hostile["feature_cards"] and hostile["divergent_words"]  # the page has them to show
+    page = render_html(hostile, [])
+    # exactly the page's own script elements, and no element made from data
+    assert page.count("<script") == baseline.count("<script")
+    assert page.count("</script>") == baseline.count("</script>")
+    assert "<img" not in page and "onerror=alert(1)>" not in page.replace("&gt;", "")
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # shown, as text
+    md = to_markdown(hostile)
+    assert "<script" not in md and "<img" not in md
+    rows = [
+        {"feature": 0, "divergence": 0.5, "matching_tag": HOSTILE[2], "top_words_increase": HOSTILE}
+    ]
+    cell = features_csv(rows).splitlines()[1]
+    assert "'=cmd" in cell and ",=cmd" not in cell  # a formula becomes text in a spreadsheet
