@@ -33,5 +33,6 @@ class RemoteCodeError(IrmlensError):
     """A model folder asks to run its own Python code, and the config did not allow it."""
 
 
-class DamagedFileError(IrmlensError):
-    """A file of a run folder does not match what its stage wrote, or cannot be read."""
+class DamagedFileError(IrmlensError, ValueError):
+    """A file of a run folder does not match what its stage wrote, or cannot be read (a
+    ValueError too, as the JSON decode errors it replaces were)."""

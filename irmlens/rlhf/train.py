@@ -226,8 +226,6 @@ def _latest_ppo_checkpoint(ckpt_dir: Path) -> Path | None:
     start), never loaded: a flipped byte in its weights would otherwise train on silently."""
     import warnings
 
-    from irmlens.errors import DamagedFileError
-
     for p in sorted(ckpt_dir.glob("step-*"), reverse=True):
         if not (p / "state.json").exists():
             continue  # never finished writing (atomic_dir): not a checkpoint
