@@ -119,12 +119,15 @@ def _rerun_stage(args, stage: str) -> RunPaths:
     """Re-run one analysis stage on an existing run folder (its config.toml), earlier stages reused;
     return the folder's paths. ``--force`` recomputes it: the previous results stay usable until the
     new ones replace them, and the outputs derived from them (feature cards, report) are removed."""
-    from irmlens.pipeline import run_study
+    from irmlens.pipeline import STAGES, run_study, verify_finished
     from irmlens.run import read_run_config
 
     run_dir = Path(args.run_dir)
     paths = RunPaths(run_dir)
     cfg = read_run_config(paths)
+    # what it reads must be as written: a damaged earlier stage is named, not silently redone
+    names = [s.name for s in STAGES]
+    verify_finished(paths, upto=names[names.index(stage) - 1])
     run_study(cfg, run_dir, stop_after=stage, force=(stage,) if args.force else ())
     if args.force and not paths.report_json.exists():
         print(f"(the report was removed: rebuild it with `irmlens report {run_dir}`)")
@@ -184,6 +187,7 @@ def cmd_report(args) -> int:
     cfg = read_run_config(paths)
     with run_lock(run_dir):
         if not paths.cards.exists():  # e.g. after `irmlens irm --force`
+            verify_finished(paths, upto="irm")  # named, not silently redone
             run_study(cfg, run_dir, stop_after="cards")
         verify_finished(paths, upto="cards")  # everything the report reads, before it reads
         dirs = read_model_dirs(run_dir)

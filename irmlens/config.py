@@ -40,13 +40,6 @@ class ModelConfig:
     # ``auto_map``). Off: such a folder is refused before anything loads it, whatever its name.
     trust_remote_code: bool = False
 
-    def __post_init__(self) -> None:
-        from irmlens.ranges import device_problem
-
-        problem = device_problem(self.device)
-        if problem:
-            raise ValueError(f"model.device = {self.device!r}: {problem}")
-
 
 @dataclass
 class NullConfig:
@@ -183,6 +176,12 @@ class StudyConfig:
                     f"byte tokens and the special tokens): use {MIN_BPE_VOCAB} or more, or "
                     'pretrain.tokenizer = "word"'
                 )
+        if self.null.reward == "zero" and self.rlhf.algorithm in ("grpo", "rloo"):
+            raise ValueError(
+                f"null.reward = 'zero' trains nothing with rlhf.algorithm = "
+                f"{self.rlhf.algorithm!r} (every advantage is 0): use null.reward = 'shuffled', "
+                "or 'none' for no null pair"
+            )
         if space != "auto":
             from irmlens.irm.spaces import SPACES
 
@@ -430,11 +429,25 @@ _SECTIONS = {
 }
 
 
-def config_from_dict(values: dict[str, Any]) -> StudyConfig:
-    return _build(StudyConfig, values, "")
+def config_from_dict(values: dict[str, Any], check_device: bool = True) -> StudyConfig:
+    """The config of ``values`` (a parsed TOML file), every key checked against ``RANGES``.
+    ``check_device``: also require that this machine has ``model.device`` (off only to read a
+    finished run's config, which names the machine it ran on; stages check it again)."""
+    cfg = _build(StudyConfig, values, "")
+    if check_device:
+        check_device_exists(cfg)
+    return cfg
 
 
-def load_config(path: str | Path) -> StudyConfig:
+def check_device_exists(cfg: StudyConfig) -> None:
+    from irmlens.ranges import device_problem
+
+    problem = device_problem(cfg.model.device)
+    if problem:
+        raise ConfigError(f"model.device = {cfg.model.device!r}: {problem}")
+
+
+def load_config(path: str | Path, check_device: bool = True) -> StudyConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist (try experiments/configs/tiny.toml)")
@@ -452,7 +465,7 @@ def load_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"cannot read the config {path}: {e.strerror}") from None
     # a file name may hold characters a folder name should not: the default name keeps the rest
     values.setdefault("name", re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "study")
-    return config_from_dict(values)
+    return config_from_dict(values, check_device)
 
 
 _TOML_ESCAPES = {"\\": "\\\\", '"': '\\"'}

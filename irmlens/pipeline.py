@@ -18,7 +18,14 @@ import torch
 
 from irmlens.config import StudyConfig
 from irmlens.errors import ConfigError
-from irmlens.records import damaged_files, read_record, remove_record, verify_stage, write_record
+from irmlens.records import (
+    RECORDS_DIR,
+    damaged_files,
+    read_record,
+    remove_record,
+    verify_stage,
+    write_record,
+)
 from irmlens.run import RunPaths, claim_run_dir, run_lock
 from irmlens.stages import cache, cards, diff, irm, layers, models, null, pair, report, rlhf, saes
 from irmlens.stages.context import StudyContext, log
@@ -53,18 +60,20 @@ class Stage:
         targets = (self.recorded or self.outputs)(paths)
         return [t for t in targets if t.exists()]
 
-    def state(self, ctx: StudyContext) -> tuple[bool, list[str]]:
-        """(done, damage): done when its own rule says so and its completion record matches its
-        files; damage lists the files that no longer match."""
+    def state(self, ctx: StudyContext) -> tuple[str, list[str]]:
+        """("done" | "todo" | "unrecorded" | "damaged", damage). Done: its own rule says so and
+        its completion record matches its files. Unrecorded: finished by its own rule but with no
+        record (killed between its last rename and its record, or a run made before records).
+        Damage lists the files that no longer match."""
         if not self.is_done(ctx):
-            return False, []
+            return "todo", []
         if not self.recorded_targets(ctx.paths):
-            return True, []  # nothing of its own to record (a given model, no null pair)
+            return "done", []  # nothing of its own to record (a given model, no null pair)
         rec = read_record(ctx.paths.root, self.name)
-        if rec is None:  # killed before its record, or written before records existed: redo
-            return False, []
+        if rec is None:
+            return "unrecorded", []
         damage = damaged_files(ctx.paths.root, rec)
-        return not damage, damage
+        return ("damaged" if damage else "done"), damage
 
 
 STAGES: tuple[Stage, ...] = (
@@ -99,10 +108,16 @@ def invalidate(paths: RunPaths, stage: str) -> None:
     """Remove the outputs of every stage that needs ``stage``, so they are rebuilt from its new
     results instead of describing the old ones. Each goes in one rename, then is deleted."""
     for s in dependents(stage):
-        for target in s.outputs(paths):
+        for target in _own_files(s, paths):
             if _remove(target):
                 log(f"{s.name}: {target.name} removed (it derived from the previous {stage})")
         remove_record(paths.root, s.name)
+
+
+def _own_files(stage: Stage, paths: RunPaths) -> list[Path]:
+    """Its outputs and the files its record lists (for saes: every dictionary, not only
+    ``mmcs.json``), so that a redo cannot reuse any of them."""
+    return list(dict.fromkeys([*stage.outputs(paths), *(stage.recorded or stage.outputs)(paths)]))
 
 
 def _remove(target: Path) -> bool:
@@ -122,7 +137,9 @@ def verify_finished(paths: RunPaths, upto: str = "cards") -> None:
     """Check every stage up to ``upto`` of a run about to be read: each that wrote anything has
     a completion record and its files match it; else ``DamagedFileError`` names the damaged
     files and the command that redoes them."""
-    verify_stage(paths.root, "config", required=False)  # config.toml (runs before records: none)
+    if not (paths.root / RECORDS_DIR).exists():
+        return  # made before completion records: nothing to verify against (`irmlens run` adds them)
+    verify_stage(paths.root, "config", required=False)
     for stage in STAGES:
         if stage.recorded_targets(paths) or read_record(paths.root, stage.name) is not None:
             verify_stage(paths.root, stage.name)
@@ -138,16 +155,21 @@ def _run_stage(ctx: StudyContext, stage: Stage) -> None:
     paths = ctx.paths
     forced = ctx.forced(stage.name)
     if not forced:
-        done, damage = stage.state(ctx)
-        if done:
+        status, damage = stage.state(ctx)
+        if status == "done":
             log(f"{stage.name}: done, skipping")
             return
-        if damage:
+        if status == "unrecorded" and ctx.legacy_run:
+            log(f"{stage.name}: done by an irmlens without completion records; recording it")
+            write_record(paths.root, stage.name, stage.recorded_targets(paths))
+            return
+        if status == "damaged":
             log(f"{stage.name}: damaged ({'; '.join(damage)}); redoing it and the stages after it")
-            for target in stage.outputs(paths):
+            for target in _own_files(stage, paths):
                 _remove(target)
             remove_record(paths.root, stage.name)
-            forced = True
+        # unrecorded: its files may be newer than what the later stages were built from
+        forced = status in ("damaged", "unrecorded")
     if forced:
         invalidate(paths, stage.name)
     stage.run(ctx)
@@ -179,6 +201,8 @@ def run_study(
             stage.check(ctx)
     with run_lock(paths.root):
         torch.manual_seed(cfg.seed)
+        # a finished run from before completion records: its stages are recorded, not redone
+        ctx.legacy_run = paths.config.exists() and not (paths.root / RECORDS_DIR).exists()
         claim_run_dir(paths, cfg)
         t0 = time.time()
         for stage in STAGES:

@@ -69,7 +69,8 @@ class Real(Rule):
         return "a finite number" + (" " + " and ".join(parts) if parts else "")
 
     def problem(self, value: Any) -> str | None:
-        if not _is_number(value) or not math.isfinite(value):
+        # an int is finite however large (math.isfinite would overflow on 10**400)
+        if not _is_number(value) or (isinstance(value, float) and not math.isfinite(value)):
             return f"must be {self.describe()}"
         below = value < self.lo or (self.lo_open and value == self.lo)
         above = value > self.hi or (self.hi_open and value == self.hi)

@@ -68,7 +68,9 @@ def damaged_files(root: Path, record: dict) -> list[str]:
     problems = []
     for rel, want in record["files"].items():
         p = root / rel
-        if not p.is_file():
+        if not isinstance(want, dict):
+            problems.append(f"{p}: its record entry is damaged")
+        elif not p.is_file():
             problems.append(f"{p} is missing")
         elif p.stat().st_size != want.get("size"):
             problems.append(f"{p} has {p.stat().st_size} bytes, not the {want.get('size')} written")
@@ -94,6 +96,11 @@ def verify_stage(root: Path, stage: str, required: bool = True) -> None:
             )
         return
     problems = damaged_files(root, rec)
+    if problems and stage == "config":  # redoing it with config.toml itself would read it
+        raise DamagedFileError(
+            "; ".join(problems) + f": the run's config. Restore it: run `irmlens run YOUR_CONFIG "
+            f"--out {root}` with the config the run was made with (it is written again)"
+        )
     if problems:
         raise DamagedFileError(
             f"stage {stage!r} of {root} is damaged: "

@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,12 +237,14 @@ def read_run_config(paths: RunPaths):
         )
     verify_stage(paths.root, "config", required=False)  # runs made before records have none
     try:
-        return load_config(paths.config)
-    except ConfigError as e:
+        tomllib.loads(paths.config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise DamagedFileError(
-            f"{paths.config}, the run's config, cannot be read: {e}. Restore it: run "
+            f"{paths.config}, the run's config, cannot be read ({e}). Restore it: run "
             f"`irmlens run YOUR_CONFIG --out {paths.root}` with the config the run was made with"
         ) from None
+    # readable: a value refused now (a rule newer than the run) is a ConfigError saying so
+    return load_config(paths.config, check_device=False)
 
 
 # folders this process holds the lock of, with how many nested holders (``irmlens report`` runs

@@ -80,6 +80,7 @@ BAD = [
     ("seed", -1),
     ("seed", 2**40),
     ("sae.width_multipliers", [0.001]),  # a width of 0
+    ("sae.lr", 10**400),  # an int too large for a float: refused, not an OverflowError
 ]
 
 
@@ -103,6 +104,26 @@ def test_a_device_this_machine_lacks_fails_at_load():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ConfigError, match=r"model\.device = 'cuda'.*no CUDA GPU.*use \"cpu\""):
         config_from_dict({"model": {"device": "cuda"}})
+
+
+def test_a_null_pair_that_would_train_nothing_fails_at_load():
+    """It used to fail at the null stage, after the RLHF model had trained, with a traceback."""
+    with pytest.raises(ConfigError, match=r"null\.reward = 'zero' trains nothing.*'grpo'"):
+        config_from_dict({"null": {"reward": "zero"}, "rlhf": {"algorithm": "grpo"}})
+
+
+def test_a_finished_runs_config_reads_on_a_machine_without_its_device(tmp_path):
+    """A GPU run's folder is read on a laptop (report, Study.load); running it there is refused."""
+    import torch
+
+    from irmlens.run import RunPaths, read_run_config
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "config.toml").write_text('[model]\ndevice = "cuda"\n')
+    assert read_run_config(RunPaths(tmp_path)).model.device == "cuda"
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        load_config(tmp_path / "config.toml")
 
 
 def test_sizes_of_a_given_model_are_checked_against_its_dimensions():

@@ -188,7 +188,7 @@ def _train_grpo_or_rloo(
     )
     try:
         trainer.train(resume_from_checkpoint=last)
-    except (pickle.UnpicklingError, SafetensorError, EOFError) as e:
+    except (pickle.UnpicklingError, SafetensorError, EOFError, RuntimeError) as e:
         if last is None:
             raise
         raise DamagedFileError(

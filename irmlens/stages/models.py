@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from irmlens.config import StudyConfig, check_dimensions
+from irmlens.config import StudyConfig, check_device_exists, check_dimensions
 from irmlens.errors import ConfigError
 from irmlens.io import sha256_file
 from irmlens.paths import models_dir
@@ -53,7 +53,7 @@ def cached_model_finished(folder: Path, max_steps: int) -> bool:
         m = read_json(folder / "pretrain.json")
     except DamagedFileError:
         return False
-    return m.get("steps") == max_steps and m.get("finished", True) is True
+    return isinstance(m, dict) and m.get("steps") == max_steps and m.get("finished", True) is True
 
 
 def check_lexicon_fits_corpus(rm, splits) -> dict:
@@ -74,8 +74,10 @@ def model_dimensions(folder: Path) -> tuple[int, int]:
     from irmlens.io import read_json
 
     c = read_json(Path(folder) / "config.json")
+    c = c if isinstance(c, dict) else {}
+    c = c.get("text_config") if isinstance(c.get("text_config"), dict) else c  # multimodal
     d = c.get("hidden_size") or c.get("n_embd") or c.get("d_model")
-    n = c.get("num_hidden_layers") or c.get("n_layer") or c.get("num_layers")
+    n = c.get("num_hidden_layers") or c.get("n_layer") or c.get("num_layers") or c.get("n_layers")
     if not isinstance(d, int) or not isinstance(n, int):
         raise ConfigError(
             f"{folder}/config.json names no hidden size or layer count (hidden_size / n_embd, "
@@ -91,6 +93,7 @@ def check(ctx: StudyContext) -> None:
     from irmlens.models.sources import resolve_base_model
 
     cfg = ctx.cfg
+    check_device_exists(cfg)  # a run folder's config may come from another machine
     try:
         ctx.splits  # noqa: B018 (computed here so that a bad split fails before any work)
     except ValueError as e:
