@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # [data] and [pretrain] stay the micro study's (its base model is cached); the rest sit on the
 # edges: one RLHF step of one-token completions, one-row cache batches and shards, TopK k = 1
 # dictionaries a quarter of d_model wide trained for 1% of an epoch, no cards, a 1-feature
-# sparse IRM, 2 CV folds, 1 shuffle.
+# sparse IRM, 2 CV folds, 1 shuffle, no null pair.
 EDGES = """
 [rlhf]
 algorithm = "ppo"
@@ -35,7 +35,7 @@ sample_every = 1
 logging_steps = 1
 
 [null]
-reward = "zero"
+reward = "none"
 
 [layers]
 top_k = 1
@@ -86,7 +86,9 @@ def test_the_micro_study_runs_to_a_report_with_keys_at_their_edges(micro_base, t
     out = tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(out)]) == 0
     r = json.loads((out / "report/report.json").read_text())
-    assert r["feature_cards"] == [] and r["divergent_features"] == []  # n_cards = top_n = 0
+    assert r["divergent_features"] == []  # top_n = 0
+    # n_cards = 0: no card for divergence, only the sparse IRM's features (when on the shared SAE)
+    assert all(c["reason"].strip() == "sparse-IRM" for c in r["feature_cards"])
     assert r["irm"]["sparse"]["k"] == 1
     assert math.isfinite(r["irm"]["heldout_kendall_tau"])
     assert {s["width"] for s in r["saes"]} == {16, 64}  # 0.25 and 1 x d_model 64
