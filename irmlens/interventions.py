@@ -1,0 +1,111 @@
+"""Interventions on dictionary features inside an HF causal LM: ablate a set of features in the
+residual stream, or steer along their decoded change, at every position of prompt and completion.
+
+The hooks sit on the HF blocks themselves (a forward hook on block ``layer``, whose output is
+TransformerLens's ``blocks.{layer}.hook_resid_post``), so generation runs through the same
+``model.generate`` sampler as the RLHF stage and its evaluation. They know nothing of run folders.
+
+A feature's decoded contribution is computed as ``decode(f ⊙ mask) - decode(0)``: for the SAEs
+irmlens trains (an affine decoder, ``f @ W_dec + b_dec``, with any input normalisation folded in or
+undone by ``decode``) this is exactly ``sum_i f_i W_dec[i]`` in the model's own activation space,
+and it stays right for a decoder that also undoes a whitening.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+Edit = Callable[[torch.Tensor], torch.Tensor]  # [batch, pos, d_model] -> same shape
+
+
+def hf_blocks(model) -> torch.nn.ModuleList:
+    """The transformer blocks of an HF causal LM (GPT-2 ``transformer.h``, Llama / Mistral /
+    Qwen ``model.layers``, GPT-NeoX ``gpt_neox.layers``)."""
+    for path in ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise TypeError(
+        f"cannot find the transformer blocks of {type(model).__name__}: expected one of "
+        "transformer.h, model.layers, gpt_neox.layers"
+    )
+
+
+@contextlib.contextmanager
+def edit_block_output(model, layer: int, edit: Edit) -> Iterator[None]:
+    """Within the block, replace block ``layer``'s output hidden states ``h`` by ``edit(h)`` on
+    every forward pass (prompt and every generated token)."""
+
+    def hook(_module, _inputs, output):
+        if isinstance(output, tuple):
+            return (edit(output[0]), *output[1:])
+        return edit(output)
+
+    handle = hf_blocks(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _mask(sae, features: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(sae.cfg.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+    mask[torch.as_tensor(features, dtype=torch.long, device=mask.device)] = 1.0
+    return mask
+
+
+@torch.no_grad()
+def decoded_contribution(sae, codes: torch.Tensor, features) -> torch.Tensor:
+    """``sum_{i in features} codes_i W_dec[i]`` in activation space (see the module docstring)."""
+    masked = codes * _mask(sae, features)
+    return sae.decode(masked) - sae.decode(torch.zeros_like(masked))
+
+
+def ablation(sae, features) -> Edit:
+    """Subtract the features' decoded contributions, with the codes the SAE gives the activation
+    itself: ``h - sum_{i in S} f_i(h) W_dec[i]``."""
+
+    @torch.no_grad()
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        x = h.to(sae.W_dec.dtype)
+        codes = sae.encode(x)
+        return (x - decoded_contribution(sae, codes, features)).to(h.dtype)
+
+    return edit
+
+
+def steering_vector(sae, mean_code_change: torch.Tensor, features) -> torch.Tensor:
+    """The decoded mean RLHF-minus-base change of the features: ``sum_{i in S} mean(Δf_i) W_dec[i]``."""
+    return decoded_contribution(sae, mean_code_change.to(sae.W_dec.dtype)[None], features)[0]
+
+
+def steering(vector: torch.Tensor, scale: float) -> Edit:
+    """Add ``scale * vector`` at every position."""
+
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        return h + (scale * vector).to(device=h.device, dtype=h.dtype)
+
+    return edit
+
+
+@torch.no_grad()
+def removed_variance_share(sae, acts: torch.Tensor, features, batch_size: int = 8192) -> float:
+    """Share of the activations' variance (around their mean) that ablating ``features`` removes:
+    ``sum ||contribution||^2 / sum ||a - mean||^2``. Random control sets are matched on it, since
+    removing any large trained decoder direction hurts generation whatever it encodes."""
+    acts = acts.float()
+    mean = acts.mean(0)
+    removed = total = 0.0
+    for i in range(0, len(acts), batch_size):
+        x = acts[i : i + batch_size].to(sae.W_dec.device)
+        c = decoded_contribution(sae, sae.encode(x.to(sae.W_dec.dtype)), features).float()
+        removed += float((c**2).sum())
+        total += float(((x - mean.to(x.device)) ** 2).sum())
+    return removed / total if total > 0 else 0.0

