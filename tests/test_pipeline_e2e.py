@@ -323,7 +323,8 @@ def test_irmlens_run_redoes_a_damaged_stage_and_the_stages_after_it(micro_run, t
     run = _copy_run(micro_run, tmp_path)
     good = (run / "diff/cards.json").read_bytes()
     _damage(run / "diff/cards.json", "flip")
-    assert main(["run", str(ROOT / "tests/micro.toml"), "--out", str(run)]) == 0
+    # the command the error message gives: the run's own config.toml
+    assert main(["run", str(run / "config.toml"), "--out", str(run)]) == 0
     out = capsys.readouterr().out
     assert "cards: damaged" in out and "irm: done, skipping" in out
     assert (run / "diff/cards.json").read_bytes() == good  # redone, to the same bytes
