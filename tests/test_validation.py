@@ -1,0 +1,70 @@
+"""Causal validation helpers: paired rewards, CIs, shares of the RLHF gain, matched controls."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from irmlens.interventions import ablation, removed_variance_share, steering
+from irmlens.rewards.lexicon import LexiconRewardModel
+from irmlens.validation import (
+    generate_and_score,
+    intervention_kl,
+    matched_random_sets,
+    mean_ci,
+    paired_difference_ci,
+    share_of_gain,
+)
+from sae_training.train import random_sae
+
+
+def test_shares_of_the_rlhf_gain():
+    assert share_of_gain(0.5, 0.0, 1.0, "ablate") == pytest.approx(0.5)  # half the gain gone
+    assert share_of_gain(1.0, 0.0, 1.0, "ablate") == 0.0
+    assert share_of_gain(0.25, 0.0, 1.0, "steer") == pytest.approx(0.25)
+    assert share_of_gain(0.3, 0.2, 0.2, "ablate") is None  # no gain to share
+
+
+def test_bootstrap_cis():
+    v = torch.linspace(0, 1, 101)
+    m, lo, hi = mean_ci(v, seed=1)
+    assert m == pytest.approx(0.5) and lo < 0.5 < hi and hi - lo < 0.2
+    assert paired_difference_ci(v, v) == (0.0, 0.0, 0.0)
+    d, lo, hi = paired_difference_ci(v + 0.1, v)  # a constant shift: no prompt-to-prompt noise
+    assert d == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+
+
+def test_matched_random_sets_avoid_the_main_set_and_match_its_removal():
+    torch.manual_seed(0)
+    sae = random_sae(16, 128, seed=0)
+    acts = torch.randn(3000, 16)
+    freq = (sae.encode(acts) > 0).float().mean(0)
+    main = [0, 1, 2, 3]
+    target, draws = matched_random_sets(sae, acts, freq, main, n_draws=5, seed=0)
+    assert target == pytest.approx(removed_variance_share(sae, acts, main))
+    assert len(draws) == 5
+    for d in draws:
+        assert len(set(d.features)) == 4 and not set(d.features) & set(main)
+    ratios = [d.removed_share / target for d in draws]
+    assert all(0.5 < r < 2 for r in ratios), ratios
+
+
+def test_arms_share_prompts_and_seeds_and_kl_is_zero_without_change(tiny_hf_dir):
+    model = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    rm = LexiconRewardModel({"great": 2.0, "bad": -2.0, "fun": 1.0, "terrible": -3.0})
+    prompts = ["this movie is", "a bad", "the acting"] * 4
+    plain = generate_and_score(model, tok, prompts, rm, 6, seed=3)
+    again = generate_and_score(
+        model, tok, prompts, rm, 6, seed=3, layer=1, edit=steering(torch.zeros(32), 1.0)
+    )
+    assert torch.equal(plain.samples.sequences, again.samples.sequences)
+    assert torch.equal(plain.rewards, again.rewards) and plain.rewards.shape == (12,)
+    sae = random_sae(32, 64, seed=0)
+    assert intervention_kl(model, plain.samples, 1, steering(torch.zeros(32), 1.0)) == 0.0
+    ablated = generate_and_score(
+        model, tok, prompts, rm, 6, seed=3, layer=1, edit=ablation(sae, range(64))
+    )
+    # a real change of the model: the estimate moves off 0 (on 12 samples of a near-uniform
+    # random model it is small and may fall either side)
+    assert intervention_kl(model, ablated.samples, 1, ablation(sae, range(64))) != 0.0
