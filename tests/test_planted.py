@@ -68,3 +68,37 @@ def test_study_tables_are_consistent(planted_run):
     assert len(study.spaces) >= 5
     report = read_json(planted_run / "report" / "report.json")
     assert report["rlhf"] is None and report["models"]["null"]["path"]
+
+
+def test_the_lexicon_labeler_labels_the_planted_feature_by_its_polarity(planted, planted_run):
+    """Issue 14: the planted feature (the top divergent one, reading along v) fires on the planted
+    words in the "after" model, with the sign of their utility; a feature that fires on no word
+    is unrelated."""
+    from irmlens.cache.store import hook_name, load_activations, load_token_rows
+    from irmlens.labels import evidence_from_activations
+    from irmlens.labels.lexicon import LexiconLabeler
+    from irmlens.rewards.lexicon import LexiconRewardModel
+    from irmlens.study import Study
+    from sae_training.train import encode_batched
+
+    _, lexicon, _, direction = planted
+    study = Study.load(planted_run)
+    sae, layer = study.sae(), study.report["irm"]["layer"]
+    rows = load_token_rows(planted_run / "cache")
+    acts = load_activations(planted_run / "cache", "rlhf", hook_name(layer))
+    word_id = rows.word_id[rows.valid]
+    codes = encode_batched(sae, acts.float())
+    top = study.report["divergent_features"][0]["feature"]
+    reads = float(
+        torch.nn.functional.normalize(sae.W_enc[:, top].detach().float(), dim=0) @ direction
+    )
+    labeler = LexiconLabeler(LexiconRewardModel.from_file(lexicon).word_utility)
+    ev = evidence_from_activations(top, codes[:, top], word_id, rows.words)
+    label = labeler.label([ev])[0]
+    assert label.label == ("positive" if reads > 0 else "negative"), (reads, label)
+    assert label.scores["lexicon_mass"] > 0.5
+    # the same feature's activations moved to positions where no word ends: unrelated
+    off_words = torch.where(word_id < 0, codes[:, top].abs() + 1.0, torch.zeros(len(word_id)))
+    assert labeler.label([evidence_from_activations(1, off_words, word_id, rows.words)])[
+        0
+    ].label == ("unrelated")
