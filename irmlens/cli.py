@@ -186,10 +186,13 @@ def cmd_report(args) -> int:
         raise ConfigError(f"unknown --format {unknown}; choose from {','.join(FORMATS)}")
     cfg = read_run_config(paths)
     with run_lock(run_dir):
-        if not paths.cards.exists():  # e.g. after `irmlens irm --force`
+        # everything the report reads is verified once before it reads: the stages up to the
+        # IRM before the cards are rebuilt (e.g. after `irmlens irm --force`), else up to the cards
+        if not paths.cards.exists():
             verify_finished(paths, upto="irm")  # named, not silently redone
             run_study(cfg, run_dir, stop_after="cards")
-        verify_finished(paths, upto="cards")  # everything the report reads, before it reads
+        else:
+            verify_finished(paths, upto="cards")
         dirs = read_model_dirs(run_dir)
         write_report(run_dir, collect_report(run_dir, cfg, dirs), formats)
         write_record(run_dir, "report", [paths.report])

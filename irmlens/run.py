@@ -181,24 +181,24 @@ def claim_run_dir(paths: RunPaths, cfg) -> None:
 
     from irmlens.config import dump_config
     from irmlens.errors import ConfigError
-    from irmlens.io import atomic_write_json, atomic_write_text, sha256_file
-    from irmlens.records import record_path
+    from irmlens.io import atomic_write_text
+    from irmlens.records import damaged_files, read_record, record_path, write_record
 
     cfg_text = dump_config(cfg)
-    cfg_sha = hashlib.sha256(cfg_text.encode("utf-8")).hexdigest()
-    rec_path = record_path(paths.root, "config")
-    recorded = _recorded_config_sha(rec_path)
     if paths.config.exists():
         same = paths.config.read_bytes() == cfg_text.encode("utf-8")
-        damaged = recorded is not None and sha256_file(paths.config) != recorded
-        if damaged and recorded == cfg_sha:
+        rec = read_record(paths.root, "config")
+        entry = rec["files"].get("config.toml") if rec is not None else None
+        recorded = entry.get("sha256") if isinstance(entry, dict) else None
+        if recorded is not None and damaged_files(paths.root, rec):
+            if recorded != hashlib.sha256(cfg_text.encode("utf-8")).hexdigest():
+                raise ConfigError(
+                    f"{paths.config} has changed since the run was made (its sha256 differs from "
+                    f"{record_path(paths.root, 'config')}), and this config is not the one it "
+                    "recorded. Run again with the config this run was made with, which rewrites "
+                    "it, or choose another --out folder."
+                )
             same = True  # the damaged file held exactly this config: write it again
-        elif damaged:
-            raise ConfigError(
-                f"{paths.config} has changed since the run was made (its sha256 differs from "
-                f"{rec_path}), and this config is not the one it recorded. Run again with the "
-                "config this run was made with, which rewrites it, or choose another --out folder."
-            )
         if not same:
             raise ConfigError(
                 f"{paths.root} already holds a run with a different config ({paths.config}), or "
@@ -207,20 +207,7 @@ def claim_run_dir(paths: RunPaths, cfg) -> None:
             )
     paths.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.config, cfg_text)
-    atomic_write_json(
-        rec_path,
-        {
-            "stage": "config",
-            "files": {"config.toml": {"size": len(cfg_text.encode("utf-8")), "sha256": cfg_sha}},
-        },
-    )
-
-
-def _recorded_config_sha(rec_path: Path) -> str | None:
-    try:
-        return json.loads(rec_path.read_text(encoding="utf-8"))["files"]["config.toml"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    write_record(paths.root, "config", [paths.config])
 
 
 def read_run_config(paths: RunPaths):

@@ -47,10 +47,10 @@ def cached_model_finished(folder: Path, max_steps: int) -> bool:
     older irmlens's wall-clock budget stopped some at 26 of 400 steps) shares the fingerprint of
     the full model and must never be reused as it."""
     from irmlens.errors import DamagedFileError
-    from irmlens.io import read_json
+    from irmlens.models.pretrain import load_pretrain_metrics
 
     try:
-        m = read_json(folder / "pretrain.json")
+        m = load_pretrain_metrics(folder)
     except DamagedFileError:
         return False
     return isinstance(m, dict) and m.get("steps") == max_steps and m.get("finished", True) is True
@@ -69,15 +69,14 @@ def check_lexicon_fits_corpus(rm, splits) -> dict:
     return counts
 
 
-def model_dimensions(folder: Path) -> tuple[int, int]:
-    """(d_model, n_layer) from an HF folder's config.json, without loading the weights."""
-    from irmlens.io import read_json
+def model_dimensions(folder: Path, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(d_model, n_layer) of an HF folder from its config alone, without loading the weights
+    (transformers' ``AutoConfig`` maps each architecture's names, as the report's model info does)."""
+    from transformers import AutoConfig
 
-    c = read_json(Path(folder) / "config.json")
-    c = c if isinstance(c, dict) else {}
-    c = c.get("text_config") if isinstance(c.get("text_config"), dict) else c  # multimodal
-    d = c.get("hidden_size") or c.get("n_embd") or c.get("d_model")
-    n = c.get("num_hidden_layers") or c.get("n_layer") or c.get("num_layers") or c.get("n_layers")
+    c = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    c = getattr(c, "text_config", None) or c  # multimodal: the language model's own config
+    d, n = getattr(c, "hidden_size", None), getattr(c, "num_hidden_layers", None)
     if not isinstance(d, int) or not isinstance(n, int):
         raise ConfigError(
             f"{folder}/config.json names no hidden size or layer count (hidden_size / n_embd, "
@@ -105,7 +104,7 @@ def check(ctx: StudyContext) -> None:
     trust = cfg.model.trust_remote_code
     if cfg.model.base != "tiny":
         ctx.base_dir = resolve_base_model(cfg.model.base, log=log, trust_remote_code=trust)
-        d_model, n_layer = model_dimensions(ctx.base_dir)
+        d_model, n_layer = model_dimensions(ctx.base_dir, trust)
         check_dimensions(cfg, d_model, n_layer, f"model.base = {cfg.model.base!r}")
     for name in ("rlhf", "null"):
         given = getattr(cfg.model, name)
