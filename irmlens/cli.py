@@ -167,6 +167,41 @@ def cmd_irm(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    from irmlens.io import read_json
+    from irmlens.report.summary import validation_verdict
+
+    paths = _rerun_stage(args, "validate")
+    v = read_json(paths.validate / "validation.json")
+    for a in v["arms"]:
+        d = a.get("main_minus_this")
+        print(
+            f"  {a['arm']:32s} reward {a['reward']:+.3f} [{a['reward_ci'][0]:+.3f}, "
+            f"{a['reward_ci'][1]:+.3f}]"
+            + (
+                ""
+                if d is None
+                else f"  main - this {d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+            )
+        )
+    print(validation_verdict(v, None))
+    print(f"Validation: {(paths.validate / 'validation.json').resolve()}")
+    return 0
+
+
+def cmd_labels(args) -> int:
+    from irmlens.io import read_json
+
+    paths = _rerun_stage(args, "labels")
+    found = read_json(paths.labels / "labels.json")
+    for name, per in found["comparison"].items():
+        for labeler, c in per.items():
+            if isinstance(c, dict):
+                print(f"  {name:18s} {labeler:8s} share related {c['share_related']}")
+    print(f"Labels: {(paths.labels / 'labels.json').resolve()}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from irmlens.pipeline import run_study, verify_finished
     from irmlens.records import write_record
@@ -235,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_ in (
         ("diff", cmd_diff, "per-feature divergence and dictionary matching of a run folder"),
         ("irm", cmd_irm, "fit and score the IRM (feature spaces, controls) of a run folder"),
+        (
+            "validate",
+            cmd_validate,
+            "ablate and steer the IRM's features and controls in the models",
+        ),
+        ("labels", cmd_labels, "label features' relevance to the reward and compare with the IRM"),
     ):
         c = sub.add_parser(name, help=help_)
         c.add_argument("run_dir", help="a run folder written by `irmlens run`")

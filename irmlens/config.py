@@ -144,6 +144,37 @@ class SAEStageConfig:
 
 
 @dataclass
+class ValidateConfig:
+    """The causal validation (stage ``validate``): feature sets ablated in the RLHF model and
+    steered into the base model, scored on held-out prompts (see irmlens/stages/validate.py)."""
+
+    n_prompts: int = 256  # held-out prompts, the same for every arm
+    seed: int = 0  # prompt choice and sampling: one seed for every arm, so arms pair up
+    steering_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    n_random_draws: int = 5  # matched random feature sets
+    n_bootstrap: int = 1000
+    perplexity_texts: int = 64  # held-out reviews whose perplexity each arm reports
+    paper_prefix_words: int = 5  # the paper's number: continuations of prefixes this long
+    single_feature_effects: bool = True  # each sparse-IRM feature ablated alone (for its card)
+    single_feature_prompts: int = 64  # the first this many of the prompts, for those
+
+
+@dataclass
+class LabelsConfig:
+    """Reward-relevance labels of features (stage ``labels``, irmlens/labels/)."""
+
+    min_mass: float = 0.25  # lexicon labeler: share of activation on lexicon words
+    min_utility: float = 0.5  # lexicon labeler: |activation-weighted mean utility|
+    # the LLM labeler on the sparse IRM's features: "none", "local" (an HF chat model folder in
+    # llm_model; "smollm2": SmolLM2-135M-Instruct, offline) or "openai" (IRMLENS_LLM_* env)
+    llm: str = "local"
+    llm_model: str = "smollm2"
+    n_contexts: int = 8  # top contexts shown per feature
+    # what the LLM is told the reward model rewards (empty: a sentence made from the lexicon)
+    reward_description: str = ""
+
+
+@dataclass
 class StudyConfig:
     name: str = "study"
     seed: int = 0
@@ -157,6 +188,8 @@ class StudyConfig:
     sae: SAEStageConfig = field(default_factory=SAEStageConfig)
     diff: DiffConfig = field(default_factory=DiffConfig)
     irm: IRMConfig = field(default_factory=IRMConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
 
     def __post_init__(self) -> None:
         """The rules that need more than one section, checked at load so that a config which
@@ -330,6 +363,23 @@ RANGES: dict[str, Rule] = {
     "irm.space": OneOf(("auto", *IRM_SPACES)),
     "irm.paper_contexts_per_word": _SIZE,
     "irm.seed": _SEED,
+    # [validate]
+    "validate.n_prompts": Int(2),  # a bootstrap needs two
+    "validate.seed": _SEED,
+    "validate.steering_scales": Each(Real(-100.0, 100.0)),
+    "validate.n_random_draws": Int(1, 100),
+    "validate.n_bootstrap": Int(10, 1_000_000),
+    "validate.perplexity_texts": _SIZE,
+    "validate.paper_prefix_words": _SIZE,
+    "validate.single_feature_effects": Flag(),
+    "validate.single_feature_prompts": Int(2),
+    # [labels]
+    "labels.min_mass": Real(0.0, 1.0),
+    "labels.min_utility": _NONNEGATIVE,
+    "labels.llm": OneOf(("none", "local", "openai")),
+    "labels.llm_model": Text(nonempty=True),
+    "labels.n_contexts": Int(1, 100),
+    "labels.reward_description": Text(),
 }
 
 
@@ -425,6 +475,8 @@ _SECTIONS = {
         SAEStageConfig,
         DiffConfig,
         IRMConfig,
+        ValidateConfig,
+        LabelsConfig,
     )
 }
 

@@ -55,6 +55,18 @@ def edit_block_output(model, layer: int, edit: Edit) -> Iterator[None]:
         handle.remove()
 
 
+Edits = dict[int, Edit]  # block index -> its edit: one feature set may span several layers
+
+
+@contextlib.contextmanager
+def edit_blocks(model, edits: Edits | None) -> Iterator[None]:
+    """Every ``layer: edit`` of ``edits`` applied at once (none: the model as it is)."""
+    with contextlib.ExitStack() as stack:
+        for layer, edit in (edits or {}).items():
+            stack.enter_context(edit_block_output(model, layer, edit))
+        yield
+
+
 def _mask(sae, features: Sequence[int] | torch.Tensor) -> torch.Tensor:
     mask = torch.zeros(sae.cfg.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
     mask[torch.as_tensor(features, dtype=torch.long, device=mask.device)] = 1.0

@@ -27,7 +27,21 @@ from irmlens.records import (
     write_record,
 )
 from irmlens.run import RunPaths, claim_run_dir, run_lock
-from irmlens.stages import cache, cards, diff, irm, layers, models, null, pair, report, rlhf, saes
+from irmlens.stages import (
+    cache,
+    cards,
+    diff,
+    irm,
+    labels,
+    layers,
+    models,
+    null,
+    pair,
+    report,
+    rlhf,
+    saes,
+    validate,
+)
 from irmlens.stages.context import StudyContext, log
 
 
@@ -88,7 +102,9 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage("diff", diff.run, diff.outputs, ("saes",), result=lambda p: p.diff),
     Stage("irm", irm.run, irm.outputs, ("saes",), irm.done),
-    Stage("cards", cards.run, cards.outputs, ("diff", "irm")),
+    Stage("validate", validate.run, validate.outputs, ("diff", "irm"), validate.done),
+    Stage("labels", labels.run, labels.outputs, ("irm",), labels.done),
+    Stage("cards", cards.run, cards.outputs, ("validate", "labels")),
     Stage("report", report.run, report.outputs, ("cards",), report.done, report.result),
 )
 

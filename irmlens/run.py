@@ -75,6 +75,20 @@ class RunPaths:
         return self.root / "irm"
 
     @property
+    def validate(self) -> Path:
+        return self.root / "validate"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels"
+
+    @property
+    def llm_label_cache(self) -> Path:
+        """The LLM labeler's answers, one file per prompt: outside ``labels/`` (which is
+        replaced in one rename) so that a killed labelling run resumes."""
+        return self.root / "labels-llm-cache"
+
+    @property
     def report(self) -> Path:
         return self.root / "report"
 

@@ -131,6 +131,45 @@ class Study:
         )
 
     @property
+    def validation(self):
+        """Every validation arm (baselines, ablations, steering at each scale), one row each:
+        reward with its CI, share of the RLHF gain removed or reproduced, KL, perplexity and the
+        main arm minus this one (paired over prompts). Empty for a run without the stage."""
+        import pandas as pd
+
+        v = self.report.get("validation") or {"arms": []}
+        rows = []
+        for a in v["arms"]:
+            d = a.get("main_minus_this") or {}
+            rows.append(
+                _scalars(a)
+                | {
+                    "reward_ci_low": a["reward_ci"][0],
+                    "reward_ci_high": a["reward_ci"][1],
+                    "main_minus_this": d.get("mean"),
+                    "main_minus_this_ci_low": (d.get("ci") or [None])[0],
+                    "main_minus_this_ci_high": (d.get("ci") or [None, None])[1],
+                }
+            )
+        return pd.DataFrame(rows)
+
+    @property
+    def labels(self):
+        """The sparse IRM's features with every labeler's label and explanation, one row per
+        feature and labeler (``set`` says whose features: sparse_irm, random_sae_sparse)."""
+        import pandas as pd
+
+        found = self.report.get("labels") or {"sets": {}}
+        return pd.DataFrame(
+            [
+                {"set": name, "labeler": labeler} | _scalars(r)
+                for name, per in found["sets"].items()
+                for labeler, rows in per.items()
+                for r in rows
+            ]
+        )
+
+    @property
     def metrics(self) -> dict:
         """Headline numbers as a flat dict."""
         irm = self.report["irm"]

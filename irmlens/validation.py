@@ -9,7 +9,6 @@ folders (the ``validate`` stage wires it to a study).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from irmlens.interventions import Edit, edit_block_output, removed_variance_share
+from irmlens.interventions import Edits, edit_blocks, removed_variance_share
 from irmlens.rlhf.sampling import Samples, completion_logprobs, sample_completions
 
 
@@ -35,25 +34,42 @@ def generate_and_score(
     reward_model,
     max_new_tokens: int,
     seed: int,
-    layer: int | None = None,
-    edit: Edit | None = None,
+    edits: Edits | None = None,
 ) -> Generations:
-    """One completion per prompt (the RLHF stage's sampler), with ``edit`` applied to block
-    ``layer``'s output at every position, scored by ``reward_model``."""
-    ctx = edit_block_output(model, layer, edit) if edit is not None else contextlib.nullcontext()
-    with ctx:
+    """One completion per prompt (the RLHF stage's sampler), with ``edits`` applied to their
+    blocks' outputs at every position, scored by ``reward_model``."""
+    with edit_blocks(model, edits):
         samples = sample_completions(model, tokenizer, prompts, max_new_tokens, seed)
     rewards = torch.tensor(reward_model.score(samples.completions), dtype=torch.float64)
     return Generations(samples, rewards)
 
 
 @torch.no_grad()
-def intervention_kl(model, samples: Samples, layer: int, edit: Edit) -> float:
+def intervention_kl(model, samples: Samples, edits: Edits) -> float:
     """KL(intervened || unintervened) per completion, in nats, estimated on ``samples`` drawn
     from the intervened model: an intervention that just breaks the model shows here."""
-    with edit_block_output(model, layer, edit):
+    with edit_blocks(model, edits):
         intervened = completion_logprobs(model, samples)
     return float((intervened - completion_logprobs(model, samples)).mean())
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], n_ctx: int, edits: Edits | None = None) -> float:
+    """Perplexity of ``texts`` (each cut to ``n_ctx`` tokens) under the model with ``edits``:
+    the held-out language-modelling cost of an intervention, beside its reward."""
+    tokenizer.padding_side = "right"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=n_ctx)
+    ids, am = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+    nll = count = 0.0
+    with edit_blocks(model, edits):
+        for i in range(0, len(ids), 32):
+            logits = model(input_ids=ids[i : i + 32], attention_mask=am[i : i + 32]).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), -1)
+            tok_lp = logp.gather(-1, ids[i : i + 32, 1:, None]).squeeze(-1)
+            mask = am[i : i + 32, 1:].float()
+            nll -= float((tok_lp * mask).sum())
+            count += float(mask.sum())
+    return math.exp(nll / count) if count else float("nan")
 
 
 def mean_ci(
@@ -131,3 +147,46 @@ def matched_random_sets(
         candidates.append(MatchedDraw(sorted(chosen), share, float(logf[chosen].mean())))
     candidates.sort(key=lambda d: abs(math.log((d.removed_share + 1e-12) / (target + 1e-12))))
     return target, candidates[:n_draws]
+
+
+@torch.no_grad()
+def code_statistics(sae, acts: torch.Tensor, batch_size: int = 8192) -> tuple[torch.Tensor, ...]:
+    """Per feature: mean code and firing frequency (code > 0) over ``acts`` [n, d_model]."""
+    total = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    for i in range(0, len(acts), batch_size):
+        x = acts[i : i + batch_size].to(sae.W_dec.device, sae.W_dec.dtype)
+        codes = sae.encode(x).double().cpu()
+        total += codes.sum(0)
+        fired += (codes > 0).double().sum(0)
+    n = max(len(acts), 1)
+    return total / n, fired / n
+
+
+@torch.no_grad()
+def decoder_directions(sae) -> torch.Tensor:
+    """Each feature's unit-code contribution in activation space, ``decode(e_i) - decode(0)``
+    [d_sae, d_model] (``W_dec`` itself for a plain decoder; right under a folded whitening too)."""
+    eye = torch.eye(sae.cfg.d_sae, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+    return (sae.decode(eye) - sae.decode(torch.zeros_like(eye[:1]))).float().cpu()
+
+
+def token_utilities(tokenizer, utility, vocab_size: int) -> torch.Tensor:
+    """The reward model's utility of each token that is a lexicon word on its own (spaces
+    stripped; 0 for the rest): what a direction's logit effect is weighed by."""
+    out = torch.zeros(vocab_size, dtype=torch.float32)
+    for i in range(vocab_size):
+        u = utility(tokenizer.decode([i]).strip())
+        if u is not None:
+            out[i] = float(u)
+    return out
+
+
+def reward_logit_scores(directions: torch.Tensor, w_u: torch.Tensor, utilities: torch.Tensor):
+    """Per feature: how far its decoder direction, read through the unembedding (logit lens,
+    final norm ignored), moves the logits of lexicon words in the direction of their utility,
+    ``sum_t u_t (d_i W_U - mean_t d_i W_U)_t / sum_t |u_t|``. Positive: it promotes rewarded
+    words over penalised ones."""
+    logits = directions.float() @ w_u.float().cpu()
+    logits = logits - logits.mean(1, keepdim=True)
+    return logits @ utilities / utilities.abs().sum().clamp_min(1e-12)

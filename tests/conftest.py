@@ -194,6 +194,15 @@ def planted_run(planted, tmp_path_factory):
                 "ce_eval_rows": 16,
             },
             "irm": {"n_shuffles": 3, "paper_contexts_per_word": 3},
+            "validate": {
+                "n_prompts": 16,
+                "steering_scales": [1.0],
+                "n_random_draws": 2,
+                "n_bootstrap": 100,
+                "perplexity_texts": 8,
+                "single_feature_prompts": 8,
+            },
+            "labels": {"llm": "none"},
         }
     )
     out = tmp_path_factory.mktemp("planted_run")

@@ -102,3 +102,55 @@ def test_the_lexicon_labeler_labels_the_planted_feature_by_its_polarity(planted,
     assert labeler.label([evidence_from_activations(1, off_words, word_id, rows.words)])[
         0
     ].label == ("unrelated")
+
+
+def test_ablating_the_planted_feature_removes_the_planted_shift(planted, planted_run):
+    """Issue 14: the validate stage's ablation edit, applied to the "after" model's activations
+    at the IRM layer, takes out most of the planted shift ``u(w) v`` at planted words (the shift
+    after - base along v), while ablating a feature that does not read v leaves it."""
+    from irmlens.cache.store import hook_name, load_activations, load_token_rows
+    from irmlens.interventions import ablation
+    from irmlens.study import Study
+
+    _, _, utilities, direction = planted
+    study = Study.load(planted_run)
+    sae, layer = study.sae(), study.report["irm"]["layer"]
+    rows = load_token_rows(planted_run / "cache")
+    word_id = rows.word_id[rows.valid]
+    planted_ids = [i for i, w in enumerate(rows.words) if w in utilities]
+    at = torch.isin(word_id, torch.tensor(planted_ids))
+    base = load_activations(planted_run / "cache", "base", hook_name(layer))[at].float()
+    after = load_activations(planted_run / "cache", "rlhf", hook_name(layer))[at].float()
+    top = study.report["divergent_features"][0]["feature"]
+    shift = ((after - base) @ direction).abs().mean()
+    left = ((ablation(sae, [top])(after) - base) @ direction).abs().mean()
+    cos = _cos_with(direction, sae)
+    unrelated = int(torch.argmin(cos))
+    kept = ((ablation(sae, [unrelated])(after) - base) @ direction).abs().mean()
+    assert at.sum() > 20 and shift > 0.5, (int(at.sum()), float(shift))
+    assert left < 0.5 * shift, (float(left), float(shift))  # most of the planted shift is gone
+    assert kept > 0.9 * shift, (float(kept), float(shift))  # a feature off v leaves it
+
+
+def test_the_validate_and_labels_stages_report_every_arm(planted_run):
+    """Every arm of the validate stage is in report.json with a finite reward, CI and KL; the
+    labels stage labelled every feature of the IRM's dictionary."""
+    from irmlens.study import Study
+
+    study = Study.load(planted_run)
+    v = study.report["validation"]
+    arms = study.validation
+    sets = set(v["feature_sets"])
+    assert {"sparse_irm", "matched_random_0", "matched_random_1", "random_sae_sparse"} <= sets
+    assert {"top_divergent", "reward_logit"} <= sets
+    assert {f"ablate:{s}" for s in sets} <= set(arms["arm"])
+    assert "steer:sparse_irm@1" in set(arms["arm"])
+    assert (arms["reward_ci_low"] <= arms["reward"]).all()
+    assert (arms["reward"] <= arms["reward_ci_high"]).all()
+    main = arms[arms["arm"] == "ablate:sparse_irm"].iloc[0]
+    assert main["kl_to_unintervened"] >= -0.5 and main["perplexity"] > 1
+    assert len(v["single_feature_ablation"]) == main["n_features"]
+    labels = study.report["labels"]["comparison"]
+    assert labels["all"]["lexicon"]["n"] == study.sae().cfg.d_sae
+    assert labels["sparse_irm"]["lexicon"]["n"] == main["n_features"]
+    assert not study.labels.empty

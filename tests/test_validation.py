@@ -56,15 +56,15 @@ def test_arms_share_prompts_and_seeds_and_kl_is_zero_without_change(tiny_hf_dir)
     prompts = ["this movie is", "a bad", "the acting"] * 4
     plain = generate_and_score(model, tok, prompts, rm, 6, seed=3)
     again = generate_and_score(
-        model, tok, prompts, rm, 6, seed=3, layer=1, edit=steering(torch.zeros(32), 1.0)
+        model, tok, prompts, rm, 6, seed=3, edits={1: steering(torch.zeros(32), 1.0)}
     )
     assert torch.equal(plain.samples.sequences, again.samples.sequences)
     assert torch.equal(plain.rewards, again.rewards) and plain.rewards.shape == (12,)
     sae = random_sae(32, 64, seed=0)
-    assert intervention_kl(model, plain.samples, 1, steering(torch.zeros(32), 1.0)) == 0.0
+    assert intervention_kl(model, plain.samples, {1: steering(torch.zeros(32), 1.0)}) == 0.0
     ablated = generate_and_score(
-        model, tok, prompts, rm, 6, seed=3, layer=1, edit=ablation(sae, range(64))
+        model, tok, prompts, rm, 6, seed=3, edits={1: ablation(sae, range(64))}
     )
     # a real change of the model: the estimate moves off 0 (on 12 samples of a near-uniform
     # random model it is small and may fall either side)
-    assert intervention_kl(model, ablated.samples, 1, ablation(sae, range(64))) != 0.0
+    assert intervention_kl(model, ablated.samples, {1: ablation(sae, range(64))}) != 0.0

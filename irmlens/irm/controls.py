@@ -64,7 +64,7 @@ class ControlContext:
                 random_sae(
                     self.d_model,
                     sae.cfg.d_sae,
-                    self.seed + 1 + i,
+                    _random_seed(self, i),
                     like=sae,
                     whitening=self.load_whitening(folder),
                 )
@@ -77,6 +77,20 @@ class ControlContext:
                 description="random untrained SAE, same width and construction",
             )
         return self.cache["random"]
+
+    def random_feature_ref(self, col: int) -> dict:
+        """Column ``col`` of the random space: the trained dictionary it stands in for (its
+        layer, feature and folder label) and the seed that rebuilds it (``random_sae``), so a
+        later stage can intervene with the very same random features."""
+        ref = self.spec.feature_ref(col, self.inputs)
+        layers = [self.inputs.layers[i] for i in self.spec.layer_indices(self.inputs)]
+        source = layers.index(ref["layer"]) if len(self.spec.sources(self.inputs)) > 1 else 0
+        return ref | {"random_seed": _random_seed(self, source)}
+
+
+def _random_seed(ctx: ControlContext, source: int) -> int:
+    """The seed of the random dictionary standing in for the space's ``source``-th one."""
+    return ctx.seed + 1 + source
 
 
 def _fitted(ctx: ControlContext, space: FeatureSpace) -> dict:
@@ -119,10 +133,14 @@ def _null_pair(ctx: ControlContext) -> dict | None:
 def _random_sae_sparse(ctx: ControlContext) -> dict:
     rsp = ctx.random_space()
     k = ctx.icfg.sparse_k
-    rsparse, _ = sparse_irm(rsp.fit, rsp.held, ctx.targets, ctx.split, ctx.icfg, k, rsp.n_features)
+    rsparse, feats = sparse_irm(
+        rsp.fit, rsp.held, ctx.targets, ctx.split, ctx.icfg, k, rsp.n_features
+    )
     return score_row(rsparse, ctx.sparse, ctx.targets, ctx.icfg.seed) | {
         "k": k,
         "description": "the sparse-IRM selection on the random SAE's features",
+        "features": feats,
+        "feature_refs": [ctx.random_feature_ref(j) for j in feats],
     }
 
 

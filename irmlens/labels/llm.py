@@ -21,25 +21,28 @@ from typing import Protocol
 from irmlens.io import atomic_write_json
 from irmlens.labels import LABELS, Context, FeatureEvidence, FeatureLabel
 
-PROMPT = """You label one feature of a language model's internal representation.
-The model was fine-tuned to please a reward model: {reward}.
-Here are text snippets where the feature is most active. In each, the token it fires on most is
-marked [[like this]].
+PROMPT = """A reward model scores text: {reward}.
+A feature of a language model fires on the words in [[ ]]:
 {contexts}
-Does this feature respond to things the reward model rewards (positive), things it penalises
-(negative), or neither (unrelated)? Answer in exactly two lines:
-Description: <what the feature responds to, in a few words>
-Label: <positive, negative or unrelated>"""
+Is this feature about rewarded words (positive), penalised words (negative), or unrelated? Answer positive, negative or unrelated, then describe the feature."""
+# asked of a chat model that writes its own answer; a backend that writes the two headers itself
+# (``writes_format``) leaves it out: SmolLM2-135M copied it instead of answering
+FORMAT = """
+Answer in exactly two lines:
+Label: <positive, negative or unrelated>
+Description: <what the feature fires on, in a few words>"""
 
 
 def format_context(c: Context) -> str:
     return " ".join(f"[[{t}]]" if i == c.focus else t for i, t in enumerate(c.tokens)).strip()
 
 
-def build_prompt(evidence: FeatureEvidence, reward: str, n_contexts: int = 8) -> str:
+def build_prompt(
+    evidence: FeatureEvidence, reward: str, n_contexts: int = 8, with_format: bool = True
+) -> str:
     shown = evidence.contexts[:n_contexts]
     lines = "\n".join(f"{i + 1}. {format_context(c)}" for i, c in enumerate(shown))
-    return PROMPT.format(reward=reward, contexts=lines)
+    return PROMPT.format(reward=reward, contexts=lines) + (FORMAT if with_format else "")
 
 
 _LABEL = re.compile(r"^[\W_]*label[\W_]*[:=\-][\W_]*(\w+)(.*)$", re.IGNORECASE | re.MULTILINE)
@@ -68,9 +71,17 @@ class ChatBackend(Protocol):
 
 
 class HFChatBackend:
-    """A local instruction-tuned HF model, greedy decoding, batched with left padding."""
+    """A local instruction-tuned HF model, greedy decoding, batched with left padding.
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", max_new_tokens: int = 40):
+    A small model does not keep to the FORMAT it is asked for (SmolLM2-135M-Instruct repeated
+    the question, or the format's placeholders, for every feature of the tiny study), so this
+    backend writes the two headers into the answer and lets the model fill each line: ``Label:``
+    (a few tokens), then ``Description:`` (one line, up to ``max_new_tokens``). The answer is the
+    whole two-line text, parsed like any other; a label line naming no label stays None."""
+
+    writes_format = True
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", max_new_tokens: int = 16):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,24 +96,36 @@ class HFChatBackend:
         self.model.eval()
         self.device, self.max_new_tokens = device, max_new_tokens
 
-    def complete(self, prompts: Sequence[str]) -> list[str]:
+    def _continue(self, texts: list[str], max_new_tokens: int) -> list[str]:
         import torch
 
-        texts = [
+        enc = self.tok(texts, return_tensors="pt", padding=True).to(self.device)
+        with torch.no_grad():
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tok.pad_token_id,
+            )
+        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    def complete(self, prompts: Sequence[str]) -> list[str]:
+        turns = [
             self.tok.apply_chat_template(
                 [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
             )
             for p in prompts
         ]
-        enc = self.tok(texts, return_tensors="pt", padding=True).to(self.device)
-        with torch.no_grad():
-            out = self.model.generate(
-                **enc,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tok.pad_token_id,
-            )
-        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        labels = [
+            "Label:" + (x.splitlines() or [""])[0].rstrip()
+            for x in self._continue([t + "Label:" for t in turns], 4)
+        ]
+        heads = [t + lab + "\nDescription:" for t, lab in zip(turns, labels, strict=True)]
+        described = self._continue(heads, self.max_new_tokens)
+        return [
+            f"{lab}\nDescription:{(d.splitlines() or [''])[0].rstrip()}"
+            for lab, d in zip(labels, described, strict=True)
+        ]
 
 
 class OpenAIChatBackend:
@@ -168,7 +191,8 @@ class LLMLabeler:
         return self.cache_dir / f"{key}.json"
 
     def label(self, evidence: list[FeatureEvidence]) -> list[FeatureLabel]:
-        prompts = [build_prompt(e, self.reward, self.n_contexts) for e in evidence]
+        fmt = not getattr(self.backend, "writes_format", False)
+        prompts = [build_prompt(e, self.reward, self.n_contexts, fmt) for e in evidence]
         answers: dict[int, str] = {}
         for i, p in enumerate(prompts):
             f = self._cache_file(p)

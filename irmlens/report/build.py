@@ -1,4 +1,4 @@
-"""Assemble report.json (schema v2, docs/report-schema.md) and a self-contained index.html from a
+"""Assemble report.json (schema v3, docs/report-schema.md) and a self-contained index.html from a
 finished run folder."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import math
 from pathlib import Path
 
 from irmlens.io import atomic_write_json, atomic_write_text, csv_value, read_json, read_jsonl
-from irmlens.report.summary import controls_text, tau_bars, verdict
+from irmlens.report.summary import controls_text, tau_bars, validation_verdict, verdict
 from irmlens.run import RunPaths
 from irmlens.viz.card_html import render_card
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _model_info(model_dir: Path, name: str, trust_remote_code: bool = False) -> dict:
@@ -142,6 +142,39 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
         "controls": irm["controls"],
         "paper_estimator": irm["paper_estimator"],
         "feature_cards": read_json(paths.cards) if paths.cards.exists() else [],
+        "validation": _validation(paths),
+        "labels": _labels(paths),
+    }
+
+
+def _validation(paths: RunPaths) -> dict | None:
+    """validate/validation.json as it is (None: a run made before the stage existed)."""
+    f = paths.validate / "validation.json"
+    return read_json(f) if f.exists() else None
+
+
+def _labels(paths: RunPaths) -> dict | None:
+    """The labels' summary: the comparison, each labeler's labels of the sparse IRM's features
+    side by side (prompts and raw answers stay in labels/labels.json), the random selection's."""
+    f = paths.labels / "labels.json"
+    if not f.exists():
+        return None
+    found = read_json(f)
+
+    def compact(rows: list[dict]) -> list[dict]:
+        keep = ("layer", "feature", "label", "explanation", "scores")
+        return [{k: r.get(k) for k in keep} for r in rows]
+
+    return {
+        "evidence": found["evidence"],
+        "lexicon_config": found["lexicon_config"],
+        "llm": found["llm"],
+        "comparison": found["comparison"],
+        "sets": {
+            name: {labeler: compact(rows) for labeler, rows in per.items()}
+            for name, per in found["sets"].items()
+        },
+        "seconds": found["seconds"],
     }
 
 
@@ -172,6 +205,14 @@ _NON_FINITE_CAUSES = {
     "divergent_features": _DIFF_CAUSE,
     "feature_matching": _DIFF_CAUSE,
     "feature_cards": _DIFF_CAUSE,
+    "validation": (
+        "a validation arm's reward or perplexity was undefined",
+        "re-run `irmlens validate RUN_DIR --force`",
+    ),
+    "labels": (
+        "a label statistic was undefined",
+        "re-run `irmlens labels RUN_DIR --force`",
+    ),
 }
 
 
@@ -214,8 +255,20 @@ def feature_map_rows(run_dir: Path, report: dict) -> list[dict]:
     coef = load_file(str(paths.irm_coefficients))["coef"]
     weights = irm_feature_weights(report["irm"], coef, len(rows))
     words = {f["feature"]: f["top_words_increase"] for f in report["divergent_features"]}
+    labels = {}
+    if (paths.labels / "labels.json").exists():
+        layer = report["irm"]["layer"]
+        labels = {
+            x["local_feature"]: x
+            for x in read_json(paths.labels / "labels.json")["all_features"]
+            if x["layer"] == layer
+        }
     for r in rows:
         r["irm_weight"] = weights.get(r["feature"])
+        lab = labels.get(r["feature"], {})
+        r["lexicon_label"] = lab.get("label")
+        r["lexicon_mass"] = lab.get("lexicon_mass")
+        r["lexicon_mean_utility"] = lab.get("mean_utility")
         r["top_words_increase"] = words.get(r["feature"], [])
     return rows
 
@@ -242,7 +295,9 @@ def render_html(
         layer_divergence_figure,
         reward_curve_figure,
         sae_quality_figure,
+        steering_dose_figure,
         top_features_figure,
+        validation_arms_figure,
         word_divergence_figure,
     )
 
@@ -273,6 +328,12 @@ def render_html(
         ("Over- and under-valued words", word_divergence_figure(report["divergent_words"])),
         ("The sparse IRM's features", top_features_figure(irm["top_features"])),
     ]
+    validation = report.get("validation")
+    if validation:
+        figs += [
+            ("Validation: ablation", validation_arms_figure(validation)),
+            ("Validation: steering", steering_dose_figure(validation)),
+        ]
     parts = []
     for i, (title, fig) in enumerate(figs):
         div = fig.to_html(full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False})
@@ -316,6 +377,7 @@ def render_html(
 <tr><th>IRM</th><td>layer {irm["layer"]}, space <b>{html.escape(irm["space"])}</b> ({html.escape(irm["space_selection"])}): {html.escape(irm["features"])}; {irm["n_fit_words"]} fit words, {irm["n_heldout_words"]} held-out words</td></tr>
 <tr><th>held-out Kendall τ / Spearman ρ</th><td>{irm["heldout_kendall_tau"]:.3f} / {irm["heldout_spearman"]:.3f} (CV R² {irm["cv_r2"]:.3f})</td></tr>
 <tr><th>verdict</th><td><b>{html.escape(verdict(irm, report["controls"]))}</b></td></tr>
+<tr><th>validation verdict</th><td><b>{html.escape(validation_verdict(report.get("validation"), report.get("labels")))}</b></td></tr>
 <tr><th>95% CI of τ (bootstrap over held-out words)</th><td>[{irm["heldout_kendall_tau_ci"][0]:.3f}, {irm["heldout_kendall_tau_ci"][1]:.3f}]</td></tr>
 <tr><th>reference: ridge on raw activation differences</th><td>τ {ref["raw_difference"]["heldout_kendall_tau"]:.3f}; signal retention of the IRM {_fmt(irm["signal_retention"])}</td></tr>
 <tr><th>reference: model-level implicit reward</th><td>τ {ref["model_implicit_reward"]["heldout_kendall_tau"]:.3f} (&beta; log &pi;<sub>RLHF</sub>/&pi;<sub>base</sub> per word: what the policy itself learned)</td></tr>
@@ -365,6 +427,7 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 {summary}
 {"".join(parts)}
 {spaces_html}
+{validation_html(report.get("validation"), report.get("labels"))}
 {words_html}
 {feats_html}
 <h2>Feature cards</h2>
@@ -376,6 +439,73 @@ Click a card to open it; token backgrounds show the feature's activation.</p>
 <p><small>report schema v{report["schema_version"]}; generated by irmlens. All data is in report.json beside this page.</small></p>
 </body></html>
 """
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _difference(d: dict | None) -> str:
+    return "" if d is None else f"{d['mean']:+.3f} {_ci(d['ci'])}"
+
+
+def validation_html(validation: dict | None, labels: dict | None) -> str:
+    """The Validation section's tables: every arm, the paper's number, the labels."""
+    if validation is None:
+        return "<h2>Validation</h2><p>This run has no validate stage.</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(a['arm'])}</td><td>{a['n_features']}</td>"
+        f"<td>{a['reward']:.3f} {_ci(a['reward_ci'])}</td><td>{_fmt(a.get('share_of_gain'))}</td>"
+        f"<td>{_fmt(a.get('kl_to_unintervened'))}</td><td>{_fmt(a.get('perplexity'))}</td>"
+        f"<td>{_difference(a.get('main_minus_this'))}</td>"
+        f"<td>{html.escape(a.get('description') or '')}</td></tr>"
+        for a in validation["arms"]
+    )
+    p = validation["paper"]
+    out = f"""<h2>Validation</h2>
+<p>{validation["n_prompts"]} held-out prompts, the same sampling seed for every arm, {validation["max_new_tokens"]} new tokens;
+ablation subtracts the features' decoded contributions in the RLHF model, steering adds their mean RLHF-minus-base change to the base model.
+Share of gain: removed (ablation) or reproduced (steering). KL: of the intervened model to the unintervened one, nats per completion.
+main &minus; this: the sparse IRM's arm minus this arm, paired over prompts (ablation: below 0 means the main arm removes more).</p>
+<table><tr><th>arm</th><th>features</th><th>reward [95% CI]</th><th>share of gain</th><th>KL</th><th>perplexity</th><th>main &minus; this [95% CI]</th><th>set</th></tr>{rows}</table>
+<p>The paper's number: reward of the RLHF model's continuations of {p["n_prefixes"]} held-out prefixes of {p["prefix_words"]} words,
+{p["reward_before"]:.3f} {_ci(p["reward_before_ci"])} before and {p["reward_after"]:.3f} {_ci(p["reward_after_ci"])} after ablating the sparse IRM's features
+(after &minus; before {p["after_minus_before"]["mean"]:+.3f} {_ci(p["after_minus_before"]["ci"])}).</p>"""
+    if labels is None:
+        return out
+    c = labels["comparison"]
+    comp = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(lab)}</td><td>{v['n']}</td>"
+        f"<td>{v['counts']['positive']} / {v['counts']['negative']} / {v['counts']['unrelated']}</td>"
+        f"<td>{_fmt(v['share_related'])}</td><td>{_fmt(v.get('sign_agreement'))}</td><td>{_fmt(v.get('auroc_abs_irm_weight'))}</td></tr>"
+        for name, per in c.items()
+        for lab, v in per.items()
+        if isinstance(v, dict)
+    )
+    sp = labels["sets"]["sparse_irm"]
+    llm = {(r["layer"], r["feature"]): r for r in sp.get("llm", [])}
+    feat_rows = "".join(
+        f"<tr><td>{r['layer']}</td><td>{r['feature']}</td><td>{html.escape(str(r['label']))}</td>"
+        f"<td>{html.escape(r['explanation'])}</td>"
+        + (
+            f"<td>{html.escape(str(llm[(r['layer'], r['feature'])]['label']))}</td><td>{html.escape(llm[(r['layer'], r['feature'])]['explanation'])}</td>"
+            if llm
+            else ""
+        )
+        + "</tr>"
+        for r in sp["lexicon"]
+    )
+    kappa = c["sparse_irm"].get("kappa_llm_lexicon")
+    llm_head = "<th>LLM label</th><th>LLM description</th>" if llm else ""
+    return (
+        out
+        + f"""<h3>Reward-relevance labels</h3>
+<p>Evidence: {html.escape(labels["evidence"])} of the RLHF model on the cached text. Lexicon labeler: related when at least
+{labels["lexicon_config"]["min_mass"]:.0%} of a feature's activation falls on lexicon words and their activation-weighted utility is at least
+{labels["lexicon_config"]["min_utility"]} in size.{"" if not labels["llm"] else f" LLM labeler: {html.escape(labels['llm']['backend'])}; Cohen's kappa with the lexicon labeler {_fmt(kappa)}; on three features whose answer is known it gave {html.escape(str(labels['llm']['check']['expected_vs_answer']))}."}</p>
+<table><tr><th>features</th><th>labeler</th><th>n</th><th>positive / negative / unrelated</th><th>share related</th><th>sign agreement with IRM weight</th><th>AUROC of |IRM weight| for related</th></tr>{comp}</table>
+<table><tr><th>layer</th><th>feature</th><th>lexicon label</th><th>lexicon evidence</th>{llm_head}</tr>{feat_rows}</table>"""
+    )
 
 
 def build_report(run_dir: str | Path, cfg, dirs: dict[str, Path]) -> Path:

@@ -96,3 +96,59 @@ def tau_bars(report: dict) -> list[dict]:
             bar["ci"] = r["ci"]
         bars.append(bar)
     return bars
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def validation_verdict(validation: dict | None, labels: dict | None) -> str:
+    """What the causal validation and the labels found, in words; a finding only where a paired
+    CI excludes 0."""
+    if validation is None:
+        return "Not validated (this run has no validate stage; rerun it with irmlens run)."
+    arms = {a["arm"]: a for a in validation["arms"]}
+    main = arms.get(f"ablate:{validation['main_arm']}")
+    parts = []
+    if main is not None:
+        parts.append(
+            f"Ablating the sparse IRM's {main['n_features']} features in the RLHF model removes "
+            f"{_pct(main['share_of_gain'])} of its reward gain (reward {main['reward']:.3f} vs "
+            f"{validation['reward_rlhf']:.3f}; base {validation['reward_base']:.3f})."
+        )
+    steer = arms.get(f"steer:{validation['main_arm']}@1")
+    if steer is not None:
+        parts.append(
+            f"Steering the base model along their mean change reproduces "
+            f"{_pct(steer['share_of_gain'])} of it."
+        )
+    found = [
+        f["text"] + f" ({f['kind']}: {f['mean']:+.3f} [{f['ci'][0]:+.3f}, {f['ci'][1]:+.3f}])"
+        for f in validation["findings"]
+        if f["finding"]
+    ]
+    parts.append(
+        "Findings (paired CI excludes 0): " + "; ".join(found) + "."
+        if found
+        else "No causal finding: no paired CI of the main arm against a control excludes 0."
+    )
+    if labels is not None:
+        c = labels["comparison"]
+        lex = c["sparse_irm"]["lexicon"]
+        rnd = c.get("random_sae_sparse", {}).get("lexicon")
+        parts.append(
+            f"The lexicon labeler calls {_pct(lex['share_related'])} of the sparse IRM's features "
+            f"related to the reward (random dictionary's selection: "
+            f"{_pct(rnd['share_related']) if rnd else 'n/a'}; all features: "
+            f"{_pct(c['all']['lexicon']['share_related'])})."
+        )
+        if "llm" in c["sparse_irm"]:
+            kappa = c["sparse_irm"].get("kappa_llm_lexicon")
+            check = (labels.get("llm") or {}).get("check") or {}
+            parts.append(
+                f"The LLM labeler ({labels['llm']['backend']}): "
+                f"{_pct(c['sparse_irm']['llm']['share_related'])} related, Cohen's kappa with "
+                f"the lexicon labeler {'n/a' if kappa is None else f'{kappa:+.2f}'}, "
+                f"{check.get('correct', 'n/a')} of 3 known features right."
+            )
+    return " ".join(parts)

@@ -76,8 +76,36 @@ def run(ctx: StudyContext) -> None:
                 **logit_effects(sae.W_dec[j].detach(), w_u, token_str),
             }
         )
+    for card in cards:
+        card.update(_validation_of(ctx, card["layer"], card["feature"]))
     atomic_write_json(paths.cards, cards)
     log(f"cards: {len(cards)} feature cards ({len(sparse)} sparse-IRM features)")
+
+
+def _validation_of(ctx: StudyContext, layer: int, feature: int) -> dict:
+    """A card's reward-relevance labels (each labeler) and its single-feature ablation effect."""
+    labels: dict[str, dict] = {}
+    if ctx.paths.labels.joinpath("labels.json").exists():
+        found = read_json(ctx.paths.labels / "labels.json")
+        for row in found["all_features"]:
+            if row["layer"] == layer and row["local_feature"] == feature:
+                labels["lexicon"] = {"label": row["label"], "explanation": row["explanation"]}
+        for name, rows in found["sets"]["sparse_irm"].items():
+            for row in rows:
+                if row["layer"] == layer and row["feature"] == feature:
+                    labels[name] = {"label": row["label"], "explanation": row["explanation"]}
+    effect = None
+    if ctx.paths.validate.joinpath("validation.json").exists():
+        found = read_json(ctx.paths.validate / "validation.json")
+        effect = next(
+            (
+                {"reward_change": e["reward_change"], "ci": e["ci"]}
+                for e in found["single_feature_ablation"]
+                if e["layer"] == layer and e["local_feature"] == feature
+            ),
+            None,
+        )
+    return {"labels": labels, "ablation_effect": effect}
 
 
 def outputs(paths) -> list[Path]:

@@ -73,6 +73,7 @@ class StudyContext:
     given: dict[str, Path] = field(default_factory=dict)
     # set by run_study: the folder holds a run made before completion records (see pipeline)
     legacy_run: bool = False
+    _saes: dict = field(default_factory=dict, repr=False)
 
     def forced(self, stage: str) -> bool:
         return stage in self.force
@@ -137,6 +138,32 @@ class StudyContext:
     def widest(self) -> int:
         """The width of the dictionaries the diff, IRM and cards stages read."""
         return self.widths[-1]
+
+    def sae(self, label: str, layer: int):
+        """The widest dictionary ``saes/<label>/<hook of layer>/`` (label: shared, base, rlhf or
+        the wide TopK's folder), loaded once."""
+        from irmlens.cache.store import hook_name
+        from sae_training.train import load_sae
+
+        key = (label, layer)
+        if key not in self._saes:
+            self._saes[key] = load_sae(self.paths.sae_dir(label, hook_name(layer), self.widest))
+        return self._saes[key]
+
+    def random_sae(self, label: str, layer: int, seed: int):
+        """The IRM's random-SAE control standing in for ``sae(label, layer)``, rebuilt from the
+        seed its stage recorded (``random_seed`` of its feature refs)."""
+        from irmlens.cache.store import hook_name
+        from sae_training.train import load_whitening, random_sae
+
+        key = (label, layer, seed)
+        if key not in self._saes:
+            like = self.sae(label, layer)
+            folder = self.paths.sae_dir(label, hook_name(layer), self.widest)
+            self._saes[key] = random_sae(
+                self.d_model, like.cfg.d_sae, seed, like=like, whitening=load_whitening(folder)
+            )
+        return self._saes[key]
 
     @property
     def wide_topk_label(self) -> str:

@@ -48,13 +48,28 @@ def render_card(card: dict, include_plotlyjs: bool = False) -> str:
         f"{card['matching_tag']}: in the base SAE {partner_text('base')}; in the RLHF SAE "
         f"{partner_text('rlhf')}"
     )
+    labels = (
+        "; ".join(
+            f"{html.escape(name)}: <b>{html.escape(str(lab['label']))}</b> ({html.escape(lab['explanation'])})"
+            for name, lab in (card.get("labels") or {}).items()
+        )
+        or "n/a"
+    )
+    eff = card.get("ablation_effect")
+    effect = (
+        "not measured"
+        if eff is None
+        else f"{eff['reward_change']:+.3f} [{eff['ci'][0]:+.3f}, {eff['ci'][1]:+.3f}]"
+    )
     hist = feature_histogram_figure(card).to_html(
         full_html=False, include_plotlyjs=include_plotlyjs, config={"displaylogo": False}
     )
     return f"""<details class="card" id="feature-{card["feature"]}"><summary><b>feature {card["feature"]}</b>
 (layer {card["layer"]}; {html.escape(card["reason"].strip())}): divergence {card["divergence"]:.3f}, firing
 {card["frequency_base"]:.3f} &rarr; {card["frequency_rlhf"]:.3f}, IRM weight {weight}</summary>
-<table class="kv"><tr><th>matched partners</th><td>{html.escape(partner)}</td></tr>
+<table class="kv"><tr><th>reward-relevance labels</th><td>{labels}</td></tr>
+<tr><th>reward change when ablated alone (RLHF model)</th><td>{effect}</td></tr>
+<tr><th>matched partners</th><td>{html.escape(partner)}</td></tr>
 <tr><th>promotes (logit lens)</th><td>{tokens["promoted"]}</td></tr>
 <tr><th>suppresses</th><td>{tokens["suppressed"]}</td></tr></table>
 <div class="ctxs"><div><h4>top contexts, base</h4>{ctx["base"]}</div><div><h4>top contexts, RLHF</h4>{ctx["rlhf"]}</div></div>

@@ -253,20 +253,117 @@ def top_features_figure(features: list[dict]) -> go.Figure:
     """The sparse IRM's features in selection order (first = explains the most), with their
     standardised weight and the words where each feature's difference is largest."""
     feats = features[:20][::-1]
+    xs = [f["standardised_weight"] for f in feats]
+    span = max([abs(x) for x in xs] or [1.0])
     fig = go.Figure(
         go.Bar(
-            x=[f["standardised_weight"] for f in feats],
+            x=xs,
             y=[f"f{f['feature']}" for f in feats],
             orientation="h",
             text=[", ".join(f["top_words"][:3]) for f in feats],
             textposition="outside",
+            cliponaxis=False,
             hovertemplate="%{y}: standardised weight %{x:.3f}<br>top words: %{text}<extra></extra>",
         )
     )
     fig.update_layout(
-        title="The sparse IRM's features, top = chosen first (bar: standardised weight; "
-        "label: words with the largest mean feature difference)",
-        xaxis_title="standardised weight",
+        # the title on two lines and the x range widened for the outside labels: on one line
+        # the title and the longest labels ran off the plot
+        title="The sparse IRM's features (top: chosen first)<br><sup>bar: standardised weight; "
+        "label: words with the largest mean feature difference</sup>",
+        xaxis={"title": "standardised weight", "range": [-2.2 * span, 2.2 * span]},
+        yaxis={"automargin": True},
+        margin={"l": 60, "r": 40, "t": 80},
         height=600,
+    )
+    return fig
+
+
+def validation_arms_figure(validation: dict) -> go.Figure:
+    """Mean reward (95% CI over prompts) of the RLHF model with each feature set ablated, beside
+    the unintervened base and RLHF models: the main arm should fall toward base, its controls not."""
+    arms = [a for a in validation["arms"] if a["kind"] in ("baseline", "ablate")][::-1]
+    fig = go.Figure(
+        go.Bar(
+            x=[a["reward"] for a in arms],
+            y=[a["arm"] for a in arms],
+            orientation="h",
+            error_x={
+                "type": "data",
+                "symmetric": False,
+                "array": [a["reward_ci"][1] - a["reward"] for a in arms],
+                "arrayminus": [a["reward"] - a["reward_ci"][0] for a in arms],
+            },
+            marker_color=[
+                "#888"
+                if a["kind"] == "baseline"
+                else "#d62728"
+                if a.get("feature_set") == validation["main_arm"]
+                else "#1f77b4"
+                for a in arms
+            ],
+            hovertemplate="%{y}: reward %{x:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title="Ablation in the RLHF model<br><sup>mean reward of completions, 95% CI over "
+        "prompts; red: the sparse IRM's features</sup>",
+        xaxis_title="mean reward",
+        yaxis={"automargin": True},
+        margin={"t": 80},
+        height=max(360, 28 * len(arms) + 140),
+    )
+    return fig
+
+
+def steering_dose_figure(validation: dict) -> go.Figure:
+    """Mean reward of the base model steered along each set's mean RLHF change, by scale (the
+    main set at every scale, controls at scale 1), with the base and RLHF levels."""
+    steer = [a for a in validation["arms"] if a["kind"] == "steer" and "reward_ci" in a]
+    main = sorted(
+        (a for a in steer if a["feature_set"] == validation["main_arm"]), key=lambda a: a["scale"]
+    )
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=[a["scale"] for a in main],
+            y=[a["reward"] for a in main],
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": [a["reward_ci"][1] - a["reward"] for a in main],
+                "arrayminus": [a["reward"] - a["reward_ci"][0] for a in main],
+            },
+            mode="lines+markers",
+            name="sparse IRM's features",
+        )
+    )
+    controls = [a for a in steer if a["feature_set"] != validation["main_arm"]]
+    for i, a in enumerate(controls):  # spread sideways a little so the markers do not overlap
+        fig.add_trace(
+            go.Scatter(
+                x=[a["scale"] + 0.02 * (i - (len(controls) - 1) / 2)],
+                y=[a["reward"]],
+                mode="markers",
+                marker={"symbol": "x", "size": 8},
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [a["reward_ci"][1] - a["reward"]],
+                    "arrayminus": [a["reward"] - a["reward_ci"][0]],
+                    "thickness": 1,
+                },
+                name=a["feature_set"],
+            )
+        )
+    for name, y in (("base", validation["reward_base"]), ("RLHF", validation["reward_rlhf"])):
+        fig.add_hline(y=y, line_dash="dot", annotation_text=name, annotation_position="right")
+    fig.update_layout(
+        title="Steering the base model<br><sup>mean reward vs scale of the added mean RLHF "
+        "change; 95% CI over prompts</sup>",
+        xaxis_title="steering scale",
+        yaxis_title="mean reward",
+        margin={"t": 80, "r": 60},
+        height=480,
     )
     return fig

@@ -1,0 +1,295 @@
+"""Stage ``labels``: reward-relevance labels of dictionary features and their comparison with the
+IRM (the paper's validation by labels), in ``labels/labels.json``.
+
+The ``lexicon`` labeler labels every feature of the shared dictionaries of the studied layers, the
+sparse IRM's features and the random dictionary's features that the same selection chose; the
+``llm`` labeler (``labels.llm``) labels the sparse IRM's features. A feature's evidence is read on
+the RLHF model's cached activations, in the representation the IRM used (its codes, or for a
+pre-activation space the positive part of its pre-activations, since the IRM read those).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from irmlens.io import atomic_dir, atomic_write_json, read_json
+from irmlens.stages.context import StudyContext, log
+
+
+def valenced_words(ctx: StudyContext, words: list[str], n: int = 6) -> tuple[list, list]:
+    """The ``n`` most rewarded and most penalised lexicon words among ``words`` (the cached
+    text's), so what the LLM is shown are words of this corpus, not the lexicon's rarities."""
+    scored = sorted((u, w) for w in words if (u := ctx.rm.word_utility(w)) is not None)
+    return [w for _, w in scored[::-1][:n]], [w for _, w in scored[:n]]
+
+
+def reward_description(ctx: StudyContext, words: list[str]) -> str:
+    """What the LLM labeler is told the reward model rewards: the config's words, or a sentence
+    made from the corpus's most rewarded and most penalised lexicon words."""
+    if ctx.cfg.labels.reward_description:
+        return ctx.cfg.labels.reward_description
+    best, worst = valenced_words(ctx, words)
+    return (
+        f"the {ctx.rm.name} word lexicon, which scores a text by the sum of its words' "
+        f"utilities: it rewards words like {', '.join(best)} and penalises words like "
+        f"{', '.join(worst)}"
+    )
+
+
+class _Evidence:
+    """Per (dictionary, layer): the RLHF model's feature activations on the cache, summed per
+    word and in all, and top contexts on request."""
+
+    def __init__(self, ctx: StudyContext, pre: bool) -> None:
+        from irmlens.cache.store import load_token_rows
+
+        self.ctx, self.pre = ctx, pre
+        self.rows = load_token_rows(ctx.paths.cache)
+        self.word_id = self.rows.word_id[self.rows.valid]
+        self._by: dict = {}
+
+    def _codes(self, sae, layer: int):
+        from irmlens.cache.store import hook_name, load_activations
+        from sae_training.train import encode_batched
+
+        key = (id(sae), layer)
+        if key not in self._by:
+            acts = load_activations(self.ctx.paths.cache, "rlhf", hook_name(layer))
+            codes = encode_batched(sae, acts, pre_activation=self.pre).float().clamp_min(0)
+            at_word = self.word_id >= 0
+            sums = torch.zeros(len(self.rows.words), codes.shape[1], dtype=torch.float64)
+            sums.index_add_(0, self.word_id[at_word], codes[at_word].double())
+            self._by[key] = (codes, sums, codes.double().sum(0))
+        return self._by[key]
+
+    def evidence(self, sae, layer: int, feature: int, n_contexts: int, with_contexts: bool):
+        from irmlens.diff.cards import top_contexts
+        from irmlens.labels import Context, FeatureEvidence
+
+        codes, sums, total = self._codes(sae, layer)
+        col = sums[:, feature]
+        nz = torch.nonzero(col > 0).squeeze(-1).tolist()
+        contexts = []
+        if with_contexts:
+            tok = self.ctx.pair.tokenizer
+            contexts = [
+                Context(c["tokens"], c["activations"], c["focus"])
+                for c in top_contexts(
+                    codes,
+                    self.rows.tokens,
+                    self.rows.valid,
+                    lambda i: tok.decode([i]),
+                    feature,
+                    k=n_contexts,
+                )
+            ]
+        return FeatureEvidence(
+            feature,
+            contexts,
+            {self.rows.words[i]: float(col[i]) for i in nz},
+            float(total[feature]),
+        )
+
+
+def _llm_labeler(ctx: StudyContext, words: list[str]):
+    from irmlens.labels.llm import HFChatBackend, LLMLabeler, OpenAIChatBackend
+    from irmlens.models.sources import ensure_smollm2
+
+    lc = ctx.cfg.labels
+    if lc.llm == "none":
+        return None
+    if lc.llm == "openai":
+        backend = OpenAIChatBackend.from_env()
+    else:
+        folder = ensure_smollm2(log) if lc.llm_model == "smollm2" else Path(lc.llm_model)
+        backend = HFChatBackend(folder, ctx.cfg.model.device)
+    return LLMLabeler(
+        backend, reward_description(ctx, words), ctx.paths.llm_label_cache, n_contexts=lc.n_contexts
+    )
+
+
+def labeler_check(ctx: StudyContext, labeler, words: list[str]) -> dict:
+    """The labeler on three features whose answer is known: one firing on the corpus's most
+    rewarded words, one on its most penalised, one on punctuation. A labeler that misses these
+    says little about real features."""
+    from irmlens.labels import Context, FeatureEvidence
+
+    best, worst = valenced_words(ctx, words, 5)
+    frames = [("the film was", "and then"), ("it is a", "story"), ("i thought it", "overall")]
+
+    def feature(i: int, marked: list[str]) -> FeatureEvidence:
+        contexts = [
+            Context([*a.split(), w, *b.split()], [0.0] * len(a.split()) + [1.0], len(a.split()))
+            for w, (a, b) in zip(marked, frames * 2, strict=False)
+        ]
+        return FeatureEvidence(i, contexts)
+
+    cases = {"positive": best, "negative": worst, "unrelated": [".", ",", "!", "?", ";"]}
+    got = labeler.label([feature(i, marked) for i, marked in enumerate(cases.values())])
+    answers = {want: lab.label for want, lab in zip(cases, got, strict=True)}
+    return {"expected_vs_answer": answers, "correct": sum(k == v for k, v in answers.items())}
+
+
+def run(ctx: StudyContext) -> None:
+    from irmlens.irm.spaces import SPACES
+    from irmlens.labels.compare import auroc, cohen_kappa, share_related, sign_agreement
+    from irmlens.labels.lexicon import LexiconLabeler, LexiconLabelerConfig
+
+    lc = ctx.cfg.labels
+    irm = read_json(ctx.paths.irm_metrics)
+    pre = SPACES[irm["space"]].representation == "pre"
+    ev = _Evidence(ctx, pre)
+    lexicon = LexiconLabeler(ctx.rm.word_utility, LexiconLabelerConfig(lc.min_mass, lc.min_utility))
+    timings: dict[str, float] = {}
+
+    def label_refs(labeler, refs, random: bool) -> list[dict]:
+        out = []
+        t = time.perf_counter()
+        evidence = []
+        for ref in refs:
+            la, label = ref["layer"], ref["dictionary"]
+            sae = ctx.random_sae(label, la, ref["random_seed"]) if random else ctx.sae(label, la)
+            evidence.append(ev.evidence(sae, la, ref["local_feature"], lc.n_contexts, True))
+        for ref, lab in zip(refs, labeler.label(evidence), strict=True):
+            out.append({"layer": ref["layer"], "dictionary": ref["dictionary"]} | lab.to_dict())
+        timings[f"{labeler.name}:{'random' if random else 'sparse'}"] = time.perf_counter() - t
+        return out
+
+    sparse_refs = [r for r in irm["sparse"]["feature_refs"] if r["dictionary"] != "sae_error"]
+    weights = {(f["layer"], f["local_feature"]): f["weight"] for f in irm["top_features"]}
+    sets = {"sparse_irm": {"lexicon": label_refs(lexicon, sparse_refs, False)}}
+    random_refs = irm["controls"].get("random_sae_sparse", {}).get("feature_refs") or []
+    random_refs = [r for r in random_refs if r["dictionary"] != "sae_error"]
+    if random_refs:
+        sets["random_sae_sparse"] = {"lexicon": label_refs(lexicon, random_refs, True)}
+
+    # every feature of the shared dictionaries of the studied layers (lexicon only: compact)
+    t = time.perf_counter()
+    coef = _dense_weights(ctx, irm)
+    all_rows = []
+    for la in sorted(ctx.studied_layers):
+        sae = ctx.sae("shared", la)
+        evidence = [ev.evidence(sae, la, j, 0, False) for j in range(sae.cfg.d_sae)]
+        for lab in lexicon.label(evidence):
+            all_rows.append(
+                {
+                    "layer": la,
+                    "local_feature": lab.feature,
+                    "label": lab.label,
+                    "irm_weight": coef.get((la, lab.feature)),
+                    "explanation": lab.explanation,
+                    **lab.scores,
+                }
+            )
+    timings["lexicon:all"] = time.perf_counter() - t
+
+    llm, check = _llm_labeler(ctx, ev.rows.words), None
+    if llm is not None:
+        t0 = time.perf_counter()
+        sets["sparse_irm"]["llm"] = label_refs(llm, sparse_refs, False)
+        timings["llm:sparse"] = time.perf_counter() - t0
+        check = labeler_check(ctx, llm, ev.rows.words)
+        log(
+            f"labels: llm ({llm.backend.name}) on {len(sparse_refs)} features in "
+            f"{timings['llm:sparse']:.0f} s"
+        )
+
+    def summary(rows: list[dict], with_weights: bool) -> dict:
+        labels = [r["label"] for r in rows]
+        out = {
+            "n": len(rows),
+            "n_unparsed": sum(x is None for x in labels),
+            "counts": {
+                k: sum(x == k for x in labels) for k in ("positive", "negative", "unrelated")
+            },
+            "share_related": share_related(labels),
+        }
+        if with_weights:
+            w = [weights.get((r["layer"], r["feature"]), 0.0) for r in rows]
+            out["sign_agreement"] = sign_agreement(w, labels)
+        return out
+
+    comparison = {
+        name: {labeler: summary(rows, name == "sparse_irm") for labeler, rows in per.items()}
+        for name, per in sets.items()
+    }
+    related = [r["label"] in ("positive", "negative") for r in all_rows]
+    weighted = [
+        (abs(r["irm_weight"]), rel)
+        for r, rel in zip(all_rows, related, strict=True)
+        if r["irm_weight"] is not None
+    ]
+    comparison["all"] = {
+        "lexicon": {
+            "n": len(all_rows),
+            "counts": {
+                k: sum(r["label"] == k for r in all_rows)
+                for k in ("positive", "negative", "unrelated")
+            },
+            "share_related": share_related([r["label"] for r in all_rows]),
+            "auroc_abs_irm_weight": auroc([w for w, _ in weighted], [p for _, p in weighted])
+            if weighted
+            else None,
+        }
+    }
+    if "llm" in sets["sparse_irm"]:
+        comparison["sparse_irm"]["kappa_llm_lexicon"] = cohen_kappa(
+            [r["label"] for r in sets["sparse_irm"]["llm"]],
+            [r["label"] for r in sets["sparse_irm"]["lexicon"]],
+        )
+    result = {
+        "evidence": "positive part of the encoder pre-activations" if pre else "feature codes",
+        "model": "rlhf",
+        "lexicon_config": {"min_mass": lc.min_mass, "min_utility": lc.min_utility},
+        "llm": None
+        if llm is None
+        else {"backend": llm.backend.name, "reward": llm.reward, "check": check},
+        "sets": sets,
+        "all_features": all_rows,
+        "comparison": comparison,
+        "seconds": timings,
+    }
+    with atomic_dir(ctx.paths.labels) as tmp:
+        atomic_write_json(tmp / "labels.json", result)
+    sp = comparison["sparse_irm"]["lexicon"]
+    log(
+        f"labels: lexicon: sparse IRM {sp['share_related']}, all "
+        f"{comparison['all']['lexicon']['share_related']:.3f} related; "
+        + (
+            f"random selection {comparison['random_sae_sparse']['lexicon']['share_related']}"
+            if "random_sae_sparse" in comparison
+            else ""
+        )
+    )
+
+
+def _dense_weights(ctx: StudyContext, irm: dict) -> dict[tuple[int, int], float]:
+    """The dense IRM's weight of each shared-dictionary feature (layer, feature), where the
+    IRM's space is built on the shared dictionary's features."""
+    from safetensors.torch import load_file
+
+    from irmlens.irm.spaces import SPACES
+
+    spec = SPACES[irm["space"]]
+    if spec.dictionary != "shared":
+        return {}
+    coef = load_file(str(ctx.paths.irm_coefficients))["coef"]
+    layers = irm["layers"] if spec.all_layers else [irm["layer"]]
+    d_sae = ctx.sae("shared", layers[0]).cfg.d_sae
+    return {
+        (la, j): float(coef[i * d_sae + j])
+        for i, la in enumerate(layers)
+        for j in range(d_sae)
+        if i * d_sae + j < len(coef)
+    }
+
+
+def outputs(paths) -> list[Path]:
+    return [paths.labels]
+
+
+def done(ctx: StudyContext) -> bool:
+    return (ctx.paths.labels / "labels.json").exists()

@@ -1,0 +1,543 @@
+"""Stage ``validate``: the paper's causal validation of the IRM (``validate/``).
+
+Feature sets of the sparse IRM's size are ablated in the RLHF model (their decoded contributions
+subtracted at their layers, at every position of prompt and completion) and steered into the base
+model (their mean RLHF-minus-base change added, at each scale of ``validate.steering_scales``).
+Every arm samples the same held-out prompts with the same seed, and is scored with the reward
+model; the sparse IRM's set (the main arm) is compared prompt by prompt with control sets:
+
+* ``matched_random_<d>``: random features of the same dictionary, matched on firing frequency and
+  on the share of activation variance their ablation removes (``validate.n_random_draws`` draws);
+* ``random_sae_sparse``: the random dictionary's features that the same sparse selection chose
+  (the IRM's random-SAE control, rebuilt from its recorded seeds);
+* ``top_divergent``: the most divergent shared-SAE features (the diff stage's label-free ranking);
+* ``reward_logit``: features ranked by how far their decoder direction, through the unembedding,
+  moves the logits of lexicon words by their utility, times their mean code in the RLHF model (a
+  ranking that asks which features carry the reward causally, not which the ridge picked).
+
+All files are written into a temporary folder that replaces ``validate/`` in one rename.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from irmlens.io import atomic_dir, atomic_write_json, read_json
+from irmlens.stages.context import StudyContext, log
+
+MAIN = "sparse_irm"
+
+
+@dataclass
+class FeatureSet:
+    """A set of dictionary features, possibly over several layers: ``features[layer]`` are
+    feature indices of ``saes[layer]``."""
+
+    name: str
+    description: str
+    saes: dict[int, object]
+    features: dict[int, list[int]]
+    dictionary: str  # "trained" or "random"
+    steer: bool = False  # steered at every scale (the main set); else at scale 1 only
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return sum(len(f) for f in self.features.values())
+
+    def refs(self) -> list[dict]:
+        return [
+            {"layer": la, "local_feature": int(j)} for la, fs in self.features.items() for j in fs
+        ]
+
+
+class _Study:
+    """What the arms share: models, tokenizer, dictionaries and their statistics."""
+
+    def __init__(self, ctx: StudyContext) -> None:
+        from irmlens.cache.store import hook_name, load_activations
+        from irmlens.models.hooked import load_hf_model
+
+        self.ctx, cfg = ctx, ctx.cfg
+        self.layers = sorted(ctx.studied_layers)
+        self.models, self.tokenizer = {}, None
+        for name in ("base", "rlhf"):
+            model, tok = load_hf_model(
+                ctx.dirs[name], cfg.model.device, cfg.model.trust_remote_code
+            )
+            self.models[name] = model.eval()
+            self.tokenizer = self.tokenizer or tok
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.acts = {
+            m: {la: load_activations(ctx.paths.cache, m, hook_name(la)) for la in self.layers}
+            for m in ("base", "rlhf")
+        }
+        self._stats: dict[tuple, dict] = {}  # (id of an SAE, layer) -> its code statistics
+
+    def trained_sae(self, label: str, layer: int):
+        return self.ctx.sae(label, layer)
+
+    def random_sae(self, label: str, layer: int, seed: int):
+        return self.ctx.random_sae(label, layer, seed)
+
+    def stats(self, sae, layer: int) -> dict:
+        """Mean codes in both models, the RLHF model's firing frequency, and the mean change."""
+        from irmlens.validation import code_statistics
+
+        key = (id(sae), layer)
+        if key not in self._stats:
+            mb, _ = code_statistics(sae, self.acts["base"][layer])
+            mr, fr = code_statistics(sae, self.acts["rlhf"][layer])
+            self._stats[key] = {"mean_rlhf": mr, "frequency": fr, "mean_change": mr - mb}
+        return self._stats[key]
+
+    def variance_sample(self, layer: int, n: int = 32768) -> torch.Tensor:
+        """An evenly spaced sample of the RLHF model's activations (for variance shares)."""
+        a = self.acts["rlhf"][layer]
+        return a[torch.linspace(0, len(a) - 1, min(n, len(a))).long()]
+
+
+def _sparse_sets(ctx: StudyContext, st: _Study, irm: dict) -> list[FeatureSet]:
+    """The main arm (the sparse IRM's features) and its halves by the sign of their weight."""
+    weights = {(f["layer"], f["local_feature"]): f["weight"] for f in irm["top_features"]}
+    groups: dict[str, dict[int, list[int]]] = {"all": {}, "positive": {}, "negative": {}}
+    saes: dict[int, object] = {}
+    skipped = 0
+    for ref in irm["sparse"]["feature_refs"]:
+        if ref["dictionary"] == "sae_error":
+            skipped += 1  # an SAE-error column is no dictionary feature: nothing to ablate
+            continue
+        la, j = ref["layer"], ref["local_feature"]
+        saes[la] = st.trained_sae(ref["dictionary"], la)
+        groups["all"].setdefault(la, []).append(j)
+        sign = "positive" if weights.get((la, j), 0.0) > 0 else "negative"
+        groups[sign].setdefault(la, []).append(j)
+    label = irm["sparse"]["feature_refs"][0]["dictionary"]
+    sets = [
+        FeatureSet(
+            MAIN,
+            f"the sparse IRM's {irm['sparse']['k']} features ({label} dictionary"
+            + (f"; {skipped} SAE-error columns left out" if skipped else "")
+            + ")",
+            saes,
+            groups["all"],
+            "trained",
+            steer=True,
+            extra={"dictionary_label": label},
+        )
+    ]
+    for sign in ("positive", "negative"):
+        if groups[sign]:
+            sets.append(
+                FeatureSet(
+                    f"{MAIN}_{sign}",
+                    f"the sparse IRM's features with {sign} weight",
+                    saes,
+                    groups[sign],
+                    "trained",
+                )
+            )
+    return sets
+
+
+def _matched_sets(ctx: StudyContext, st: _Study, main: FeatureSet) -> tuple[list, dict]:
+    """Random sets of the main set's dictionary, matched per layer on frequency and removed
+    variance; draw ``d`` takes each layer's ``d``-th draw."""
+    from irmlens.validation import matched_random_sets
+
+    v = ctx.cfg.validate
+    per_layer, matching = {}, {}
+    for i, (la, feats) in enumerate(main.features.items()):
+        sae = main.saes[la]
+        target, draws = matched_random_sets(
+            sae,
+            st.variance_sample(la),
+            st.stats(sae, la)["frequency"],
+            feats,
+            n_draws=v.n_random_draws,
+            seed=v.seed + 100 * i,
+        )
+        per_layer[la] = draws
+        matching[str(la)] = {
+            "main_removed_variance_share": target,
+            "draws_removed_variance_share": [d.removed_share for d in draws],
+        }
+    sets = [
+        FeatureSet(
+            f"matched_random_{d}",
+            "random features of the same dictionary matched on firing frequency and on the "
+            f"activation variance their ablation removes (draw {d + 1})",
+            main.saes,
+            {la: per_layer[la][d].features for la in main.features},
+            "trained",
+        )
+        for d in range(v.n_random_draws)
+    ]
+    return sets, matching
+
+
+def _random_sparse_set(st: _Study, irm: dict) -> FeatureSet | None:
+    """The random dictionary's features chosen by the sparse selection (recorded by ``irm``)."""
+    refs = irm["controls"].get("random_sae_sparse", {}).get("feature_refs")
+    if not refs:
+        return None  # a run whose irm stage predates the record: rerun ``irmlens irm --force``
+    saes, feats = {}, {}
+    for ref in refs:
+        if ref["dictionary"] == "sae_error":
+            continue
+        la = ref["layer"]
+        saes[la] = st.random_sae(ref["dictionary"], la, ref["random_seed"])
+        feats.setdefault(la, []).append(ref["local_feature"])
+    return FeatureSet(
+        "random_sae_sparse",
+        "the random dictionary's features chosen by the same sparse selection",
+        saes,
+        feats,
+        "random",
+    )
+
+
+def _divergent_set(ctx: StudyContext, st: _Study, k: int) -> FeatureSet:
+    top = [f["feature"] for f in read_json(ctx.paths.features_json)["divergent_features"]][:k]
+    la = ctx.irm_layer
+    return FeatureSet(
+        "top_divergent",
+        f"the {len(top)} most divergent shared-SAE features of layer {la} (label-free)",
+        {la: st.trained_sae("shared", la)},
+        {la: top},
+        "trained",
+    )
+
+
+def _reward_logit_set(ctx: StudyContext, st: _Study, k: int) -> FeatureSet:
+    """The ``k`` shared-SAE features (over the studied layers) whose decoder direction pushes
+    lexicon words' logits most by their utility, weighted by their mean code in the RLHF model."""
+    from irmlens.validation import decoder_directions, reward_logit_scores, token_utilities
+
+    w_u = st.models["rlhf"].get_output_embeddings().weight.detach().T
+    utilities = token_utilities(st.tokenizer, ctx.rm.word_utility, w_u.shape[1])
+    scored = []
+    for la in st.layers:
+        sae = st.trained_sae("shared", la)
+        push = reward_logit_scores(decoder_directions(sae), w_u, utilities)
+        push = push.double() * st.stats(sae, la)["mean_rlhf"]
+        scored += [(float(push[j]), la, j) for j in range(len(push))]
+    scored.sort(reverse=True)
+    feats: dict[int, list[int]] = {}
+    for _, la, j in scored[:k]:
+        feats.setdefault(la, []).append(j)
+    return FeatureSet(
+        "reward_logit",
+        f"the {k} shared-SAE features whose decoder direction most raises rewarded words' "
+        "logits over penalised ones (logit lens), times their mean code in the RLHF model",
+        {la: st.trained_sae("shared", la) for la in feats},
+        feats,
+        "trained",
+        extra={"top_push": [s for s, _, _ in scored[:k]]},
+    )
+
+
+def _ablation_edits(fs: FeatureSet) -> dict:
+    from irmlens.interventions import ablation
+
+    return {la: ablation(fs.saes[la], f) for la, f in fs.features.items() if f}
+
+
+def _steering_edits(st: _Study, fs: FeatureSet, scale: float) -> dict:
+    from irmlens.interventions import steering, steering_vector
+
+    out = {}
+    for la, f in fs.features.items():
+        change = st.stats(fs.saes[la], la)["mean_change"].float()
+        out[la] = steering(steering_vector(fs.saes[la], change, f), scale)
+    return out
+
+
+def _arm(st: _Study, prompts, texts, model: str, edits, seed: int, cfg) -> dict:
+    """One arm's generations, reward, KL to the unintervened model and held-out perplexity."""
+    from irmlens.validation import generate_and_score, intervention_kl, perplexity
+
+    m = st.models[model]
+    gens = generate_and_score(
+        m, st.tokenizer, prompts, st.ctx.rm, cfg.rlhf.max_completion_length, seed, edits
+    )
+    return {
+        "rewards": gens.rewards,
+        "kl": intervention_kl(m, gens.samples, edits) if edits else 0.0,
+        "perplexity": perplexity(m, st.tokenizer, texts, cfg.cache.n_ctx, edits),
+        "examples": [
+            {"prompt": p, "completion": c}
+            for p, c in zip(gens.samples.prompts[:3], gens.samples.completions[:3], strict=True)
+        ],
+    }
+
+
+def _summary(name, kind, scale, fs, res, base, rlhf, main, boot, seed) -> dict:
+    from irmlens.validation import mean_ci, paired_difference_ci, share_of_gain
+
+    r, lo, hi = mean_ci(res["rewards"], boot, seed)
+    row = {
+        "arm": name,
+        "kind": kind,
+        "scale": scale,
+        "feature_set": fs.name if fs else None,
+        "description": fs.description if fs else None,
+        "n_features": fs.size if fs else 0,
+        "reward": r,
+        "reward_ci": [lo, hi],
+        "share_of_gain": share_of_gain(r, base, rlhf, kind)
+        if kind in ("ablate", "steer")
+        else None,
+        "kl_to_unintervened": res["kl"],
+        "perplexity": res["perplexity"],
+        "examples": res["examples"],
+    }
+    if main is not None:
+        d, dlo, dhi = paired_difference_ci(main, res["rewards"], boot, seed)
+        row["main_minus_this"] = {"mean": d, "ci": [dlo, dhi]}
+    return row
+
+
+def _finding(kind: str, control: str, diff: dict) -> dict:
+    """What the paired CI of main minus a control says, in words (a finding only where it
+    excludes 0). Ablation: a lower reward means more of the gain removed; steering: higher."""
+    lo, hi = diff["ci"]
+    better = hi < 0 if kind == "ablate" else lo > 0
+    worse = lo > 0 if kind == "ablate" else hi < 0
+    verb = "removes" if kind == "ablate" else "reproduces"
+    if better:
+        text = f"the sparse IRM's features {verb} more of the RLHF gain than {control}"
+    elif worse:
+        text = f"the sparse IRM's features {verb} less of the RLHF gain than {control}"
+    else:
+        text = f"no difference from {control} (the paired CI includes 0)"
+    return {"kind": kind, "control": control, "finding": better or worse, "text": text} | diff
+
+
+def run(ctx: StudyContext) -> None:
+    from irmlens.data.corpus import review_prompts
+    from irmlens.validation import paired_difference_ci
+
+    started = time.perf_counter()
+    cfg, v = ctx.cfg, ctx.cfg.validate
+    st = _Study(ctx)
+    irm = read_json(ctx.paths.irm_metrics)
+    sets = _sparse_sets(ctx, st, irm)
+    main = sets[0]
+    matched, matching = _matched_sets(ctx, st, main)
+    controls = [*matched, _random_sparse_set(st, irm)]
+    controls += [_divergent_set(ctx, st, main.size), _reward_logit_set(ctx, st, main.size)]
+    controls = [c for c in controls if c is not None]
+    r = cfg.rlhf
+    prompts = review_prompts(
+        ctx.splits.heldout, v.n_prompts, r.prompt_min_words, r.prompt_max_words, v.seed
+    )
+    texts = [rv.text for rv in ctx.splits.heldout[: v.perplexity_texts]]
+    boot, seed = v.n_bootstrap, v.seed
+    log(
+        f"validate: {len(prompts)} held-out prompts, {len(sets) + len(controls)} feature sets of "
+        f"{main.size} features, steering scales {v.steering_scales}"
+    )
+
+    def arm(model, edits):
+        return _arm(st, prompts, texts, model, edits, seed, cfg)
+
+    raw = {"base": arm("base", None), "rlhf": arm("rlhf", None)}
+    r_base, r_rlhf = (float(raw[m]["rewards"].mean()) for m in ("base", "rlhf"))
+    rows = [
+        _summary(m, "baseline", None, None, raw[m], r_base, r_rlhf, None, boot, seed)
+        for m in ("base", "rlhf")
+    ]
+    gain = paired_difference_ci(raw["rlhf"]["rewards"], raw["base"]["rewards"], boot, seed)
+    rows[1]["rlhf_minus_base"] = {"mean": gain[0], "ci": [gain[1], gain[2]]}
+    findings = []
+    plans = [("ablate", "rlhf", None)] + [("steer", "base", s) for s in v.steering_scales]
+    for kind, model, scale in plans:
+        todo = [fs for fs in [*sets, *controls] if _planned(fs, kind, scale)]
+        for fs in todo:
+            edits = _ablation_edits(fs) if kind == "ablate" else _steering_edits(st, fs, scale)
+            raw[_arm_name(kind, fs.name, scale)] = arm(model, edits)
+        main_rewards = raw[_arm_name(kind, MAIN, scale)]["rewards"]
+        for fs in todo:
+            row = _summary(
+                _arm_name(kind, fs.name, scale),
+                kind,
+                scale,
+                fs,
+                raw[_arm_name(kind, fs.name, scale)],
+                r_base,
+                r_rlhf,
+                main_rewards if fs is not main else None,
+                boot,
+                seed,
+            )
+            if kind == "ablate":
+                row["removed_variance_share"] = _removed_share(st, fs)
+            rows.append(row)
+        drawn = [raw[_arm_name(kind, fs.name, scale)]["rewards"] for fs in matched if fs in todo]
+        if len(drawn) > 1:  # the matched draws together: per prompt, their mean reward
+            rows.append(_pooled(kind, scale, drawn, main_rewards, main.size, boot, seed))
+        if scale in (None, 1):
+            findings += [
+                _finding(kind, row["feature_set"], row["main_minus_this"])
+                for row in rows
+                if row["kind"] == kind
+                and row["scale"] == scale
+                and "main_minus_this" in row
+                and not row["feature_set"].startswith(f"{MAIN}_")
+            ]
+    paper = _paper_number(ctx, st, main, v, boot)
+    effects = _single_feature_effects(st, main, prompts, raw["rlhf"]["rewards"], cfg, v)
+    seconds = time.perf_counter() - started
+    result = {
+        "n_prompts": len(prompts),
+        "seed": seed,
+        "max_new_tokens": r.max_completion_length,
+        "perplexity_texts": len(texts),
+        "steering_scales": list(v.steering_scales),
+        "reward_base": r_base,
+        "reward_rlhf": r_rlhf,
+        "main_arm": MAIN,
+        "feature_sets": {
+            fs.name: {
+                "description": fs.description,
+                "dictionary": fs.dictionary,
+                "features": fs.refs(),
+                **fs.extra,
+            }
+            for fs in [*sets, *controls]
+        },
+        "matching": matching,
+        "arms": rows,
+        "findings": findings,
+        "paper": paper,
+        "single_feature_ablation": effects,
+        "seconds": seconds,
+    }
+    per_prompt = {k: [float(x) for x in res["rewards"]] for k, res in raw.items()}
+    with atomic_dir(ctx.paths.validate) as tmp:
+        atomic_write_json(tmp / "rewards.json", {"prompts": prompts, "rewards": per_prompt})
+        atomic_write_json(tmp / "validation.json", result)
+    for f in findings:
+        log(f"validate: {f['kind']} vs {f['control']}: {f['mean']:+.3f} {_fmt_ci(f['ci'])}")
+    log(
+        f"validate: reward base {r_base:.3f}, rlhf {r_rlhf:.3f}; ablating the sparse IRM's "
+        f"features: {_row(rows, 'ablate:' + MAIN)['reward']:.3f}; "
+        f"steering at 1: {_row(rows, _arm_name('steer', MAIN, 1))['reward']:.3f}; "
+        f"{seconds:.0f} s"
+    )
+
+
+def _arm_name(kind: str, set_name: str, scale: float | None) -> str:
+    return f"{kind}:{set_name}" + (f"@{scale:g}" if scale is not None else "")
+
+
+def _planned(fs: FeatureSet, kind: str, scale: float | None) -> bool:
+    """Every set is ablated; steering uses the sets marked for every scale, and at scale 1 the
+    matched draws too (the sign halves are ablated only)."""
+    if kind == "ablate":
+        return True
+    if fs.name.startswith(f"{MAIN}_"):
+        return False
+    return fs.steer or scale == 1
+
+
+def _pooled(kind, scale, drawn, main_rewards, size, boot, seed) -> dict:
+    from irmlens.validation import mean_ci, paired_difference_ci
+
+    pooled = torch.stack(drawn).mean(0)
+    m, lo, hi = mean_ci(pooled, boot, seed)
+    d = paired_difference_ci(main_rewards, pooled, boot, seed)
+    return {
+        "arm": _arm_name(kind, "matched_random_mean", scale),
+        "kind": kind,
+        "scale": scale,
+        "feature_set": "matched_random_mean",
+        "description": f"the mean over {len(drawn)} matched random draws, prompt by prompt",
+        "n_features": size,
+        "reward": m,
+        "reward_ci": [lo, hi],
+        "main_minus_this": {"mean": d[0], "ci": [d[1], d[2]]},
+    }
+
+
+def _fmt_ci(ci) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _row(rows: list[dict], arm: str) -> dict:
+    return next((r for r in rows if r["arm"] == arm), {"reward": float("nan")})
+
+
+def _removed_share(st: _Study, fs: FeatureSet) -> dict[str, float]:
+    from irmlens.interventions import removed_variance_share
+
+    return {
+        str(la): removed_variance_share(fs.saes[la], st.variance_sample(la), f)
+        for la, f in fs.features.items()
+    }
+
+
+def _paper_number(ctx: StudyContext, st: _Study, main: FeatureSet, v, boot: int) -> dict:
+    """The paper's own figure: mean reward of the RLHF model's continuations of fixed-length
+    prefixes of held-out reviews, before and after ablating the sparse IRM's features."""
+    from irmlens.validation import generate_and_score, mean_ci, paired_difference_ci
+
+    n = v.paper_prefix_words
+    prefixes = [
+        " ".join(rv.text.split()[:n]) for rv in ctx.splits.heldout if len(rv.text.split()) > n
+    ]
+    args = (st.tokenizer, prefixes, ctx.rm, ctx.cfg.rlhf.max_completion_length, v.seed)
+    before = generate_and_score(st.models["rlhf"], *args).rewards
+    after = generate_and_score(st.models["rlhf"], *args, _ablation_edits(main)).rewards
+    b, a, d = (
+        mean_ci(before, boot, v.seed),
+        mean_ci(after, boot, v.seed),
+        paired_difference_ci(after, before, boot, v.seed),
+    )
+    return {
+        "prefix_words": n,
+        "n_prefixes": len(prefixes),
+        "reward_before": b[0],
+        "reward_before_ci": [b[1], b[2]],
+        "reward_after": a[0],
+        "reward_after_ci": [a[1], a[2]],
+        "after_minus_before": {"mean": d[0], "ci": [d[1], d[2]]},
+    }
+
+
+def _single_feature_effects(st: _Study, main: FeatureSet, prompts, rlhf_rewards, cfg, v):
+    """Each of the main set's features ablated alone in the RLHF model: its reward change."""
+    from irmlens.interventions import ablation
+    from irmlens.validation import generate_and_score, paired_difference_ci
+
+    if not v.single_feature_effects:
+        return []
+    out = []
+    n = cfg.rlhf.max_completion_length
+    prompts, rlhf_rewards = (
+        prompts[: v.single_feature_prompts],
+        rlhf_rewards[: v.single_feature_prompts],
+    )
+    for la, feats in main.features.items():
+        for j in feats:
+            edits = {la: ablation(main.saes[la], [j])}
+            rewards = generate_and_score(
+                st.models["rlhf"], st.tokenizer, prompts, st.ctx.rm, n, v.seed, edits
+            ).rewards
+            d = paired_difference_ci(rewards, rlhf_rewards, v.n_bootstrap, v.seed)
+            out.append({"layer": la, "local_feature": j, "reward_change": d[0], "ci": [d[1], d[2]]})
+    return out
+
+
+def outputs(paths) -> list[Path]:
+    return [paths.validate]
+
+
+def done(ctx: StudyContext) -> bool:
+    return (ctx.paths.validate / "validation.json").exists()
