@@ -23,9 +23,9 @@ def _finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_report_json_has_schema_v2_fields(micro_run):
+def test_report_json_has_schema_v3_fields(micro_run):
     r = json.loads((micro_run / "report/report.json").read_text())
-    assert r["schema_version"] == 2
+    assert r["schema_version"] == 3
     for m in ("base", "rlhf", "null"):
         assert (
             r["models"][m]["n_layers"] == 2

@@ -104,10 +104,13 @@ def test_the_lexicon_labeler_labels_the_planted_feature_by_its_polarity(planted,
     ].label == ("unrelated")
 
 
-def test_ablating_the_planted_feature_removes_the_planted_shift(planted, planted_run):
+def test_ablating_the_planted_features_removes_the_planted_shift(planted, planted_run):
     """Issue 14: the validate stage's ablation edit, applied to the "after" model's activations
-    at the IRM layer, takes out most of the planted shift ``u(w) v`` at planted words (the shift
-    after - base along v), while ablating a feature that does not read v leaves it."""
+    at the IRM layer, takes out most of the planted shift ``u(w) v`` at planted words (after -
+    base, along v). The dictionary splits v over several features (one sign each, and groups of
+    words: 10 with decoder |cos| >= 0.8 on this pair; the top one alone carries about a tenth of
+    the shift), so the planted features are those that write along v; as many features that do
+    not read v leave the shift whole."""
     from irmlens.cache.store import hook_name, load_activations, load_token_rows
     from irmlens.interventions import ablation
     from irmlens.study import Study
@@ -121,15 +124,19 @@ def test_ablating_the_planted_feature_removes_the_planted_shift(planted, planted
     at = torch.isin(word_id, torch.tensor(planted_ids))
     base = load_activations(planted_run / "cache", "base", hook_name(layer))[at].float()
     after = load_activations(planted_run / "cache", "rlhf", hook_name(layer))[at].float()
-    top = study.report["divergent_features"][0]["feature"]
-    shift = ((after - base) @ direction).abs().mean()
-    left = ((ablation(sae, [top])(after) - base) @ direction).abs().mean()
-    cos = _cos_with(direction, sae)
-    unrelated = int(torch.argmin(cos))
-    kept = ((ablation(sae, [unrelated])(after) - base) @ direction).abs().mean()
-    assert at.sum() > 20 and shift > 0.5, (int(at.sum()), float(shift))
-    assert left < 0.5 * shift, (float(left), float(shift))  # most of the planted shift is gone
-    assert kept > 0.9 * shift, (float(kept), float(shift))  # a feature off v leaves it
+    writes = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=1) @ direction
+    planted_features = torch.nonzero(writes.abs() >= 0.8).squeeze(-1).tolist()
+    off_v = torch.argsort(_cos_with(direction, sae))[: len(planted_features)].tolist()
+    assert study.report["divergent_features"][0]["feature"] in planted_features
+
+    def shift_left(features: list[int]) -> float:
+        edited = ablation(sae, features)(after) if features else after
+        return float(((edited - base) @ direction).abs().mean())
+
+    shift = shift_left([])
+    assert at.sum() > 20 and shift > 0.5 and len(planted_features) >= 2, (int(at.sum()), shift)
+    assert shift_left(planted_features) < 0.4 * shift, (shift_left(planted_features), shift)
+    assert shift_left(off_v) > 0.95 * shift, (shift_left(off_v), shift)
 
 
 def test_the_validate_and_labels_stages_report_every_arm(planted_run):
