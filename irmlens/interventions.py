@@ -108,16 +108,20 @@ def steering(vector: torch.Tensor, scale: float) -> Edit:
 
 
 @torch.no_grad()
-def removed_variance_share(sae, acts: torch.Tensor, features, batch_size: int = 8192) -> float:
+def removed_variance_share(
+    sae, acts: torch.Tensor, features, batch_size: int = 8192, codes: torch.Tensor | None = None
+) -> float:
     """Share of the activations' variance (around their mean) that ablating ``features`` removes:
     ``sum ||contribution||^2 / sum ||a - mean||^2``. Random control sets are matched on it, since
-    removing any large trained decoder direction hurts generation whatever it encodes."""
+    removing any large trained decoder direction hurts generation whatever it encodes. ``codes``:
+    ``sae.encode(acts)`` when the caller has it (matching scores many sets on the same acts)."""
     acts = acts.float()
     mean = acts.mean(0)
     removed = total = 0.0
     for i in range(0, len(acts), batch_size):
         x = acts[i : i + batch_size].to(sae.W_dec.device)
-        c = decoded_contribution(sae, sae.encode(x.to(sae.W_dec.dtype)), features).float()
+        c = sae.encode(x.to(sae.W_dec.dtype)) if codes is None else codes[i : i + batch_size]
+        c = decoded_contribution(sae, c.to(sae.W_dec.device, sae.W_dec.dtype), features).float()
         removed += float((c**2).sum())
         total += float(((x - mean.to(x.device)) ** 2).sum())
     return removed / total if total > 0 else 0.0

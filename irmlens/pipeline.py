@@ -188,8 +188,10 @@ def _run_stage(ctx: StudyContext, stage: Stage) -> None:
         forced = status in ("damaged", "unrecorded")
     if forced:
         invalidate(paths, stage.name)
+    started = time.perf_counter()
     stage.run(ctx)
-    write_record(paths.root, stage.name, stage.recorded_targets(paths))
+    seconds = time.perf_counter() - started
+    write_record(paths.root, stage.name, stage.recorded_targets(paths), seconds)
 
 
 def run_study(

@@ -38,13 +38,20 @@ def recorded_files(targets: Iterable[Path]) -> list[Path]:
     return out
 
 
-def write_record(root: Path, stage: str, targets: Iterable[Path]) -> None:
+def write_record(
+    root: Path, stage: str, targets: Iterable[Path], seconds: float | None = None
+) -> None:
+    """The stage's completion record: each file's size and sha256, and how long the stage ran
+    (``seconds``; what experiments/benchmarks/stage_costs.py reads)."""
     root = Path(root)
     files = {
         str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in recorded_files(targets)
     }
-    atomic_write_json(record_path(root, stage), {"stage": stage, "files": files})
+    record = {"stage": stage, "files": files}
+    if seconds is not None:
+        record["seconds"] = seconds
+    atomic_write_json(record_path(root, stage), record)
 
 
 def remove_record(root: Path, stage: str) -> None:

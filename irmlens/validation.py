@@ -113,6 +113,7 @@ class MatchedDraw:
     mean_log_frequency: float
 
 
+@torch.no_grad()
 def matched_random_sets(
     sae,
     acts: torch.Tensor,
@@ -129,11 +130,15 @@ def matched_random_sets(
     ``tries`` candidate sets, the ``n_draws`` closest to the main set's share). Returns the main
     set's share and the draws, each with its own share, so the matching can be judged."""
     main = [int(i) for i in main]
+    acts = acts.to(sae.W_dec.device)
     logf = torch.log10(frequency.double().clamp_min(1e-7))
     pool = [i for i in range(len(frequency)) if i not in set(main) and frequency[i] > 0]
     if len(pool) < len(main):
         raise ValueError(f"only {len(pool)} live features outside the set of {len(main)}")
-    target = removed_variance_share(sae, acts, main)
+    codes = torch.cat(
+        [sae.encode(acts[i : i + 8192].to(sae.W_dec.dtype)) for i in range(0, len(acts), 8192)]
+    )
+    target = removed_variance_share(sae, acts, main, codes=codes)
     rng = random.Random(seed)
     pool_t = torch.tensor(pool)
     candidates = []
@@ -143,7 +148,7 @@ def matched_random_sets(
             order = torch.argsort((logf[pool_t] - logf[f]).abs()).tolist()
             near = [pool[j] for j in order if pool[j] not in chosen][:neighbours]
             chosen.append(rng.choice(near))
-        share = removed_variance_share(sae, acts, chosen)
+        share = removed_variance_share(sae, acts, chosen, codes=codes)
         candidates.append(MatchedDraw(sorted(chosen), share, float(logf[chosen].mean())))
     candidates.sort(key=lambda d: abs(math.log((d.removed_share + 1e-12) / (target + 1e-12))))
     return target, candidates[:n_draws]

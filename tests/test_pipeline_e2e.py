@@ -259,7 +259,13 @@ def test_a_stage_is_one_module_and_one_line(micro_run, tmp_path, monkeypatch):
     run_study(cfg, run, stop_after="top_words")
     out = run / "irm_top_words.json"
     assert len(read_json(out)) == 20
-    assert [s.name for s in irmlens.pipeline.dependents("irm")] == ["cards", "top_words", "report"]
+    assert [s.name for s in irmlens.pipeline.dependents("irm")] == [
+        "validate",
+        "labels",
+        "cards",
+        "top_words",
+        "report",
+    ]
     irmlens.pipeline.invalidate(irmlens.pipeline.RunPaths(run), "irm")
     assert not out.exists() and not (run / "report").exists()
 

@@ -71,6 +71,21 @@ cv_folds = 2
 n_shuffles = 1
 sparse_k = 1
 paper_contexts_per_word = 1
+
+[validate]
+n_prompts = 2
+steering_scales = [0.0]
+n_random_draws = 1
+n_bootstrap = 10
+perplexity_texts = 1
+paper_prefix_words = 1
+single_feature_prompts = 2
+
+[labels]
+min_mass = 1.0
+min_utility = 0.0
+llm = "none"
+n_contexts = 1
 """
 
 
@@ -91,4 +106,13 @@ def test_the_micro_study_runs_to_a_report_with_keys_at_their_edges(micro_base, t
     assert all(c["reason"].strip() == "sparse-IRM" for c in r["feature_cards"])
     assert r["irm"]["sparse"]["k"] == 1
     assert math.isfinite(r["irm"]["heldout_kendall_tau"])
+    # validate at its edges: one feature per set, one matched draw, steering at scale 0 only,
+    # and no divergent-feature set (diff.top_n = 0 lists none)
+    v = r["validation"]
+    assert {a["n_features"] for a in v["arms"] if a["kind"] != "baseline"} == {1}
+    assert "top_divergent" not in v["feature_sets"]
+    steer = [a for a in v["arms"] if a["kind"] == "steer"]
+    assert steer and all(a["scale"] == 0.0 for a in steer)
+    base = next(a for a in v["arms"] if a["arm"] == "base")
+    assert all(a["reward"] == base["reward"] for a in steer)  # scale 0 is the identity
     assert {s["width"] for s in r["saes"]} == {16, 64}  # 0.25 and 1 x d_model 64

@@ -462,15 +462,20 @@ def validation_html(validation: dict | None, labels: dict | None) -> str:
         for a in validation["arms"]
     )
     p = validation["paper"]
+    paper = (
+        f"""<p>The paper's number: reward of the RLHF model's continuations of {p["n_prefixes"]} held-out prefixes of {p["prefix_words"]} words,
+{p["reward_before"]:.3f} {_ci(p["reward_before_ci"])} before and {p["reward_after"]:.3f} {_ci(p["reward_after_ci"])} after ablating the sparse IRM's features
+(after &minus; before {p["after_minus_before"]["mean"]:+.3f} {_ci(p["after_minus_before"]["ci"])}).</p>"""
+        if p
+        else f"<p><b>{html.escape(validation.get('note', ''))}</b></p>"
+    )
     out = f"""<h2>Validation</h2>
 <p>{validation["n_prompts"]} held-out prompts, the same sampling seed for every arm, {validation["max_new_tokens"]} new tokens;
 ablation subtracts the features' decoded contributions in the RLHF model, steering adds their mean RLHF-minus-base change to the base model.
 Share of gain: removed (ablation) or reproduced (steering). KL: of the intervened model to the unintervened one, nats per completion.
 main &minus; this: the sparse IRM's arm minus this arm, paired over prompts (ablation: below 0 means the main arm removes more).</p>
 <table><tr><th>arm</th><th>features</th><th>reward [95% CI]</th><th>share of gain</th><th>KL</th><th>perplexity</th><th>main &minus; this [95% CI]</th><th>set</th></tr>{rows}</table>
-<p>The paper's number: reward of the RLHF model's continuations of {p["n_prefixes"]} held-out prefixes of {p["prefix_words"]} words,
-{p["reward_before"]:.3f} {_ci(p["reward_before_ci"])} before and {p["reward_after"]:.3f} {_ci(p["reward_after_ci"])} after ablating the sparse IRM's features
-(after &minus; before {p["after_minus_before"]["mean"]:+.3f} {_ci(p["after_minus_before"]["ci"])}).</p>"""
+{paper}"""
     if labels is None:
         return out
     c = labels["comparison"]

@@ -172,7 +172,9 @@ def _validation_markdown(report: dict) -> list[str]:
     p = v["paper"]
     lines += [
         "",
-        f"The paper's number: the RLHF model's reward on {p['n_prefixes']} prefixes of "
+        md_text(v.get("note", ""))
+        if p is None
+        else f"The paper's number: the RLHF model's reward on {p['n_prefixes']} prefixes of "
         f"{p['prefix_words']} words, {p['reward_before']:.3f} before and {p['reward_after']:.3f} "
         f"after ablating the sparse IRM's features (after − before "
         f"{p['after_minus_before']['mean']:+.3f}{_ci(p['after_minus_before']['ci'])}).",

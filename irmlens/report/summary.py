@@ -109,7 +109,11 @@ def validation_verdict(validation: dict | None, labels: dict | None) -> str:
         return "Not validated (this run has no validate stage; rerun it with irmlens run)."
     arms = {a["arm"]: a for a in validation["arms"]}
     main = arms.get(f"ablate:{validation['main_arm']}")
-    parts = []
+    parts = (
+        [validation["note"][0].upper() + validation["note"][1:] + "."]
+        if "note" in validation
+        else []
+    )
     if main is not None:
         parts.append(
             f"Ablating the sparse IRM's {main['n_features']} features in the RLHF model removes "

@@ -43,6 +43,7 @@ class FeatureSet:
     features: dict[int, list[int]]
     dictionary: str  # "trained" or "random"
     steer: bool = False  # steered at every scale (the main set); else at scale 1 only
+    ablate_only: bool = False  # not steered at all (sign halves, the reward-logit set's matches)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -96,7 +97,7 @@ class _Study:
             self._stats[key] = {"mean_rlhf": mr, "frequency": fr, "mean_change": mr - mb}
         return self._stats[key]
 
-    def variance_sample(self, layer: int, n: int = 32768) -> torch.Tensor:
+    def variance_sample(self, layer: int, n: int = 8192) -> torch.Tensor:
         """An evenly spaced sample of the RLHF model's activations (for variance shares)."""
         a = self.acts["rlhf"][layer]
         return a[torch.linspace(0, len(a) - 1, min(n, len(a))).long()]
@@ -140,13 +141,16 @@ def _sparse_sets(ctx: StudyContext, st: _Study, irm: dict) -> list[FeatureSet]:
                     saes,
                     groups[sign],
                     "trained",
+                    ablate_only=True,
                 )
             )
     return sets
 
 
-def _matched_sets(ctx: StudyContext, st: _Study, main: FeatureSet) -> tuple[list, dict]:
-    """Random sets of the main set's dictionary, matched per layer on frequency and removed
+def _matched_sets(
+    ctx: StudyContext, st: _Study, main: FeatureSet, prefix: str = "matched_random"
+) -> tuple[list, dict]:
+    """Random sets of ``main``'s dictionary, matched per layer on frequency and removed
     variance; draw ``d`` takes each layer's ``d``-th draw."""
     from irmlens.validation import matched_random_sets
 
@@ -160,7 +164,7 @@ def _matched_sets(ctx: StudyContext, st: _Study, main: FeatureSet) -> tuple[list
             st.stats(sae, la)["frequency"],
             feats,
             n_draws=v.n_random_draws,
-            seed=v.seed + 100 * i,
+            seed=v.seed + 100 * i + (0 if prefix == "matched_random" else 7),
         )
         per_layer[la] = draws
         matching[str(la)] = {
@@ -169,12 +173,13 @@ def _matched_sets(ctx: StudyContext, st: _Study, main: FeatureSet) -> tuple[list
         }
     sets = [
         FeatureSet(
-            f"matched_random_{d}",
-            "random features of the same dictionary matched on firing frequency and on the "
-            f"activation variance their ablation removes (draw {d + 1})",
+            f"{prefix}_{d}",
+            f"random features of the same dictionary matched to {main.name} on firing frequency "
+            f"and on the activation variance their ablation removes (draw {d + 1})",
             main.saes,
             {la: per_layer[la][d].features for la in main.features},
             "trained",
+            ablate_only=prefix != "matched_random",
         )
         for d in range(v.n_random_draws)
     ]
@@ -329,10 +334,15 @@ def run(ctx: StudyContext) -> None:
     irm = read_json(ctx.paths.irm_metrics)
     sets = _sparse_sets(ctx, st, irm)
     main = sets[0]
+    if main.size == 0:
+        return _nothing_to_intervene_on(ctx, st, main, started)
     matched, matching = _matched_sets(ctx, st, main)
     controls = [*matched, _random_sparse_set(st, irm)]
-    controls += [_divergent_set(ctx, st, main.size), _reward_logit_set(ctx, st, main.size)]
-    controls = [c for c in controls if c is not None]
+    logit = _reward_logit_set(ctx, st, main.size)
+    logit_matched, logit_matching = _matched_sets(ctx, st, logit, "reward_logit_matched")
+    matching = {"sparse_irm": matching, "reward_logit": logit_matching}
+    controls += [_divergent_set(ctx, st, main.size), logit, *logit_matched]
+    controls = [c for c in controls if c is not None and c.size]  # diff.top_n = 0: no divergent
     r = cfg.rlhf
     prompts = review_prompts(
         ctx.splits.heldout, v.n_prompts, r.prompt_min_words, r.prompt_max_words, v.seed
@@ -348,6 +358,7 @@ def run(ctx: StudyContext) -> None:
         return _arm(st, prompts, texts, model, edits, seed, cfg)
 
     raw = {"base": arm("base", None), "rlhf": arm("rlhf", None)}
+    secondary: list[dict] = []
     r_base, r_rlhf = (float(raw[m]["rewards"].mean()) for m in ("base", "rlhf"))
     rows = [
         _summary(m, "baseline", None, None, raw[m], r_base, r_rlhf, None, boot, seed)
@@ -382,6 +393,21 @@ def run(ctx: StudyContext) -> None:
         drawn = [raw[_arm_name(kind, fs.name, scale)]["rewards"] for fs in matched if fs in todo]
         if len(drawn) > 1:  # the matched draws together: per prompt, their mean reward
             rows.append(_pooled(kind, scale, drawn, main_rewards, main.size, boot, seed))
+        if kind == "ablate":  # the reward-logit set against random features matched to it
+            drawn = [raw[_arm_name(kind, fs.name, scale)]["rewards"] for fs in logit_matched]
+            row = _pooled(kind, scale, drawn, main_rewards, main.size, boot, seed)
+            row["arm"] = row["feature_set"] = "reward_logit_matched_mean"
+            d = paired_difference_ci(
+                raw[_arm_name(kind, logit.name, scale)]["rewards"],
+                torch.stack(drawn).mean(0),
+                boot,
+                seed,
+            )
+            row["reward_logit_minus_this"] = {"mean": d[0], "ci": [d[1], d[2]]}
+            rows.append(row)
+            f = _finding(kind, "random features matched to them", row["reward_logit_minus_this"])
+            f["text"] = f["text"].replace("the sparse IRM's features", "the reward-logit features")
+            secondary = [f | {"control": "reward_logit_matched_mean", "of": "reward_logit"}]
         if scale in (None, 1):
             findings += [
                 _finding(kind, row["feature_set"], row["main_minus_this"])
@@ -389,20 +415,13 @@ def run(ctx: StudyContext) -> None:
                 if row["kind"] == kind
                 and row["scale"] == scale
                 and "main_minus_this" in row
-                and not row["feature_set"].startswith(f"{MAIN}_")
+                and not row["feature_set"].startswith((f"{MAIN}_", "reward_logit_matched"))
             ]
+    findings += secondary
     paper = _paper_number(ctx, st, main, v, boot)
     effects = _single_feature_effects(st, main, prompts, raw["rlhf"]["rewards"], cfg, v)
     seconds = time.perf_counter() - started
-    result = {
-        "n_prompts": len(prompts),
-        "seed": seed,
-        "max_new_tokens": r.max_completion_length,
-        "perplexity_texts": len(texts),
-        "steering_scales": list(v.steering_scales),
-        "reward_base": r_base,
-        "reward_rlhf": r_rlhf,
-        "main_arm": MAIN,
+    result = _header(ctx, prompts, texts, r_base, r_rlhf) | {
         "feature_sets": {
             fs.name: {
                 "description": fs.description,
@@ -433,6 +452,59 @@ def run(ctx: StudyContext) -> None:
     )
 
 
+def _header(ctx: StudyContext, prompts, texts, r_base: float, r_rlhf: float) -> dict:
+    """What every validation.json starts with: the shared set-up and the unintervened rewards."""
+    v = ctx.cfg.validate
+    return {
+        "n_prompts": len(prompts),
+        "seed": v.seed,
+        "max_new_tokens": ctx.cfg.rlhf.max_completion_length,
+        "perplexity_texts": len(texts),
+        "steering_scales": list(v.steering_scales),
+        "reward_base": r_base,
+        "reward_rlhf": r_rlhf,
+        "main_arm": MAIN,
+    }
+
+
+def _nothing_to_intervene_on(ctx: StudyContext, st: _Study, main: FeatureSet, started) -> None:
+    """The sparse IRM chose only SAE-error columns: no dictionary feature to ablate or steer.
+    The unintervened baselines are still measured, and the report says why there is no more."""
+    from irmlens.data.corpus import review_prompts
+
+    cfg, v, r = ctx.cfg, ctx.cfg.validate, ctx.cfg.rlhf
+    prompts = review_prompts(
+        ctx.splits.heldout, v.n_prompts, r.prompt_min_words, r.prompt_max_words, v.seed
+    )
+    texts = [rv.text for rv in ctx.splits.heldout[: v.perplexity_texts]]
+    raw = {m: _arm(st, prompts, texts, m, None, v.seed, cfg) for m in ("base", "rlhf")}
+    r_base, r_rlhf = (float(raw[m]["rewards"].mean()) for m in ("base", "rlhf"))
+    rows = [
+        _summary(m, "baseline", None, None, raw[m], r_base, r_rlhf, None, v.n_bootstrap, v.seed)
+        for m in ("base", "rlhf")
+    ]
+    note = (
+        "the sparse IRM chose only SAE-error columns (no dictionary feature): there is nothing "
+        "to ablate or steer"
+    )
+    log(f"validate: {note}")
+    result = _header(ctx, prompts, texts, r_base, r_rlhf) | {
+        "feature_sets": {
+            MAIN: {"description": main.description, "dictionary": "trained", "features": []}
+        },
+        "matching": {},
+        "arms": rows,
+        "findings": [],
+        "paper": None,
+        "single_feature_ablation": [],
+        "note": note,
+        "seconds": time.perf_counter() - started,
+    }
+    with atomic_dir(ctx.paths.validate) as tmp:
+        atomic_write_json(tmp / "rewards.json", {"prompts": prompts, "rewards": {}})
+        atomic_write_json(tmp / "validation.json", result)
+
+
 def _arm_name(kind: str, set_name: str, scale: float | None) -> str:
     return f"{kind}:{set_name}" + (f"@{scale:g}" if scale is not None else "")
 
@@ -442,7 +514,7 @@ def _planned(fs: FeatureSet, kind: str, scale: float | None) -> bool:
     matched draws too (the sign halves are ablated only)."""
     if kind == "ablate":
         return True
-    if fs.name.startswith(f"{MAIN}_"):
+    if fs.ablate_only:
         return False
     return fs.steer or scale == 1
 
