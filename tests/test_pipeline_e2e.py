@@ -32,7 +32,7 @@ def test_report_json_has_schema_v3_fields(micro_run):
             and r["models"][m]["d_model"] == 64
             and r["models"][m]["name"]
         )
-    assert r["rlhf"]["algorithm"] == "ppo" and r["rlhf"]["steps"] == 24
+    assert r["rlhf"]["algorithm"] == "ppo" and r["rlhf"]["steps"] == 16
     assert set(r["rlhf"]["hacking_signals"]) >= {"repetition_rate_after", "lexicon_fraction_after"}
     for k in ("reward_before", "reward_after", "kl"):
         assert _finite(r["rlhf"][k])
@@ -103,7 +103,7 @@ def test_rlhf_raised_reward_and_saes_reconstruct(micro_run):
     metrics = [
         json.loads(line) for line in (micro_run / "rlhf/metrics.jsonl").read_text().splitlines()
     ]
-    assert all("reward_mean" in m and "kl" in m for m in metrics) and len(metrics) == 24
+    assert all("reward_mean" in m and "kl" in m for m in metrics) and len(metrics) == 16
 
 
 def test_saes_load_with_saelens(micro_run):
@@ -133,7 +133,7 @@ def test_rerun_skips_finished_stages(micro_run, capsys):
 
 
 def test_changed_config_on_existing_run_is_refused(micro_run, tmp_path, capsys):
-    cfg = (ROOT / "tests/micro.toml").read_text().replace("steps = 24", "steps = 25")
+    cfg = (ROOT / "tests/micro.toml").read_text().replace("steps = 16", "steps = 17")
     p = tmp_path / "micro.toml"
     p.write_text(cfg)
     assert main(["run", str(p), "--out", str(micro_run)]) == 2

@@ -161,3 +161,23 @@ def test_the_validate_and_labels_stages_report_every_arm(planted_run):
     assert labels["all"]["lexicon"]["n"] == study.sae().cfg.d_sae
     assert labels["sparse_irm"]["lexicon"]["n"] == main["n_features"]
     assert not study.labels.empty
+
+
+def test_ablating_every_feature_of_a_trained_sae_leaves_its_error(planted_run):
+    """Issue 14: with a trained dictionary (the planted run's shared SAE, which normalises its
+    input), ablating every feature leaves the activation minus the SAE's reconstruction plus
+    decode(0), checked against the SAE's own encode/decode to 1e-5."""
+    from irmlens.cache.store import hook_name, load_activations
+    from irmlens.interventions import ablation
+    from irmlens.study import Study
+
+    study = Study.load(planted_run)
+    sae, layer = study.sae(), study.report["irm"]["layer"]
+    acts = load_activations(planted_run / "cache", "rlhf", hook_name(layer))[:2048].float()
+    with torch.no_grad():
+        error_model = (
+            acts - sae.decode(sae.encode(acts)) + sae.decode(torch.zeros(1, sae.cfg.d_sae))
+        )
+        edited = ablation(sae, range(sae.cfg.d_sae))(acts)
+    assert torch.allclose(edited, error_model, atol=1e-5), float((edited - error_model).abs().max())
+    assert float((edited - acts).norm()) > 0.1 * float(acts.norm())  # it did remove something
