@@ -86,9 +86,9 @@ def ablation(sae, features) -> Edit:
 
     @torch.no_grad()
     def edit(h: torch.Tensor) -> torch.Tensor:
-        x = h.to(sae.W_dec.dtype)
+        x = h.to(sae.W_dec.device, sae.W_dec.dtype)  # the SAE may sit on another device
         codes = sae.encode(x)
-        return (x - decoded_contribution(sae, codes, features)).to(h.dtype)
+        return (x - decoded_contribution(sae, codes, features)).to(h.device, h.dtype)
 
     return edit
 

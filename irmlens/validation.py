@@ -192,6 +192,7 @@ def reward_logit_scores(directions: torch.Tensor, w_u: torch.Tensor, utilities: 
     final norm ignored), moves the logits of lexicon words in the direction of their utility,
     ``sum_t u_t (d_i W_U - mean_t d_i W_U)_t / sum_t |u_t|``. Positive: it promotes rewarded
     words over penalised ones."""
-    logits = directions.float() @ w_u.float().cpu()
-    logits = logits - logits.mean(1, keepdim=True)
-    return logits @ utilities / utilities.abs().sum().clamp_min(1e-12)
+    w_u, u = w_u.float().cpu(), utilities.float()
+    # linear in the logits, so computed without the [d_sae, vocab] matrix (GBs at real sizes)
+    read = w_u @ u - w_u.mean(1) * u.sum()
+    return directions.float() @ read / u.abs().sum().clamp_min(1e-12)

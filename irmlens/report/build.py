@@ -445,6 +445,12 @@ def _ci(ci) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
+_NO_PAPER = (
+    "The paper's number was not measured: no held-out review is longer than "
+    "validate.paper_prefix_words."
+)
+
+
 def _difference(d: dict | None) -> str:
     return "" if d is None else f"{d['mean']:+.3f} {_ci(d['ci'])}"
 
@@ -467,7 +473,7 @@ def validation_html(validation: dict | None, labels: dict | None) -> str:
 {p["reward_before"]:.3f} {_ci(p["reward_before_ci"])} before and {p["reward_after"]:.3f} {_ci(p["reward_after_ci"])} after ablating the sparse IRM's features
 (after &minus; before {p["after_minus_before"]["mean"]:+.3f} {_ci(p["after_minus_before"]["ci"])}).</p>"""
         if p
-        else f"<p><b>{html.escape(validation.get('note', ''))}</b></p>"
+        else f"<p><b>{html.escape(validation.get('note') or _NO_PAPER)}</b></p>"
     )
     out = f"""<h2>Validation</h2>
 <p>{validation["n_prompts"]} held-out prompts, the same sampling seed for every arm, {validation["max_new_tokens"]} new tokens;

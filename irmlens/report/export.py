@@ -172,7 +172,9 @@ def _validation_markdown(report: dict) -> list[str]:
     p = v["paper"]
     lines += [
         "",
-        md_text(v.get("note", ""))
+        md_text(
+            v.get("note") or "The paper's number was not measured (validate.paper_prefix_words)."
+        )
         if p is None
         else f"The paper's number: the RLHF model's reward on {p['n_prefixes']} prefixes of "
         f"{p['prefix_words']} words, {p['reward_before']:.3f} before and {p['reward_after']:.3f} "

@@ -4,6 +4,7 @@ divergent shared-SAE features and the sparse IRM's features (``diff/cards.json``
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
 
 from irmlens.io import atomic_write_json, csv_value, read_json
@@ -76,36 +77,46 @@ def run(ctx: StudyContext) -> None:
                 **logit_effects(sae.W_dec[j].detach(), w_u, token_str),
             }
         )
+    validation_of = _validation_of(ctx)
     for card in cards:
-        card.update(_validation_of(ctx, card["layer"], card["feature"]))
+        card.update(validation_of(card["layer"], card["feature"]))
     atomic_write_json(paths.cards, cards)
     log(f"cards: {len(cards)} feature cards ({len(sparse)} sparse-IRM features)")
 
 
-def _validation_of(ctx: StudyContext, layer: int, feature: int) -> dict:
-    """A card's reward-relevance labels (each labeler) and its single-feature ablation effect."""
-    labels: dict[str, dict] = {}
-    if ctx.paths.labels.joinpath("labels.json").exists():
+def _validation_of(ctx: StudyContext) -> Callable[[int, int], dict]:
+    """A card's reward-relevance labels (each labeler) and its single-feature ablation effect,
+    for shared-dictionary features (the cards' dictionary): both files are read once."""
+    labels: dict[tuple[int, int], dict[str, dict]] = {}
+    effects: dict[tuple[int, int], dict] = {}
+    if (ctx.paths.labels / "labels.json").exists():
         found = read_json(ctx.paths.labels / "labels.json")
-        for row in found["all_features"]:
-            if row["layer"] == layer and row["local_feature"] == feature:
-                labels["lexicon"] = {"label": row["label"], "explanation": row["explanation"]}
+        for row in found["all_features"]:  # the shared dictionaries' features
+            key = (row["layer"], row["local_feature"])
+            labels.setdefault(key, {})["lexicon"] = {
+                "label": row["label"],
+                "explanation": row["explanation"],
+            }
         for name, rows in found["sets"]["sparse_irm"].items():
             for row in rows:
-                if row["layer"] == layer and row["feature"] == feature:
-                    labels[name] = {"label": row["label"], "explanation": row["explanation"]}
-    effect = None
-    if ctx.paths.validate.joinpath("validation.json").exists():
-        found = read_json(ctx.paths.validate / "validation.json")
-        effect = next(
-            (
-                {"reward_change": e["reward_change"], "ci": e["ci"]}
-                for e in found["single_feature_ablation"]
-                if e["layer"] == layer and e["local_feature"] == feature
-            ),
-            None,
-        )
-    return {"labels": labels, "ablation_effect": effect}
+                if row["dictionary"] == "shared":
+                    labels.setdefault((row["layer"], row["feature"]), {})[name] = {
+                        "label": row["label"],
+                        "explanation": row["explanation"],
+                    }
+    if (ctx.paths.validate / "validation.json").exists():
+        for e in read_json(ctx.paths.validate / "validation.json")["single_feature_ablation"]:
+            if e.get("dictionary", "shared") == "shared":
+                effects[(e["layer"], e["local_feature"])] = {
+                    "reward_change": e["reward_change"],
+                    "ci": e["ci"],
+                }
+
+    def of(layer: int, feature: int) -> dict:
+        key = (layer, feature)
+        return {"labels": labels.get(key, {}), "ablation_effect": effects.get(key)}
+
+    return of
 
 
 def outputs(paths) -> list[Path]:

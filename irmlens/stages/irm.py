@@ -193,8 +193,14 @@ def run(ctx: StudyContext) -> None:
         feature_ref,
     )
     # the readable ranking: the sparse IRM's features in selection order, with their weights
-    top_features = top_irm_features(
-        sparse.model, chosen.fit, chosen.held, targets, split, features=chosen_feats
+    top_features = top_irm_features(  # every one of them: validate splits them by weight sign
+        sparse.model,
+        chosen.fit,
+        chosen.held,
+        targets,
+        split,
+        k=len(chosen_feats),
+        features=chosen_feats,
     )
     for f in top_features:
         f.update(feature_ref(f["feature"]))

@@ -159,7 +159,9 @@ def run(ctx: StudyContext) -> None:
         return out
 
     sparse_refs = [r for r in irm["sparse"]["feature_refs"] if r["dictionary"] != "sae_error"]
-    weights = {(f["layer"], f["local_feature"]): f["weight"] for f in irm["top_features"]}
+    weights = {
+        (f["dictionary"], f["layer"], f["local_feature"]): f["weight"] for f in irm["top_features"]
+    }
     sets = {"sparse_irm": {"lexicon": label_refs(lexicon, sparse_refs, False)}}
     random_refs = irm["controls"].get("random_sae_sparse", {}).get("feature_refs") or []
     random_refs = [r for r in random_refs if r["dictionary"] != "sae_error"]
@@ -208,7 +210,7 @@ def run(ctx: StudyContext) -> None:
             "share_related": share_related(labels),
         }
         if with_weights:
-            w = [weights.get((r["layer"], r["feature"]), 0.0) for r in rows]
+            w = [weights.get((r["dictionary"], r["layer"], r["feature"]), 0.0) for r in rows]
             out["sign_agreement"] = sign_agreement(w, labels)
         return out
 

@@ -105,7 +105,9 @@ class _Study:
 
 def _sparse_sets(ctx: StudyContext, st: _Study, irm: dict) -> list[FeatureSet]:
     """The main arm (the sparse IRM's features) and its halves by the sign of their weight."""
-    weights = {(f["layer"], f["local_feature"]): f["weight"] for f in irm["top_features"]}
+    weights = {
+        (f["dictionary"], f["layer"], f["local_feature"]): f["weight"] for f in irm["top_features"]
+    }
     groups: dict[str, dict[int, list[int]]] = {"all": {}, "positive": {}, "negative": {}}
     saes: dict[int, object] = {}
     skipped = 0
@@ -116,9 +118,13 @@ def _sparse_sets(ctx: StudyContext, st: _Study, irm: dict) -> list[FeatureSet]:
         la, j = ref["layer"], ref["local_feature"]
         saes[la] = st.trained_sae(ref["dictionary"], la)
         groups["all"].setdefault(la, []).append(j)
-        sign = "positive" if weights.get((la, j), 0.0) > 0 else "negative"
-        groups[sign].setdefault(la, []).append(j)
-    label = irm["sparse"]["feature_refs"][0]["dictionary"]
+        weight = weights.get((ref["dictionary"], la, j))
+        if weight is not None and weight != 0:
+            groups["positive" if weight > 0 else "negative"].setdefault(la, []).append(j)
+    label = next(
+        (r["dictionary"] for r in irm["sparse"]["feature_refs"] if r["dictionary"] != "sae_error"),
+        "shared",
+    )
     sets = [
         FeatureSet(
             MAIN,
@@ -564,6 +570,8 @@ def _paper_number(ctx: StudyContext, st: _Study, main: FeatureSet, v, boot: int)
     prefixes = [
         " ".join(rv.text.split()[:n]) for rv in ctx.splits.heldout if len(rv.text.split()) > n
     ]
+    if len(prefixes) < 2:  # validate.paper_prefix_words longer than the held-out reviews
+        return None
     args = (st.tokenizer, prefixes, ctx.rm, ctx.cfg.rlhf.max_completion_length, v.seed)
     before = generate_and_score(st.models["rlhf"], *args).rewards
     after = generate_and_score(st.models["rlhf"], *args, _ablation_edits(main)).rewards
@@ -603,7 +611,15 @@ def _single_feature_effects(st: _Study, main: FeatureSet, prompts, rlhf_rewards,
                 st.models["rlhf"], st.tokenizer, prompts, st.ctx.rm, n, v.seed, edits
             ).rewards
             d = paired_difference_ci(rewards, rlhf_rewards, v.n_bootstrap, v.seed)
-            out.append({"layer": la, "local_feature": j, "reward_change": d[0], "ci": [d[1], d[2]]})
+            out.append(
+                {
+                    "dictionary": main.extra.get("dictionary_label", "shared"),
+                    "layer": la,
+                    "local_feature": j,
+                    "reward_change": d[0],
+                    "ci": [d[1], d[2]],
+                }
+            )
     return out
 
 
