@@ -352,3 +352,32 @@ def test_a_run_made_before_completion_records_is_recorded_not_redone(micro_run, 
     assert (run / "irm/metrics.json").read_bytes() == before
     assert (run / ".records/irm.json").exists()
     Study.load(run)
+
+
+def test_validate_says_so_when_the_sparse_irm_has_no_dictionary_feature(micro_run, tmp_path):
+    """A sparse IRM of SAE-error columns only (possible in the codes+error space) leaves nothing
+    to ablate or steer: the stage measures the baselines and says why, and the report renders."""
+    import shutil
+
+    from irmlens.config import load_config
+    from irmlens.io import atomic_write_json, read_json
+    from irmlens.run import RunPaths
+    from irmlens.stages import validate
+    from irmlens.stages.context import StudyContext
+
+    run = tmp_path / "copy"
+    shutil.copytree(micro_run, run)
+    metrics = read_json(run / "irm/metrics.json")
+    for ref in metrics["sparse"]["feature_refs"]:
+        ref["dictionary"] = "sae_error"
+    atomic_write_json(run / "irm/metrics.json", metrics)
+    validate.run(StudyContext(load_config(run / "config.toml"), RunPaths(run)))
+    v = read_json(run / "validate/validation.json")
+    assert [a["arm"] for a in v["arms"]] == ["base", "rlhf"] and v["paper"] is None
+    assert "SAE-error" in v["note"] and v["findings"] == []
+    assert v["reward_rlhf"] > v["reward_base"]
+    from irmlens.report.build import validation_html
+    from irmlens.report.summary import validation_verdict
+
+    assert "nothing to ablate" in validation_html(v, None)
+    assert validation_verdict(v, None).startswith("The sparse IRM chose only SAE-error columns")

@@ -134,8 +134,11 @@ def validation_verdict(validation: dict | None, labels: dict | None) -> str:
     parts.append(
         "Findings (paired CI excludes 0): " + "; ".join(found) + "."
         if found
-        else "No causal finding: no paired CI of the main arm against a control excludes 0."
+        else "No causal finding: no paired CI against a matched control excludes 0."
     )
+    unmatched = [f["text"] for f in validation["findings"] if f["text"].endswith("not a finding")]
+    if unmatched:
+        parts.append("Differences with controls of another strength: " + "; ".join(unmatched) + ".")
     if labels is not None:
         c = labels["comparison"]
         lex = c["sparse_irm"]["lexicon"]

@@ -314,20 +314,64 @@ def _summary(name, kind, scale, fs, res, base, rlhf, main, boot, seed) -> dict:
     return row
 
 
-def _finding(kind: str, control: str, diff: dict) -> dict:
-    """What the paired CI of main minus a control says, in words (a finding only where it
-    excludes 0). Ablation: a lower reward means more of the gain removed; steering: higher."""
+def _finding(
+    kind: str, control: str, diff: dict, of: str = "the sparse IRM's features", caveat: str = ""
+) -> dict:
+    """What the paired CI of a set minus a control says, in words (a finding only where it
+    excludes 0). Ablation: a lower reward means more of the gain removed; steering: higher.
+    ``caveat``: why the comparison is not clean (then it is reported, but not as a finding)."""
     lo, hi = diff["ci"]
     better = hi < 0 if kind == "ablate" else lo > 0
     worse = lo > 0 if kind == "ablate" else hi < 0
     verb = "removes" if kind == "ablate" else "reproduces"
-    if better:
-        text = f"the sparse IRM's features {verb} more of the RLHF gain than {control}"
-    elif worse:
-        text = f"the sparse IRM's features {verb} less of the RLHF gain than {control}"
+    if better or worse:
+        text = f"{of} {verb} {'more' if better else 'less'} of the RLHF gain than {control}"
     else:
-        text = f"no difference from {control} (the paired CI includes 0)"
-    return {"kind": kind, "control": control, "finding": better or worse, "text": text} | diff
+        text = f"{of}: no difference from {control} (the paired CI includes 0)"
+    if caveat and (better or worse):
+        text += f", but {caveat}: not a finding"
+    finding = (better or worse) and not caveat
+    return {"kind": kind, "control": control, "finding": finding, "text": text} | diff
+
+
+def _a_control(row: dict) -> bool:
+    """A row the main arm is tested against: not the sign halves, not the reward-logit set's
+    own matches, and the matched draws together (their mean), not one by one: five separate
+    tests would find a difference by chance."""
+    name = row["feature_set"]
+    if "main_minus_this" not in row or name.startswith((f"{MAIN}_", "reward_logit_matched")):
+        return False
+    return name == "matched_random_mean" or not name.startswith("matched_random_")
+
+
+def _strength_caveat(main_row: dict, row: dict) -> str:
+    """For an ablation control that removes far more or far less of the activation variance than
+    the main set (outside 2/3..3/2 of it), say so: the comparison is then about strength."""
+    main, other = main_row.get("removed_variance_share"), row.get("removed_variance_share")
+    if not main or not other:
+        return ""
+    ratio = sum(other.values()) / max(sum(main.values()), 1e-12)
+    if 2 / 3 <= ratio <= 3 / 2:
+        return ""
+    return f"{row['feature_set']} removes {ratio:.2g}x the activation variance the main set removes"
+
+
+def _match_caveat(matching: dict) -> str:
+    """Empty when the matched draws remove, at every layer, between 2/3 and 3/2 of the variance
+    the set removes; else what they remove (the control is then weaker or stronger)."""
+    ratios = [
+        sum(m["draws_removed_variance_share"])
+        / len(m["draws_removed_variance_share"])
+        / max(m["main_removed_variance_share"], 1e-12)
+        for m in matching.values()
+    ]
+    if all(2 / 3 <= r <= 3 / 2 for r in ratios):
+        return ""
+    return (
+        "its matched draws remove "
+        + "-".join(f"{r:.0%}" for r in sorted({min(ratios), max(ratios)}))
+        + " of the activation variance it removes (frequency-matched features cannot match it)"
+    )
 
 
 def run(ctx: StudyContext) -> None:
@@ -411,17 +455,25 @@ def run(ctx: StudyContext) -> None:
             )
             row["reward_logit_minus_this"] = {"mean": d[0], "ci": [d[1], d[2]]}
             rows.append(row)
-            f = _finding(kind, "random features matched to them", row["reward_logit_minus_this"])
-            f["text"] = f["text"].replace("the sparse IRM's features", "the reward-logit features")
+            f = _finding(
+                kind,
+                "random features matched to them",
+                row["reward_logit_minus_this"],
+                of="the reward-logit features",
+                caveat=_match_caveat(logit_matching),
+            )
             secondary = [f | {"control": "reward_logit_matched_mean", "of": "reward_logit"}]
         if scale in (None, 1):
+            main_row = next(r for r in rows if r["arm"] == _arm_name(kind, MAIN, scale))
             findings += [
-                _finding(kind, row["feature_set"], row["main_minus_this"])
+                _finding(
+                    kind,
+                    row["feature_set"],
+                    row["main_minus_this"],
+                    caveat=_strength_caveat(main_row, row),
+                )
                 for row in rows
-                if row["kind"] == kind
-                and row["scale"] == scale
-                and "main_minus_this" in row
-                and not row["feature_set"].startswith((f"{MAIN}_", "reward_logit_matched"))
+                if row["kind"] == kind and row["scale"] == scale and _a_control(row)
             ]
     findings += secondary
     paper = _paper_number(ctx, st, main, v, boot)
