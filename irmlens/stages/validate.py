@@ -323,7 +323,7 @@ def _finding(
     lo, hi = diff["ci"]
     better = hi < 0 if kind == "ablate" else lo > 0
     worse = lo > 0 if kind == "ablate" else hi < 0
-    verb = "removes" if kind == "ablate" else "reproduces"
+    verb = "remove" if kind == "ablate" else "reproduce"
     if better or worse:
         text = f"{of} {verb} {'more' if better else 'less'} of the RLHF gain than {control}"
     else:
