@@ -123,6 +123,7 @@ def matched_random_sets(
     seed: int = 0,
     neighbours: int = 8,
     tries: int = 40,
+    codes: torch.Tensor | None = None,
 ) -> tuple[float, list[MatchedDraw]]:
     """Random feature sets of the main set's size, matched to it on firing frequency (each main
     feature replaced by a random one among its ``neighbours`` nearest in log frequency, never a
@@ -135,9 +136,10 @@ def matched_random_sets(
     pool = [i for i in range(len(frequency)) if i not in set(main) and frequency[i] > 0]
     if len(pool) < len(main):
         raise ValueError(f"only {len(pool)} live features outside the set of {len(main)}")
-    codes = torch.cat(
-        [sae.encode(acts[i : i + 8192].to(sae.W_dec.dtype)) for i in range(0, len(acts), 8192)]
-    )
+    if codes is None:  # ``sae.encode(acts)``; given by a caller that measures more sets on acts
+        codes = torch.cat(
+            [sae.encode(acts[i : i + 8192].to(sae.W_dec.dtype)) for i in range(0, len(acts), 8192)]
+        )
     target = removed_variance_share(sae, acts, main, codes=codes)
     rng = random.Random(seed)
     pool_t = torch.tensor(pool)

@@ -78,13 +78,8 @@ class _Study:
             m: {la: load_activations(ctx.paths.cache, m, hook_name(la)) for la in self.layers}
             for m in ("base", "rlhf")
         }
-        self._stats: dict[tuple, dict] = {}  # (id of an SAE, layer) -> its code statistics
-
-    def trained_sae(self, label: str, layer: int):
-        return self.ctx.sae(label, layer)
-
-    def random_sae(self, label: str, layer: int, seed: int):
-        return self.ctx.random_sae(label, layer, seed)
+        # (id of an SAE, layer) -> its code statistics; ("codes", id, layer) -> variance codes
+        self._stats: dict[tuple, object] = {}
 
     def stats(self, sae, layer: int) -> dict:
         """Mean codes in both models, the RLHF model's firing frequency, and the mean change."""
@@ -102,6 +97,16 @@ class _Study:
         a = self.acts["rlhf"][layer]
         return a[torch.linspace(0, len(a) - 1, min(n, len(a))).long()]
 
+    def variance_codes(self, sae, layer: int) -> torch.Tensor:
+        """``sae``'s codes of ``variance_sample(layer)``, encoded once: every set's removed
+        variance, and every candidate set of the matching, is measured on them."""
+        key = ("codes", id(sae), layer)
+        if key not in self._stats:
+            x = self.variance_sample(layer).to(sae.W_dec.device, sae.W_dec.dtype)
+            with torch.no_grad():
+                self._stats[key] = sae.encode(x)
+        return self._stats[key]
+
 
 def _sparse_sets(ctx: StudyContext, st: _Study, irm: dict) -> list[FeatureSet]:
     """The main arm (the sparse IRM's features) and its halves by the sign of their weight."""
@@ -116,7 +121,7 @@ def _sparse_sets(ctx: StudyContext, st: _Study, irm: dict) -> list[FeatureSet]:
             skipped += 1  # an SAE-error column is no dictionary feature: nothing to ablate
             continue
         la, j = ref["layer"], ref["local_feature"]
-        saes[la] = st.trained_sae(ref["dictionary"], la)
+        saes[la] = ctx.sae(ref["dictionary"], la)
         groups["all"].setdefault(la, []).append(j)
         weight = weights.get((ref["dictionary"], la, j))
         if weight is not None and weight != 0:
@@ -170,6 +175,7 @@ def _matched_sets(
             st.stats(sae, la)["frequency"],
             feats,
             n_draws=v.n_random_draws,
+            codes=st.variance_codes(sae, la),
             seed=v.seed + 100 * i + (0 if prefix == "matched_random" else 7),
         )
         per_layer[la] = draws
@@ -202,7 +208,7 @@ def _random_sparse_set(st: _Study, irm: dict) -> FeatureSet | None:
         if ref["dictionary"] == "sae_error":
             continue
         la = ref["layer"]
-        saes[la] = st.random_sae(ref["dictionary"], la, ref["random_seed"])
+        saes[la] = st.ctx.random_sae(ref["dictionary"], la, ref["random_seed"])
         feats.setdefault(la, []).append(ref["local_feature"])
     return FeatureSet(
         "random_sae_sparse",
@@ -219,7 +225,7 @@ def _divergent_set(ctx: StudyContext, st: _Study, k: int) -> FeatureSet:
     return FeatureSet(
         "top_divergent",
         f"the {len(top)} most divergent shared-SAE features of layer {la} (label-free)",
-        {la: st.trained_sae("shared", la)},
+        {la: ctx.sae("shared", la)},
         {la: top},
         "trained",
     )
@@ -234,7 +240,7 @@ def _reward_logit_set(ctx: StudyContext, st: _Study, k: int) -> FeatureSet:
     utilities = token_utilities(st.tokenizer, ctx.rm.word_utility, w_u.shape[1])
     scored = []
     for la in st.layers:
-        sae = st.trained_sae("shared", la)
+        sae = ctx.sae("shared", la)
         push = reward_logit_scores(decoder_directions(sae), w_u, utilities)
         push = push.double() * st.stats(sae, la)["mean_rlhf"]
         scored += [(float(push[j]), la, j) for j in range(len(push))]
@@ -246,7 +252,7 @@ def _reward_logit_set(ctx: StudyContext, st: _Study, k: int) -> FeatureSet:
         "reward_logit",
         f"the {k} shared-SAE features whose decoder direction most raises rewarded words' "
         "logits over penalised ones (logit lens), times their mean code in the RLHF model",
-        {la: st.trained_sae("shared", la) for la in feats},
+        {la: ctx.sae("shared", la) for la in feats},
         feats,
         "trained",
         extra={"top_push": [s for s, _, _ in scored[:k]]},
@@ -309,8 +315,7 @@ def _summary(name, kind, scale, fs, res, base, rlhf, main, boot, seed) -> dict:
         "examples": res["examples"],
     }
     if main is not None:
-        d, dlo, dhi = paired_difference_ci(main, res["rewards"], boot, seed)
-        row["main_minus_this"] = {"mean": d, "ci": [dlo, dhi]}
+        row["main_minus_this"] = _difference(paired_difference_ci(main, res["rewards"], boot, seed))
     return row
 
 
@@ -375,7 +380,6 @@ def _match_caveat(matching: dict) -> str:
 
 
 def run(ctx: StudyContext) -> None:
-    from irmlens.data.corpus import review_prompts
     from irmlens.validation import paired_difference_ci
 
     started = time.perf_counter()
@@ -393,11 +397,7 @@ def run(ctx: StudyContext) -> None:
     matching = {"sparse_irm": matching, "reward_logit": logit_matching}
     controls += [_divergent_set(ctx, st, main.size), logit, *logit_matched]
     controls = [c for c in controls if c is not None and c.size]  # diff.top_n = 0: no divergent
-    r = cfg.rlhf
-    prompts = review_prompts(
-        ctx.splits.heldout, v.n_prompts, r.prompt_min_words, r.prompt_max_words, v.seed
-    )
-    texts = [rv.text for rv in ctx.splits.heldout[: v.perplexity_texts]]
+    prompts, texts = _held_out(ctx)
     boot, seed = v.n_bootstrap, v.seed
     log(
         f"validate: {len(prompts)} held-out prompts, {len(sets) + len(controls)} feature sets of "
@@ -407,15 +407,11 @@ def run(ctx: StudyContext) -> None:
     def arm(model, edits):
         return _arm(st, prompts, texts, model, edits, seed, cfg)
 
-    raw = {"base": arm("base", None), "rlhf": arm("rlhf", None)}
-    secondary: list[dict] = []
+    raw, rows = _baselines(ctx, st, prompts, texts)
     r_base, r_rlhf = (float(raw[m]["rewards"].mean()) for m in ("base", "rlhf"))
-    rows = [
-        _summary(m, "baseline", None, None, raw[m], r_base, r_rlhf, None, boot, seed)
-        for m in ("base", "rlhf")
-    ]
+    secondary: list[dict] = []
     gain = paired_difference_ci(raw["rlhf"]["rewards"], raw["base"]["rewards"], boot, seed)
-    rows[1]["rlhf_minus_base"] = {"mean": gain[0], "ci": [gain[1], gain[2]]}
+    rows[1]["rlhf_minus_base"] = _difference(gain)
     findings = []
     plans = [("ablate", "rlhf", None)] + [("steer", "base", s) for s in v.steering_scales]
     for kind, model, scale in plans:
@@ -453,7 +449,7 @@ def run(ctx: StudyContext) -> None:
                 boot,
                 seed,
             )
-            row["reward_logit_minus_this"] = {"mean": d[0], "ci": [d[1], d[2]]}
+            row["reward_logit_minus_this"] = _difference(d)
             rows.append(row)
             f = _finding(
                 kind,
@@ -510,6 +506,30 @@ def run(ctx: StudyContext) -> None:
     )
 
 
+def _held_out(ctx: StudyContext) -> tuple[list[str], list[str]]:
+    """The held-out prompts every arm samples, and the reviews its perplexity is measured on."""
+    from irmlens.data.corpus import review_prompts
+
+    v, r = ctx.cfg.validate, ctx.cfg.rlhf
+    prompts = review_prompts(
+        ctx.splits.heldout, v.n_prompts, r.prompt_min_words, r.prompt_max_words, v.seed
+    )
+    return prompts, [rv.text for rv in ctx.splits.heldout[: v.perplexity_texts]]
+
+
+def _baselines(ctx: StudyContext, st: _Study, prompts, texts) -> tuple[dict, list[dict]]:
+    """The unintervened base and RLHF models on the held-out prompts: their raw results and
+    their summary rows."""
+    v = ctx.cfg.validate
+    raw = {m: _arm(st, prompts, texts, m, None, v.seed, ctx.cfg) for m in ("base", "rlhf")}
+    r_base, r_rlhf = (float(raw[m]["rewards"].mean()) for m in ("base", "rlhf"))
+    rows = [
+        _summary(m, "baseline", None, None, raw[m], r_base, r_rlhf, None, v.n_bootstrap, v.seed)
+        for m in ("base", "rlhf")
+    ]
+    return raw, rows
+
+
 def _header(ctx: StudyContext, prompts, texts, r_base: float, r_rlhf: float) -> dict:
     """What every validation.json starts with: the shared set-up and the unintervened rewards."""
     v = ctx.cfg.validate
@@ -528,19 +548,9 @@ def _header(ctx: StudyContext, prompts, texts, r_base: float, r_rlhf: float) -> 
 def _nothing_to_intervene_on(ctx: StudyContext, st: _Study, main: FeatureSet, started) -> None:
     """The sparse IRM chose only SAE-error columns: no dictionary feature to ablate or steer.
     The unintervened baselines are still measured, and the report says why there is no more."""
-    from irmlens.data.corpus import review_prompts
-
-    cfg, v, r = ctx.cfg, ctx.cfg.validate, ctx.cfg.rlhf
-    prompts = review_prompts(
-        ctx.splits.heldout, v.n_prompts, r.prompt_min_words, r.prompt_max_words, v.seed
-    )
-    texts = [rv.text for rv in ctx.splits.heldout[: v.perplexity_texts]]
-    raw = {m: _arm(st, prompts, texts, m, None, v.seed, cfg) for m in ("base", "rlhf")}
+    prompts, texts = _held_out(ctx)
+    raw, rows = _baselines(ctx, st, prompts, texts)
     r_base, r_rlhf = (float(raw[m]["rewards"].mean()) for m in ("base", "rlhf"))
-    rows = [
-        _summary(m, "baseline", None, None, raw[m], r_base, r_rlhf, None, v.n_bootstrap, v.seed)
-        for m in ("base", "rlhf")
-    ]
     note = (
         "the sparse IRM chose only SAE-error columns (no dictionary feature): there is nothing "
         "to ablate or steer"
@@ -561,6 +571,11 @@ def _nothing_to_intervene_on(ctx: StudyContext, st: _Study, main: FeatureSet, st
     with atomic_dir(ctx.paths.validate) as tmp:
         atomic_write_json(tmp / "rewards.json", {"prompts": prompts, "rewards": {}})
         atomic_write_json(tmp / "validation.json", result)
+
+
+def _difference(mean_ci: tuple[float, float, float]) -> dict:
+    """A paired difference as report.json holds it: ``{"mean": m, "ci": [low, high]}``."""
+    return {"mean": mean_ci[0], "ci": [mean_ci[1], mean_ci[2]]}
 
 
 def _arm_name(kind: str, set_name: str, scale: float | None) -> str:
@@ -592,7 +607,7 @@ def _pooled(kind, scale, drawn, main_rewards, size, boot, seed) -> dict:
         "n_features": size,
         "reward": m,
         "reward_ci": [lo, hi],
-        "main_minus_this": {"mean": d[0], "ci": [d[1], d[2]]},
+        "main_minus_this": _difference(d),
     }
 
 
@@ -608,7 +623,9 @@ def _removed_share(st: _Study, fs: FeatureSet) -> dict[str, float]:
     from irmlens.interventions import removed_variance_share
 
     return {
-        str(la): removed_variance_share(fs.saes[la], st.variance_sample(la), f)
+        str(la): removed_variance_share(
+            fs.saes[la], st.variance_sample(la), f, codes=st.variance_codes(fs.saes[la], la)
+        )
         for la, f in fs.features.items()
     }
 
@@ -639,7 +656,7 @@ def _paper_number(ctx: StudyContext, st: _Study, main: FeatureSet, v, boot: int)
         "reward_before_ci": [b[1], b[2]],
         "reward_after": a[0],
         "reward_after_ci": [a[1], a[2]],
-        "after_minus_before": {"mean": d[0], "ci": [d[1], d[2]]},
+        "after_minus_before": _difference(d),
     }
 
 
