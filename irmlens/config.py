@@ -21,7 +21,11 @@ from sae_training.train import ARCHITECTURES, NORMALIZATIONS, TRAINERS, SAETrain
 
 @dataclass
 class DataConfig:
-    lexicon: str = "vader"  # "vader" (the cached VADER lexicon) or a path to word<TAB>utility lines
+    # "vader" (the cached VADER lexicon), a path to word<TAB>utility lines, or "none": no reward
+    # model is known (a pair you bring, model.rlhf), and the IRM explains the pair's own
+    # model-level implicit reward (stage target)
+    lexicon: str = "vader"
+    implicit_min_count: int = 3  # lexicon "none": words seen fewer times in the cache get no target
     n_validation: int = 50
     n_heldout: int = 150
     seed: int = 0
@@ -78,7 +82,10 @@ class CacheConfig:
     max_rows: int = 2000
     batch_size: int = 32
     dtype: str = "bfloat16"  # bfloat16 | float32 | int8 (per-row scale)
-    hook_kinds: list[str] = field(default_factory=lambda: ["resid_post"])  # and/or "mlp_out"
+    # the activations cached, and studied: dictionaries are trained on each kind and the IRM is
+    # fitted on each; the first is the one the diff, validation and cards read (the paper's:
+    # "mlp_out")
+    hook_kinds: list[str] = field(default_factory=lambda: ["resid_post"])
     shard_rows: int = 256  # token rows per shard
 
     def __post_init__(self) -> None:
@@ -110,6 +117,10 @@ class SAEStageConfig:
     # A wider, less sparse shared dictionary for the IRM feature-space comparison: TopK with this
     # k at the widest width (0: none).
     wide_topk_k: int = 64
+    # its width in multiples of d_model (0: the widest of width_multipliers) and its kind (topk
+    # or batchtopk): real-model studies use 4x-16x beside the paper's L1 at 1x and 2x
+    wide_topk_multiplier: float = 0.0
+    wide_topk_architecture: str = "topk"
     trainer: str = "auto"  # auto | fused | sae-lens (see sae_training.train.SAETrainingConfig)
     # input normalisation of every dictionary: "expected_average_only_in" (scale to norm
     # sqrt(d_in)), "covariance_whitening" (PCA whitening, so low-variance directions, where
@@ -121,6 +132,11 @@ class SAEStageConfig:
             raise ValueError(
                 f"sae.width_multipliers = {self.width_multipliers}: give one or more positive "
                 "multiples of d_model, e.g. [2, 4]"
+            )
+        if self.wide_topk_architecture not in ("topk", "batchtopk"):
+            raise ValueError(
+                f"sae.wide_topk_architecture = {self.wide_topk_architecture!r}: use topk or "
+                "batchtopk"
             )
         if self.wide_topk_k < 0:
             raise ValueError(f"sae.wide_topk_k = {self.wide_topk_k}: use 0 (none) or a k >= 1")
@@ -209,6 +225,12 @@ class StudyConfig:
                     f"byte tokens and the special tokens): use {MIN_BPE_VOCAB} or more, or "
                     'pretrain.tokenizer = "word"'
                 )
+        if self.data.lexicon == "none" and not self.model.rlhf:
+            raise ValueError(
+                "data.lexicon = 'none' studies a pair whose reward model is unknown, so irmlens "
+                "cannot run RLHF itself: give the tuned model as model.rlhf (a local HF folder or "
+                "hub name), or a lexicon as data.lexicon"
+            )
         if self.null.reward == "zero" and self.rlhf.algorithm in ("grpo", "rloo"):
             raise ValueError(
                 f"null.reward = 'zero' trains nothing with rlhf.algorithm = "
@@ -221,12 +243,6 @@ class StudyConfig:
             problem = SPACES[space].unmet(self)
             if problem:
                 raise ValueError(f"irm.space = {space!r} {problem}, or choose another irm.space")
-        if "resid_post" not in self.cache.hook_kinds:
-            raise ValueError(
-                f"cache.hook_kinds = {self.cache.hook_kinds}: the SAE, diff and IRM stages read "
-                "the residual stream, so it must include 'resid_post' (add 'mlp_out' beside it "
-                "to cache MLP outputs too, e.g. ['resid_post', 'mlp_out'])"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,7 +271,18 @@ def check_dimensions(cfg: StudyConfig, d_model: int, n_layer: int, model: str) -
             f"sae.k = {s.k} exceeds the narrowest dictionary's width {widths[0]} (d_model "
             f"{d_model} x {min(s.width_multipliers):g}, {model}): lower sae.k"
         )
-    for key, k in (("sae.wide_topk_k", s.wide_topk_k), ("irm.sparse_k", cfg.irm.sparse_k)):
+    topk_width = int(s.wide_topk_multiplier * d_model) if s.wide_topk_multiplier else widths[-1]
+    if s.wide_topk_k and topk_width < 1:
+        raise ConfigError(
+            f"sae.wide_topk_multiplier = {s.wide_topk_multiplier} gives a TopK dictionary of width "
+            f"{topk_width} for d_model {d_model} ({model}): raise it (0: the widest width)"
+        )
+    if s.wide_topk_k > topk_width:
+        raise ConfigError(
+            f"sae.wide_topk_k = {s.wide_topk_k} exceeds the wide TopK dictionary's width "
+            f"{topk_width} ({model}): lower sae.wide_topk_k"
+        )
+    for key, k in (("irm.sparse_k", cfg.irm.sparse_k),):
         if k > widths[-1]:
             raise ConfigError(
                 f"{key} = {k} exceeds the widest dictionary's width {widths[-1]} (d_model "
@@ -279,7 +306,8 @@ RANGES: dict[str, Rule] = {
     # [data]
     "data.lexicon": Text(nonempty=True),  # "vader" or a file (its content: rewards/lexicon.py)
     "data.n_validation": _SIZE,
-    "data.n_heldout": _SIZE,  # n_validation + n_heldout < the corpus: checked in preflight
+    "data.n_heldout": _SIZE,
+    "data.implicit_min_count": _SIZE,  # n_validation + n_heldout < the corpus: checked in preflight
     "data.seed": _SEED,
     # [model]
     "model.base": Text(nonempty=True),
@@ -343,7 +371,9 @@ RANGES: dict[str, Rule] = {
     "sae.epochs": Real(0.0, 10_000.0, lo_open=True),
     "sae.n_checkpoints": Int(0, 1000),
     "sae.ce_eval_rows": _SIZE,
-    "sae.wide_topk_k": Int(0),  # 0: none; else at most the widest width
+    "sae.wide_topk_k": Int(0),  # 0: none; else at most its width
+    "sae.wide_topk_multiplier": Real(0.0, 1024.0),  # 0: the widest width
+    "sae.wide_topk_architecture": OneOf(("topk", "batchtopk")),
     "sae.trainer": OneOf(TRAINERS),
     "sae.normalize": OneOf(NORMALIZATIONS),
     # [diff]

@@ -1,9 +1,10 @@
 """Interventions on dictionary features inside an HF causal LM: ablate a set of features in the
 residual stream, or steer along their decoded change, at every position of prompt and completion.
 
-The hooks sit on the HF blocks themselves (a forward hook on block ``layer``, whose output is
-TransformerLens's ``blocks.{layer}.hook_resid_post``), so generation runs through the same
-``model.generate`` sampler as the RLHF stage and its evaluation. They know nothing of run folders.
+The hooks sit on the HF modules themselves (a forward hook on block ``layer``, whose output is
+TransformerLens's ``blocks.{layer}.hook_resid_post``, or on its MLP, whose output is
+``blocks.{layer}.hook_mlp_out``), so generation runs through the same ``model.generate`` sampler
+as the RLHF stage and its evaluation. They know nothing of run folders.
 
 A feature's decoded contribution is computed as ``decode(f ⊙ mask) - decode(0)``: for the SAEs
 irmlens trains (an affine decoder, ``f @ W_dec + b_dec``, with any input normalisation folded in or
@@ -38,32 +39,52 @@ def hf_blocks(model) -> torch.nn.ModuleList:
     )
 
 
+# the hook kinds an edit can sit at (irmlens.cache.store.HOOK_KINDS): the module of block
+# ``layer`` whose output that TransformerLens hook reads (GPT-2, Llama-style and GPT-NeoX blocks
+# all call their MLP ``mlp`` and add its output to the residual stream)
+SITE_MODULES: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
+    "resid_post": lambda block: block,
+    "mlp_out": lambda block: block.mlp,
+}
+
+
+def hooked_module(model, layer: int, kind: str = "resid_post") -> torch.nn.Module:
+    """The HF module whose output is TransformerLens's ``blocks.{layer}.hook_{kind}``."""
+    if kind not in SITE_MODULES:
+        raise ValueError(f"no intervention site for hook kind {kind!r}: use {sorted(SITE_MODULES)}")
+    return SITE_MODULES[kind](hf_blocks(model)[layer])
+
+
 @contextlib.contextmanager
-def edit_block_output(model, layer: int, edit: Edit) -> Iterator[None]:
-    """Within the block, replace block ``layer``'s output hidden states ``h`` by ``edit(h)`` on
-    every forward pass (prompt and every generated token)."""
+def edit_block_output(model, layer: int, edit: Edit, kind: str = "resid_post") -> Iterator[None]:
+    """Within the block, replace the output ``h`` of block ``layer`` (``kind`` "resid_post") or
+    of its MLP ("mlp_out") by ``edit(h)`` on every forward pass (prompt and every generated
+    token)."""
 
     def hook(_module, _inputs, output):
         if isinstance(output, tuple):
             return (edit(output[0]), *output[1:])
         return edit(output)
 
-    handle = hf_blocks(model)[layer].register_forward_hook(hook)
+    handle = hooked_module(model, layer, kind).register_forward_hook(hook)
     try:
         yield
     finally:
         handle.remove()
 
 
-Edits = dict[int, Edit]  # block index -> its edit: one feature set may span several layers
+# where an edit sits: a block index (its output, resid_post) or (block index, hook kind)
+Site = int | tuple[int, str]
+Edits = dict[Site, Edit]  # one feature set may span several layers
 
 
 @contextlib.contextmanager
 def edit_blocks(model, edits: Edits | None) -> Iterator[None]:
-    """Every ``layer: edit`` of ``edits`` applied at once (none: the model as it is)."""
+    """Every ``site: edit`` of ``edits`` applied at once (none: the model as it is)."""
     with contextlib.ExitStack() as stack:
-        for layer, edit in (edits or {}).items():
-            stack.enter_context(edit_block_output(model, layer, edit))
+        for site, edit in (edits or {}).items():
+            layer, kind = site if isinstance(site, tuple) else (site, "resid_post")
+            stack.enter_context(edit_block_output(model, layer, edit, kind))
         yield
 
 

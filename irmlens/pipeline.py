@@ -40,6 +40,7 @@ from irmlens.stages import (
     report,
     rlhf,
     saes,
+    target,
     validate,
 )
 from irmlens.stages.context import StudyContext, log
@@ -101,7 +102,8 @@ STAGES: tuple[Stage, ...] = (
         "saes", saes.run, saes.outputs, ("cache",), result=lambda p: p.saes, recorded=saes.recorded
     ),
     Stage("diff", diff.run, diff.outputs, ("saes",), result=lambda p: p.diff),
-    Stage("irm", irm.run, irm.outputs, ("saes",), irm.done),
+    Stage("target", target.run, target.outputs, ("cache",)),
+    Stage("irm", irm.run, irm.outputs, ("saes", "target"), irm.done),
     Stage("validate", validate.run, validate.outputs, ("diff", "irm"), validate.done),
     Stage("labels", labels.run, labels.outputs, ("irm",), labels.done),
     Stage("cards", cards.run, cards.outputs, ("validate", "labels")),
@@ -124,9 +126,9 @@ def invalidate(paths: RunPaths, stage: str) -> None:
     """Remove the outputs of every stage that needs ``stage``, so they are rebuilt from its new
     results instead of describing the old ones. Each goes in one rename, then is deleted."""
     for s in dependents(stage):
-        for target in _own_files(s, paths):
-            if _remove(target):
-                log(f"{s.name}: {target.name} removed (it derived from the previous {stage})")
+        for own in _own_files(s, paths):
+            if _remove(own):
+                log(f"{s.name}: {own.name} removed (it derived from the previous {stage})")
         remove_record(paths.root, s.name)
 
 

@@ -71,6 +71,10 @@ class RunPaths:
         return self.root / "saes"
 
     @property
+    def target(self) -> Path:
+        return self.root / "target"
+
+    @property
     def irm(self) -> Path:
         return self.root / "irm"
 

@@ -198,9 +198,8 @@ class Study:
         irm = self.report["irm"]
         layer = irm["layer"] if layer is None else layer
         width = irm["sae"]["width"] if width is None else width
-        return load_sae(
-            RunPaths(self.run_dir).sae_dir(model, f"blocks.{layer}.hook_resid_post", width)
-        )
+        kind = irm.get("hook_kind", "resid_post")  # runs before hook kinds: the residual
+        return load_sae(RunPaths(self.run_dir).sae_dir(model, f"blocks.{layer}.hook_{kind}", width))
 
 
 def _scalars(d: dict) -> dict:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from irmlens.cli import offline_env
@@ -207,4 +209,15 @@ def planted_run(planted, tmp_path_factory):
     )
     out = tmp_path_factory.mktemp("planted_run")
     run_study(cfg, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory, assets):
+    """The micro study, run once (tests/test_pipeline_e2e.py; its pair is reused by
+    tests/test_study_variants.py)."""
+    from irmlens.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "micro"
+    assert main(["run", str(Path(__file__).parent / "micro.toml"), "--out", str(out)]) == 0
     return out

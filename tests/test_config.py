@@ -77,7 +77,6 @@ def test_numbers_of_either_kind_where_a_float_is_expected():
             {"irm": {"space": "multi_layer_pre"}, "layers": {"top_k": 1}},
             r"irm\.space = 'multi_layer_pre'.*set layers\.top_k >= 2",
         ),
-        ({"cache": {"hook_kinds": ["mlp_out"]}}, r"cache\.hook_kinds.*must include 'resid_post'"),
         ({"layers": {"top_k": 5}, "pretrain": {"n_layer": 4}}, r"layers\.top_k = 5.*n_layer = 4"),
     ],
 )

@@ -12,13 +12,6 @@ from irmlens.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory, assets):
-    out = tmp_path_factory.mktemp("runs") / "micro"
-    assert main(["run", str(ROOT / "tests/micro.toml"), "--out", str(out)]) == 0
-    return out
-
-
 def _finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 

@@ -4,17 +4,14 @@ reward) and the paper's contrastive estimator, both scored on the IRM's held-out
 from __future__ import annotations
 
 from irmlens.irm.contrastive import ContrastiveConfig, paper_estimator
-from irmlens.irm.implicit import token_log_ratios, word_implicit_rewards
 from irmlens.irm.metrics import bootstrap_tau_ci, kendall_tau, spearman
 
 
 def implicit_reward_reference(
-    hooked: dict, rows, targets, heldout_irm: dict, kl_coef: float, batch_size: int, seed: int
-) -> tuple[dict, dict[int, float]]:
-    """The model-level implicit reward per word (beta x mean summed log pi_rlhf / pi_base) and
-    its held-out scores; returns (the reference row, the per-word values)."""
-    log_ratio = token_log_ratios(hooked["base"], hooked["rlhf"], rows.tokens, batch_size)
-    implicit = word_implicit_rewards(log_ratio, rows.valid, rows.word_id, rows.in_word, kl_coef)
+    implicit: dict[int, float], targets, heldout_irm: dict, kl_coef: float, seed: int
+) -> dict:
+    """The held-out scores of the model-level implicit reward per word (``implicit``: word id ->
+    beta x mean summed log pi_rlhf / pi_base, see ``irmlens.irm.implicit``)."""
     held = [w for w in sorted(heldout_irm) if w in implicit]
     imp = [implicit[w] for w in held]
     truth = [targets.utility[w] for w in held]
@@ -27,7 +24,7 @@ def implicit_reward_reference(
         "definition": "beta * mean over occurrences of the summed log pi_rlhf/pi_base of the "
         f"word's tokens (beta = rlhf.kl_coef = {kl_coef})",
     }
-    return row, implicit
+    return row
 
 
 def paper_reference(

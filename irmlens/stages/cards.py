@@ -15,13 +15,13 @@ def run(ctx: StudyContext) -> None:
     """Feature cards for the most divergent shared-SAE features and the sparse IRM's features."""
     from safetensors.torch import load_file
 
-    from irmlens.cache.store import hook_name, load_activations, load_token_rows
+    from irmlens.cache.store import load_activations, load_token_rows
     from irmlens.diff.cards import activation_histograms, logit_effects, top_contexts
     from irmlens.irm.fit import irm_feature_weights
     from sae_training.train import encode_batched, load_sae
 
     cfg, paths, pair, layer, width = ctx.cfg, ctx.paths, ctx.pair, ctx.irm_layer, ctx.widest
-    hook = hook_name(layer)
+    hook = ctx.hook(layer)
     sae = load_sae(paths.sae_dir("shared", hook, width))
     features = read_json(paths.diff / "features.json")
     irm = read_json(paths.irm / "metrics.json")

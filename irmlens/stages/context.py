@@ -86,9 +86,14 @@ class StudyContext:
 
     @cached_property
     def rm(self):
-        """The reward model of ``data.lexicon`` (the true reward the IRM is scored against)."""
+        """The reward model of ``data.lexicon`` (the true reward the IRM is scored against; with
+        ``"none"``, the implicit-reward lexicon of stage ``target``, from its stage on)."""
         from irmlens.rewards.lexicon import LexiconRewardModel
 
+        if self.cfg.data.lexicon == "none":  # RM-free: the pair's own implicit reward
+            from irmlens.stages.target import implicit_reward_model
+
+            return implicit_reward_model(self.paths, self.cfg.data.implicit_min_count)
         if self.cfg.data.lexicon == "vader":
             return LexiconRewardModel.from_file(self.assets.lexicon, name="vader")
         return LexiconRewardModel.from_file(self.cfg.data.lexicon)
@@ -123,6 +128,19 @@ class StudyContext:
         """The most changed of the studied layers: the IRM's, the feature table's."""
         return next(la for la in self.layers["ranking"] if la in self.studied_layers)
 
+    @property
+    def hook_kind(self) -> str:
+        """The activations the dictionaries, diff, IRM, validation and cards study: the first of
+        ``cache.hook_kinds`` (the IRM is also fitted on each other kind: ``irm/metrics.json``
+        ``hook_kinds``)."""
+        return self.cfg.cache.hook_kinds[0]
+
+    def hook(self, layer: int, kind: str | None = None) -> str:
+        """The cache's hook name of ``layer`` for ``kind`` (default: the studied kind)."""
+        from irmlens.cache.store import hook_name
+
+        return hook_name(layer, kind or self.hook_kind)
+
     @cached_property
     def d_model(self) -> int:
         from irmlens.cache.store import load_manifest
@@ -139,27 +157,37 @@ class StudyContext:
         """The width of the dictionaries the diff, IRM and cards stages read."""
         return self.widths[-1]
 
+    @property
+    def wide_topk_width(self) -> int:
+        """The wide TopK dictionary's width (``sae.wide_topk_multiplier`` x d_model, or the
+        widest width)."""
+        m = self.cfg.sae.wide_topk_multiplier
+        return int(m * self.d_model) if m else self.widest
+
+    def width_of(self, label: str) -> int:
+        """The width of the dictionary ``label`` the diff, IRM and cards read."""
+        return self.wide_topk_width if label == self.wide_topk_label else self.widest
+
     def sae(self, label: str, layer: int):
-        """The widest dictionary ``saes/<label>/<hook of layer>/`` (label: shared, base, rlhf or
-        the wide TopK's folder), loaded once."""
-        from irmlens.cache.store import hook_name
+        """The dictionary ``saes/<label>/<hook of layer>/`` the study reads (label: shared, base,
+        rlhf at the widest width, or the wide TopK's folder at its own), loaded once."""
         from sae_training.train import load_sae
 
         key = (label, layer)
         if key not in self._saes:
-            self._saes[key] = load_sae(self.paths.sae_dir(label, hook_name(layer), self.widest))
+            folder = self.paths.sae_dir(label, self.hook(layer), self.width_of(label))
+            self._saes[key] = load_sae(folder)
         return self._saes[key]
 
     def random_sae(self, label: str, layer: int, seed: int):
         """The IRM's random-SAE control standing in for ``sae(label, layer)``, rebuilt from the
         seed its stage recorded (``random_seed`` of its feature refs)."""
-        from irmlens.cache.store import hook_name
         from sae_training.train import load_whitening, random_sae
 
         key = (label, layer, seed)
         if key not in self._saes:
             like = self.sae(label, layer)
-            folder = self.paths.sae_dir(label, hook_name(layer), self.widest)
+            folder = self.paths.sae_dir(label, self.hook(layer), self.width_of(label))
             self._saes[key] = random_sae(
                 self.d_model, like.cfg.d_sae, seed, like=like, whitening=load_whitening(folder)
             )

@@ -48,7 +48,7 @@ def outputs(paths) -> list[Path]:
 
 def _diff_layer(ctx: StudyContext, layer: int, rows, staged: dict[Path, str]) -> dict:
     """One layer's divergence and matching; its files go into ``staged`` (path -> text)."""
-    from irmlens.cache.store import hook_name, load_activations, load_manifest
+    from irmlens.cache.store import load_activations, load_manifest
     from irmlens.diff.features import (
         FeatureCodes,
         feature_divergence,
@@ -58,7 +58,7 @@ def _diff_layer(ctx: StudyContext, layer: int, rows, staged: dict[Path, str]) ->
     from sae_training.train import encode_batched, load_sae
 
     cfg, paths, width = ctx.cfg, ctx.paths, ctx.widest
-    hook = hook_name(layer)
+    hook = ctx.hook(layer)
     sae = load_sae(paths.sae_dir("shared", hook, width))
     models = load_manifest(paths.cache)["models"]
     codes = {m: encode_batched(sae, load_activations(paths.cache, m, hook)) for m in models}

@@ -17,22 +17,22 @@ from irmlens.io import atomic_dir, atomic_write_json, atomic_write_text
 from irmlens.stages.context import StudyContext, log
 
 
-def _inputs(ctx: StudyContext):
-    """The spaces' inputs (activations, dictionaries, positions), the targets, the word split
-    and the cache's token rows."""
-    from irmlens.cache.store import hook_name, load_activations, load_manifest, load_token_rows
+def _inputs(ctx: StudyContext, kind: str | None = None):
+    """The spaces' inputs (activations, dictionaries, positions) of hook kind ``kind`` (default:
+    the studied one), the targets, the word split and the cache's token rows."""
+    from irmlens.cache.store import load_activations, load_manifest, load_token_rows
     from irmlens.irm.fit import position_targets, split_words
     from irmlens.irm.spaces import SpaceInputs
     from sae_training.train import load_sae
 
     paths, layers = ctx.paths, sorted(ctx.studied_layers)
     li, width = layers.index(ctx.irm_layer), ctx.widest
-    hooks = [hook_name(la) for la in layers]
+    hooks = [ctx.hook(la, kind) for la in layers]
     models = load_manifest(paths.cache)["models"]
     acts = {m: [load_activations(paths.cache, m, h) for h in hooks] for m in models}
     shared_dirs = [paths.sae_dir("shared", h, width) for h in hooks]
     base_dir = paths.sae_dir("base", hooks[li], width)
-    topk_dir = paths.sae_dir(ctx.wide_topk_label, hooks[li], width)
+    topk_dir = paths.sae_dir(ctx.wide_topk_label, hooks[li], ctx.wide_topk_width)
     dictionaries = {
         "shared": [(load_sae(d), d) for d in shared_dirs],
         "base": [(load_sae(base_dir), base_dir)],
@@ -49,6 +49,7 @@ def _inputs(ctx: StudyContext):
         f"irm: {len(split.fit_words)} fit words ({len(split.fit_positions)} positions incl. "
         f"non-lexicon), {len(split.heldout_words)} held-out words "
         f"({len(split.heldout_positions)} positions); layers {layers}, IRM layer {ctx.irm_layer}"
+        f", {kind or ctx.hook_kind}"
     )
     return inputs, targets, split, rows
 
@@ -152,18 +153,23 @@ def run(ctx: StudyContext) -> None:
         "raw_difference": score_row(fits[spec.reference], main, targets, icfg.seed)
         | {"description": built[spec.reference].description}
     }
-    hooked = ctx.pair.get()
-    references["model_implicit_reward"], implicit = implicit_reward_reference(
-        hooked, rows, targets, main.heldout_irm, cfg.rlhf.kl_coef, cfg.cache.batch_size, icfg.seed
+    implicit = _implicit_by_word_id(ctx, targets)
+    references["model_implicit_reward"] = implicit_reward_reference(
+        implicit, targets, main.heldout_irm, cfg.rlhf.kl_coef, icfg.seed
     )
     imp_tau = references["model_implicit_reward"]["heldout_kendall_tau"]
+    if cfg.data.lexicon == "none":
+        references["model_implicit_reward"]["is_the_target"] = True  # its tau is 1 by definition
+    else:  # what a study that did not know the RM would have found, scored against the RM
+        references["rm_free_irm"] = _rm_free_row(chosen, main, targets, split, icfg, implicit)
+    hooked = ctx.pair.get()
 
     # Sparse IRM (k features) and its controls (the same selection on a random dictionary).
     sparse, chosen_feats, sparse_row = _sparse(chosen, targets, split, icfg, feature_ref, raw_tau)
     controls_ctx.sparse = sparse
     controls |= run_controls(controls_ctx, of_sparse=True)
 
-    hooks = [f"blocks.{la}.hook_resid_post" for la in inputs.layers]
+    hooks = [ctx.hook(la) for la in inputs.layers]
     paper = paper_reference(
         hooked["rlhf"],
         ctx.pair.tokenizer,
@@ -243,8 +249,55 @@ def run(ctx: StudyContext) -> None:
         "divergent_words": most_divergent(div_words),
         "controls": controls,
         "paper_estimator": paper,
+        "hook_kind": ctx.hook_kind,
+        "hook_kinds": _other_hook_kinds(ctx, icfg, spaces_table, spec.name),
     }
     _write(paths, main, targets, implicit, div_words, result)
+
+
+def _other_hook_kinds(ctx: StudyContext, icfg, main_table: list[dict], main_space: str) -> dict:
+    """The IRM fitted on each cached hook kind (the studied one first, the others on the same word
+    split and their own dictionaries): each kind's spaces, and the τ of the space chosen by the
+    same rule (``irm.space``, or the best CV R^2 on fit words)."""
+    out = {ctx.hook_kind: {"space": main_space, "spaces": main_table}}
+    for kind in ctx.cfg.cache.hook_kinds[1:]:
+        inputs, targets, split, _ = _inputs(ctx, kind)
+        _, _, table, spec = _fit_spaces(inputs, targets, split, icfg)
+        out[kind] = {"space": spec.name, "spaces": table}
+    for kind, row in out.items():
+        best = next(t for t in row["spaces"] if t["name"] == row["space"])
+        row |= {k: best[k] for k in ("heldout_kendall_tau", "heldout_kendall_tau_ci", "cv_r2")}
+        row["hook"] = ctx.hook(ctx.irm_layer, kind)
+    return out
+
+
+def _implicit_by_word_id(ctx: StudyContext, targets) -> dict[int, float]:
+    """Stage target's per-word implicit reward, keyed by the cache's word ids."""
+    from irmlens.stages.target import read_implicit
+
+    table = read_implicit(ctx.paths)
+    return {i: table[w][0] for i, w in enumerate(targets.words) if w in table}
+
+
+def _rm_free_row(chosen, main, targets, split, icfg, implicit: dict[int, float]) -> dict:
+    """The RM-free IRM (``data.lexicon = "none"``) on this study: the main space's ridge fitted
+    on the same fit positions to every word's implicit reward instead of the RM's utilities
+    (non-lexicon words get theirs too, not 0), scored on the held-out words against the true
+    utilities: how far the pair alone, without its RM, gets."""
+    from irmlens.irm.controls import score_row
+    from irmlens.irm.fit import fit_and_score
+
+    held = set(split.heldout_words)  # their implicit rewards stay out of the fit
+    utility = {w: v for w, v in implicit.items() if w not in held}
+    free = fit_and_score(chosen.fit, chosen.held, targets, split, icfg, utility=utility)
+    from irmlens.irm.metrics import bootstrap_tau_ci
+
+    ci = bootstrap_tau_ci(free.heldout_irm, targets.utility, seed=icfg.seed)
+    return score_row(free, main, targets, icfg.seed) | {
+        "heldout_kendall_tau_ci": list(ci),
+        "description": "the main space's IRM fitted to the model-level implicit reward of each "
+        "word (no reward model), scored against the true utilities on the held-out words",
+    }
 
 
 def _write(paths, main, targets, implicit: dict, div_words: list[dict], result: dict) -> None:

@@ -32,6 +32,12 @@ def reward_description(ctx: StudyContext, words: list[str]) -> str:
     if ctx.cfg.labels.reward_description:
         return ctx.cfg.labels.reward_description
     best, worst = valenced_words(ctx, words)
+    if ctx.cfg.data.lexicon == "none":
+        return (
+            "what the tuning taught the model (no reward model is known; each word is scored by "
+            "how much more likely the tuned model makes it than the base model): it favours words "
+            f"like {', '.join(best)} and disfavours words like {', '.join(worst)}"
+        )
     return (
         f"the {ctx.rm.name} word lexicon, which scores a text by the sum of its words' "
         f"utilities: it rewards words like {', '.join(best)} and penalises words like "
@@ -52,12 +58,12 @@ class _Evidence:
         self._by: dict = {}
 
     def _codes(self, sae, layer: int):
-        from irmlens.cache.store import hook_name, load_activations
+        from irmlens.cache.store import load_activations
         from sae_training.train import encode_batched
 
         key = (id(sae), layer)
         if key not in self._by:
-            acts = load_activations(self.ctx.paths.cache, "rlhf", hook_name(layer))
+            acts = load_activations(self.ctx.paths.cache, "rlhf", self.ctx.hook(layer))
             codes = encode_batched(sae, acts, pre_activation=self.pre).float().clamp_min(0)
             at_word = self.word_id >= 0
             sums = torch.zeros(len(self.rows.words), codes.shape[1], dtype=torch.float64)

@@ -100,7 +100,8 @@ def check(ctx: StudyContext) -> None:
             f"data.n_validation = {cfg.data.n_validation} and data.n_heldout = "
             f"{cfg.data.n_heldout}: {e}; lower them"
         ) from None
-    check_lexicon_fits_corpus(ctx.rm, ctx.splits)
+    if cfg.data.lexicon != "none":  # RM-free: the target is read off the pair (stage target)
+        check_lexicon_fits_corpus(ctx.rm, ctx.splits)
     trust = cfg.model.trust_remote_code
     if cfg.model.base != "tiny":
         ctx.base_dir = resolve_base_model(cfg.model.base, log=log, trust_remote_code=trust)

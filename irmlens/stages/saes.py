@@ -20,17 +20,18 @@ def _sae_eval_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run(ctx: StudyContext) -> None:
-    """Per-model and shared SAEs per layer and width; evals (held-out positions, CE loss recovered
-    with the SAE spliced into the model) and MMCS between each model's narrowest and widest SAE."""
-    from irmlens.cache.store import hook_name, load_activations, load_manifest, load_token_rows
+    """Per-model and shared SAEs per hook kind (``cache.hook_kinds``), layer and width; evals
+    (held-out positions, CE loss recovered with the SAE spliced into the model) and MMCS between
+    each model's narrowest and widest SAE."""
+    from irmlens.cache.store import load_activations, load_manifest, load_token_rows
     from irmlens.diff.matching import mmcs
     from sae_training.evals import ce_loss_recovered
     from sae_training.train import evaluate_sae, load_sae, train_sae
 
     cfg, paths, pair, layers, widths = ctx.cfg, ctx.paths, ctx.pair, ctx.studied_layers, ctx.widths
     token_rows = None
-    for layer in layers:
-        hook = hook_name(layer)
+    hooks = [(la, ctx.hook(la, kind)) for kind in cfg.cache.hook_kinds for la in layers]
+    for layer, hook in hooks:
         # the shared dictionary sees every model of the study (the null model too), so the null
         # pair's differences are encoded by a dictionary that knows its activations as well
         models = load_manifest(paths.cache)["models"]
@@ -40,64 +41,62 @@ def run(ctx: StudyContext) -> None:
         acts["shared"] = torch.cat([acts[m] for m in models])
         shared_train = torch.cat([train_idx + i * n for i in range(len(models))])
         shared_eval = torch.cat([eval_idx + i * n for i in range(len(models))])
-        for width in widths:
-            specs = [("base", "base"), ("rlhf", "rlhf"), ("shared", "shared")]
-            if cfg.sae.wide_topk_k and width == widths[-1]:
-                specs.append((ctx.wide_topk_label, "shared"))
-            for model, data_key in specs:
-                out = paths.sae_dir(model, hook, width)
-                metrics_path = out / "metrics.json"
-                if metrics_path.exists() and (out / "cfg.json").exists():
-                    continue
-                shared = data_key == "shared"
-                tr, ev = (shared_train, shared_eval) if shared else (train_idx, eval_idx)
-                seed = sae_init_seed(cfg.seed, model, layer, width)
-                tcfg = cfg.sae.training_config(width, seed, cfg.model.device)
-                if model != data_key:  # the wide TopK dictionary of the feature-space comparison
-                    # (the fused step is the standard SAE's; TopK trains with sae-lens's)
-                    trainer = "auto" if tcfg.trainer == "fused" else tcfg.trainer
-                    tcfg = replace(
-                        tcfg, architecture="topk", k=cfg.sae.wide_topk_k, trainer=trainer
-                    )
-                log(
-                    f"sae: training {tcfg.architecture} {model} {hook} width {width} on {len(tr)} positions"
+        jobs = [(w, m) for w in widths for m in ("base", "rlhf", "shared")]
+        if cfg.sae.wide_topk_k:
+            jobs.append((ctx.wide_topk_width, ctx.wide_topk_label))
+        for width, model in jobs:
+            data_key = "shared" if model == ctx.wide_topk_label else model
+            out = paths.sae_dir(model, hook, width)
+            metrics_path = out / "metrics.json"
+            if metrics_path.exists() and (out / "cfg.json").exists():
+                continue
+            shared = data_key == "shared"
+            tr, ev = (shared_train, shared_eval) if shared else (train_idx, eval_idx)
+            seed = sae_init_seed(cfg.seed, model, layer, width, hook_kind_of(hook))
+            tcfg = cfg.sae.training_config(width, seed, cfg.model.device)
+            if model != data_key:  # the wide TopK dictionary of the feature-space comparison
+                # (the fused step is the standard SAE's; TopK trains with sae-lens's)
+                trainer = "auto" if tcfg.trainer == "fused" else tcfg.trainer
+                arch = cfg.sae.wide_topk_architecture
+                tcfg = replace(tcfg, architecture=arch, k=cfg.sae.wide_topk_k, trainer=trainer)
+            log(
+                f"sae: training {tcfg.architecture} {model} {hook} width {width} on {len(tr)} positions"
+            )
+            ckpt = paths.saes / ".checkpoints" / model / hook / str(width)
+            train_sae(acts[data_key][tr], tcfg, hook, model, out_dir=out, checkpoint_dir=ckpt)
+            sae = load_sae(out)
+            m = evaluate_sae(sae, acts[data_key][ev])
+            if token_rows is None:
+                token_rows = load_token_rows(paths.cache)
+            lm = pair.get()["base" if shared else model]
+            n = cfg.sae.ce_eval_rows
+            m.update(
+                ce_loss_recovered(lm, sae, hook, token_rows.tokens[-n:], token_rows.valid[-n:])
+            )
+            row = {
+                "model": model,
+                "layer": layer,
+                "hook": hook,
+                "width": width,
+                "architecture": tcfg.architecture,
+                **({"k": tcfg.k} if tcfg.architecture in ("topk", "batchtopk") else {}),
+                **m,
+                "eval": "held-out 10% of positions; CE on the last ce_eval_rows token rows"
+                + (" with the base model" if shared else ""),
+            }
+            atomic_write_json(metrics_path, row)
+            log(
+                f"sae: {model} L{layer} w{width}: explained variance {m['explained_variance']:.3f}, "
+                f"L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}, CE loss recovered "
+                + (
+                    f"{m['ce_loss_recovered']:.3f}"
+                    if m["ce_loss_recovered"] is not None
+                    else "undefined"
                 )
-                ckpt = paths.saes / ".checkpoints" / model / hook / str(width)
-                train_sae(acts[data_key][tr], tcfg, hook, model, out_dir=out, checkpoint_dir=ckpt)
-                sae = load_sae(out)
-                m = evaluate_sae(sae, acts[data_key][ev])
-                if token_rows is None:
-                    token_rows = load_token_rows(paths.cache)
-                lm = pair.get()["base" if shared else model]
-                n = cfg.sae.ce_eval_rows
-                m.update(
-                    ce_loss_recovered(lm, sae, hook, token_rows.tokens[-n:], token_rows.valid[-n:])
-                )
-                row = {
-                    "model": model,
-                    "layer": layer,
-                    "hook": hook,
-                    "width": width,
-                    "architecture": tcfg.architecture,
-                    **({"k": tcfg.k} if tcfg.architecture in ("topk", "batchtopk") else {}),
-                    **m,
-                    "eval": "held-out 10% of positions; CE on the last ce_eval_rows token rows"
-                    + (" with the base model" if shared else ""),
-                }
-                atomic_write_json(metrics_path, row)
-                log(
-                    f"sae: {model} L{layer} w{width}: explained variance {m['explained_variance']:.3f}, "
-                    f"L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}, CE loss recovered "
-                    + (
-                        f"{m['ce_loss_recovered']:.3f}"
-                        if m["ce_loss_recovered"] is not None
-                        else "undefined"
-                    )
-                )
+            )
     mmcs_rows = []
     if len(widths) > 1:
-        for layer in layers:
-            hook = hook_name(layer)
+        for layer, hook in hooks:
             for model in ("base", "rlhf", "shared"):
                 small = load_sae(paths.sae_dir(model, hook, widths[0]))
                 large = load_sae(paths.sae_dir(model, hook, widths[-1]))
@@ -105,6 +104,7 @@ def run(ctx: StudyContext) -> None:
                     {
                         "model": model,
                         "layer": layer,
+                        "hook": hook,
                         "small": widths[0],
                         "large": widths[-1],
                         "mmcs": mmcs(small.W_dec, large.W_dec),
@@ -121,11 +121,19 @@ def recorded(paths) -> list[Path]:
     return [paths.saes]  # every dictionary (checkpoints, in .checkpoints/, are left out)
 
 
-def sae_init_seed(study_seed: int, model: str, layer: int, width: int) -> int:
+def hook_kind_of(hook: str) -> str:
+    """``blocks.3.hook_mlp_out`` -> ``mlp_out``."""
+    return hook.rsplit(".hook_", 1)[-1]
+
+
+def sae_init_seed(
+    study_seed: int, model: str, layer: int, width: int, kind: str = "resid_post"
+) -> int:
     """Each dictionary's own seed. One seed for all would start the base, RLHF and shared SAEs
     from the same weights (and a narrow SAE from the first rows of the wide one's), so MMCS and
     the matching of paired dictionaries would partly measure that common start: untrained, two
     widths from one seed already have MMCS 1.0."""
     import zlib
 
-    return (study_seed * 1_000_003 + zlib.crc32(f"{model}/{layer}/{width}".encode())) % 2**31
+    key = f"{model}/{layer}/{width}" + ("" if kind == "resid_post" else f"/{kind}")
+    return (study_seed * 1_000_003 + zlib.crc32(key.encode())) % 2**31

@@ -60,7 +60,7 @@ class _Study:
     """What the arms share: models, tokenizer, dictionaries and their statistics."""
 
     def __init__(self, ctx: StudyContext) -> None:
-        from irmlens.cache.store import hook_name, load_activations
+        from irmlens.cache.store import load_activations
         from irmlens.models.hooked import load_hf_model
 
         self.ctx, cfg = ctx, ctx.cfg
@@ -75,7 +75,7 @@ class _Study:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.acts = {
-            m: {la: load_activations(ctx.paths.cache, m, hook_name(la)) for la in self.layers}
+            m: {la: load_activations(ctx.paths.cache, m, ctx.hook(la)) for la in self.layers}
             for m in ("base", "rlhf")
         }
         # (id of an SAE, layer) -> its code statistics; ("codes", id, layer) -> variance codes
@@ -259,10 +259,12 @@ def _reward_logit_set(ctx: StudyContext, st: _Study, k: int) -> FeatureSet:
     )
 
 
-def _ablation_edits(fs: FeatureSet) -> dict:
+def _ablation_edits(fs: FeatureSet, kind: str) -> dict:
+    """Edits at ``(layer, kind)``: the features are of the ``kind`` activations (resid_post or
+    mlp_out), and are removed where those are computed."""
     from irmlens.interventions import ablation
 
-    return {la: ablation(fs.saes[la], f) for la, f in fs.features.items() if f}
+    return {(la, kind): ablation(fs.saes[la], f) for la, f in fs.features.items() if f}
 
 
 def _steering_edits(st: _Study, fs: FeatureSet, scale: float) -> dict:
@@ -271,7 +273,7 @@ def _steering_edits(st: _Study, fs: FeatureSet, scale: float) -> dict:
     out = {}
     for la, f in fs.features.items():
         change = st.stats(fs.saes[la], la)["mean_change"].float()
-        out[la] = steering(steering_vector(fs.saes[la], change, f), scale)
+        out[(la, st.ctx.hook_kind)] = steering(steering_vector(fs.saes[la], change, f), scale)
     return out
 
 
@@ -417,7 +419,11 @@ def run(ctx: StudyContext) -> None:
     for kind, model, scale in plans:
         todo = [fs for fs in [*sets, *controls] if _planned(fs, kind, scale)]
         for fs in todo:
-            edits = _ablation_edits(fs) if kind == "ablate" else _steering_edits(st, fs, scale)
+            edits = (
+                _ablation_edits(fs, st.ctx.hook_kind)
+                if kind == "ablate"
+                else _steering_edits(st, fs, scale)
+            )
             raw[_arm_name(kind, fs.name, scale)] = arm(model, edits)
         main_rewards = raw[_arm_name(kind, MAIN, scale)]["rewards"]
         for fs in todo:
@@ -643,7 +649,9 @@ def _paper_number(ctx: StudyContext, st: _Study, main: FeatureSet, v, boot: int)
         return None
     args = (st.tokenizer, prefixes, ctx.rm, ctx.cfg.rlhf.max_completion_length, v.seed)
     before = generate_and_score(st.models["rlhf"], *args).rewards
-    after = generate_and_score(st.models["rlhf"], *args, _ablation_edits(main)).rewards
+    after = generate_and_score(
+        st.models["rlhf"], *args, _ablation_edits(main, ctx.hook_kind)
+    ).rewards
     b, a, d = (
         mean_ci(before, boot, v.seed),
         mean_ci(after, boot, v.seed),
@@ -675,7 +683,7 @@ def _single_feature_effects(st: _Study, main: FeatureSet, prompts, rlhf_rewards,
     )
     for la, feats in main.features.items():
         for j in feats:
-            edits = {la: ablation(main.saes[la], [j])}
+            edits = {(la, st.ctx.hook_kind): ablation(main.saes[la], [j])}
             rewards = generate_and_score(
                 st.models["rlhf"], st.tokenizer, prompts, st.ctx.rm, n, v.seed, edits
             ).rewards

@@ -1,0 +1,104 @@
+"""Studies beside the default: MLP outputs (the paper's hook) and a pair whose reward model is
+unknown (``data.lexicon = "none"``), each run end to end on the micro study's own pair (given as
+``model.rlhf`` / ``model.null``, so nothing is trained twice)."""
+
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from irmlens.cli import main
+from irmlens.config import config_from_dict, dump_config
+from irmlens.errors import ConfigError
+from irmlens.run import RunPaths
+
+MICRO = Path(__file__).parent / "micro.toml"
+
+
+def _variant(micro_run: Path, tmp_path: Path, **sections) -> Path:
+    """The micro config on the micro run's pair, with ``sections`` merged in."""
+    values = tomllib.loads(MICRO.read_text())
+    paths = RunPaths(micro_run)
+    values["model"] = {"rlhf": str(paths.rlhf_model), "null": str(paths.null_model)}
+    for name, table in sections.items():
+        values.setdefault(name, {}).update(table)
+    path = tmp_path / "variant.toml"
+    path.write_text(dump_config(config_from_dict(values)))
+    return path
+
+
+def _report(run: Path) -> dict:
+    return json.loads((run / "report/report.json").read_text())
+
+
+def test_an_mlp_out_study_runs_every_stage_and_reports_the_irm_per_hook_kind(micro_run, tmp_path):
+    cfg = _variant(micro_run, tmp_path, cache={"hook_kinds": ["mlp_out", "resid_post"]})
+    run = tmp_path / "mlp"
+    assert main(["run", str(cfg), "--out", str(run)]) == 0
+    r = _report(run)
+    layer = r["irm"]["layer"]
+    assert r["irm"]["hook"] == f"blocks.{layer}.hook_mlp_out"
+    kinds = r["irm"]["hook_kinds"]
+    assert list(kinds) == ["mlp_out", "resid_post"]
+    for kind, row in kinds.items():
+        assert row["hook"] == f"blocks.{layer}.hook_{kind}" and math.isfinite(
+            row["heldout_kendall_tau"]
+        )
+        assert row["heldout_kendall_tau_ci"][0] <= row["heldout_kendall_tau"]
+    # the resid_post IRM is the micro run's own (same cache, dictionaries, split)
+    main_tau = _report(micro_run)["irm"]["heldout_kendall_tau"]
+    assert kinds["resid_post"]["heldout_kendall_tau"] == pytest.approx(main_tau, abs=1e-9)
+    assert {s["hook"] for s in r["saes"]} == {
+        f"blocks.{layer}.hook_mlp_out",
+        f"blocks.{layer}.hook_resid_post",
+    }
+    mlp = [s for s in r["saes"] if s["hook"].endswith("mlp_out") and s["model"] == "shared"]
+    assert all(s["explained_variance"] > 0.5 for s in mlp)
+    # the validation intervened at the MLP output: the main ablation moves the RLHF reward
+    arms = {a["arm"]: a for a in r["validation"]["arms"]}
+    ablated = next(a for a in arms.values() if a["kind"] == "ablate")
+    assert ablated["kl_to_unintervened"] > 0
+    assert r["feature_cards"] and "IRM per hook kind" in (run / "report/index.html").read_text()
+
+
+def test_a_study_without_a_reward_model_explains_the_pairs_implicit_reward(micro_run, tmp_path):
+    cfg = _variant(micro_run, tmp_path, data={"lexicon": "none"})
+    run = tmp_path / "rmfree"
+    assert main(["run", str(cfg), "--out", str(run)]) == 0
+    r = _report(run)
+    assert r["reward_model"]["true_reward_model"] is False
+    assert "no reward model" in r["reward_model"]["target"]
+    ref = r["irm"]["reference"]["model_implicit_reward"]
+    assert ref["is_the_target"] and ref["heldout_kendall_tau"] == pytest.approx(1.0)
+    assert "rm_free_irm" not in r["irm"]["reference"]
+    # the target is the implicit reward of every word seen 3 times: many more than VADER's
+    table = (run / "target/implicit_reward.tsv").read_text().splitlines()[1:]
+    targets = [ln for ln in table if int(ln.split("\t")[2]) >= 3]
+    n_words = r["irm"]["n_fit_words"] + r["irm"]["n_heldout_words"]
+    vader = _report(micro_run)["irm"]
+    # (a few more: a cached "film," is scored as the target word "film")
+    assert len(targets) <= n_words < len(targets) + 10
+    assert n_words > vader["n_fit_words"] + vader["n_heldout_words"]
+    assert r["irm"]["heldout_kendall_tau"] > 0.2  # the RLHF model's own change is readable
+    for name in ("random_sae", "base_only", "null_pair", "shuffled_targets"):
+        assert math.isfinite(r["controls"][name]["heldout_kendall_tau"])
+    assert r["validation"]["reward_rlhf"] > r["validation"]["reward_base"]
+    assert r["labels"]["comparison"]["all"]["lexicon"]["n"] > 0
+    html = (run / "report/index.html").read_text()
+    assert "no reward model was given" in html
+
+
+def test_the_lexicon_study_reports_the_rm_free_irm_against_the_rm(micro_run):
+    row = _report(micro_run)["irm"]["reference"]["rm_free_irm"]
+    lo, hi = row["heldout_kendall_tau_ci"]
+    assert (
+        lo <= row["heldout_kendall_tau"] <= hi
+        and row["difference_ci"][0] <= row["difference_ci"][1]
+    )
+
+
+def test_an_rm_free_study_needs_the_pair(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.lexicon = 'none'.*model\.rlhf"):
+        config_from_dict({"data": {"lexicon": "none"}})
