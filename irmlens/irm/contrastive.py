@@ -60,6 +60,7 @@ def slot_features(model, tokenizer, saes: dict[str, object], texts: list[str], b
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     feats = []
+    stop = max(int(h.split(".")[1]) for h in saes) + 1  # no layer after the last hook is needed
     for i in range(0, len(enc), batch_size):
         chunk = enc[i : i + batch_size]
         n = max(len(e) for e in chunk)
@@ -67,7 +68,9 @@ def slot_features(model, tokenizer, saes: dict[str, object], texts: list[str], b
         for j, e in enumerate(chunk):
             toks[j, : len(e)] = torch.tensor(e)  # right padding: the causal prefix is unaffected
         last = torch.tensor([len(e) - 1 for e in chunk])
-        _, cache = model.run_with_cache(toks.to(device), names_filter=list(saes))
+        _, cache = model.run_with_cache(
+            toks.to(device), names_filter=list(saes), stop_at_layer=stop
+        )
         parts = []
         for hook, sae in saes.items():
             acts = cache[hook][torch.arange(len(chunk)), last.to(device)].float().cpu()
