@@ -57,8 +57,8 @@ def main() -> None:
     def every_position(model: str) -> torch.Tensor:
         return torch.cat(
             [
-                load_activations(paths.cache, model, hook_name(la))
-                - load_activations(paths.cache, "base", hook_name(la))
+                load_activations(paths.cache, model, hook_name(la, cfg.cache.hook_kinds[0]))
+                - load_activations(paths.cache, "base", hook_name(la, cfg.cache.hook_kinds[0]))
                 for la in layers
             ],
             dim=1,

@@ -398,11 +398,14 @@ def top_features(report: dict, n: int = 10) -> str:
     lines = [
         f"### {report['name']}: the sparse IRM's top features",
         "",
-        "| layer | feature | weight | lexicon label | LLM label | top RLHF context |",
-        "|---|---|---|---|---|---|",
+        "| dictionary | layer | feature | weight | lexicon label | LLM label | top RLHF context |",
+        "|---|---|---|---|---|---|---|",
     ]
     for f in report["irm"]["top_features"][:n]:
-        card = cards.get((f.get("layer"), f.get("local_feature", f["feature"])), {})
+        shared = f.get("dictionary", "shared") == "shared"  # cards are the shared SAE's
+        card = (
+            cards.get((f.get("layer"), f.get("local_feature", f["feature"])), {}) if shared else {}
+        )
         labels = card.get("labels") or {}
         ctx = (card.get("contexts_rlhf") or [None])[0]
         text = NA
@@ -415,6 +418,7 @@ def top_features(report: dict, n: int = 10) -> str:
             + " | ".join(
                 _md_cell(str(x))
                 for x in (
+                    f.get("dictionary", "shared"),
                     f.get("layer", NA),
                     f.get("local_feature", f["feature"]),
                     f"{f['weight']:+.3f}",

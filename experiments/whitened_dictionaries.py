@@ -39,7 +39,7 @@ def main() -> None:
     args = p.parse_args()
     run = load_finished_run(args.run)
     cfg, paths, layers, targets = run.cfg, run.paths, run.layers, run.targets
-    hooks = [hook_name(la) for la in layers]
+    hooks = [hook_name(la, cfg.cache.hook_kinds[0]) for la in layers]  # the studied kind
     models = load_manifest(paths.cache)["models"]
     acts = {m: [load_activations(paths.cache, m, h) for h in hooks] for m in models}
     d_model = acts["base"][0].shape[1]

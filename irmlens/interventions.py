@@ -52,7 +52,16 @@ def hooked_module(model, layer: int, kind: str = "resid_post") -> torch.nn.Modul
     """The HF module whose output is TransformerLens's ``blocks.{layer}.hook_{kind}``."""
     if kind not in SITE_MODULES:
         raise ValueError(f"no intervention site for hook kind {kind!r}: use {sorted(SITE_MODULES)}")
-    return SITE_MODULES[kind](hf_blocks(model)[layer])
+    block = hf_blocks(model)[layer]
+    if kind == "mlp_out" and hasattr(block, "post_feedforward_layernorm"):
+        # Gemma 2/3, OLMo 2: TransformerLens's hook_mlp_out is after that norm, block.mlp's
+        # output before it, so an edit there would not act on the features' activations
+        raise ValueError(
+            f"{type(block).__name__} normalises its MLP's output (post_feedforward_layernorm): "
+            "irmlens cannot yet edit hook_mlp_out there; study resid_post "
+            '(cache.hook_kinds = ["resid_post"])'
+        )
+    return SITE_MODULES[kind](block)
 
 
 @contextlib.contextmanager

@@ -198,7 +198,7 @@ class Study:
         irm = self.report["irm"]
         layer = irm["layer"] if layer is None else layer
         width = irm["sae"]["width"] if width is None else width
-        kind = irm.get("hook_kind", "resid_post")  # runs before hook kinds: the residual
+        kind = irm.get("hook", "blocks.0.hook_resid_post").rsplit(".hook_", 1)[-1]
         return load_sae(RunPaths(self.run_dir).sae_dir(model, f"blocks.{layer}.hook_{kind}", width))
 
 

@@ -112,3 +112,47 @@ def test_removed_variance_share(model_and_sae):
         removed_variance_share(sae, acts, range(64)),
     )
     assert 0.0 < some and some != more
+
+
+def test_an_mlp_out_edit_sits_where_transformer_lens_reads_hook_mlp_out(model_and_sae, tiny_hf_dir):
+    """The MLP module's output is TransformerLens's ``blocks.L.hook_mlp_out`` (to 1e-4), and an
+    edit there reaches the residual stream: adding v to the MLP output adds v to the block's
+    output and nowhere before it."""
+    from irmlens.interventions import edit_blocks, hooked_module
+    from irmlens.models.hooked import load_hooked_model
+
+    model, _, _, ids = model_and_sae
+    seen = {}
+    handle = hooked_module(model, LAYER, "mlp_out").register_forward_hook(
+        lambda _m, _i, out: seen.__setitem__("mlp", out)
+    )
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    hooked = load_hooked_model(tiny_hf_dir, "cpu")
+    _, cache = hooked.run_with_cache(ids, names_filter=f"blocks.{LAYER}.hook_mlp_out")
+    assert torch.allclose(seen["mlp"], cache[f"blocks.{LAYER}.hook_mlp_out"], atol=1e-4)
+    v = torch.randn(model.config.n_embd)
+    h, _ = _block_output(model, ids)
+    with edit_blocks(model, {(LAYER, "mlp_out"): steering(v, 1.0)}):
+        shifted, _ = _block_output(model, ids)
+    assert torch.allclose(shifted, h + v, atol=1e-4)
+
+
+def test_an_mlp_out_edit_is_refused_where_a_norm_follows_the_mlp():
+    from irmlens.interventions import hooked_module
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = torch.nn.Linear(4, 4)
+            self.post_feedforward_layernorm = torch.nn.LayerNorm(4)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([Block()])
+
+    with pytest.raises(ValueError, match="post_feedforward_layernorm"):
+        hooked_module(Model(), 0, "mlp_out")

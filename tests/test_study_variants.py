@@ -46,7 +46,7 @@ def test_an_mlp_out_study_runs_every_stage_and_reports_the_irm_per_hook_kind(mic
         assert row["hook"] == f"blocks.{layer}.hook_{kind}" and math.isfinite(
             row["heldout_kendall_tau"]
         )
-        assert row["heldout_kendall_tau_ci"][0] <= row["heldout_kendall_tau"]
+        assert {s["name"] for s in row["spaces"]} >= {"sae_codes", "raw_difference"}
     # the resid_post IRM is the micro run's own (same cache, dictionaries, split)
     main_tau = _report(micro_run)["irm"]["heldout_kendall_tau"]
     assert kinds["resid_post"]["heldout_kendall_tau"] == pytest.approx(main_tau, abs=1e-9)
@@ -78,9 +78,7 @@ def test_a_study_without_a_reward_model_explains_the_pairs_implicit_reward(micro
     targets = [ln for ln in table if int(ln.split("\t")[2]) >= 3]
     n_words = r["irm"]["n_fit_words"] + r["irm"]["n_heldout_words"]
     vader = _report(micro_run)["irm"]
-    # (a few more: a cached "film," is scored as the target word "film")
-    assert len(targets) <= n_words < len(targets) + 10
-    assert n_words > vader["n_fit_words"] + vader["n_heldout_words"]
+    assert n_words == len(targets) > vader["n_fit_words"] + vader["n_heldout_words"]
     assert r["irm"]["heldout_kendall_tau"] > 0.2  # the RLHF model's own change is readable
     for name in ("random_sae", "base_only", "null_pair", "shuffled_targets"):
         assert math.isfinite(r["controls"][name]["heldout_kendall_tau"])
@@ -91,12 +89,20 @@ def test_a_study_without_a_reward_model_explains_the_pairs_implicit_reward(micro
 
 
 def test_the_lexicon_study_reports_the_rm_free_irm_against_the_rm(micro_run):
-    row = _report(micro_run)["irm"]["reference"]["rm_free_irm"]
-    lo, hi = row["heldout_kendall_tau_ci"]
-    assert (
-        lo <= row["heldout_kendall_tau"] <= hi
-        and row["difference_ci"][0] <= row["difference_ci"][1]
-    )
+    """The RM-free IRM is scored, and the implicit-reward reference is the target stage's table
+    scored against VADER on the held-out words (recomputed here from the two files)."""
+    from irmlens.irm.metrics import kendall_tau
+    from irmlens.irm.words import read_word_utilities
+    from irmlens.stages.target import read_implicit
+
+    ref = _report(micro_run)["irm"]["reference"]
+    row = ref["rm_free_irm"]
+    assert math.isfinite(row["heldout_kendall_tau"]) and len(row["difference_ci"]) == 2
+    table = read_implicit(RunPaths(micro_run))
+    held = [w for w in read_word_utilities(micro_run) if w["split"] == "heldout"]
+    held = [w for w in held if w["word"] in table]
+    tau = kendall_tau([table[w["word"]][0] for w in held], [w["true_utility"] for w in held])
+    assert tau == pytest.approx(ref["model_implicit_reward"]["heldout_kendall_tau"], abs=1e-6)
 
 
 def test_an_rm_free_study_needs_the_pair(tmp_path):

@@ -29,10 +29,17 @@ class ContrastiveConfig:
     seed: int = 0
 
 
-def neutral_words(word_counts: dict[str, int], utility, n: int) -> list[str]:
-    """The ``n`` most frequent alphabetic words (3+ letters) the lexicon does not score."""
-    ranked = sorted(word_counts, key=lambda w: -word_counts[w])
-    return [w for w in ranked if w.isalpha() and len(w) >= 3 and utility(w) is None][:n]
+def neutral_words(
+    word_counts: dict[str, int], utility, n: int, near_zero: bool = False
+) -> list[str]:
+    """The ``n`` most frequent alphabetic words (3+ letters) the lexicon does not score; with
+    ``near_zero`` (a lexicon that scores nearly every word, as an RM-free study's implicit
+    reward does), the ``n`` of the ``5 n`` most frequent whose utility is nearest 0."""
+    ranked = [w for w in sorted(word_counts, key=lambda w: -word_counts[w])]
+    ranked = [w for w in ranked if w.isalpha() and len(w) >= 3]
+    if near_zero:
+        return sorted(ranked[: 5 * n], key=lambda w: abs(utility(w) or 0.0))[:n]
+    return [w for w in ranked if utility(w) is None][:n]
 
 
 def contexts(sentences: list[str], max_prefix_words: int, seed: int = 0) -> list[list[str]]:
@@ -90,11 +97,13 @@ def paper_estimator(
     word_counts: dict[str, int],
     alphas: list[float],
     cfg: ContrastiveConfig,
+    neutral_near_zero: bool = False,
 ) -> dict:
-    """Fit on contrastive examples of ``fit_words``, score on ``heldout_words``; see the module doc."""
+    """Fit on contrastive examples of ``fit_words``, score on ``heldout_words``; see the module doc
+    (``neutral_near_zero``: see ``neutral_words``)."""
     rng = random.Random(cfg.seed)
     ctx = contexts(sentences, cfg.max_prefix_words, cfg.seed)
-    neutral = neutral_words(word_counts, utility, cfg.n_neutral)
+    neutral = neutral_words(word_counts, utility, cfg.n_neutral, neutral_near_zero)
     if not ctx or not neutral:
         raise ValueError("the contrastive estimator needs sentences and neutral words")
     examples = []  # (word, prefix text, neutral text)

@@ -28,7 +28,15 @@ def implicit_reward_reference(
 
 
 def paper_reference(
-    model, tokenizer, saes_by_hook: dict, sentences: list[str], targets, split, word_utility, icfg
+    model,
+    tokenizer,
+    saes_by_hook: dict,
+    sentences: list[str],
+    targets,
+    split,
+    word_utility,
+    icfg,
+    neutral_near_zero: bool = False,
 ) -> dict:
     """The paper's contrastive estimator on the same word split, on the words the model can read
     (a word its tokenizer maps to <unk> has no activation of its own)."""
@@ -60,4 +68,5 @@ def paper_reference(
             cv_folds=icfg.cv_folds,
             seed=icfg.seed,
         ),
+        neutral_near_zero,
     )

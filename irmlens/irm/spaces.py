@@ -90,6 +90,7 @@ class SpaceInputs:
     dictionaries: dict[str, list[tuple[object, Path]]]  # role -> (SAE, its folder) per layer used
     labels: dict[str, str]  # role -> dictionary name in feature references
     positions: tuple[torch.Tensor, torch.Tensor]
+    kind: str = "resid_post"  # the hook kind of the activations (cache.hook_kinds)
 
     @property
     def layer(self) -> int:
@@ -230,7 +231,8 @@ SPACES: dict[str, SpaceSpec] = {
             False,
             True,
             lambda i: (
-                f"shared TopK SAE (k={i.dictionaries['wide_topk'][0][0].cfg.k}) codes, rlhf - base"
+                f"shared {_arch(i.dictionaries['wide_topk'][0][0])} SAE "
+                f"(k={i.dictionaries['wide_topk'][0][0].cfg.k}) codes, rlhf - base"
             ),
         ),
         SpaceSpec(
@@ -247,7 +249,7 @@ SPACES: dict[str, SpaceSpec] = {
             "raw",
             False,
             False,
-            lambda i: f"raw residual activation difference, layer {i.layer}",
+            lambda i: f"raw {_kind_text(i)} activation difference, layer {i.layer}",
         ),
         SpaceSpec(
             "raw_difference_layers",
@@ -256,11 +258,23 @@ SPACES: dict[str, SpaceSpec] = {
             True,
             False,
             lambda i: (
-                f"raw residual activation differences of layers {_layers_text(i)}, concatenated"
+                f"raw {_kind_text(i)} activation differences of layers {_layers_text(i)}, "
+                "concatenated"
             ),
         ),
     )
 }
+
+
+def _kind_text(i: SpaceInputs) -> str:
+    return {"resid_post": "residual", "mlp_out": "MLP-output"}.get(i.kind, i.kind)
+
+
+def _arch(sae) -> str:
+    """``TopK`` or ``BatchTopK`` (sae-lens's architecture name of a saved dictionary)."""
+    arch = sae.cfg.architecture() if callable(getattr(sae.cfg, "architecture", None)) else "topk"
+    return {"topk": "TopK", "batchtopk": "BatchTopK"}.get(arch, arch)
+
 
 # the spaces the main IRM can be fitted in (``irm.space``; "auto" picks the best CV R^2)
 IRM_SPACES = tuple(name for name, spec in SPACES.items() if spec.selectable)

@@ -62,7 +62,12 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
     features = read_json(paths.features_json)
     saes = sorted(
         (read_json(p) for p in paths.saes.rglob("metrics.json")),
-        key=lambda s: (s["layer"], s["width"], s["model"]),
+        key=lambda s: (
+            s.get("hook", "").rsplit("hook_", 1)[-1],
+            s["layer"],
+            s["width"],
+            s["model"],
+        ),
     )
     irm = read_json(paths.irm_metrics)
     base_name = (
@@ -154,7 +159,8 @@ def _reward_model(cfg, rlhf: dict | None, paths: RunPaths) -> dict:
         info = read_json(paths.target / "target.json")
         return {
             "name": "none given: the model-level implicit reward",
-            "formula": "clip(sum of word implicit rewards / 5, -10, 10) over the "
+            "formula": "clip(sum of the words' implicit rewards (divided by their standard "
+            "deviation) / 5, -10, 10) over the "
             f"{info['n_target_words']} words seen >= {info['min_count']} times; {info['definition']}",
             "true_reward_model": False,
             "target": info["role"],

@@ -196,4 +196,4 @@ class StudyContext:
     @property
     def wide_topk_label(self) -> str:
         """The folder name (under ``saes/``) of the wide TopK dictionary."""
-        return f"shared-topk{self.cfg.sae.wide_topk_k}"
+        return f"shared-{self.cfg.sae.wide_topk_architecture}{self.cfg.sae.wide_topk_k}"

@@ -44,7 +44,7 @@ def _inputs(ctx: StudyContext, kind: str | None = None):
     split = split_words(targets, ctx.cfg.irm)
     positions = (targets.position[split.fit_positions], targets.position[split.heldout_positions])
     labels = {"shared": "shared", "base": "base", "wide_topk": ctx.wide_topk_label, "raw": "raw"}
-    inputs = SpaceInputs(layers, li, acts, dictionaries, labels, positions)
+    inputs = SpaceInputs(layers, li, acts, dictionaries, labels, positions, kind or ctx.hook_kind)
     log(
         f"irm: {len(split.fit_words)} fit words ({len(split.fit_positions)} positions incl. "
         f"non-lexicon), {len(split.heldout_words)} held-out words "
@@ -129,6 +129,7 @@ def run(ctx: StudyContext) -> None:
     from sae_training.train import load_whitening
 
     cfg, icfg, paths = ctx.cfg, ctx.cfg.irm, ctx.paths
+    other_kinds = _other_hook_kinds(ctx, icfg)
     inputs, targets, split, rows = _inputs(ctx)
     built, fits, spaces_table, spec = _fit_spaces(inputs, targets, split, icfg)
     chosen, main = built[spec.name], fits[spec.name]
@@ -179,6 +180,7 @@ def run(ctx: StudyContext) -> None:
         split,
         ctx.rm.word_utility,
         icfg,
+        neutral_near_zero=cfg.data.lexicon == "none",  # every frequent word is scored there
     )
     log(
         f"irm: {spec.name} tau {main.heldout_kendall_tau:.3f} CI [{tau_ci[0]:.3f}, "
@@ -218,7 +220,10 @@ def run(ctx: StudyContext) -> None:
         "space_selection": "best cross-validated R^2 on fit words"
         if icfg.space == "auto"
         else "configured",
-        "sae": {"model": "shared", "width": ctx.widest},
+        "sae": {
+            "model": inputs.labels[spec.dictionary],
+            "width": ctx.width_of(inputs.labels[spec.dictionary]),
+        },
         "features": chosen.description,
         "n_features": int(chosen.fit.shape[1]),
         "n_dictionary_features": int(chosen.n_features),
@@ -250,25 +255,33 @@ def run(ctx: StudyContext) -> None:
         "controls": controls,
         "paper_estimator": paper,
         "hook_kind": ctx.hook_kind,
-        "hook_kinds": _other_hook_kinds(ctx, icfg, spaces_table, spec.name),
+        "hook_kinds": {ctx.hook_kind: _hook_kind_row(ctx, ctx.hook_kind, spec.name, spaces_table)}
+        | other_kinds,
     }
     _write(paths, main, targets, implicit, div_words, result)
 
 
-def _other_hook_kinds(ctx: StudyContext, icfg, main_table: list[dict], main_space: str) -> dict:
-    """The IRM fitted on each cached hook kind (the studied one first, the others on the same word
-    split and their own dictionaries): each kind's spaces, and the τ of the space chosen by the
-    same rule (``irm.space``, or the best CV R^2 on fit words)."""
-    out = {ctx.hook_kind: {"space": main_space, "spaces": main_table}}
+def _other_hook_kinds(ctx: StudyContext, icfg) -> dict:
+    """The IRM fitted on each cached hook kind after the studied one, on the same word split and
+    its own dictionaries: its spaces, and the space chosen by the same rule (``irm.space``, or
+    the best CV R^2 on fit words). Fitted before the studied kind's IRM, so that only one kind's
+    activations are in memory at a time."""
+    out = {}
     for kind in ctx.cfg.cache.hook_kinds[1:]:
         inputs, targets, split, _ = _inputs(ctx, kind)
         _, _, table, spec = _fit_spaces(inputs, targets, split, icfg)
-        out[kind] = {"space": spec.name, "spaces": table}
-    for kind, row in out.items():
-        best = next(t for t in row["spaces"] if t["name"] == row["space"])
-        row |= {k: best[k] for k in ("heldout_kendall_tau", "heldout_kendall_tau_ci", "cv_r2")}
-        row["hook"] = ctx.hook(ctx.irm_layer, kind)
+        out[kind] = _hook_kind_row(ctx, kind, spec.name, table)
     return out
+
+
+def _hook_kind_row(ctx: StudyContext, kind: str, space: str, table: list[dict]) -> dict:
+    best = next(t for t in table if t["name"] == space)
+    return {
+        "space": space,
+        "hook": ctx.hook(ctx.irm_layer, kind),
+        **{k: best[k] for k in ("heldout_kendall_tau", "heldout_kendall_tau_ci", "cv_r2")},
+        "spaces": table,
+    }
 
 
 def _implicit_by_word_id(ctx: StudyContext, targets) -> dict[int, float]:

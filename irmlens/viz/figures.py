@@ -64,7 +64,11 @@ def reward_curve_figure(
 
 
 def sae_quality_figure(saes: list[dict]) -> go.Figure:
-    labels = [f"{s['model']} L{s['layer']} w{s['width']}" for s in saes]
+    def kind(s: dict) -> str:  # "" for the residual stream (and runs before hook kinds)
+        k = s.get("hook", "hook_resid_post").rsplit("hook_", 1)[-1]
+        return "" if k == "resid_post" else f" {k}"
+
+    labels = [f"{s['model']} L{s['layer']}{kind(s)} w{s['width']}" for s in saes]
     fig = go.Figure()
     fig.add_trace(
         go.Bar(x=labels, y=[s["explained_variance"] for s in saes], name="explained variance")
