@@ -20,9 +20,10 @@ def _sae_eval_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run(ctx: StudyContext) -> None:
-    """Per-model and shared SAEs per hook kind (``cache.hook_kinds``), layer and width; evals
-    (held-out positions, CE loss recovered with the SAE spliced into the model) and MMCS between
-    each model's narrowest and widest SAE."""
+    """Per-model and shared SAEs per layer and width of the studied hook kind, and for each other
+    cached kind the dictionaries its IRM reads (the widest shared and base ones, the wide TopK);
+    evals (held-out positions, CE loss recovered with the SAE spliced into the model) and MMCS
+    between each model's narrowest and widest SAE."""
     from irmlens.cache.store import load_activations, load_manifest, load_token_rows
     from irmlens.diff.matching import mmcs
     from sae_training.evals import ce_loss_recovered
@@ -41,7 +42,10 @@ def run(ctx: StudyContext) -> None:
         acts["shared"] = torch.cat([acts[m] for m in models])
         shared_train = torch.cat([train_idx + i * n for i in range(len(models))])
         shared_eval = torch.cat([eval_idx + i * n for i in range(len(models))])
-        jobs = [(w, m) for w in widths for m in ("base", "rlhf", "shared")]
+        if hook == ctx.hook(layer):  # the studied kind: every width, per model and shared
+            jobs = [(w, m) for w in widths for m in ("base", "rlhf", "shared")]
+        else:  # another kind: only what its IRM reads (the widest shared and base dictionaries)
+            jobs = [(widths[-1], m) for m in ("base", "shared")]
         if cfg.sae.wide_topk_k:
             jobs.append((ctx.wide_topk_width, ctx.wide_topk_label))
         for width, model in jobs:
@@ -96,7 +100,7 @@ def run(ctx: StudyContext) -> None:
             )
     mmcs_rows = []
     if len(widths) > 1:
-        for layer, hook in hooks:
+        for layer, hook in [(la, h) for la, h in hooks if h == ctx.hook(la)]:
             for model in ("base", "rlhf", "shared"):
                 small = load_sae(paths.sae_dir(model, hook, widths[0]))
                 large = load_sae(paths.sae_dir(model, hook, widths[-1]))
