@@ -21,7 +21,7 @@ def _sae_eval_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run(ctx: StudyContext) -> None:
     """Per-model and shared SAEs per layer and width of the studied hook kind, and for each other
-    cached kind the dictionaries its IRM reads (the widest shared and base ones, the wide TopK);
+    cached kind the dictionaries its IRM reads (the widest shared and base ones);
     evals (held-out positions, CE loss recovered with the SAE spliced into the model) and MMCS
     between each model's narrowest and widest SAE."""
     from irmlens.cache.store import load_activations, load_manifest, load_token_rows
@@ -46,7 +46,7 @@ def run(ctx: StudyContext) -> None:
             jobs = [(w, m) for w in widths for m in ("base", "rlhf", "shared")]
         else:  # another kind: only what its IRM reads (the widest shared and base dictionaries)
             jobs = [(widths[-1], m) for m in ("base", "shared")]
-        if cfg.sae.wide_topk_k:
+        if cfg.sae.wide_topk_k and hook == ctx.hook(layer):
             jobs.append((ctx.wide_topk_width, ctx.wide_topk_label))
         for width, model in jobs:
             data_key = "shared" if model == ctx.wide_topk_label else model
