@@ -1,6 +1,6 @@
 """Studies beside the default: MLP outputs (the paper's hook) and a pair whose reward model is
-unknown (``data.lexicon = "none"``), each run end to end on the micro study's own pair (given as
-``model.rlhf`` / ``model.null``, so nothing is trained twice)."""
+unknown (``data.lexicon = "none"``), run end to end (both in one study) on the micro study's own
+pair (given as ``model.rlhf`` / ``model.null``, so nothing is trained twice)."""
 
 import json
 import math
@@ -33,11 +33,24 @@ def _report(run: Path) -> dict:
     return json.loads((run / "report/report.json").read_text())
 
 
-def test_an_mlp_out_study_runs_every_stage_and_reports_the_irm_per_hook_kind(micro_run, tmp_path):
-    cfg = _variant(micro_run, tmp_path, cache={"hook_kinds": ["mlp_out", "resid_post"]})
-    run = tmp_path / "mlp"
+@pytest.fixture(scope="module")
+def variant_run(micro_run, tmp_path_factory):
+    """One study of both variants (one run keeps `make test` short): the micro pair with no RM
+    (``data.lexicon = "none"``), MLP outputs studied and the residual stream beside them."""
+    tmp = tmp_path_factory.mktemp("variant")
+    cfg = _variant(
+        micro_run,
+        tmp,
+        data={"lexicon": "none"},
+        cache={"hook_kinds": ["mlp_out", "resid_post"]},
+    )
+    run = tmp / "rmfree-mlp"
     assert main(["run", str(cfg), "--out", str(run)]) == 0
-    r = _report(run)
+    return run
+
+
+def test_an_mlp_out_study_runs_every_stage_and_reports_the_irm_per_hook_kind(variant_run):
+    r = _report(variant_run)
     layer = r["irm"]["layer"]
     assert r["irm"]["hook"] == f"blocks.{layer}.hook_mlp_out"
     kinds = r["irm"]["hook_kinds"]
@@ -47,34 +60,29 @@ def test_an_mlp_out_study_runs_every_stage_and_reports_the_irm_per_hook_kind(mic
             row["heldout_kendall_tau"]
         )
         assert {s["name"] for s in row["spaces"]} >= {"sae_codes", "raw_difference"}
-    # the resid_post IRM is the micro run's own (same cache, dictionaries, split)
-    main_tau = _report(micro_run)["irm"]["heldout_kendall_tau"]
-    assert kinds["resid_post"]["heldout_kendall_tau"] == pytest.approx(main_tau, abs=1e-9)
-    assert {s["hook"] for s in r["saes"]} == {
-        f"blocks.{layer}.hook_mlp_out",
-        f"blocks.{layer}.hook_resid_post",
-    }
-    mlp = [s for s in r["saes"] if s["hook"].endswith("mlp_out") and s["model"] == "shared"]
-    assert all(s["explained_variance"] > 0.5 for s in mlp)
-    # the validation intervened at the MLP output: the main ablation moves the RLHF reward
-    arms = {a["arm"]: a for a in r["validation"]["arms"]}
-    ablated = next(a for a in arms.values() if a["kind"] == "ablate")
+    # the studied kind has every dictionary; the other only the widest shared and base ones
+    mlp, resid = f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.hook_resid_post"
+    got = {(s["hook"], s["model"], s["width"]) for s in r["saes"]}
+    assert {(h, m) for h, m, _ in got if h == mlp} >= {(mlp, m) for m in ("base", "rlhf", "shared")}
+    assert {(m, w) for h, m, w in got if h == resid} == {("base", 128), ("shared", 128)}
+    shared_mlp = [s for s in r["saes"] if s["hook"] == mlp and s["model"] == "shared"]
+    assert all(s["explained_variance"] > 0.5 for s in shared_mlp)
+    # the validation's edits sit on the MLP output (tests/test_interventions.py checks the site)
+    ablated = next(a for a in r["validation"]["arms"] if a["kind"] == "ablate")
     assert ablated["kl_to_unintervened"] > 0
-    assert r["feature_cards"] and "IRM per hook kind" in (run / "report/index.html").read_text()
+    html = (variant_run / "report/index.html").read_text()
+    assert r["feature_cards"] and "IRM per hook kind" in html
 
 
-def test_a_study_without_a_reward_model_explains_the_pairs_implicit_reward(micro_run, tmp_path):
-    cfg = _variant(micro_run, tmp_path, data={"lexicon": "none"})
-    run = tmp_path / "rmfree"
-    assert main(["run", str(cfg), "--out", str(run)]) == 0
-    r = _report(run)
+def test_a_study_without_a_reward_model_explains_the_pairs_implicit_reward(variant_run, micro_run):
+    r = _report(variant_run)
     assert r["reward_model"]["true_reward_model"] is False
     assert "no reward model" in r["reward_model"]["target"]
     ref = r["irm"]["reference"]["model_implicit_reward"]
     assert ref["is_the_target"] and ref["heldout_kendall_tau"] == pytest.approx(1.0)
     assert "rm_free_irm" not in r["irm"]["reference"]
     # the target is the implicit reward of every word seen 3 times: many more than VADER's
-    table = (run / "target/implicit_reward.tsv").read_text().splitlines()[1:]
+    table = (variant_run / "target/implicit_reward.tsv").read_text().splitlines()[1:]
     targets = [ln for ln in table if int(ln.split("\t")[2]) >= 3]
     n_words = r["irm"]["n_fit_words"] + r["irm"]["n_heldout_words"]
     vader = _report(micro_run)["irm"]
@@ -84,8 +92,7 @@ def test_a_study_without_a_reward_model_explains_the_pairs_implicit_reward(micro
         assert math.isfinite(r["controls"][name]["heldout_kendall_tau"])
     assert r["validation"]["reward_rlhf"] > r["validation"]["reward_base"]
     assert r["labels"]["comparison"]["all"]["lexicon"]["n"] > 0
-    html = (run / "report/index.html").read_text()
-    assert "no reward model was given" in html
+    assert "no reward model was given" in (variant_run / "report/index.html").read_text()
 
 
 def test_the_lexicon_study_reports_the_rm_free_irm_against_the_rm(micro_run):
