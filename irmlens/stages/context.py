@@ -91,9 +91,10 @@ class StudyContext:
         from irmlens.rewards.lexicon import LexiconRewardModel
 
         if self.cfg.data.lexicon == "none":  # RM-free: the pair's own implicit reward
-            from irmlens.stages.target import implicit_reward_model
+            from irmlens.rewards.implicit import implicit_reward_model
 
-            return implicit_reward_model(self.paths, self.cfg.data.implicit_min_count)
+            table = self.paths.target / "implicit_reward.tsv"  # stage target's table
+            return implicit_reward_model(table, self.cfg.data.implicit_min_count)
         if self.cfg.data.lexicon == "vader":
             return LexiconRewardModel.from_file(self.assets.lexicon, name="vader")
         return LexiconRewardModel.from_file(self.cfg.data.lexicon)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from irmlens.io import atomic_dir, atomic_write_json, atomic_write_text
-from irmlens.rewards.lexicon import LexiconRewardModel
 from irmlens.stages.context import StudyContext, log
 
 TABLE = "implicit_reward.tsv"
@@ -65,53 +64,9 @@ def run(ctx: StudyContext) -> None:
 
 def read_implicit(paths) -> dict[str, tuple[float, int]]:
     """word -> (implicit reward, occurrences) from ``target/implicit_reward.tsv``."""
-    out = {}
-    for line in (paths.target / TABLE).read_text(encoding="utf-8").splitlines()[1:]:  # header
-        if line:
-            word, value, n = line.split("\t")
-            out[word] = (float(value), int(n))
-    return out
+    from irmlens.rewards.implicit import read_implicit_table
 
-
-def implicit_reward_model(paths, min_count: int):
-    """The lexicon RM of an RM-free study: each word seen ``min_count`` times or more scores its
-    implicit reward divided by their standard deviation (so the lexicon labeler's thresholds read
-    in standard deviations; every rank statistic is unchanged), and a text the paper's formula,
-    clip(sum / 5, -10, 10), over its words."""
-    import statistics
-
-    from irmlens.errors import ConfigError
-    from irmlens.rewards.lexicon import MIN_LEXICON_WORDS
-
-    if not (paths.target / TABLE).exists():
-        raise ConfigError(
-            "data.lexicon = 'none': the implicit reward is read off the pair after the cache "
-            "stage (stage target), and was asked for before it"
-        )
-    table = read_implicit(paths)
-    words = {w: v for w, (v, n) in table.items() if n >= min_count}
-    if len(words) < MIN_LEXICON_WORDS:
-        raise ConfigError(
-            f"data.lexicon = 'none': only {len(words)} words occur {min_count} or more times in "
-            "the cached text: lower data.implicit_min_count or raise cache.max_rows"
-        )
-    sd = statistics.pstdev(words.values()) or 1.0
-    rare = {w for w, (_, n) in table.items() if n < min_count}
-    return ImplicitRewardModel({w: v / sd for w, v in words.items()}, rare)
-
-
-class ImplicitRewardModel(LexiconRewardModel):
-    """The implicit-reward lexicon (see ``implicit_reward_model``): a cached word seen too rarely
-    has no utility, even where stripping its punctuation would find another word's (``film,``
-    is not scored as ``film``), so the IRM's targets are exactly the words the table keeps; a
-    generated word the cache never saw is matched like any lexicon word."""
-
-    def __init__(self, lexicon: dict[str, float], rare: set[str]) -> None:
-        super().__init__(lexicon, name="implicit reward")
-        self.rare = set(rare)
-
-    def word_utility(self, word: str) -> float | None:
-        return None if word.lower() in self.rare else super().word_utility(word)
+    return read_implicit_table(paths.target / TABLE)
 
 
 def outputs(paths) -> list[Path]:
