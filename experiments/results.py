@@ -140,13 +140,15 @@ def _setup_rows() -> list[Row]:
 
 def _sae_rows(reports: list[dict]) -> list[Row]:
     """One row per (dictionary, architecture, width in d_model, hook kind) of the IRM layer."""
+    from irmlens.cache.store import hook_kind
+
     keys = []
     for r in reports:
         d = r["models"]["base"]["d_model"]
         for s in r["saes"]:
             if s["layer"] != r["irm"]["layer"]:
                 continue
-            kind = (s.get("hook") or "hook_resid_post").rsplit("hook_", 1)[-1]
+            kind = hook_kind(s.get("hook"))
             key = (s["model"].split("-")[0], s["architecture"], s["width"] / d, kind)
             if key not in keys:
                 keys.append(key)
@@ -155,7 +157,7 @@ def _sae_rows(reports: list[dict]) -> list[Row]:
         def get(r):
             d = r["models"]["base"]["d_model"]
             for s in r["saes"]:
-                kind = (s.get("hook") or "hook_resid_post").rsplit("hook_", 1)[-1]
+                kind = hook_kind(s.get("hook"))
                 k = (s["model"].split("-")[0], s["architecture"], s["width"] / d, kind)
                 if s["layer"] == r["irm"]["layer"] and k == key:
                     return (

@@ -198,7 +198,9 @@ class Study:
         irm = self.report["irm"]
         layer = irm["layer"] if layer is None else layer
         width = irm["sae"]["width"] if width is None else width
-        kind = irm.get("hook", "blocks.0.hook_resid_post").rsplit(".hook_", 1)[-1]
+        from irmlens.cache.store import hook_kind
+
+        kind = hook_kind(irm.get("hook"))
         return load_sae(RunPaths(self.run_dir).sae_dir(model, f"blocks.{layer}.hook_{kind}", width))
 
 

@@ -49,6 +49,12 @@ ERROR_BOUNDS = {
 }
 
 
+def hook_kind(hook: str | None) -> str:
+    """``blocks.3.hook_mlp_out`` -> ``mlp_out``; no hook (a file written before hook kinds were
+    recorded) -> ``resid_post``, the only kind those studied."""
+    return hook.rsplit(".hook_", 1)[-1] if hook else "resid_post"
+
+
 def hook_name(layer: int, kind: str = "resid_post") -> str:
     if kind not in HOOK_KINDS:
         raise ValueError(f"unknown hook kind {kind!r}; choose one of {sorted(HOOK_KINDS)}")

@@ -60,10 +60,12 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
     rlhf = read_json(summary_path) if summary_path.exists() else None  # None: a given pair
     layers = read_json(paths.layers_json)
     features = read_json(paths.features_json)
+    from irmlens.cache.store import hook_kind
+
     saes = sorted(
         (read_json(p) for p in paths.saes.rglob("metrics.json")),
         key=lambda s: (
-            s.get("hook", "").rsplit("hook_", 1)[-1],
+            hook_kind(s.get("hook")),
             s["layer"],
             s["width"],
             s["model"],

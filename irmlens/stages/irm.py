@@ -254,7 +254,6 @@ def run(ctx: StudyContext) -> None:
         "divergent_words": most_divergent(div_words),
         "controls": controls,
         "paper_estimator": paper,
-        "hook_kind": ctx.hook_kind,
         "hook_kinds": {ctx.hook_kind: _hook_kind_row(ctx, ctx.hook_kind, spec.name, spaces_table)}
         | other_kinds,
     }
@@ -299,11 +298,11 @@ def _rm_free_row(chosen, main, targets, split, icfg, implicit: dict[int, float])
     utilities: how far the pair alone, without its RM, gets."""
     from irmlens.irm.controls import score_row
     from irmlens.irm.fit import fit_and_score
+    from irmlens.irm.metrics import bootstrap_tau_ci
 
     held = set(split.heldout_words)  # their implicit rewards stay out of the fit
     utility = {w: v for w, v in implicit.items() if w not in held}
     free = fit_and_score(chosen.fit, chosen.held, targets, split, icfg, utility=utility)
-    from irmlens.irm.metrics import bootstrap_tau_ci
 
     ci = bootstrap_tau_ci(free.heldout_irm, targets.utility, seed=icfg.seed)
     return score_row(free, main, targets, icfg.seed) | {

@@ -24,7 +24,7 @@ def run(ctx: StudyContext) -> None:
     cached kind the dictionaries its IRM reads (the widest shared and base ones);
     evals (held-out positions, CE loss recovered with the SAE spliced into the model) and MMCS
     between each model's narrowest and widest SAE."""
-    from irmlens.cache.store import load_activations, load_manifest, load_token_rows
+    from irmlens.cache.store import hook_kind, load_activations, load_manifest, load_token_rows
     from irmlens.diff.matching import mmcs
     from sae_training.evals import ce_loss_recovered
     from sae_training.train import evaluate_sae, load_sae, train_sae
@@ -56,7 +56,7 @@ def run(ctx: StudyContext) -> None:
                 continue
             shared = data_key == "shared"
             tr, ev = (shared_train, shared_eval) if shared else (train_idx, eval_idx)
-            seed = sae_init_seed(cfg.seed, model, layer, width, hook_kind_of(hook))
+            seed = sae_init_seed(cfg.seed, model, layer, width, hook_kind(hook))
             tcfg = cfg.sae.training_config(width, seed, cfg.model.device)
             if model != data_key:  # the wide TopK dictionary of the feature-space comparison
                 # (the fused step is the standard SAE's; TopK trains with sae-lens's)
@@ -123,11 +123,6 @@ def outputs(paths) -> list[Path]:
 
 def recorded(paths) -> list[Path]:
     return [paths.saes]  # every dictionary (checkpoints, in .checkpoints/, are left out)
-
-
-def hook_kind_of(hook: str) -> str:
-    """``blocks.3.hook_mlp_out`` -> ``mlp_out``."""
-    return hook.rsplit(".hook_", 1)[-1]
 
 
 def sae_init_seed(

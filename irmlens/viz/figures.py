@@ -65,7 +65,9 @@ def reward_curve_figure(
 
 def sae_quality_figure(saes: list[dict]) -> go.Figure:
     def kind(s: dict) -> str:  # "" for the residual stream (and runs before hook kinds)
-        k = s.get("hook", "hook_resid_post").rsplit("hook_", 1)[-1]
+        from irmlens.cache.store import hook_kind
+
+        k = hook_kind(s.get("hook"))
         return "" if k == "resid_post" else f" {k}"
 
     labels = [f"{s['model']} L{s['layer']}{kind(s)} w{s['width']}" for s in saes]
