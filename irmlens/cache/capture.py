@@ -1,7 +1,9 @@
 """Capture hooks of several models on the same token rows into a sharded, resumable cache.
 
 Both models see exactly the same token batches; only the chosen hooks are kept and the forward
-pass stops after the last needed layer. BOS and padding positions are dropped (``rows.valid``).
+pass stops after the last needed layer, unless the token log-probs are recorded too
+(``token_logprobs``: the target stage's implicit reward then needs no second forward pass over
+the same tokens). BOS and padding positions are dropped (``rows.valid``).
 On a GPU the forward runs under bf16 autocast and activations are copied to pinned host memory
 with non-blocking copies; on a CPU it runs in float32. Shards are cast (or int8-quantised) after
 the running statistics are accumulated from the float32 values, so statistics are the same
@@ -23,6 +25,7 @@ from irmlens.cache.store import (
     FORMAT,
     STAT_SUM,
     STAT_SUM_NORM,
+    TOKEN_LOGPROBS,
     hook_name,
     load_progress,
     save_tensors_atomic,
@@ -37,19 +40,32 @@ from irmlens.io import atomic_write_json, sha256_file
 
 
 def _hook_batches(
-    model, tokens: torch.Tensor, valid: torch.Tensor, hooks: list[str], batch_size: int
+    model,
+    tokens: torch.Tensor,
+    valid: torch.Tensor,
+    hooks: list[str],
+    batch_size: int,
+    logprobs: bool = False,
 ):
-    """Per token batch, ``{hook: activations at the valid positions}`` on the model's device: the
-    forward stops after the last needed layer, under bf16 autocast on CUDA."""
-    stop = max(int(h.split(".")[1]) for h in hooks) + 1
+    """Per token batch, ``({hook: activations at the valid positions}, token log-probs or None)``
+    on the model's device. Without ``logprobs`` the forward stops after the last needed layer;
+    with it the forward runs to the logits and the second item is ``log p(t_i | t_<i)``
+    ([batch, n_ctx] float32, 0 at position 0), as ``irmlens.irm.implicit.token_log_ratios``
+    computes it. Under bf16 autocast on CUDA."""
+    stop = None if logprobs else max(int(h.split(".")[1]) for h in hooks) + 1
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
     for i in range(0, len(tokens), batch_size):
         toks = tokens[i : i + batch_size].to(device, non_blocking=on_gpu)
         mask = valid[i : i + batch_size].to(device, non_blocking=on_gpu)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            _, cache = model.run_with_cache(toks, names_filter=hooks, stop_at_layer=stop)
-        yield {h: cache[h][mask] for h in hooks}
+            out, cache = model.run_with_cache(toks, names_filter=hooks, stop_at_layer=stop)
+        lp = None
+        if logprobs:
+            logp = torch.log_softmax(out.float(), dim=-1)
+            lp = logp[:, :-1].gather(-1, toks[:, 1:, None])[..., 0]
+            lp = torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
+        yield {h: cache[h][mask] for h in hooks}, lp
 
 
 @torch.no_grad()
@@ -60,7 +76,7 @@ def capture_hooks(
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
     chunks: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-    for batch in _hook_batches(model, tokens, valid, hooks, batch_size):
+    for batch, _ in _hook_batches(model, tokens, valid, hooks, batch_size):
         for h, sel in batch.items():
             if on_gpu:
                 host = torch.empty(sel.shape, dtype=sel.dtype, pin_memory=True)
@@ -81,8 +97,11 @@ def capture_encoded(
     hooks: list[str],
     batch_size: int,
     dtype: str,
+    logprobs: list[torch.Tensor] | None = None,
 ) -> dict[str, tuple[dict[str, torch.Tensor], torch.Tensor, float]]:
     """Per hook: (encoded shard tensors on the host, float64 column sum, sum of row norms).
+    Given a list as ``logprobs``, the forward runs to the logits and each batch's token log-probs
+    (``_hook_batches``) are appended to it, on the host.
 
     Encoding and statistics run where the activations are (the fused Triton kernel on CUDA, its
     torch reference on CPU). On CUDA the encoded batch is copied to pinned host memory on a side
@@ -94,7 +113,10 @@ def capture_encoded(
     parts: dict[str, dict[str, list[torch.Tensor]]] = {h: {} for h in hooks}
     col_sums: dict[str, torch.Tensor] = {}
     norm_sums: dict[str, torch.Tensor] = {}
-    for batch in _hook_batches(model, tokens, valid, hooks, batch_size):
+    batches = _hook_batches(model, tokens, valid, hooks, batch_size, logprobs is not None)
+    for batch, lp in batches:
+        if logprobs is not None:
+            logprobs.append(lp.cpu())
         for h, sel in batch.items():
             tensors, col_sum, norm_sum = encode_with_statistics(sel, dtype)
             col_sums[h] = col_sum.double() + col_sums.get(h, 0.0)
@@ -148,8 +170,16 @@ def build_paired_cache(
     hook_kinds: tuple[str, ...] = ("resid_post",),
     dtype: str = "bfloat16",
     shard_rows: int = 256,
+    token_logprobs: tuple[str, ...] = (),
 ) -> dict:
-    """Write (or resume) every model's shards, then the manifest. Returns the manifest."""
+    """Write (or resume) every model's shards, then the manifest. Returns the manifest.
+
+    ``token_logprobs``: the models that also store their log-prob of every token
+    (``TOKEN_LOGPROBS`` shards, one [rows, n_ctx] float32 tensor each), from the same forward
+    pass (the others' forward still stops after the last needed layer). Only a float32
+    forward records them: a bf16-autocast forward (CUDA) would put rounding noise the size of
+    the models' difference into their log-ratio, so there the target stage runs its own float32
+    pass."""
     if dtype not in DTYPES:
         raise ValueError(f"cache dtype {dtype!r}; choose one of {DTYPES}")
     if len(rows.tokens) == 0 or not bool(rows.valid.any()):
@@ -163,6 +193,11 @@ def build_paired_cache(
     hooks = [hook_name(layer, kind) for layer in layers for kind in hook_kinds]
     names = list(models)
     tokens_sha = _write_tokens(cache_dir, rows)
+    forward = {
+        name: "bfloat16 autocast" if next(m.parameters()).device.type == "cuda" else "float32"
+        for name, m in models.items()
+    }
+    token_logprobs = [n for n in models if n in token_logprobs and forward[n] == "float32"]
     settings = {
         "tokens_sha256": tokens_sha,
         "hooks": hooks,
@@ -171,10 +206,8 @@ def build_paired_cache(
         "shard_rows": shard_rows,
         # the forward's precision (capture_encoded autocasts on CUDA): part of the settings, so a
         # cache begun on a CPU and resumed on a GPU starts over instead of mixing precisions
-        "forward": {
-            name: "bfloat16 autocast" if next(m.parameters()).device.type == "cuda" else "float32"
-            for name, m in models.items()
-        },
+        "forward": forward,
+        "token_logprobs": token_logprobs,
     }
     progress = load_progress(cache_dir)
     if progress.get("settings") != settings:  # different tokens or layout: start over
@@ -182,15 +215,24 @@ def build_paired_cache(
         write_progress(cache_dir, progress)
     n_rows = len(rows.tokens)
     n_shards = math.ceil(n_rows / shard_rows)
-    start = verified_shards(cache_dir, n_shards, names, hooks)
+    start = min(
+        verified_shards(cache_dir, n_shards, names, hooks),
+        verified_shards(cache_dir, n_shards, token_logprobs, [TOKEN_LOGPROBS]),
+    )
     for k in tqdm(
         range(start, n_shards), desc="cache shards", unit="shard", initial=start, total=n_shards
     ):
         sl = slice(k * shard_rows, min((k + 1) * shard_rows, n_rows))
         for name, model in models.items():
+            logprobs: list[torch.Tensor] | None = [] if name in token_logprobs else None
             encoded = capture_encoded(
-                model, rows.tokens[sl], rows.valid[sl], hooks, batch_size, dtype
+                model, rows.tokens[sl], rows.valid[sl], hooks, batch_size, dtype, logprobs
             )
+            if logprobs is not None:
+                path = shard_path(cache_dir, name, TOKEN_LOGPROBS, k)
+                save_tensors_atomic(path, {"logprob": torch.cat(logprobs)})
+                key = f"{name}/{TOKEN_LOGPROBS}/{k}"
+                progress["shards"][key] = {"sha256": sha256_file(path), "n": sl.stop - sl.start}
             for hook, (tensors, col_sum, norm_sum) in encoded.items():
                 path = shard_path(cache_dir, name, hook, k)
                 n = int(next(iter(tensors.values())).shape[0])
@@ -228,6 +270,11 @@ def _write_manifest(cache_dir, progress, n_shards, rows, layers, meta, settings)
                 "mean_norm": norm / n,
             }
             shapes[f"{name}/{hook}"] = [n, len(total)]
+        if name in settings["token_logprobs"]:
+            for k in range(n_shards):
+                info = progress["shards"][f"{name}/{TOKEN_LOGPROBS}/{k}"]
+                rel = shard_path(cache_dir, name, TOKEN_LOGPROBS, k).relative_to(cache_dir)
+                files[str(rel)] = {"sha256": info["sha256"], "n": info["n"]}
     manifest = {
         "format": FORMAT,
         **meta,
@@ -236,6 +283,7 @@ def _write_manifest(cache_dir, progress, n_shards, rows, layers, meta, settings)
         "layers": layers,
         "dtype": settings["dtype"],
         "forward": settings["forward"],
+        "token_logprobs": settings["token_logprobs"],
         "error_bound": ERROR_BOUNDS[settings["dtype"]],
         "n_shards": n_shards,
         "shard_rows": settings["shard_rows"],

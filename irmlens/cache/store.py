@@ -9,6 +9,11 @@ Layout under ``<run>/cache/``::
                                    "q" [n, d] int8 + "scale" [n] float32 (x ~ q * scale);
                                    "stat_sum" [d] and "stat_sum_norm" [] float64: the shard's
                                    column sums and sum of row norms (running statistics)
+    <model>/token_logprobs/shard-00000.safetensors ...
+                                   "logprob" [rows, n_ctx] float32: log p(t_i | t_<i) of every
+                                   token of the shard's rows (0 at position 0), from the same
+                                   float32 forward (for the models in the manifest's
+                                   "token_logprobs" list)
     progress.json                  shards finished so far, with their sha256
     manifest.json                  written last: the cache is complete and may be used
 
@@ -35,6 +40,7 @@ MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 FORMAT = "irmlens-activations-v1"
 DTYPES = ("bfloat16", "float32", "int8")
+TOKEN_LOGPROBS = "token_logprobs"  # the per-token log-prob shards' folder, beside the hooks'
 HOOK_KINDS = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out"}
 
 STAT_SUM, STAT_SUM_NORM = "stat_sum", "stat_sum_norm"
@@ -164,6 +170,25 @@ def load_activations(
                     "cache is damaged; rerun the cache stage (it rewrites failing shards)"
                 )
         parts.append(decode_shard(load_file(str(path))))
+    return torch.cat(parts)
+
+
+def load_token_logprobs(cache_dir: str | Path, model: str) -> torch.Tensor | None:
+    """``[n_rows, n_ctx]`` log p(t_i | t_<i) of ``model`` on the cached token rows (verified
+    against the manifest), or None where the cache did not record them (a bf16 forward, or a
+    cache written before they were)."""
+    manifest = _require_manifest(cache_dir)
+    if model not in manifest.get(TOKEN_LOGPROBS, []):
+        return None
+    parts = []
+    for k in range(manifest["n_shards"]):
+        path = shard_path(cache_dir, model, TOKEN_LOGPROBS, k)
+        if sha256_file(path) != manifest["files"][str(path.relative_to(cache_dir))]["sha256"]:
+            raise CorruptCacheError(
+                f"{path} does not match its sha256 in {Path(cache_dir) / MANIFEST}: the cache "
+                "is damaged; rerun the cache stage (it rewrites failing shards)"
+            )
+        parts.append(load_file(str(path))["logprob"])
     return torch.cat(parts)
 
 

@@ -33,6 +33,8 @@ def run(ctx: StudyContext) -> None:
         hook_kinds=tuple(cfg.cache.hook_kinds),
         dtype=cfg.cache.dtype,
         shard_rows=cfg.cache.shard_rows,
+        # the target stage's implicit reward reads these instead of a second forward pass
+        token_logprobs=("base", "rlhf"),
     )
 
 

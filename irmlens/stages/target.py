@@ -22,13 +22,19 @@ TABLE = "implicit_reward.tsv"
 def run(ctx: StudyContext) -> None:
     import torch
 
-    from irmlens.cache.store import load_token_rows
+    from irmlens.cache.store import load_token_logprobs, load_token_rows
     from irmlens.irm.implicit import token_log_ratios, word_implicit_rewards
 
     cfg, paths = ctx.cfg, ctx.paths
     rows = load_token_rows(paths.cache)
-    hooked = ctx.pair.get()
-    log_ratio = token_log_ratios(hooked["base"], hooked["rlhf"], rows.tokens, cfg.cache.batch_size)
+    base, rlhf = (load_token_logprobs(paths.cache, m) for m in ("base", "rlhf"))
+    if base is not None and rlhf is not None:  # recorded by the cache stage's float32 forward
+        log_ratio = rlhf - base
+    else:  # a bf16 (GPU) cache: a float32 pass of its own
+        hooked = ctx.pair.get()
+        log_ratio = token_log_ratios(
+            hooked["base"], hooked["rlhf"], rows.tokens, cfg.cache.batch_size
+        )
     beta = cfg.rlhf.kl_coef
     implicit = word_implicit_rewards(log_ratio, rows.valid, rows.word_id, rows.in_word, beta)
     ids = rows.word_id[rows.valid]

@@ -184,3 +184,33 @@ def test_no_token_positions_is_a_clear_error(rows, tmp_path, make_hooked):
     empty = replace(rows, valid=torch.zeros_like(rows.valid))
     with pytest.raises(ConfigError, match="no token positions"):
         build_paired_cache({"base": make_hooked(0)}, empty, [2], tmp_path, {})
+
+
+def test_recorded_token_logprobs_equal_a_separate_forward_and_resume(rows, tmp_path, make_hooked):
+    """The cache's token log-probs (what the target stage reads instead of a second pass) equal
+    ``token_log_ratios``'s own forward, a later model's activations are unchanged by them, and a
+    lost log-prob shard is rewritten on resume."""
+    from irmlens.cache.store import TOKEN_LOGPROBS, load_token_logprobs
+    from irmlens.irm.implicit import token_log_ratios
+
+    models = {"base": make_hooked(0), "rlhf": make_hooked(1), "null": make_hooked(2)}
+    kw = {"batch_size": 3, "dtype": "float32", "shard_rows": 4, "token_logprobs": ("base", "rlhf")}
+    m = build_paired_cache(models, rows, [1], tmp_path, {}, **kw)
+    assert m["token_logprobs"] == ["base", "rlhf"]
+    base, rlhf = (load_token_logprobs(tmp_path, n) for n in ("base", "rlhf"))
+    assert load_token_logprobs(tmp_path, "null") is None
+    expected = token_log_ratios(models["base"], models["rlhf"], rows.tokens, batch_size=5)
+    assert base.shape == rows.tokens.shape
+    assert torch.allclose(rlhf - base, expected, atol=1e-5)
+    assert float((rlhf - base).abs().max()) > 1e-2  # the two models differ
+    _, full = models["null"].run_with_cache(rows.tokens)
+    assert torch.allclose(
+        load_activations(tmp_path, "null", "blocks.1.hook_resid_post"),
+        full["blocks.1.hook_resid_post"][rows.valid],
+        atol=1e-5,
+    )
+    shard_path(tmp_path, "rlhf", TOKEN_LOGPROBS, 1).unlink()
+    assert not cache_is_complete(tmp_path)
+    build_paired_cache(models, rows, [1], tmp_path, {}, **kw)
+    assert cache_is_complete(tmp_path)
+    assert torch.equal(load_token_logprobs(tmp_path, "rlhf"), rlhf)
