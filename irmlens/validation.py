@@ -39,7 +39,9 @@ def generate_and_score(
     """One completion per prompt (the RLHF stage's sampler), with ``edits`` applied to their
     blocks' outputs at every position, scored by ``reward_model``."""
     with edit_blocks(model, edits):
-        samples = sample_completions(model, tokenizer, prompts, max_new_tokens, seed)
+        samples = sample_completions(
+            model, tokenizer, prompts, max_new_tokens, seed, with_logprobs=True
+        )
     rewards = torch.tensor(reward_model.score(samples.completions), dtype=torch.float64)
     return Generations(samples, rewards)
 
@@ -47,9 +49,12 @@ def generate_and_score(
 @torch.no_grad()
 def intervention_kl(model, samples: Samples, edits: Edits) -> float:
     """KL(intervened || unintervened) per completion, in nats, estimated on ``samples`` drawn
-    from the intervened model: an intervention that just breaks the model shows here."""
-    with edit_blocks(model, edits):
-        intervened = completion_logprobs(model, samples)
+    from the intervened model: an intervention that just breaks the model shows here. The
+    intervened log-probs are the ones sampling kept, where it did."""
+    intervened = samples.logprobs
+    if intervened is None:
+        with edit_blocks(model, edits):
+            intervened = completion_logprobs(model, samples)
     return float((intervened - completion_logprobs(model, samples)).mean())
 
 

@@ -61,10 +61,40 @@ def test_arms_share_prompts_and_seeds_and_kl_is_zero_without_change(tiny_hf_dir)
     assert torch.equal(plain.samples.sequences, again.samples.sequences)
     assert torch.equal(plain.rewards, again.rewards) and plain.rewards.shape == (12,)
     sae = random_sae(32, 64, seed=0)
-    assert intervention_kl(model, plain.samples, {1: steering(torch.zeros(32), 1.0)}) == 0.0
+    # the sampled log-probs come from generation's own (KV-cached) logits: equal to a separate
+    # forward to float rounding
+    assert abs(intervention_kl(model, plain.samples, {1: steering(torch.zeros(32), 1.0)})) < 1e-5
     ablated = generate_and_score(
         model, tok, prompts, rm, 6, seed=3, edits={1: ablation(sae, range(64))}
     )
     # a real change of the model: the estimate moves off 0 (on 12 samples of a near-uniform
     # random model it is small and may fall either side)
     assert intervention_kl(model, ablated.samples, {1: ablation(sae, range(64))}) != 0.0
+
+
+def test_sampled_logprobs_equal_a_forward_pass_with_and_without_edits(tiny_hf_dir):
+    """``intervention_kl`` reads the intervened model's log-probs off its own generation instead
+    of a second forward pass: they must be what that forward pass gives."""
+    from irmlens.interventions import edit_blocks
+    from irmlens.rlhf.sampling import completion_logprobs
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    rm = LexiconRewardModel({"great": 2.0, "bad": -2.0})
+    prompts = ["this movie is", "a bad", "the acting was really"] * 3
+    torch.manual_seed(0)
+    edits = {1: steering(5 * torch.randn(32), 1.0)}  # a large push: a model visibly changed
+    for e in (None, edits):
+        gens = generate_and_score(model, tok, prompts, rm, 7, seed=1, edits=e)
+        with edit_blocks(model, e):
+            forward = completion_logprobs(model, gens.samples, batch_size=4)
+        assert gens.samples.logprobs.shape == (9,)
+        assert torch.allclose(gens.samples.logprobs, forward, atol=1e-4), (e, forward)
+    kl = intervention_kl(model, gens.samples, edits)
+    with edit_blocks(model, edits):
+        slow = completion_logprobs(model, gens.samples)
+    assert kl == pytest.approx(
+        float((slow - completion_logprobs(model, gens.samples)).mean()), abs=1e-4
+    )
+    assert kl > 1e-2

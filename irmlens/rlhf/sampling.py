@@ -14,18 +14,32 @@ class Samples:
     sequences: torch.Tensor  # [n, prompt_len + new] left-padded prompt, then completion
     attention_mask: torch.Tensor
     prompt_len: int
+    # sum over completion tokens of the sampling model's log p(token | prefix), from the logits
+    # generation computed anyway (``with_logprobs``); None when not asked for
+    logprobs: torch.Tensor | None = None
 
 
 @torch.no_grad()
 def sample_completions(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 64
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 64,
+    with_logprobs: bool = False,
 ) -> Samples:
-    """Sample one completion per prompt (temperature 1, no top-k: the policy's own distribution)."""
+    """Sample one completion per prompt (temperature 1, no top-k: the policy's own distribution).
+
+    ``with_logprobs`` also keeps the sampling model's summed log-prob of each completion (what
+    ``completion_logprobs`` of the same model returns, to float rounding), read off the raw
+    logits of the generation itself: a KL against a reference then costs one forward pass, not
+    two."""
     model.eval()
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     torch.manual_seed(seed)
-    seqs, masks, completions = [], [], []
+    seqs, masks, completions, logprobs = [], [], [], []
     prompt_len = enc["input_ids"].shape[1]
     for i in range(0, len(prompts), batch_size):
         ids = enc["input_ids"][i : i + batch_size].to(model.device)
@@ -43,32 +57,42 @@ def sample_completions(
             # generation_config.eos_token_id, which would let "after" samples draw the EOS token
             # as an ordinary one while "before" samples have it blocked by min_new_tokens
             eos_token_id=tokenizer.eos_token_id,
+            output_logits=with_logprobs,
+            return_dict_in_generate=True,
         )
+        out, steps = out.sequences, out.logits
         new = out[:, prompt_len:]
+        if with_logprobs:  # the raw (unprocessed) logits: the model's own distribution
+            logp = torch.log_softmax(torch.stack(steps, dim=1).float(), dim=-1)
+            logprobs.append(logp.gather(-1, new[..., None])[..., 0].sum(-1).cpu())
         completions += tokenizer.batch_decode(new, skip_special_tokens=True)
         seqs.append(out.cpu())
         masks.append(torch.cat([am.cpu(), torch.ones_like(new.cpu())], dim=1))
-    return Samples(prompts, completions, torch.cat(seqs), torch.cat(masks), prompt_len)
+    lp = torch.cat(logprobs) if with_logprobs else None
+    return Samples(prompts, completions, torch.cat(seqs), torch.cat(masks), prompt_len, lp)
 
 
 @torch.no_grad()
 def completion_logprobs(model, samples: Samples, batch_size: int = 64) -> torch.Tensor:
-    """Sum over completion tokens of log p(token | prefix), one value per sample."""
+    """Sum over completion tokens of log p(token | prefix), one value per sample. Only the
+    completion positions go through the unembedding (``logits_to_keep``): the prompt's logits
+    over the whole vocabulary were most of the cost."""
     model.eval()
     totals = []
+    n_new = samples.sequences.shape[1] - samples.prompt_len
     for i in range(0, len(samples.sequences), batch_size):
         seq = samples.sequences[i : i + batch_size].to(model.device)
         am = samples.attention_mask[i : i + batch_size].to(model.device)
         pos = (am.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=seq, attention_mask=am, position_ids=pos).logits[:, :-1]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        tok_lp = logp.gather(-1, seq[:, 1:, None]).squeeze(-1)
-        totals.append(tok_lp[:, samples.prompt_len - 1 :].sum(-1).cpu())
+        out = model(input_ids=seq, attention_mask=am, position_ids=pos, logits_to_keep=n_new + 1)
+        logp = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+        tok_lp = logp.gather(-1, seq[:, samples.prompt_len :, None]).squeeze(-1)
+        totals.append(tok_lp.sum(-1).cpu())
     return torch.cat(totals)
 
 
 def kl_estimate(policy, reference, samples: Samples) -> float:
-    """Monte-Carlo KL(policy || reference) per completion, in nats, on samples drawn from the policy."""
-    return float(
-        (completion_logprobs(policy, samples) - completion_logprobs(reference, samples)).mean()
-    )
+    """Monte-Carlo KL(policy || reference) per completion, in nats, on samples drawn from the
+    policy (their own log-probs where sampling kept them)."""
+    own = samples.logprobs if samples.logprobs is not None else completion_logprobs(policy, samples)
+    return float((own - completion_logprobs(reference, samples)).mean())
