@@ -63,7 +63,7 @@ From the paper's code (`collection_linear_probe_data.ipynb`, `train_linear_probe
 - **Validation.** The paper zeroes the decoded features in MLP hooks and scores 30-token
   continuations before and after; irmlens reports that number too ("the paper's number") and
   compares each ablation and steering arm with matched random feature sets (firing frequency and
-  removed variance) on 256 held-out prompts, paired.
+  removed variance) on the same held-out prompts (`validate.n_prompts`), paired.
 """
 
 
@@ -302,7 +302,8 @@ def _validation_rows(reports: list[dict]) -> list[Row]:
             "validation: reward base / RLHF (held-out prompts)",
             lambda r: (
                 f"{_f(_get(r, 'validation', 'reward_base'))} / "
-                f"{_f(_get(r, 'validation', 'reward_rlhf'))}"
+                f"{_f(_get(r, 'validation', 'reward_rlhf'))} "
+                f"({_get(r, 'validation', 'n_prompts')} prompts)"
             ),
             NA,
         )

@@ -3,6 +3,9 @@
     sae-train --cache runs/tiny/cache --model base --hook blocks.1.hook_resid_post \
               --arch topk --k 32 --width 8x --out runs/tiny/saes/custom
     sae-train --cache runs/tiny/cache --model base --model rlhf ...   # a shared SAE on both
+    sae-train --cache runs/tiny/cache --model base --model rlhf --model null \
+              --hook blocks.1.hook_resid_post --arch crosscoder-batchtopk --k 32 --width 8x \
+              --out runs/tiny/crosscoder     # one dictionary, a decoder per model
 
 or, for a plain tensor file, ``--activations FILE.safetensors`` (an "activations" [n, d] tensor;
 several files are concatenated). ``--checkpoints N`` writes N checkpoints next to ``--out``; a
@@ -21,6 +24,9 @@ from pathlib import Path
 
 # the package's __init__ imports sae_training.train already, so this costs no start-up time
 from sae_training.train import ARCHITECTURES, NORMALIZATIONS, TRAINERS, TrainingInputError
+
+CROSSCODER_PREFIX = "crosscoder-"
+CROSSCODER_ARCHS = ("crosscoder-batchtopk", "crosscoder-l1")  # sae_training.crosscoder
 
 
 def _parse_width(value: str, d_in: int) -> int:
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--activations", action="append", help="file with an 'activations' [n, d] tensor"
     )
-    p.add_argument("--arch", default="standard", choices=ARCHITECTURES)
+    p.add_argument("--arch", default="standard", choices=ARCHITECTURES + CROSSCODER_ARCHS)
     p.add_argument("--k", type=int, default=32, help="active features for topk / batchtopk")
     p.add_argument("--checkpoints", type=int, default=0, help="checkpoints written during training")
     p.add_argument(
@@ -102,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give either --cache (with --model and --hook) or --activations")
     if args.cache is not None and (not args.model or not args.hook):
         p.error("--cache needs --model and --hook")
+    crosscoder = args.arch.startswith(CROSSCODER_PREFIX)
+    if crosscoder and (args.cache is None or len(args.model) < 2):
+        p.error(
+            f"--arch {args.arch} reads several models at the same tokens: give --cache and "
+            "--model twice or more (base first)"
+        )
     try:  # before loading or training: --out is replaced whole once the SAE is trained
         _check_out(args)
     except TrainingInputError as e:
@@ -130,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sae-train: error: {path} has no 'activations' tensor", file=sys.stderr)
             return 2
         parts.append(tensors["activations"].float())
+    if crosscoder:
+        try:
+            return _train_crosscoder(args, dict(zip(args.model, parts, strict=True)))
+        except TrainingInputError as e:
+            print(f"sae-train: error: {e}", file=sys.stderr)
+            return 2
     acts = torch.cat(parts)
     hook = args.hook or Path(args.activations[0]).name.removesuffix(".safetensors")
     model_name = (
@@ -181,6 +199,45 @@ def _train(args, acts, hook: str, model_name: str) -> int:
     m = evaluate_sae(sae, acts)
     print(
         f"saved {args.out}: explained variance {m['explained_variance']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}"
+    )
+    return 0
+
+
+def _train_crosscoder(args, acts: dict) -> int:
+    """Train, evaluate and save a crosscoder over the cache's models (``--arch crosscoder-*``)."""
+    from sae_training.crosscoder import (
+        CrosscoderConfig,
+        evaluate_crosscoder,
+        save_crosscoder,
+        train_crosscoder,
+    )
+
+    d_in = next(iter(acts.values())).shape[1]
+    try:
+        cfg = CrosscoderConfig(
+            width=_parse_width(args.width, d_in),
+            architecture=args.arch.removeprefix(CROSSCODER_PREFIX),
+            k=args.k,
+            l1_coefficient=args.l1,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            seed=args.seed,
+            device=args.device,
+        )
+        cc, log = train_crosscoder(acts, cfg)
+    except ValueError as e:
+        raise TrainingInputError(str(e)) from None
+    cc = cc.cpu()
+    m = evaluate_crosscoder(cc, acts)
+    from dataclasses import asdict
+
+    save_crosscoder(
+        cc, args.out, list(acts), args.hook, {"config": asdict(cfg), "log": log, "evals": m}
+    )
+    ev = ", ".join(f"{k} {v['explained_variance']:.3f}" for k, v in m["per_model"].items())
+    print(
+        f"saved {args.out}: explained variance {ev}; L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}"
     )
     return 0
 

@@ -1,0 +1,385 @@
+"""Crosscoders: one latent dictionary read from several models' activations at the same tokens,
+with a decoder per model (Anthropic, "Sparse crosscoders", 2024), so latents shared by the models
+and latents only one model uses come out by construction.
+
+SAELens has no crosscoder (its pull request is still open) and the science-of-finetuning code is a
+fork of dictionary_learning without a command line, so this module is our own. Its formulas follow
+that code (``science-of-finetuning/crosscoder_learning``, ``dictionary_learning/dictionary.py`` and
+``trainers/crosscoder.py``), on which Minder et al. (arXiv 2504.02922) ran:
+
+- encode ``f = ReLU(sum_m x^m W_enc[m] + b_enc)``; decode ``x^m_hat = sum_j f_j d_j^m + b_dec^m``;
+- **BatchTopK** keeps the ``k * batch`` largest entries of ``f_j * sum_m ||d_j^m||`` over the whole
+  batch (the kept values are the unscaled ``f_j``) and, at inference, the entries above a
+  threshold; loss: the per-model L2 error norm (not squared), averaged over tokens and models, plus
+  ``aux_coefficient`` times the normalised auxiliary loss of the dead latents (top ``d // 2`` dead
+  latents reconstructing the residual);
+- **L1**: loss = the same error term + ``l1_coefficient * mean_tokens sum_j f_j sum_m ||d_j^m||``
+  (the decoder norms summed over models, Anthropic's formulation).
+
+Where we differ, and why:
+- each model's activations are scaled to mean norm ``sqrt(d)`` (one factor per model, estimated
+  from the data and stored in the file, applied by ``encode`` and undone by ``decode``), so every
+  decoder norm compares models on the same scale and the hyperparameters carry across models;
+- the decoder bias starts at each model's mean, not its geometric median;
+- the BatchTopK inference threshold is computed once after training, as the value that gives a
+  mean L0 of exactly k over a sample of training positions (the population version of batch
+  top-k), instead of the reference code's EMA of per-batch minima, which needs thousands of steps
+  to settle and our CPU runs have a few hundred.
+
+Saved as a folder: ``crosscoder.safetensors`` (``W_enc`` [M, d, F], ``b_enc`` [F], ``W_dec``
+[M, F, d], ``b_dec`` [M, d], ``input_scale`` [M], ``threshold`` []) and ``cfg.json`` (architecture,
+models, hook, sizes); ``training.json`` records the settings, the evals and each file's sha256,
+which ``load_crosscoder`` checks. The weights load back bit-identically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from irmlens.errors import CorruptCacheError
+
+CROSSCODER_ARCHITECTURES = ("batchtopk", "l1")
+WEIGHTS = "crosscoder.safetensors"
+CFG = "cfg.json"
+TRAINING = "training.json"
+FORMAT = "irmlens-crosscoder-v1"
+
+
+@dataclass
+class CrosscoderConfig:
+    width: int = 1024
+    architecture: str = "batchtopk"  # one of CROSSCODER_ARCHITECTURES
+    k: int = 32  # batchtopk: mean active latents per token
+    l1_coefficient: float = 0.041  # l1: mu (the paper's Gemma-2 run used 0.041)
+    lr: float = 1e-3
+    batch_size: int = 1024
+    epochs: float = 2.0
+    lr_warm_up_fraction: float = 0.05
+    aux_coefficient: float = 1 / 32  # batchtopk: weight of the dead-latent loss
+    # a latent is dead after this many tokens without firing (the reference code: 10M; 0: one
+    # epoch of the training data, so short runs have dead latents to revive at all)
+    dead_after_tokens: int = 0
+    # initial norm of every latent's encoder column and decoder row, per model (the reference
+    # code: 1.0 for BatchTopK, 0.005 for L1); None: that default for the architecture
+    init_norm: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in CROSSCODER_ARCHITECTURES:
+            raise ValueError(
+                f"crosscoder architecture {self.architecture!r}; choose one of "
+                f"{CROSSCODER_ARCHITECTURES}"
+            )
+        if self.width <= 0 or self.batch_size <= 0 or self.epochs <= 0 or self.k <= 0:
+            raise ValueError("crosscoder width, k, batch_size and epochs must be positive")
+        if self.architecture == "batchtopk" and self.k > self.width:
+            raise ValueError(f"crosscoder k = {self.k} exceeds its width {self.width}")
+
+    @property
+    def initial_norm(self) -> float:
+        if self.init_norm is not None:
+            return self.init_norm
+        return 1.0 if self.architecture == "batchtopk" else 0.005
+
+
+class Crosscoder(nn.Module):
+    """A crosscoder over ``n_models`` models' ``d_in``-dimensional activations at the same tokens.
+
+    Inputs and outputs are ``[batch, n_models, d_in]`` raw activations; ``input_scale`` maps them
+    into the space the dictionary was trained in (and every decoder norm is measured in)."""
+
+    def __init__(
+        self, n_models: int, d_in: int, width: int, architecture: str = "batchtopk", k: int = 32
+    ) -> None:
+        super().__init__()
+        if architecture not in CROSSCODER_ARCHITECTURES:
+            raise ValueError(f"crosscoder architecture {architecture!r}")
+        self.architecture, self.k = architecture, int(k)
+        self.n_models, self.d_in, self.width = n_models, d_in, width
+        self.W_enc = nn.Parameter(torch.zeros(n_models, d_in, width))
+        self.b_enc = nn.Parameter(torch.zeros(width))
+        self.W_dec = nn.Parameter(torch.zeros(n_models, width, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(n_models, d_in))
+        self.register_buffer("input_scale", torch.ones(n_models))
+        # batchtopk inference: an entry is active when f_j * sum_m ||d_j^m|| exceeds it; < 0
+        # means "not calibrated yet" (encode then takes the batch top-k)
+        self.register_buffer("threshold", torch.tensor(-1.0))
+
+    def init_weights(self, init_norm: float, seed: int) -> None:
+        """Kaiming-uniform encoder, each latent's column rescaled to ``init_norm`` per model, the
+        same matrix for every model, and the decoder its transpose (the reference code's
+        ``same_init_for_all_layers`` and ``init_with_transpose``)."""
+        gen = torch.Generator().manual_seed(seed)
+        bound = math.sqrt(6.0 / self.width)  # kaiming_uniform_ fan_in of a [d, F] matrix
+        w = (torch.rand(self.d_in, self.width, generator=gen) * 2 - 1) * bound
+        w = w / w.norm(dim=0, keepdim=True) * init_norm
+        with torch.no_grad():
+            self.W_enc.copy_(w.expand(self.n_models, -1, -1))
+            self.W_dec.copy_(w.T.expand(self.n_models, -1, -1))
+            self.b_enc.zero_()
+
+    def decoder_norms(self) -> torch.Tensor:
+        """``[n_models, width]``: ||d_j^m||, in the scaled space."""
+        return self.W_dec.norm(dim=-1)
+
+    def pre_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU pre-codes ``[batch, width]`` of raw activations ``[batch, n_models, d_in]``."""
+        xs = x * self.input_scale.to(x.dtype)[None, :, None]
+        return torch.relu(torch.einsum("bmd,mdf->bf", xs, self.W_enc) + self.b_enc)
+
+    def select(self, pre: torch.Tensor, use_threshold: bool) -> torch.Tensor:
+        """BatchTopK selection of pre-codes (L1: the identity): the batch's ``k * batch`` largest
+        decoder-norm-weighted entries, or the entries above the calibrated threshold."""
+        if self.architecture == "l1":
+            return pre
+        scaled = pre * self.decoder_norms().sum(0)
+        if use_threshold and float(self.threshold) >= 0:
+            return pre * (scaled > self.threshold)
+        n_keep = min(self.k * pre.shape[0], pre.numel())
+        idx = scaled.flatten().topk(n_keep, sorted=False).indices
+        out = torch.zeros_like(pre).flatten()
+        out[idx] = pre.flatten()[idx]
+        return out.view_as(pre)
+
+    def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
+        """Latent codes ``[batch, width]`` of raw activations ``[batch, n_models, d_in]``."""
+        return self.select(self.pre_codes(x), use_threshold)
+
+    def decode_scaled(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstructions ``[batch, n_models, d_in]`` in the scaled (training) space."""
+        return torch.einsum("bf,mfd->bmd", f, self.W_dec) + self.b_dec
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstructions ``[batch, n_models, d_in]`` of raw activations."""
+        return self.decode_scaled(f) / self.input_scale.to(f.dtype)[None, :, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def calibrate_threshold(self, x: torch.Tensor, batch_size: int = 4096) -> float:
+        """Set the BatchTopK inference threshold to the value above which the decoder-norm-
+        weighted pre-codes of ``x`` (raw, ``[n, n_models, d_in]``) have exactly ``k`` entries per
+        token on average, and return it."""
+        if self.architecture != "batchtopk":
+            return float(self.threshold)
+        norms = self.decoder_norms().sum(0)
+        scaled = torch.cat(
+            [
+                (self.pre_codes(x[i : i + batch_size]) * norms).flatten()
+                for i in range(0, len(x), batch_size)
+            ]
+        )
+        n_keep = min(self.k * len(x), scaled.numel())
+        kth = scaled.topk(n_keep, sorted=True).values[-1]
+        self.threshold.fill_(max(float(kth) - 1e-12, 0.0))
+        return float(self.threshold)
+
+
+def stack_models(acts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[n, n_models, d]`` from aligned per-model ``[n, d]`` tensors (the paired cache's
+    positions are aligned across models)."""
+    shapes = {name: tuple(a.shape) for name, a in acts.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(
+            f"crosscoder inputs must be aligned, with one shape for every model: got {shapes}"
+        )
+    return torch.stack([a.float() for a in acts.values()], dim=1)
+
+
+def _error_term(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """The per-model L2 error norm (not squared), averaged over tokens and models."""
+    return torch.linalg.norm(x - x_hat, dim=-1).mean()
+
+
+def _aux_loss(
+    cc: Crosscoder, residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor
+) -> torch.Tensor:
+    """BatchTopK's auxiliary loss: the top ``d // 2`` dead latents of each token (ranked by
+    decoder-norm-weighted pre-code) reconstruct the detached residual, the squared error divided
+    by the residual's variance; 0 without dead latents."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return pre.new_zeros(())
+    k_aux = min(cc.d_in // 2, n_dead)
+    scaled = (pre * cc.decoder_norms().sum(0)).detach()
+    scaled = scaled.masked_fill(~dead[None, :], float("-inf"))
+    idx = scaled.topk(k_aux, dim=-1).indices
+    aux_codes = torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx))
+    recon = torch.einsum("bf,mfd->bmd", aux_codes, cc.W_dec).flatten(1)
+    r = residual.flatten(1)
+    err = (r - recon).pow(2).sum(-1).mean()
+    denom = (r - r.mean(0)).pow(2).sum(-1).mean()
+    return (err / denom).nan_to_num(0.0)
+
+
+def input_scales(x: torch.Tensor) -> torch.Tensor:
+    """Per model, the factor that brings its mean activation norm to ``sqrt(d)``."""
+    return math.sqrt(x.shape[-1]) / x.norm(dim=-1).mean(0).clamp_min(1e-12)
+
+
+def train_crosscoder(
+    acts: dict[str, torch.Tensor], cfg: CrosscoderConfig, log_every: int = 0
+) -> tuple[Crosscoder, dict]:
+    """Train a crosscoder on aligned per-model activations ``{model: [n, d]}`` (the dict's order
+    is the decoders' order). Returns it (in eval mode, threshold calibrated) and its training
+    log (steps, final loss terms)."""
+    from sae_training.train import shuffled_batches
+
+    torch.manual_seed(cfg.seed)
+    x_all = stack_models(acts).to(cfg.device)
+    n, n_models, d = x_all.shape
+    if n < cfg.batch_size:
+        raise ValueError(
+            f"{n} positions are fewer than one batch of {cfg.batch_size}: lower batch_size"
+        )
+    cc = Crosscoder(n_models, d, cfg.width, cfg.architecture, cfg.k).to(cfg.device)
+    cc.init_weights(cfg.initial_norm, cfg.seed)
+    with torch.no_grad():
+        cc.input_scale.copy_(input_scales(x_all))
+        cc.b_dec.copy_((x_all * cc.input_scale[None, :, None]).mean(0))
+    steps = max(1, int(cfg.epochs * (n // cfg.batch_size)))
+    warm = max(1, int(cfg.lr_warm_up_fraction * steps))
+    opt = torch.optim.Adam(cc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    dead_after = cfg.dead_after_tokens or n
+    since_fired = torch.zeros(cfg.width, dtype=torch.long, device=cfg.device)
+    batches = shuffled_batches(x_all, cfg.batch_size, cfg.seed)
+    history = []
+    cc.train()
+    for step in range(steps):
+        x = next(batches)
+        xs = x * cc.input_scale[None, :, None]
+        pre = torch.relu(torch.einsum("bmd,mdf->bf", xs, cc.W_enc) + cc.b_enc)
+        f = cc.select(pre, use_threshold=False)
+        x_hat = cc.decode_scaled(f)
+        err = _error_term(xs, x_hat)
+        if cfg.architecture == "batchtopk":
+            fired = (f > 0).any(0)
+            since_fired = torch.where(fired, 0, since_fired + len(x))
+            aux = _aux_loss(cc, (xs - x_hat).detach(), pre, since_fired >= dead_after)
+            loss = err + cfg.aux_coefficient * aux
+        else:
+            aux = (f * cc.decoder_norms().sum(0)).sum(-1).mean()
+            loss = err + cfg.l1_coefficient * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(cc.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            history.append({"step": step, "loss": loss.item(), "error": err.item()})
+    cc.eval()
+    with torch.no_grad():
+        sample = x_all[torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:65536]]
+        cc.calibrate_threshold(sample)
+    log = {
+        "steps": steps,
+        "n_positions": n,
+        "final_loss": loss.item(),
+        "final_error": err.item(),
+        "final_aux": aux.item(),
+        "history": history,
+    }
+    return cc, log
+
+
+@torch.no_grad()
+def evaluate_crosscoder(
+    cc: Crosscoder, acts: dict[str, torch.Tensor], batch_size: int = 4096
+) -> dict:
+    """Per model: explained variance and MSE of its reconstruction (raw space); over the
+    crosscoder: mean L0 (inference codes) and the share of latents that never fire."""
+    names = list(acts)
+    x = stack_models(acts)
+    sse = torch.zeros(len(names), dtype=torch.float64)
+    l0 = 0.0
+    fired = torch.zeros(cc.width, dtype=torch.bool)
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        f = cc.encode(xb)
+        sse += (xb - cc.decode(f)).double().pow(2).sum((0, 2))
+        l0 += float((f > 0).sum())
+        fired |= (f > 0).any(0)
+    var = (x - x.mean(0)).double().pow(2).sum((0, 2))
+    return {
+        "per_model": {
+            name: {
+                "explained_variance": float(1 - sse[m] / var[m]),
+                "mse": float(sse[m] / (len(x) * cc.d_in)),
+            }
+            for m, name in enumerate(names)
+        },
+        "l0": l0 / len(x),
+        "dead_fraction": float(1 - fired.float().mean()),
+    }
+
+
+def _sha256(path: Path) -> str:
+    from irmlens.io import sha256_file
+
+    return sha256_file(path)
+
+
+def save_crosscoder(
+    cc: Crosscoder,
+    out_dir: str | Path,
+    models: list[str],
+    hook_name: str,
+    training: dict | None = None,
+) -> Path:
+    """Write the crosscoder folder (weights, cfg.json, training.json with sha256s), replacing
+    ``out_dir`` whole (written into a temporary sibling, then renamed)."""
+    from safetensors.torch import save_file
+
+    from irmlens.io import atomic_dir, atomic_write_json
+
+    if len(models) != cc.n_models:
+        raise ValueError(f"{len(models)} model names for a crosscoder over {cc.n_models} models")
+    out = Path(out_dir)
+    cfg = {
+        "format": FORMAT,
+        "architecture": cc.architecture,
+        "models": list(models),
+        "hook_name": hook_name,
+        "d_in": cc.d_in,
+        "width": cc.width,
+        "k": cc.k,
+    }
+    with atomic_dir(out) as tmp:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in cc.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS))
+        atomic_write_json(tmp / CFG, cfg)
+        record = dict(training or {})
+        record["sha256"] = {WEIGHTS: _sha256(tmp / WEIGHTS), CFG: _sha256(tmp / CFG)}
+        atomic_write_json(tmp / TRAINING, record)
+    return out
+
+
+def load_crosscoder(path: str | Path, device: str = "cpu") -> tuple[Crosscoder, dict]:
+    """A saved crosscoder and its cfg.json, after checking its files against training.json."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path = path / CFG
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{path} is not a crosscoder folder (no {CFG})")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{cfg_path}: format {cfg.get('format')!r}, expected {FORMAT!r}")
+    record = json.loads((path / TRAINING).read_text())
+    for name, sha in record.get("sha256", {}).items():
+        if _sha256(path / name) != sha:
+            raise CorruptCacheError(
+                f"{path / name} does not match its sha256 in {path / TRAINING}: retrain it"
+            )
+    cc = Crosscoder(len(cfg["models"]), cfg["d_in"], cfg["width"], cfg["architecture"], cfg["k"])
+    cc.load_state_dict(load_file(str(path / WEIGHTS)))
+    return cc.to(device).eval(), cfg

@@ -1,0 +1,195 @@
+"""Crosscoders (sae_training.crosscoder) and their diffing measures (irmlens.diff.crosscoder) on
+a planted pair whose answer is known: a direction only the RLHF model uses, and a null model that
+differs from the base by noise only."""
+
+import pytest
+import torch
+
+from irmlens.diff.crosscoder import (
+    closed_form_beta,
+    decoder_cosine,
+    latent_scaling,
+    relative_norm,
+    tag_latents,
+    tuned_specific,
+)
+from sae_training.crosscoder import (
+    Crosscoder,
+    CrosscoderConfig,
+    evaluate_crosscoder,
+    load_crosscoder,
+    save_crosscoder,
+    train_crosscoder,
+)
+
+D, N_SHARED = 16, 24
+
+
+def planted_pair(n: int = 24000, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Base: sparse combinations of 24 shared unit directions. RLHF: the same plus a planted
+    direction on 10% of the tokens. Null: the base plus small noise."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(N_SHARED + 1, D, generator=g)
+    dirs = dirs / dirs.norm(dim=1, keepdim=True)
+    on = torch.rand(n, N_SHARED, generator=g) < 0.1
+    codes = on * (1 + 2 * torch.rand(n, N_SHARED, generator=g))
+    base = codes @ dirs[:N_SHARED]
+    planted_code = (torch.rand(n, generator=g) < 0.1) * (1 + 2 * torch.rand(n, generator=g))
+    rlhf = base + planted_code[:, None] * dirs[N_SHARED]
+    null = base + 0.02 * torch.randn(n, D, generator=g)
+    return {"base": base, "rlhf": rlhf, "null": null}, dirs[N_SHARED]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    acts, planted = planted_pair(n=12000)
+    cfg = CrosscoderConfig(width=64, k=4, lr=1e-2, batch_size=256, epochs=15, seed=0)
+    cc, log = train_crosscoder(acts, cfg, log_every=20)
+    return cc, log, acts, planted
+
+
+def test_planted_direction_is_one_rlhf_only_latent_and_null_has_none(trained):
+    cc, log, acts, planted = trained
+    x = torch.stack(list(acts.values()), dim=1)
+    rlhf_dec = cc.W_dec.detach()[1]
+    cos = torch.nn.functional.cosine_similarity(rlhf_dec, planted[None], dim=-1)
+    j = int(cos.argmax())
+    assert float(cos[j]) > 0.95, float(cos[j])
+    delta = relative_norm(cc, base=0, tuned=1)
+    assert tag_latents(delta)[j] == "tuned_only", float(delta[j])
+    scaling = latent_scaling(cc, x, base=0, tuned=1)
+    assert bool(tuned_specific(delta, scaling)[j]), {k: float(v[j]) for k, v in scaling.items()}
+    # exactly one latent is the planted one: no other live latent is RLHF-only
+    fired = (cc.encode(x) > 0).any(0)
+    rlhf_only = (delta >= 0.9) & fired
+    assert rlhf_only.nonzero().flatten().tolist() == [j]
+    # the null model differs from the base by noise only: no live latent is null-only
+    null_delta = relative_norm(cc, base=0, tuned=2)
+    assert not bool(((null_delta >= 0.9) & fired).any()), null_delta[fired].max()
+    # shared latents read the same direction in both models
+    shared = (torch.tensor([t == "shared" for t in tag_latents(delta)])) & fired
+    assert shared.sum() >= N_SHARED // 2 and float(decoder_cosine(cc)[shared].mean()) > 0.95
+
+
+def test_batchtopk_evals_and_calibrated_threshold(trained):
+    cc, log, acts, _ = trained
+    m = evaluate_crosscoder(cc, acts)
+    assert abs(m["l0"] - 4) < 0.5, m["l0"]  # the threshold gives the trained k on average
+    for name in ("base", "rlhf", "null"):
+        assert m["per_model"][name]["explained_variance"] > 0.9, m
+    assert log["steps"] == 15 * (12000 // 256)
+    assert log["history"][-1]["error"] < 0.5 * log["history"][0]["error"], log["history"]
+
+
+def test_save_and_load_are_bit_identical_and_checked(trained, tmp_path):
+    cc, _, acts, _ = trained
+    out = save_crosscoder(cc, tmp_path / "cc", list(acts), "blocks.1.hook_resid_post", {"x": 1})
+    back, cfg = load_crosscoder(out)
+    assert cfg["models"] == ["base", "rlhf", "null"] and cfg["architecture"] == "batchtopk"
+    for k, v in cc.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    x = torch.stack(list(acts.values()), dim=1)[:100]
+    assert torch.equal(cc(x), back(x))
+    weights = out / "crosscoder.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(Exception, match="sha256"):
+        load_crosscoder(out)
+
+
+def test_l1_crosscoder_trains_and_sparsifies():
+    acts, _ = planted_pair(n=12000, seed=1)
+    cfg = CrosscoderConfig(
+        width=64, architecture="l1", l1_coefficient=0.05, lr=3e-3, batch_size=512, epochs=4
+    )
+    cc, _ = train_crosscoder({"base": acts["base"], "rlhf": acts["rlhf"]}, cfg)
+    m = evaluate_crosscoder(cc, {"base": acts["base"], "rlhf": acts["rlhf"]})
+    assert m["per_model"]["rlhf"]["explained_variance"] > 0.8, m
+    assert m["l0"] < 32, m  # the decoder-norm-weighted L1 penalty makes codes sparse
+
+
+def test_latent_scaling_recovers_known_betas_on_a_constructed_crosscoder():
+    """f = ReLU(x_base) exactly; the tuned decoder is the identity and the base decoder scales
+    latent j by beta_j, and x_tuned = alpha * x_base: every beta is known in closed form."""
+    d = 6
+    beta = torch.tensor([0.0, 0.25, 0.5, 1.0, 1.5, -0.5])
+    alpha = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0, 4.0])
+    cc = Crosscoder(2, d, d, architecture="l1")
+    with torch.no_grad():
+        cc.W_enc[0] = torch.eye(d)
+        cc.W_dec[1] = torch.eye(d)
+        cc.W_dec[0] = torch.diag(beta)
+    g = torch.Generator().manual_seed(0)
+    xb = torch.rand(5000, d, generator=g) * (torch.rand(5000, d, generator=g) < 0.3)
+    x = torch.stack([xb, alpha * xb], dim=1)
+    s = latent_scaling(cc, x, base=0, tuned=1)
+    assert torch.allclose(s["beta_reconstruction_base"], beta, atol=1e-5)
+    assert torch.allclose(s["beta_reconstruction_tuned"], torch.ones(d), atol=1e-5)
+    # error targets put latent j's own contribution back: base error + beta_j f_j = f_j
+    assert torch.allclose(s["beta_error_base"], torch.ones(d), atol=1e-5)
+    assert torch.allclose(s["beta_error_tuned"], alpha, atol=1e-5)
+    assert torch.allclose(s["nu_error"], 1 / alpha, atol=1e-5)
+
+
+def test_closed_form_beta_is_the_least_squares_solution():
+    g = torch.Generator().manual_seed(3)
+    f = torch.rand(400, generator=g)
+    v = torch.randn(8, generator=g)
+    y = 0.7 * f[:, None] * v + 0.1 * torch.randn(400, 8, generator=g)
+    beta = closed_form_beta((f[:, None] * y).sum(0)[None], (f**2).sum()[None], v[None])[0]
+    lstsq = torch.linalg.lstsq((f[:, None] * v).reshape(-1, 1), y.reshape(-1, 1)).solution
+    assert float(beta) == pytest.approx(float(lstsq), abs=1e-5)
+    assert torch.isnan(closed_form_beta(torch.zeros(1, 8), torch.zeros(1), v[None]))[0]
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="architecture"):
+        CrosscoderConfig(architecture="topk")
+    with pytest.raises(ValueError, match="exceeds its width"):
+        CrosscoderConfig(width=8, k=16)
+    with pytest.raises(ValueError, match="one shape for every model"):
+        train_crosscoder({"a": torch.zeros(10, 4), "b": torch.zeros(11, 4)}, CrosscoderConfig())
+
+
+def test_sae_train_cli_trains_a_crosscoder_on_a_paired_cache(tmp_path, make_hooked, capsys):
+    from irmlens.cache.capture import build_paired_cache
+    from irmlens.cache.tokens import TokenRows
+    from sae_training.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 100, (40, 16), generator=g)
+    rows = TokenRows(
+        tokens, torch.ones_like(tokens, dtype=torch.bool), -torch.ones_like(tokens), []
+    )
+    models = {"base": make_hooked(0), "rlhf": make_hooked(1)}
+    build_paired_cache(models, rows, [1], tmp_path / "cache", {}, dtype="float32", shard_rows=20)
+    out = tmp_path / "cc"
+    args = ["--cache", str(tmp_path / "cache"), "--model", "base", "--model", "rlhf"]
+    args += ["--hook", "blocks.1.hook_resid_post", "--width", "4x", "--k", "8"]
+    args += ["--batch-size", "128", "--epochs", "2", "--out", str(out)]
+    assert main(args + ["--arch", "crosscoder-batchtopk"]) == 0
+    assert "explained variance base" in capsys.readouterr().out
+    cc, cfg = load_crosscoder(out)
+    assert (cc.n_models, cc.width, cfg["hook_name"]) == (2, 64, "blocks.1.hook_resid_post")
+    one = [
+        "--cache",
+        str(tmp_path / "cache"),
+        "--model",
+        "base",
+        "--hook",
+        "blocks.1.hook_resid_post",
+    ]
+    with pytest.raises(SystemExit):  # argparse: a crosscoder needs two models or more
+        main(one + ["--arch", "crosscoder-l1", "--out", str(tmp_path / "x")])
+    assert "--model twice or more" in capsys.readouterr().err
+
+
+def test_a_crosscoder_on_the_null_pair_alone_has_no_tuned_only_latent():
+    acts, _ = planted_pair(n=6000, seed=2)
+    pair = {"base": acts["base"], "null": acts["null"]}
+    cfg = CrosscoderConfig(width=64, k=4, lr=1e-2, batch_size=256, epochs=15, seed=0)
+    cc, _ = train_crosscoder(pair, cfg)
+    x = torch.stack(list(pair.values()), dim=1)
+    fired = (cc.encode(x) > 0).any(0)
+    delta = relative_norm(cc, base=0, tuned=1)
+    assert fired.sum() >= N_SHARED // 2
+    assert float(delta[fired].max()) < 0.9 and float(delta[fired].min()) > 0.1, delta[fired]
