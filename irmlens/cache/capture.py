@@ -39,6 +39,14 @@ from irmlens.errors import ConfigError
 from irmlens.io import atomic_write_json, sha256_file
 
 
+def next_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log p(t_i | t_<i)`` per position (``[batch, n_ctx]`` float32, 0 at position 0) from a
+    forward pass's ``[batch, n_ctx, d_vocab]`` logits over ``tokens``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    lp = logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+    return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
+
+
 def _hook_batches(
     model,
     tokens: torch.Tensor,
@@ -50,8 +58,7 @@ def _hook_batches(
     """Per token batch, ``({hook: activations at the valid positions}, token log-probs or None)``
     on the model's device. Without ``logprobs`` the forward stops after the last needed layer;
     with it the forward runs to the logits and the second item is ``log p(t_i | t_<i)``
-    ([batch, n_ctx] float32, 0 at position 0), as ``irmlens.irm.implicit.token_log_ratios``
-    computes it. Under bf16 autocast on CUDA."""
+    (``next_token_logprobs``). Under bf16 autocast on CUDA."""
     stop = None if logprobs else max(int(h.split(".")[1]) for h in hooks) + 1
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
@@ -60,11 +67,7 @@ def _hook_batches(
         mask = valid[i : i + batch_size].to(device, non_blocking=on_gpu)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
             out, cache = model.run_with_cache(toks, names_filter=hooks, stop_at_layer=stop)
-        lp = None
-        if logprobs:
-            logp = torch.log_softmax(out.float(), dim=-1)
-            lp = logp[:, :-1].gather(-1, toks[:, 1:, None])[..., 0]
-            lp = torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1)
+        lp = next_token_logprobs(out, toks) if logprobs else None
         yield {h: cache[h][mask] for h in hooks}, lp
 
 

@@ -163,14 +163,18 @@ def load_activations(
     for k in range(manifest["n_shards"]):
         path = shard_path(cache_dir, model, hook, k)
         if verify:
-            expected = manifest["files"][str(path.relative_to(cache_dir))]["sha256"]
-            if sha256_file(path) != expected:
-                raise CorruptCacheError(
-                    f"{path} does not match its sha256 in {Path(cache_dir) / MANIFEST}: the "
-                    "cache is damaged; rerun the cache stage (it rewrites failing shards)"
-                )
+            _verify_file(cache_dir, manifest, path)
         parts.append(decode_shard(load_file(str(path))))
     return torch.cat(parts)
+
+
+def _verify_file(cache_dir: str | Path, manifest: dict, path: Path) -> None:
+    """Raise CorruptCacheError unless ``path`` matches its sha256 in the manifest."""
+    if sha256_file(path) != manifest["files"][str(path.relative_to(cache_dir))]["sha256"]:
+        raise CorruptCacheError(
+            f"{path} does not match its sha256 in {Path(cache_dir) / MANIFEST}: the cache is "
+            "damaged; rerun the cache stage (it rewrites failing shards)"
+        )
 
 
 def load_token_logprobs(cache_dir: str | Path, model: str) -> torch.Tensor | None:
@@ -183,11 +187,7 @@ def load_token_logprobs(cache_dir: str | Path, model: str) -> torch.Tensor | Non
     parts = []
     for k in range(manifest["n_shards"]):
         path = shard_path(cache_dir, model, TOKEN_LOGPROBS, k)
-        if sha256_file(path) != manifest["files"][str(path.relative_to(cache_dir))]["sha256"]:
-            raise CorruptCacheError(
-                f"{path} does not match its sha256 in {Path(cache_dir) / MANIFEST}: the cache "
-                "is damaged; rerun the cache stage (it rewrites failing shards)"
-            )
+        _verify_file(cache_dir, manifest, path)
         parts.append(load_file(str(path))["logprob"])
     return torch.cat(parts)
 

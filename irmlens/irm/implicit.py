@@ -17,16 +17,14 @@ def token_log_ratios(base, rlhf, tokens: torch.Tensor, batch_size: int = 32) -> 
     """``log pi_rlhf(t_i | t_<i) - log pi_base(t_i | t_<i)`` per position ([n_rows, n_ctx];
     position 0 gets 0). ``base``/``rlhf``: HookedTransformers (or any module mapping tokens to
     logits)."""
+    from irmlens.cache.capture import next_token_logprobs
+
     out = []
     device = next(base.parameters()).device
     for i in range(0, len(tokens), batch_size):
         t = tokens[i : i + batch_size].to(device)
-        lp = []
-        for m in (base, rlhf):
-            logp = torch.log_softmax(m(t).float(), dim=-1)
-            lp.append(logp[:, :-1].gather(-1, t[:, 1:, None])[..., 0])
-        ratio = (lp[1] - lp[0]).cpu()
-        out.append(torch.cat([torch.zeros(len(t), 1), ratio], dim=1))
+        lp = [next_token_logprobs(m(t), t) for m in (base, rlhf)]
+        out.append((lp[1] - lp[0]).cpu())
     return torch.cat(out)
 
 
