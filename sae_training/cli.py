@@ -205,6 +205,8 @@ def _train(args, acts, hook: str, model_name: str) -> int:
 
 def _train_crosscoder(args, acts: dict) -> int:
     """Train, evaluate and save a crosscoder over the cache's models (``--arch crosscoder-*``)."""
+    from dataclasses import asdict
+
     from sae_training.crosscoder import (
         CrosscoderConfig,
         evaluate_crosscoder,
@@ -230,8 +232,6 @@ def _train_crosscoder(args, acts: dict) -> int:
         raise TrainingInputError(str(e)) from None
     cc = cc.cpu()
     m = evaluate_crosscoder(cc, acts)
-    from dataclasses import asdict
-
     save_crosscoder(
         cc, args.out, list(acts), args.hook, {"config": asdict(cfg), "log": log, "evals": m}
     )

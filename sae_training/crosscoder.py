@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from irmlens.errors import CorruptCacheError
+from irmlens.io import sha256_file
 
 CROSSCODER_ARCHITECTURES = ("batchtopk", "l1")
 WEIGHTS = "crosscoder.safetensors"
@@ -129,10 +130,17 @@ class Crosscoder(nn.Module):
         """``[n_models, width]``: ||d_j^m||, in the scaled space."""
         return self.W_dec.norm(dim=-1)
 
+    def scale_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw activations ``[batch, n_models, d_in]`` in the scaled (training) space."""
+        return x * self.input_scale.to(x.dtype)[None, :, None]
+
+    def pre_codes_scaled(self, xs: torch.Tensor) -> torch.Tensor:
+        """ReLU pre-codes ``[batch, width]`` of scaled activations."""
+        return torch.relu(torch.einsum("bmd,mdf->bf", xs, self.W_enc) + self.b_enc)
+
     def pre_codes(self, x: torch.Tensor) -> torch.Tensor:
         """ReLU pre-codes ``[batch, width]`` of raw activations ``[batch, n_models, d_in]``."""
-        xs = x * self.input_scale.to(x.dtype)[None, :, None]
-        return torch.relu(torch.einsum("bmd,mdf->bf", xs, self.W_enc) + self.b_enc)
+        return self.pre_codes_scaled(self.scale_inputs(x))
 
     def select(self, pre: torch.Tensor, use_threshold: bool) -> torch.Tensor:
         """BatchTopK selection of pre-codes (L1: the identity): the batch's ``k * batch`` largest
@@ -244,7 +252,7 @@ def train_crosscoder(
     cc.init_weights(cfg.initial_norm, cfg.seed)
     with torch.no_grad():
         cc.input_scale.copy_(input_scales(x_all))
-        cc.b_dec.copy_((x_all * cc.input_scale[None, :, None]).mean(0))
+        cc.b_dec.copy_(cc.scale_inputs(x_all).mean(0))
     steps = max(1, int(cfg.epochs * (n // cfg.batch_size)))
     warm = max(1, int(cfg.lr_warm_up_fraction * steps))
     opt = torch.optim.Adam(cc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
@@ -256,8 +264,8 @@ def train_crosscoder(
     cc.train()
     for step in range(steps):
         x = next(batches)
-        xs = x * cc.input_scale[None, :, None]
-        pre = torch.relu(torch.einsum("bmd,mdf->bf", xs, cc.W_enc) + cc.b_enc)
+        xs = cc.scale_inputs(x)
+        pre = cc.pre_codes_scaled(xs)
         f = cc.select(pre, use_threshold=False)
         x_hat = cc.decode_scaled(f)
         err = _error_term(xs, x_hat)
@@ -322,12 +330,6 @@ def evaluate_crosscoder(
     }
 
 
-def _sha256(path: Path) -> str:
-    from irmlens.io import sha256_file
-
-    return sha256_file(path)
-
-
 def save_crosscoder(
     cc: Crosscoder,
     out_dir: str | Path,
@@ -358,7 +360,7 @@ def save_crosscoder(
         save_file(tensors, str(tmp / WEIGHTS))
         atomic_write_json(tmp / CFG, cfg)
         record = dict(training or {})
-        record["sha256"] = {WEIGHTS: _sha256(tmp / WEIGHTS), CFG: _sha256(tmp / CFG)}
+        record["sha256"] = {WEIGHTS: sha256_file(tmp / WEIGHTS), CFG: sha256_file(tmp / CFG)}
         atomic_write_json(tmp / TRAINING, record)
     return out
 
@@ -376,7 +378,7 @@ def load_crosscoder(path: str | Path, device: str = "cpu") -> tuple[Crosscoder, 
         raise ValueError(f"{cfg_path}: format {cfg.get('format')!r}, expected {FORMAT!r}")
     record = json.loads((path / TRAINING).read_text())
     for name, sha in record.get("sha256", {}).items():
-        if _sha256(path / name) != sha:
+        if sha256_file(path / name) != sha:
             raise CorruptCacheError(
                 f"{path / name} does not match its sha256 in {path / TRAINING}: retrain it"
             )

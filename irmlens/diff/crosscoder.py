@@ -84,7 +84,7 @@ def latent_scaling(
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size]
         f = cc.encode(xb)
-        xs = xb * cc.input_scale[None, :, None]
+        xs = cc.scale_inputs(xb)
         x_hat = cc.decode_scaled(f)
         fd = f.double()
         f2 += fd.pow(2).sum(0)
