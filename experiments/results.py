@@ -237,6 +237,11 @@ def _irm_rows(reports: list[dict]) -> list[Row]:
             NA,
         ),
         (
+            "reference: activation difference lens (no dictionary), held-out τ",
+            _lens,
+            NA,
+        ),
+        (
             "the paper's estimator on our split, τ",
             lambda r: _f(_get(r, "paper_estimator", "kendall_tau")),
             NA,
@@ -245,6 +250,50 @@ def _irm_rows(reports: list[dict]) -> list[Row]:
     rows += [(f"control {c}", control(c), NA) for c in controls]
     rows.append(("sparse IRM", sparse, NA))
     return rows
+
+
+def _lens(r: dict) -> str:
+    row = _get(r, "irm", "reference", "activation_difference_lens")
+    if not row:
+        return NA
+    tops = ", ".join(row.get("top_tokens", [])[:5])
+    return (
+        f"{_tau(row)} on {row['n_heldout_words']} words (IRM on them "
+        f"{_f(row['irm_heldout_kendall_tau_same_words'])}); top tokens: {tops}"
+    )
+
+
+def _crosscoder_rows() -> list[Row]:
+    def quality(r):
+        cc = r.get("crosscoder")
+        if not cc:
+            return NA
+        ev = cc["evals"]
+        per = "; ".join(
+            f"{m} EV {_f(e['explained_variance'])}, CE rec. {_f(e.get('ce_loss_recovered'))}"
+            for m, e in ev["per_model"].items()
+        )
+        arch = f"{cc['architecture']} k={cc['k']}" if cc["architecture"] == "batchtopk" else "L1"
+        return f"{arch}, width {cc['width']}, L0 {_f(ev['l0'], 1)}, dead {_pct(ev['dead_fraction'])}: {per}"
+
+    def tags(pair):
+        def get(r):
+            p = _get(r, "crosscoder", "pairs", pair)
+            if not p:
+                return NA
+            c = p["tag_counts"]
+            return (
+                f"{c['tuned_only']} {pair}-only ({p['n_tuned_specific']} confirmed by latent "
+                f"scaling), {c['base_only']} base-only, {c['shared']} shared, {c['dead']} dead"
+            )
+
+        return get
+
+    return [
+        ("crosscoder (IRM layer; base, RLHF, null)", quality, NA),
+        ("  latents, base vs RLHF", tags("rlhf"), NA),
+        ("  latents, base vs null (fine-tuning drift)", tags("null"), NA),
+    ]
 
 
 def _validation_rows(reports: list[dict]) -> list[Row]:
@@ -378,7 +427,7 @@ def _md_cell(s: str) -> str:
 
 
 def table(reports: list[dict]) -> str:
-    rows = _setup_rows() + _sae_rows(reports) + _irm_rows(reports)
+    rows = _setup_rows() + _sae_rows(reports) + _crosscoder_rows() + _irm_rows(reports)
     rows += _validation_rows(reports) + _label_rows()
     head = "| measure | " + " | ".join(r["name"] for r in reports) + " | paper |"
     lines = [head, "|" + "---|" * (len(reports) + 2)]

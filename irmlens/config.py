@@ -16,6 +16,7 @@ from irmlens.irm.spaces import IRM_SPACES
 from irmlens.models.pretrain import TOKENIZERS, PretrainConfig
 from irmlens.ranges import MAX_SEED, Device, Each, Flag, Int, Name, OneOf, Real, Rule, Text
 from irmlens.rlhf.train import ALGORITHMS, REWARDS, RLHFConfig
+from sae_training.crosscoder import CROSSCODER_ARCHITECTURES, CrosscoderConfig
 from sae_training.train import ARCHITECTURES, NORMALIZATIONS, TRAINERS, SAETrainingConfig
 
 
@@ -121,6 +122,14 @@ class SAEStageConfig:
     # or batchtopk): real-model studies use 4x-16x beside the paper's L1 at 1x and 2x
     wide_topk_multiplier: float = 0.0
     wide_topk_architecture: str = "topk"
+    # A crosscoder over every cached model at the IRM layer (none | batchtopk | l1; see
+    # sae_training/crosscoder.py), beside the shared and paired SAEs: its latents are tagged by
+    # relative decoder norm and latent scaling (stage diff) and form IRM comparison spaces.
+    # Width: crosscoder_multiplier x d_model (0: the widest width); sae.lr, batch_size, epochs.
+    crosscoder: str = "batchtopk"
+    crosscoder_k: int = 32
+    crosscoder_multiplier: float = 0.0
+    crosscoder_l1_coefficient: float = 0.041
     trainer: str = "auto"  # auto | fused | sae-lens (see sae_training.train.SAETrainingConfig)
     # input normalisation of every dictionary: "expected_average_only_in" (scale to norm
     # sqrt(d_in)), "covariance_whitening" (PCA whitening, so low-variance directions, where
@@ -141,6 +150,21 @@ class SAEStageConfig:
         if self.wide_topk_k < 0:
             raise ValueError(f"sae.wide_topk_k = {self.wide_topk_k}: use 0 (none) or a k >= 1")
         self.training_config(1, 0, "cpu")  # the same checks as the trainer's, at load time
+        if self.crosscoder != "none":
+            self.crosscoder_config(self.crosscoder_k, 0, "cpu")
+
+    def crosscoder_config(self, width: int, seed: int, device: str) -> CrosscoderConfig:
+        return CrosscoderConfig(
+            width=width,
+            architecture=self.crosscoder,
+            k=self.crosscoder_k,
+            l1_coefficient=self.crosscoder_l1_coefficient,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            epochs=self.epochs,
+            seed=seed,
+            device=device,
+        )
 
     def training_config(self, width: int, seed: int, device: str) -> SAETrainingConfig:
         return SAETrainingConfig(
@@ -282,6 +306,13 @@ def check_dimensions(cfg: StudyConfig, d_model: int, n_layer: int, model: str) -
             f"sae.wide_topk_k = {s.wide_topk_k} exceeds the wide TopK dictionary's width "
             f"{topk_width} ({model}): lower sae.wide_topk_k"
         )
+    cc_width = int(s.crosscoder_multiplier * d_model) if s.crosscoder_multiplier else widths[-1]
+    if s.crosscoder != "none" and not 1 <= s.crosscoder_k <= cc_width:
+        raise ConfigError(
+            f"sae.crosscoder_k = {s.crosscoder_k} exceeds the crosscoder's width {cc_width} "
+            f"(d_model {d_model}, {model}): lower sae.crosscoder_k or raise "
+            "sae.crosscoder_multiplier"
+        )
     for key, k in (("irm.sparse_k", cfg.irm.sparse_k),):
         if k > widths[-1]:
             raise ConfigError(
@@ -374,6 +405,10 @@ RANGES: dict[str, Rule] = {
     "sae.wide_topk_k": Int(0),  # 0: none; else at most its width
     "sae.wide_topk_multiplier": Real(0.0, 1024.0),  # 0: the widest width
     "sae.wide_topk_architecture": OneOf(("topk", "batchtopk")),
+    "sae.crosscoder": OneOf(("none", *CROSSCODER_ARCHITECTURES)),
+    "sae.crosscoder_k": _SIZE,  # at most its width: StudyConfig / preflight
+    "sae.crosscoder_multiplier": Real(0.0, 1024.0),  # 0: the widest width
+    "sae.crosscoder_l1_coefficient": _POSITIVE,
     "sae.trainer": OneOf(TRAINERS),
     "sae.normalize": OneOf(NORMALIZATIONS),
     # [diff]

@@ -103,7 +103,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage("diff", diff.run, diff.outputs, ("saes",), result=lambda p: p.diff),
     Stage("target", target.run, target.outputs, ("cache",)),
-    Stage("irm", irm.run, irm.outputs, ("saes", "target"), irm.done),
+    Stage("irm", irm.run, irm.outputs, ("saes", "diff", "target"), irm.done),
     Stage("validate", validate.run, validate.outputs, ("diff", "irm"), validate.done),
     Stage("labels", labels.run, labels.outputs, ("irm",), labels.done),
     Stage("cards", cards.run, cards.outputs, ("validate", "labels")),

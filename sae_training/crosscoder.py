@@ -385,3 +385,51 @@ def load_crosscoder(path: str | Path, device: str = "cpu") -> tuple[Crosscoder, 
     cc = Crosscoder(len(cfg["models"]), cfg["d_in"], cfg["width"], cfg["architecture"], cfg["k"])
     cc.load_state_dict(load_file(str(path / WEIGHTS)))
     return cc.to(device).eval(), cfg
+
+
+@dataclass(frozen=True)
+class _ReadingConfig:
+    d_sae: int
+
+
+class CrosscoderReading:
+    """How the IRM reads a crosscoder's change between two models: at each position, the codes
+    of the actual activations of every model minus the codes with model ``m``'s slot given the
+    base's activation instead (``change``): what the crosscoder reads differently because ``m``
+    moved away from the base there, everything else held fixed.
+
+    Why not encode each model's activation alone, copied into every slot? On a planted pair that
+    reading misses the planted RLHF-only latent entirely: the base and null slots' encoder
+    columns of an RLHF-only latent never saw its direction, so they stay at their random start,
+    and the copied input falls under the BatchTopK threshold (tests/sae_training). Zeros in the
+    other slots would halve the input, with the same effect. ``latents`` keeps a subset of the
+    latents (e.g. the RLHF-only ones), in that order."""
+
+    def __init__(self, cc: Crosscoder, models: list[str], latents: list[int] | None = None) -> None:
+        if len(models) != cc.n_models:
+            raise ValueError(f"{len(models)} model names for a crosscoder over {cc.n_models}")
+        self.crosscoder, self.models = cc, list(models)
+        self.latents = None if latents is None else torch.as_tensor(latents, dtype=torch.long)
+        self.cfg = _ReadingConfig(cc.width if self.latents is None else len(self.latents))
+
+    def latent_id(self, column: int) -> int:
+        """The crosscoder latent of this reading's column ``column``."""
+        return column if self.latents is None else int(self.latents[column])
+
+    @torch.no_grad()
+    def change(
+        self, acts: dict[str, torch.Tensor], model: str, base: str = "base", batch_size: int = 8192
+    ) -> torch.Tensor:
+        """``[n, d_sae]``: f(x) - f(x with ``model``'s slot holding ``base``'s activation), on
+        aligned per-model activations ``acts`` (every model of the crosscoder)."""
+        cc = self.crosscoder
+        x_all = stack_models({m: acts[m] for m in self.models})
+        slot, b = self.models.index(model), self.models.index(base)
+        outs = []
+        for i in range(0, len(x_all), batch_size):
+            x = x_all[i : i + batch_size].to(cc.W_enc.device)
+            counterfactual = x.clone()
+            counterfactual[:, slot] = x[:, b]
+            f = (cc.encode(x) - cc.encode(counterfactual)).cpu()
+            outs.append(f if self.latents is None else f[:, self.latents])
+        return torch.cat(outs) if outs else torch.zeros(0, self.cfg.d_sae)

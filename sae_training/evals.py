@@ -1,6 +1,9 @@
-"""SAE evaluations that need the language model: CE loss recovered with the SAE spliced in."""
+"""Dictionary evaluations that need the language model: CE loss recovered with the SAE's (or a
+crosscoder's) reconstruction spliced in."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -14,13 +17,58 @@ def ce_loss_recovered(
 
     Loss is averaged over positions whose *target* token is real (``valid`` shifted by one).
     """
+
+    def splice(act: torch.Tensor) -> torch.Tensor:
+        flat = act.reshape(-1, act.shape[-1]).float()
+        return sae(flat.to(sae.W_enc.device)).to(act.dtype).reshape(act.shape)
+
+    return _ce_recovered(model, hook, tokens, valid, batch_size, lambda toks: splice)
+
+
+@torch.no_grad()
+def crosscoder_ce_loss_recovered(
+    models: dict, cc, hook: str, tokens: torch.Tensor, valid: torch.Tensor, batch_size: int = 16
+) -> dict[str, dict]:
+    """CE loss recovered per model (``models``: name -> HookedTransformer, in the crosscoder's
+    decoder order), each model's own reconstruction spliced in; the crosscoder is fed every
+    model's activation at the hook on the same tokens."""
+    names = list(models)
+    layer = int(hook.split(".")[1])
+
+    def all_acts(toks: torch.Tensor) -> torch.Tensor:
+        acts = []
+        for m in names:
+            _, cache = models[m].run_with_cache(toks, names_filter=hook, stop_at_layer=layer + 1)
+            acts.append(cache[hook].float())
+        return torch.stack(acts, dim=2)  # [batch, pos, n_models, d]
+
+    out = {}
+    for slot, name in enumerate(names):
+
+        def prepare(toks, slot=slot):
+            # every model's activations first, outside any hook (the spliced model's own forward
+            # cannot run inside its hook)
+            x = all_acts(toks)
+            recon = cc(x.reshape(-1, *x.shape[2:]).to(cc.W_enc.device))[:, slot]
+            return lambda act: recon.to(act.device, act.dtype).reshape(act.shape)
+
+        out[name] = _ce_recovered(models[name], hook, tokens, valid, batch_size, prepare)
+    return out
+
+
+def _ce_recovered(
+    model,
+    hook: str,
+    tokens: torch.Tensor,
+    valid: torch.Tensor,
+    batch_size: int,
+    prepare: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]],
+) -> dict:
+    """CE clean / spliced / zero-ablated; ``prepare(tokens)`` gives the batch's splice (the
+    hook activation -> its reconstruction), computed before the spliced forward runs."""
     device = next(model.parameters()).device
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     count = 0
-
-    def splice(act, hook=None):
-        flat = act.reshape(-1, act.shape[-1]).float()
-        return sae(flat.to(sae.W_enc.device)).to(act.dtype).reshape(act.shape)
 
     def zero(act, hook=None):
         return torch.zeros_like(act)
@@ -28,6 +76,12 @@ def ce_loss_recovered(
     for i in range(0, len(tokens), batch_size):
         toks = tokens[i : i + batch_size].to(device)
         mask = valid[i : i + batch_size, 1:].to(device)
+
+        replace = prepare(toks)
+
+        def splice(act, hook=None, replace=replace):
+            return replace(act)
+
         runs = {
             "clean": model(toks, return_type="loss", loss_per_token=True),
             "sae": model.run_with_hooks(

@@ -99,11 +99,43 @@ def test_rlhf_raised_reward_and_saes_reconstruct(micro_run):
     assert all("reward_mean" in m and "kl" in m for m in metrics) and len(metrics) == 16
 
 
+def test_crosscoder_is_trained_diffed_and_compared_beside_the_saes(micro_run):
+    """The study's crosscoder over base, RLHF and null model: its evals, the RLHF pair's and the
+    null pair's decoder-norm tags, its IRM spaces beside the SAEs' (report.json
+    ``feature_spaces``), the activation difference lens as a reference, and both figures."""
+    r = json.loads((micro_run / "report/report.json").read_text())
+    cc = r["crosscoder"]
+    assert cc["models"] == ["base", "rlhf", "null"] and cc["architecture"] == "batchtopk"
+    assert cc["width"] == 128 and cc["layer"] == r["irm"]["layer"]
+    for m in cc["models"]:
+        e = cc["evals"]["per_model"][m]
+        assert e["explained_variance"] > 0.5 and _finite(e["ce_loss_recovered"]), (m, e)
+    assert abs(cc["evals"]["l0"] - 32) < 8  # the calibrated threshold keeps k latents a token
+    for pair in ("rlhf", "null"):
+        p = cc["pairs"][pair]
+        assert sum(p["tag_counts"].values()) == cc["width"] == sum(p["relative_norm_histogram"])
+        assert len(p["tuned_only"]) == p["tag_counts"]["tuned_only"]
+        assert all(0.9 <= t["relative_norm"] <= 1 for t in p["tuned_only"])
+    kinds = {row["space"]: row for row in r["feature_spaces"]}
+    assert kinds["crosscoder_codes"]["dictionary"] == "crosscoder"
+    assert kinds["sae_codes"]["dictionary"] == "shared SAE"
+    assert kinds["base_sae_codes"]["dictionary"].startswith("paired SAE")
+    assert all(_finite(row["heldout_kendall_tau"]) for row in r["feature_spaces"])
+    main = [row for row in r["feature_spaces"] if row["main"]]
+    assert len(main) == 1 and "random_sae" in main[0]["controls"] and main[0]["validation_arms"]
+    lens = r["irm"]["reference"]["activation_difference_lens"]
+    assert _finite(lens["heldout_kendall_tau"]) and lens["n_heldout_words"] > 20
+    assert len(lens["top_tokens"]) == 10 and lens["difference_ci"][0] <= lens["difference_ci"][1]
+    html = (micro_run / "report/index.html").read_text()
+    assert "Crosscoder: decoder norms" in html and "Crosscoder: latent scaling" in html
+    assert "activation difference lens" in html
+
+
 def test_saes_load_with_saelens(micro_run):
     from sae_lens import SAE
 
-    cfgs = list((micro_run / "saes").rglob("cfg.json"))
-    assert len(cfgs) == 7  # base, rlhf, shared at 2 widths + the wide TopK
+    cfgs = [c for c in (micro_run / "saes").rglob("cfg.json") if "crosscoder" not in c.parts]
+    assert len(cfgs) == 7  # base, rlhf, shared at 2 widths + the wide TopK (+ the crosscoder)
     for c in cfgs:
         sae = SAE.load_from_disk(str(c.parent))
         assert sae.cfg.d_in == 64

@@ -32,11 +32,14 @@ def relative_norm(cc, base: int = 0, tuned: int = 1) -> torch.Tensor:
     return 0.5 * ((nt - nb) / top + 1)
 
 
-def tag_latents(delta: torch.Tensor) -> list[str]:
-    """``tuned_only`` / ``base_only`` / ``shared`` / ``other`` per latent from Δ."""
+def tag_latents(delta: torch.Tensor, fired: torch.Tensor | None = None) -> list[str]:
+    """``tuned_only`` / ``base_only`` / ``shared`` / ``other`` per latent from Δ; ``dead`` for
+    latents that never fire on the data (``fired``: boolean ``[width]``), whose Δ says nothing."""
     out = []
-    for v in delta.tolist():
-        if v >= TUNED_ONLY_MIN:
+    for j, v in enumerate(delta.tolist()):
+        if fired is not None and not bool(fired[j]):
+            out.append("dead")
+        elif v >= TUNED_ONLY_MIN:
             out.append("tuned_only")
         elif v <= BASE_ONLY_MAX:
             out.append("base_only")
@@ -119,3 +122,56 @@ def tuned_specific(delta: torch.Tensor, scaling: dict[str, torch.Tensor]) -> tor
         & torch.isfinite(nu_e)
         & torch.isfinite(nu_r)
     )
+
+
+def _histogram(values: torch.Tensor, bins: int = 20) -> list[int]:
+    finite = values[torch.isfinite(values)].clamp(0, 1)
+    return torch.histc(finite, bins=bins, min=0.0, max=1.0).long().tolist()
+
+
+@torch.no_grad()
+def pair_summary(cc, x: torch.Tensor, base: int, tuned: int) -> dict:
+    """Every measure of one (base, tuned) pair of the crosscoder's models, per latent and in
+    totals: Δ, tags (live latents only: a dead one is ``dead``), decoder cosine, latent scaling
+    and which tuned-only latents it confirms."""
+    delta = relative_norm(cc, base, tuned)
+    fired = torch.zeros(cc.width, dtype=torch.bool)
+    for i in range(0, len(x), 4096):
+        fired |= (cc.encode(x[i : i + 4096]) > 0).any(0).cpu()
+    tags = tag_latents(delta, fired)
+    scaling = latent_scaling(cc, x, base, tuned)
+    confirmed = tuned_specific(delta, scaling) & fired
+    counts = {t: tags.count(t) for t in ("tuned_only", "base_only", "shared", "other", "dead")}
+    return {
+        "tag_counts": counts,
+        "n_tuned_specific": int(confirmed.sum()),
+        "tuned_only_latents": [j for j, t in enumerate(tags) if t == "tuned_only"],
+        "tuned_specific_latents": torch.nonzero(confirmed).flatten().tolist(),
+        "relative_norm_histogram": _histogram(delta),
+        "relative_norm": [round(v, 5) for v in delta.tolist()],
+        "decoder_cosine": [round(v, 5) for v in decoder_cosine(cc, base, tuned).tolist()],
+        "nu_error": [_finite_or_none(v) for v in scaling["nu_error"].tolist()],
+        "nu_reconstruction": [_finite_or_none(v) for v in scaling["nu_reconstruction"].tolist()],
+    }
+
+
+def _finite_or_none(v: float) -> float | None:
+    return round(v, 5) if v == v and abs(v) != float("inf") else None
+
+
+def crosscoder_diff(cc, x: torch.Tensor, models: list[str], base: str = "base") -> dict:
+    """``pair_summary`` of the base against every other model of the crosscoder (``x``: raw
+    activations ``[n, n_models, d]`` in ``models``' order), and the thresholds used: the null
+    pair's counts say how many "RLHF-only" latents fine-tuning drift alone produces."""
+    b = models.index(base)
+    return {
+        "models": list(models),
+        "thresholds": {
+            "tuned_only_min": TUNED_ONLY_MIN,
+            "base_only_max": BASE_ONLY_MAX,
+            "shared_band": SHARED_BAND,
+            "nu_error_max": NU_ERROR_MAX,
+            "nu_reconstruction_max": NU_RECONSTRUCTION_MAX,
+        },
+        "pairs": {m: pair_summary(cc, x, b, i) for i, m in enumerate(models) if i != b},
+    }

@@ -70,3 +70,40 @@ def paper_reference(
         ),
         neutral_near_zero,
     )
+
+
+def lens_reference(
+    scores_by_layer: dict[int, dict[int, float]],
+    layer: int,
+    targets,
+    heldout_irm: dict[int, float],
+    seed: int,
+    top_tokens: list[str] | None = None,
+) -> dict:
+    """The activation difference lens as a reference (``irmlens.diff.lens``): each held-out
+    word's lens logit (word id -> score, per studied layer) scored against the true utilities
+    like the IRM, with the paired CI of (IRM tau - lens tau) at ``layer``, on the words the
+    tokenizer can spell (the IRM's tau on those words is given beside it)."""
+    scores = scores_by_layer[layer]
+    held = [w for w in sorted(heldout_irm) if w in scores]
+    if len(held) < 3:
+        raise ValueError(f"the lens scores {len(held)} held-out words: too few to rank")
+    irm_common = {w: heldout_irm[w] for w in held}
+    lens = {w: scores[w] for w in held}
+    truth = [targets.utility[w] for w in held]
+    return {
+        "heldout_kendall_tau": kendall_tau([lens[w] for w in held], truth),
+        "heldout_spearman": spearman([lens[w] for w in held], truth),
+        "heldout_kendall_tau_ci": list(bootstrap_tau_ci(lens, targets.utility, seed=seed)),
+        "difference_ci": list(bootstrap_tau_ci(irm_common, targets.utility, other=lens, seed=seed)),
+        "irm_heldout_kendall_tau_same_words": kendall_tau([irm_common[w] for w in held], truth),
+        "n_heldout_words": len(held),
+        "layer": layer,
+        "by_layer": {
+            str(la): kendall_tau(
+                [s[w] for w in held if w in s], [targets.utility[w] for w in held if w in s]
+            )
+            for la, s in sorted(scores_by_layer.items())
+        },
+        **({"top_tokens": top_tokens} if top_tokens is not None else {}),
+    }

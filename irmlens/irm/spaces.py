@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from sae_training.crosscoder import CrosscoderReading
 from sae_training.train import encode_batched
 
 SAE_KINDS = ("codes", "pre", "codes+error")
@@ -74,6 +75,22 @@ def difference_space(
     return FeatureSpace(name, description, fit, held, n_features, selectable)
 
 
+def crosscoder_space(
+    name: str,
+    description: str,
+    reading: CrosscoderReading,
+    acts: dict[str, torch.Tensor],
+    positions: tuple[torch.Tensor, torch.Tensor],
+    model: str = "rlhf",
+    selectable: bool = False,
+) -> FeatureSpace:
+    """``reading.change`` at the fit and held-out positions: the crosscoder's codes minus its
+    codes with ``model``'s activation replaced by the base's (``acts``: every model's, at one
+    layer)."""
+    fit, held = (reading.change({m: a[p] for m, a in acts.items()}, model) for p in positions)
+    return FeatureSpace(name, description, fit, held, reading.cfg.d_sae, selectable)
+
+
 # ---------------------------------------------------------------- the registry
 
 
@@ -119,6 +136,8 @@ class SpaceSpec:
                 f"concatenates several layers, but layers.top_k = {cfg.layers.top_k}: set "
                 "layers.top_k >= 2"
             )
+        if self.dictionary.startswith("crosscoder") and cfg.sae.crosscoder == "none":
+            return 'needs the crosscoder, but sae.crosscoder = "none": set it to batchtopk or l1'
         if self.dictionary == "wide_topk" and cfg.sae.wide_topk_k == 0:
             return (
                 "needs the wide TopK dictionary, but sae.wide_topk_k = 0 (none): set "
@@ -156,6 +175,18 @@ class SpaceSpec:
         construction on the null pair)."""
         idx = self.layer_indices(inputs)
         saes = [s for s, _ in self.sources(inputs)] if saes is None else list(saes)
+        if self.representation == "crosscoder":
+            if base_only or len(saes) != 1:
+                raise ValueError("a crosscoder space reads one layer's change between two models")
+            return crosscoder_space(
+                name or self.name,
+                description or self.describe(inputs),
+                saes[0],
+                {m: a[idx[0]] for m, a in inputs.acts.items()},
+                inputs.positions,
+                model,
+                self.selectable and name is None,
+            )
         return difference_space(
             name or self.name,
             description or self.describe(inputs),
@@ -170,13 +201,17 @@ class SpaceSpec:
     def feature_ref(self, col: int, inputs: SpaceInputs) -> dict:
         """Which dictionary, layer and feature column ``col`` of this space is."""
         layers = [inputs.layers[i] for i in self.layer_indices(inputs)]
-        d_sae = self.sources(inputs)[0][0].cfg.d_sae
+        source = self.sources(inputs)[0][0]
+        d_sae = source.cfg.d_sae
         if self.representation == "codes+error" and col >= d_sae:
             return {"dictionary": "sae_error", "layer": layers[0], "local_feature": col - d_sae}
+        local = col % d_sae
+        if isinstance(source, CrosscoderReading):  # a subset's column -> the crosscoder's latent
+            local = source.latent_id(local)
         return {
             "dictionary": inputs.labels[self.dictionary],
             "layer": layers[col // d_sae],
-            "local_feature": col % d_sae,
+            "local_feature": local,
         }
 
     @property
@@ -243,6 +278,30 @@ SPACES: dict[str, SpaceSpec] = {
             True,
             lambda i: f"shared-SAE pre-activations of layers {_layers_text(i)}, concatenated",
         ),
+        # comparisons, not candidates for the main IRM (its controls and validation arms are
+        # built for SAEs): the crosscoder's latents, all of them and the RLHF-only ones
+        SpaceSpec(
+            "crosscoder_codes",
+            "crosscoder",
+            "crosscoder",
+            False,
+            False,
+            lambda i: (
+                f"{_crosscoder_text(i, 'crosscoder')} codes minus its codes with the RLHF "
+                "slot given the base activation"
+            ),
+        ),
+        SpaceSpec(
+            "crosscoder_rlhf_only",
+            "crosscoder",
+            "crosscoder_rlhf_only",
+            False,
+            False,
+            lambda i: (
+                f"{_crosscoder_text(i, 'crosscoder_rlhf_only')}: the same change on its "
+                f"{i.dictionaries['crosscoder_rlhf_only'][0][0].cfg.d_sae} RLHF-only latents"
+            ),
+        ),
         SpaceSpec(
             "raw_difference",
             "codes",
@@ -268,6 +327,11 @@ SPACES: dict[str, SpaceSpec] = {
 
 def _kind_text(i: SpaceInputs) -> str:
     return {"resid_post": "residual", "mlp_out": "MLP-output"}.get(i.kind, i.kind)
+
+
+def _crosscoder_text(i: SpaceInputs, role: str) -> str:
+    cc = i.dictionaries[role][0][0].crosscoder
+    return f"{cc.architecture} crosscoder ({cc.n_models} models, width {cc.width})"
 
 
 def _arch(sae) -> str:

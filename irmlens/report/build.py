@@ -151,7 +151,93 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
         "feature_cards": read_json(paths.cards) if paths.cards.exists() else [],
         "validation": _validation(paths),
         "labels": _labels(paths),
+        "crosscoder": _crosscoder(paths),
+        "feature_spaces": feature_spaces(irm, _validation(paths)),
     }
+
+
+def _crosscoder(paths: RunPaths) -> dict | None:
+    """The crosscoder's training record and diffing measures (None: the study has none): its
+    evals per model, and per pair (base vs rlhf, base vs null) the tag counts, the Δ histogram
+    and every tuned-only latent with its decoder cosine and latent scaling."""
+    diff_file = paths.diff / "crosscoder.json"
+    if not diff_file.exists():
+        return None
+    diff = read_json(diff_file)
+    record = next(iter(sorted(paths.saes.glob("crosscoder/*/*/training.json"))), None)
+    training = read_json(record) if record else {}
+    pairs = {}
+    for name, p in diff["pairs"].items():
+        pairs[name] = {
+            "tag_counts": p["tag_counts"],
+            "n_tuned_specific": p["n_tuned_specific"],
+            "tuned_specific_latents": p["tuned_specific_latents"],
+            "relative_norm_histogram": p["relative_norm_histogram"],
+            "tuned_only": [
+                {
+                    "latent": j,
+                    "relative_norm": p["relative_norm"][j],
+                    "decoder_cosine": p["decoder_cosine"][j],
+                    "nu_error": p["nu_error"][j],
+                    "nu_reconstruction": p["nu_reconstruction"][j],
+                }
+                for j in p["tuned_only_latents"]
+            ],
+        }
+    return {
+        "layer": diff["layer"],
+        "hook": diff["hook"],
+        "width": diff["width"],
+        "models": diff["models"],
+        "architecture": training.get("architecture"),
+        "k": training.get("k"),
+        "evals": training.get("evals"),
+        "thresholds": diff["thresholds"],
+        "pairs": pairs,
+    }
+
+
+# which kind of dictionary each IRM space reads (report.json ``feature_spaces``)
+SPACE_DICTIONARIES = {
+    "sae_codes": "shared SAE",
+    "sae_pre": "shared SAE",
+    "sae_codes_error": "shared SAE",
+    "multi_layer_pre": "shared SAE",
+    "base_sae_codes": "paired SAE (the base model's)",
+    "topk_wide_codes": "shared wide TopK SAE",
+    "crosscoder_codes": "crosscoder",
+    "crosscoder_rlhf_only": "crosscoder",
+    "raw_difference": "none (raw activations)",
+    "raw_difference_layers": "none (raw activations)",
+}
+
+
+def feature_spaces(irm: dict, validation: dict | None) -> list[dict]:
+    """The dictionary kinds side by side: each IRM space's held-out tau and CI; the main space
+    also carries its controls and the validation arms (which ablate and steer its features)."""
+    rows = []
+    for sp in irm["spaces"]:
+        row = {
+            "space": sp["name"],
+            "dictionary": SPACE_DICTIONARIES.get(sp["name"], "other"),
+            "n_features": sp["n_features"],
+            "heldout_kendall_tau": sp["heldout_kendall_tau"],
+            "heldout_kendall_tau_ci": sp["heldout_kendall_tau_ci"],
+            "cv_r2": sp["cv_r2"],
+            "main": sp["name"] == irm["space"],
+        }
+        if row["main"]:
+            row["controls"] = {
+                name: {k: c[k] for k in ("heldout_kendall_tau", "difference_ci") if k in c}
+                for name, c in irm["controls"].items()
+            }
+            if validation:
+                row["validation_arms"] = [
+                    {k: a.get(k) for k in ("arm", "reward", "reward_ci", "share_of_gain")}
+                    for a in validation["arms"]
+                ]
+        rows.append(row)
+    return rows
 
 
 def _reward_model(cfg, rlhf: dict | None, paths: RunPaths) -> dict:
@@ -318,8 +404,10 @@ def render_html(
     fit_points: list[dict] | None = None,
 ) -> str:
     from irmlens.viz.figures import (
+        crosscoder_norm_figure,
         divergent_feature_map_figure,
         irm_scatter_figure,
+        latent_scaling_figure,
         layer_divergence_figure,
         reward_curve_figure,
         sae_quality_figure,
@@ -356,6 +444,12 @@ def render_html(
         ("Over- and under-valued words", word_divergence_figure(report["divergent_words"])),
         ("The sparse IRM's features", top_features_figure(irm["top_features"])),
     ]
+    cc = report.get("crosscoder")
+    if cc:
+        figs += [
+            ("Crosscoder: decoder norms", crosscoder_norm_figure(cc)),
+            ("Crosscoder: latent scaling", latent_scaling_figure(cc)),
+        ]
     validation = report.get("validation")
     if validation:
         figs += [
@@ -409,7 +503,7 @@ def render_html(
 <tr><th>95% CI of τ (bootstrap over held-out words)</th><td>[{irm["heldout_kendall_tau_ci"][0]:.3f}, {irm["heldout_kendall_tau_ci"][1]:.3f}]</td></tr>
 <tr><th>reference: ridge on raw activation differences</th><td>τ {ref["raw_difference"]["heldout_kendall_tau"]:.3f}; signal retention of the IRM {_fmt(irm["signal_retention"])}</td></tr>
 <tr><th>reference: model-level implicit reward</th><td>τ {ref["model_implicit_reward"]["heldout_kendall_tau"]:.3f} (&beta; log &pi;<sub>RLHF</sub>/&pi;<sub>base</sub> per word: what the policy itself learned{"; here the target itself: no reward model was given" if ref["model_implicit_reward"].get("is_the_target") else ""})</td></tr>
-{_rm_free_html(ref.get("rm_free_irm"))}{_hook_kinds_html(irm.get("hook_kinds"))}
+{_rm_free_html(ref.get("rm_free_irm"))}{_lens_html(ref.get("activation_difference_lens"))}{_hook_kinds_html(irm.get("hook_kinds"))}{_crosscoder_html(report.get("crosscoder"))}
 <tr><th>sparse IRM ({sp["k"]} features)</th><td>τ {sp["heldout_kendall_tau"]:.3f} [{sp["heldout_kendall_tau_ci"][0]:.3f}, {sp["heldout_kendall_tau_ci"][1]:.3f}], retention {_fmt(sp["signal_retention"])}; same selection on a random SAE {report["controls"]["random_sae_sparse"]["heldout_kendall_tau"]:.3f}</td></tr>
 <tr><th>the paper's estimator</th><td>τ {paper["kendall_tau"]:.3f} on {paper["n_heldout_words"]} held-out words ({paper["n_examples"]} contrastive examples)</td></tr>
 <tr><th>controls (τ; 95% CI of IRM τ minus control τ)</th><td>{controls_text(report["controls"])}</td></tr>
@@ -477,6 +571,41 @@ def _rm_free_html(row: dict | None) -> str:
         f"<tr><th>RM-free IRM (fitted to the implicit reward, scored against the RM)</th><td>τ "
         f"{row['heldout_kendall_tau']:.3f} {_ci(row['heldout_kendall_tau_ci'])}; IRM τ minus it "
         f"{_ci(row['difference_ci'])}</td></tr>\n"
+    )
+
+
+def _lens_html(row: dict | None) -> str:
+    if row is None:
+        return ""
+    tops = html.escape(", ".join(row.get("top_tokens", [])))
+    return (
+        f"<tr><th>reference: activation difference lens (no dictionary)</th><td>τ "
+        f"{row['heldout_kendall_tau']:.3f} {_ci(row['heldout_kendall_tau_ci'])} on "
+        f"{row['n_heldout_words']} held-out words (the IRM on them "
+        f"{row['irm_heldout_kendall_tau_same_words']:.3f}; IRM τ minus lens τ "
+        f"{_ci(row['difference_ci'])}); its top tokens: {tops}</td></tr>\n"
+    )
+
+
+def _crosscoder_html(cc: dict | None) -> str:
+    if cc is None:
+        return ""
+    ev = cc.get("evals") or {}
+    per = "; ".join(
+        f"{html.escape(m)} EV {e['explained_variance']:.3f}, CE recovered "
+        f"{_fmt(e.get('ce_loss_recovered'))}"
+        for m, e in ev.get("per_model", {}).items()
+    )
+    pairs = "; ".join(
+        f"base vs {html.escape(m)}: {p['tag_counts']['tuned_only']} {html.escape(m)}-only, "
+        f"{p['tag_counts']['base_only']} base-only, {p['tag_counts']['shared']} shared, "
+        f"{p['n_tuned_specific']} confirmed by latent scaling"
+        for m, p in cc["pairs"].items()
+    )
+    return (
+        f"<tr><th>crosscoder ({html.escape(str(cc['architecture']))}, width {cc['width']}, "
+        f"{len(cc['models'])} models)</th><td>L0 {_fmt(ev.get('l0'))}, dead "
+        f"{_fmt(ev.get('dead_fraction'))}; {per}<br>{pairs}</td></tr>\n"
     )
 
 

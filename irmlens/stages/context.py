@@ -165,6 +165,17 @@ class StudyContext:
         m = self.cfg.sae.wide_topk_multiplier
         return int(m * self.d_model) if m else self.widest
 
+    @property
+    def crosscoder_width(self) -> int:
+        """The crosscoder's width (``sae.crosscoder_multiplier`` x d_model, or the widest)."""
+        m = self.cfg.sae.crosscoder_multiplier
+        return int(m * self.d_model) if m else self.widest
+
+    @property
+    def crosscoder_dir(self) -> Path:
+        """``saes/crosscoder/<IRM hook>/<width>/``: the crosscoder over every cached model."""
+        return self.paths.sae_dir("crosscoder", self.hook(self.irm_layer), self.crosscoder_width)
+
     def width_of(self, label: str) -> int:
         """The width of the dictionary ``label`` the diff, IRM and cards read."""
         return self.wide_topk_width if label == self.wide_topk_label else self.widest

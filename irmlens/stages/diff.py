@@ -33,9 +33,27 @@ def run(ctx: StudyContext) -> None:
             for r in per_layer.values()
         ]
     }
+    if ctx.cfg.sae.crosscoder != "none":
+        staged[paths.diff / "crosscoder.json"] = json.dumps(_crosscoder(ctx))
     for path, text in staged.items():
         atomic_write_text(path, text)
     atomic_write_json(paths.diff / "features.json", result)  # last: marks the stage done
+
+
+def _crosscoder(ctx: StudyContext) -> dict:
+    """The crosscoder's diffing measures (``irmlens.diff.crosscoder.crosscoder_diff``) on every
+    cached position of its hook, base against the RLHF model and against the null model."""
+    from irmlens.cache.store import load_activations
+    from irmlens.diff.crosscoder import crosscoder_diff
+    from sae_training.crosscoder import load_crosscoder, stack_models
+
+    cc, ccfg = load_crosscoder(ctx.crosscoder_dir)
+    hook = ccfg["hook_name"]
+    x = stack_models({m: load_activations(ctx.paths.cache, m, hook) for m in ccfg["models"]})
+    out = crosscoder_diff(cc, x, ccfg["models"])
+    counts = {m: p["tag_counts"]["tuned_only"] for m, p in out["pairs"].items()}
+    log(f"diff: crosscoder {hook}: tuned-only latents (Δ >= 0.9) per model {counts}")
+    return {"layer": ctx.irm_layer, "hook": hook, "width": cc.width, **out}
 
 
 def outputs(paths) -> list[Path]:
@@ -43,6 +61,7 @@ def outputs(paths) -> list[Path]:
         paths.diff / "features.json",
         *paths.diff.glob("features_layer*.csv"),
         *paths.diff.glob("matching_layer*.json"),
+        *paths.diff.glob("crosscoder.json"),  # only where the study has a crosscoder
     ]
 
 

@@ -39,11 +39,14 @@ def _inputs(ctx: StudyContext, kind: str | None = None):
     }
     if topk_dir.exists():
         dictionaries["wide_topk"] = [(load_sae(topk_dir), topk_dir)]
+    if (kind in (None, ctx.hook_kind)) and (paths.diff / "crosscoder.json").exists():
+        dictionaries |= _crosscoder_views(ctx.crosscoder_dir, paths.diff / "crosscoder.json")
     rows = load_token_rows(paths.cache)
     targets = position_targets(rows.word_id[rows.valid], rows.words, ctx.rm.word_utility)
     split = split_words(targets, ctx.cfg.irm)
     positions = (targets.position[split.fit_positions], targets.position[split.heldout_positions])
     labels = {"shared": "shared", "base": "base", "wide_topk": ctx.wide_topk_label, "raw": "raw"}
+    labels |= {"crosscoder": "crosscoder", "crosscoder_rlhf_only": "crosscoder"}
     inputs = SpaceInputs(layers, li, acts, dictionaries, labels, positions, kind or ctx.hook_kind)
     log(
         f"irm: {len(split.fit_words)} fit words ({len(split.fit_positions)} positions incl. "
@@ -52,6 +55,52 @@ def _inputs(ctx: StudyContext, kind: str | None = None):
         f", {kind or ctx.hook_kind}"
     )
     return inputs, targets, split, rows
+
+
+def _crosscoder_views(folder: Path, diff_file: Path) -> dict:
+    """The crosscoder's readings of the RLHF change: all its latents, and (when it has any) the
+    live latents stage diff tagged RLHF-only (relative decoder norm >= 0.9)."""
+    from irmlens.io import read_json
+    from sae_training.crosscoder import CrosscoderReading, load_crosscoder
+
+    cc, ccfg = load_crosscoder(folder)
+    out = {"crosscoder": [(CrosscoderReading(cc, ccfg["models"]), folder)]}
+    rlhf_only = read_json(diff_file)["pairs"]["rlhf"]["tuned_only_latents"]
+    if rlhf_only:
+        out["crosscoder_rlhf_only"] = [(CrosscoderReading(cc, ccfg["models"], rlhf_only), folder)]
+    return out
+
+
+def _lens(ctx: StudyContext, inputs, rows, targets, split, main, hooked) -> dict:
+    """The activation difference lens at every studied layer (mean rlhf - base activation over
+    each cached row's first ``LENS_FIRST_K`` tokens, read through the RLHF model's unembedding)
+    as a reference beside the IRM."""
+    from irmlens.diff.lens import logit_lens, mean_difference, word_scores
+    from irmlens.irm.references import lens_reference
+
+    tok = ctx.pair.tokenizer
+    held_words = [targets.words[w] for w in split.heldout_words]
+    ids = {w: i for i, w in enumerate(targets.words)}
+    scores, top = {}, None
+    for i, layer in enumerate(inputs.layers):
+        vec = mean_difference(
+            inputs.acts["base"][i], inputs.acts["rlhf"][i], rows.valid, LENS_FIRST_K
+        )
+        logits = logit_lens(hooked["rlhf"], vec)
+        scores[layer] = {ids[w]: v for w, v in word_scores(logits, tok, held_words).items()}
+        if layer == inputs.layer:
+            top = [tok.decode([t]).strip() for t in logits.topk(10).indices.tolist()]
+    row = lens_reference(scores, inputs.layer, targets, main.heldout_irm, ctx.cfg.irm.seed, top)
+    row["description"] = (
+        f"activation difference lens: mean rlhf - base {inputs.kind} difference over the first "
+        f"{LENS_FIRST_K} tokens of every cached row, read through the RLHF model's unembedding; "
+        "a held-out word's score is its first token's logit"
+    )
+    return row
+
+
+# the lens's positions per row (Minder et al. use the first 5 tokens of unrelated text)
+LENS_FIRST_K = 5
 
 
 def _fit_spaces(inputs, targets, split, icfg):
@@ -164,6 +213,15 @@ def run(ctx: StudyContext) -> None:
     else:  # what a study that did not know the RM would have found, scored against the RM
         references["rm_free_irm"] = _rm_free_row(chosen, main, targets, split, icfg, implicit)
     hooked = ctx.pair.get()
+    references["activation_difference_lens"] = _lens(
+        ctx, inputs, rows, targets, split, main, hooked
+    )
+    lens = references["activation_difference_lens"]
+    log(
+        f"irm: activation difference lens tau {lens['heldout_kendall_tau']:.3f} on "
+        f"{lens['n_heldout_words']} held-out words (IRM on them "
+        f"{lens['irm_heldout_kendall_tau_same_words']:.3f}); its top tokens {lens['top_tokens']}"
+    )
 
     # Sparse IRM (k features) and its controls (the same selection on a random dictionary).
     sparse, chosen_feats, sparse_row = _sparse(chosen, targets, split, icfg, feature_ref, raw_tau)

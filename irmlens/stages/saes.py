@@ -114,7 +114,65 @@ def run(ctx: StudyContext) -> None:
                         "mmcs": mmcs(small.W_dec, large.W_dec),
                     }
                 )
+    if cfg.sae.crosscoder != "none":
+        train_study_crosscoder(ctx)
     atomic_write_json(paths.saes / "mmcs.json", mmcs_rows)  # last: marks the stage done
+
+
+def train_study_crosscoder(ctx: StudyContext) -> None:
+    """The crosscoder over every cached model (base, rlhf, and the null model when there is one,
+    so the null pair's decoder norms are measured by the same dictionary) at the IRM layer's
+    studied hook, on the SAEs' training positions; held-out evals per model and CE loss
+    recovered with each model's own reconstruction spliced in. Kept on resume (its folder is
+    written whole, then renamed)."""
+    from irmlens.cache.store import load_activations, load_manifest, load_token_rows
+    from sae_training.crosscoder import evaluate_crosscoder, save_crosscoder, train_crosscoder
+    from sae_training.evals import crosscoder_ce_loss_recovered
+
+    cfg, paths, out = ctx.cfg, ctx.paths, ctx.crosscoder_dir
+    if (out / "training.json").exists():
+        return
+    hook = ctx.hook(ctx.irm_layer)
+    models = load_manifest(paths.cache)["models"]
+    acts = {m: load_activations(paths.cache, m, hook) for m in models}
+    train_idx, eval_idx = _sae_eval_split(acts["base"].shape[0], cfg.seed)
+    seed = sae_init_seed(cfg.seed, "crosscoder", ctx.irm_layer, ctx.crosscoder_width)
+    ccfg = cfg.sae.crosscoder_config(ctx.crosscoder_width, seed, cfg.model.device)
+    log(
+        f"sae: training {ccfg.architecture} crosscoder over {models} {hook} width {ccfg.width} "
+        f"on {len(train_idx)} positions"
+    )
+    cc, train_log = train_crosscoder({m: a[train_idx] for m, a in acts.items()}, ccfg)
+    evals = evaluate_crosscoder(cc, {m: a[eval_idx] for m, a in acts.items()})
+    rows = load_token_rows(paths.cache)
+    n = cfg.sae.ce_eval_rows
+    hooked = ctx.pair.get()
+    ce = crosscoder_ce_loss_recovered(
+        {m: hooked[m] for m in models}, cc, hook, rows.tokens[-n:], rows.valid[-n:]
+    )
+    for m in models:
+        evals["per_model"][m].update(ce[m])
+    record = {
+        "layer": ctx.irm_layer,
+        "hook": hook,
+        "models": models,
+        "architecture": ccfg.architecture,
+        "width": ccfg.width,
+        "k": ccfg.k,
+        "settings": {k: getattr(ccfg, k) for k in ("lr", "batch_size", "epochs", "seed")},
+        "training": {k: v for k, v in train_log.items() if k != "history"},
+        "evals": evals,
+        "eval": "held-out 10% of positions; CE on the last ce_eval_rows token rows",
+    }
+    save_crosscoder(cc, out, models, hook, training=record)
+    per = ", ".join(
+        f"{m} EV {e['explained_variance']:.3f} CE rec "
+        + (f"{e['ce_loss_recovered']:.3f}" if e["ce_loss_recovered"] is not None else "undefined")
+        for m, e in evals["per_model"].items()
+    )
+    log(
+        f"sae: crosscoder L{ctx.irm_layer}: L0 {evals['l0']:.1f}, dead {evals['dead_fraction']:.2f}; {per}"
+    )
 
 
 def outputs(paths) -> list[Path]:

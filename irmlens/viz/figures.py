@@ -373,3 +373,68 @@ def steering_dose_figure(validation: dict) -> go.Figure:
         height=480,
     )
     return fig
+
+
+def crosscoder_norm_figure(crosscoder: dict) -> go.Figure:
+    """The crosscoder's relative decoder norm Δ per latent (1: only the tuned model's decoder,
+    0: only the base's), RLHF pair and null pair overlaid: RLHF-only latents mean something
+    only where the null pair has fewer."""
+    fig = go.Figure()
+    colors = {"rlhf": "#d62728", "null": "#7f7f7f"}
+    for name, pair in crosscoder["pairs"].items():
+        h = pair["relative_norm_histogram"]
+        centers = [(i + 0.5) / len(h) for i in range(len(h))]
+        fig.add_trace(
+            go.Bar(
+                x=centers,
+                y=h,
+                name=f"base vs {name} ({pair['tag_counts']['tuned_only']} {name}-only)",
+                marker_color=colors.get(name),
+                opacity=0.6,
+            )
+        )
+    t = crosscoder["thresholds"]
+    for x in (t["base_only_max"], t["tuned_only_min"]):
+        fig.add_vline(x=x, line_dash="dot", line_color="#444")
+    fig.update_layout(
+        barmode="overlay",
+        title=f"Crosscoder decoder norms, layer {crosscoder['layer']} (width {crosscoder['width']})",
+        xaxis_title="relative decoder norm Δ (0 base-only, 0.5 shared, 1 tuned-only)",
+        yaxis_title="latents",
+        yaxis_type="log",
+    )
+    return fig
+
+
+def latent_scaling_figure(crosscoder: dict) -> go.Figure:
+    """Latent scaling of the tuned-only latents (Minder et al., Fig. 3): ν_ε (how much of the
+    latent the base model's error still holds: complete shrinkage) against ν_r (how much the
+    base's reconstruction rebuilds it: decoupling); real tuned-specific latents sit near 0, 0."""
+    fig = go.Figure()
+    colors = {"rlhf": "#d62728", "null": "#7f7f7f"}
+    for name, pair in crosscoder["pairs"].items():
+        pts = [
+            (t["latent"], t["nu_error"], t["nu_reconstruction"])
+            for t in pair["tuned_only"]
+            if t["nu_error"] is not None and t["nu_reconstruction"] is not None
+        ]
+        fig.add_trace(
+            go.Scatter(
+                x=[p[1] for p in pts],
+                y=[p[2] for p in pts],
+                mode="markers",
+                name=f"{name}-only latents ({pair['n_tuned_specific']} confirmed)",
+                marker=dict(color=colors.get(name), size=7, opacity=0.7),
+                customdata=[p[0] for p in pts],
+                hovertemplate="latent %{customdata}<br>ν_ε %{x:.3f}<br>ν_r %{y:.3f}<extra></extra>",
+            )
+        )
+    t = crosscoder["thresholds"]
+    fig.add_vline(x=t["nu_error_max"], line_dash="dot", line_color="#444")
+    fig.add_hline(y=t["nu_reconstruction_max"], line_dash="dot", line_color="#444")
+    fig.update_layout(
+        title="Latent scaling of the tuned-only latents (near 0, 0: really tuned-specific)",
+        xaxis_title="ν_ε (base error / tuned error β)",
+        yaxis_title="ν_r (base reconstruction / tuned reconstruction β)",
+    )
+    return fig

@@ -7,6 +7,7 @@ import torch
 
 from irmlens.diff.crosscoder import (
     closed_form_beta,
+    crosscoder_diff,
     decoder_cosine,
     latent_scaling,
     relative_norm,
@@ -16,9 +17,11 @@ from irmlens.diff.crosscoder import (
 from sae_training.crosscoder import (
     Crosscoder,
     CrosscoderConfig,
+    CrosscoderReading,
     evaluate_crosscoder,
     load_crosscoder,
     save_crosscoder,
+    stack_models,
     train_crosscoder,
 )
 
@@ -193,3 +196,43 @@ def test_a_crosscoder_on_the_null_pair_alone_has_no_tuned_only_latent():
     delta = relative_norm(cc, base=0, tuned=1)
     assert fired.sum() >= N_SHARED // 2
     assert float(delta[fired].max()) < 0.9 and float(delta[fired].min()) > 0.1, delta[fired]
+
+
+def _planted_latent(cc, planted) -> int:
+    cos = torch.nn.functional.cosine_similarity(cc.W_dec.detach()[1], planted[None], dim=-1)
+    return int(cos.argmax())
+
+
+def test_crosscoder_diff_tags_the_planted_latent_and_no_live_null_latent(trained):
+    cc, _, acts, planted = trained
+    out = crosscoder_diff(cc, stack_models(acts), list(acts))
+    j = _planted_latent(cc, planted)
+    r, n = out["pairs"]["rlhf"], out["pairs"]["null"]
+    assert r["tuned_only_latents"] == [j] and r["tuned_specific_latents"] == [j]
+    assert r["tag_counts"]["tuned_only"] == 1 and r["tag_counts"]["shared"] >= N_SHARED // 2
+    assert n["tag_counts"]["tuned_only"] == 0 and n["n_tuned_specific"] == 0
+    assert sum(r["relative_norm_histogram"]) == cc.width == len(r["nu_error"])
+    assert sum(r["tag_counts"].values()) == cc.width
+    assert out["thresholds"]["tuned_only_min"] == 0.9
+
+
+def test_reading_the_change_tracks_the_plant_and_copying_the_input_would_not(trained):
+    """The IRM's crosscoder space: f(x) - f(x with the RLHF slot given the base's activation), on
+    the planted latent, follows the planted code (the rlhf - base difference along the planted
+    direction). Encoding each model's activation copied into every slot, the obvious alternative,
+    leaves the planted latent silent: why the IRM does not read it that way."""
+    cc, _, acts, planted = trained
+    n = 3000
+    few = {m: a[:n] for m, a in acts.items()}
+    reading = CrosscoderReading(cc, list(acts))
+    change = reading.change(few, "rlhf")
+    j = _planted_latent(cc, planted)
+    plant = (few["rlhf"] - few["base"]) @ planted
+    assert float(torch.corrcoef(torch.stack([change[:, j], plant]))[0, 1]) > 0.9
+    # the null model's change reads no planted latent; a subset keeps its columns in order
+    assert float(reading.change(few, "null")[:, j].abs().max()) < 0.1 * float(change[:, j].max())
+    sub = CrosscoderReading(cc, list(acts), [j, 2])
+    assert torch.equal(sub.change(few, "rlhf"), change[:, [j, 2]])
+    assert sub.cfg.d_sae == 2 and sub.latent_id(0) == j and reading.latent_id(7) == 7
+    copied = cc.encode(few["rlhf"][:, None].expand(-1, cc.n_models, -1))
+    assert float((copied[:, j] > 0).float().mean()) < 0.5 * float((plant > 0).float().mean())
