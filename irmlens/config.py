@@ -122,6 +122,10 @@ class SAEStageConfig:
     # or batchtopk): real-model studies use 4x-16x beside the paper's L1 at 1x and 2x
     wide_topk_multiplier: float = 0.0
     wide_topk_architecture: str = "topk"
+    # Bring your own dictionary: a SAELens SAE folder used as the study's shared dictionary at
+    # its hook (which becomes the IRM layer, and is studied whatever the layer ranking says)
+    # instead of training one; its width is the study's widest. "" (the default): train one.
+    source: str = ""
     # A crosscoder over every cached model at the IRM layer (none | batchtopk | l1; see
     # sae_training/crosscoder.py), beside the shared and paired SAEs: its latents are tagged by
     # relative decoder norm and latent scaling (stage diff) and form IRM comparison spaces.
@@ -152,6 +156,21 @@ class SAEStageConfig:
         self.training_config(1, 0, "cpu")  # the same checks as the trainer's, at load time
         if self.crosscoder != "none":
             self.crosscoder_config(self.crosscoder_k, 0, "cpu")
+        _ = self.source_info  # a folder that is not a SAELens SAE fails here, at load
+
+    @property
+    def source_info(self):
+        """The ``source`` folder's hook, layer and sizes (None: no source), read once."""
+        if not self.source:
+            return None
+        if getattr(self, "_source_info", None) is None:
+            from sae_training.train import read_sae_folder
+
+            try:
+                self._source_info = read_sae_folder(self.source)
+            except ValueError as e:
+                raise ValueError(f"sae.source = {self.source!r}: {e}") from None
+        return self._source_info
 
     def crosscoder_config(self, width: int, seed: int, device: str) -> CrosscoderConfig:
         return CrosscoderConfig(
@@ -249,6 +268,13 @@ class StudyConfig:
                     f"byte tokens and the special tokens): use {MIN_BPE_VOCAB} or more, or "
                     'pretrain.tokenizer = "word"'
                 )
+        src = self.sae.source_info
+        if src is not None and src.kind != self.cache.hook_kinds[0]:
+            raise ValueError(
+                f"sae.source reads {src.hook_name} ({src.kind}), but the study's hook kind is "
+                f"cache.hook_kinds[0] = {self.cache.hook_kinds[0]!r}: put {src.kind!r} first in "
+                "cache.hook_kinds"
+            )
         if self.data.lexicon == "none" and not self.model.rlhf:
             raise ValueError(
                 "data.lexicon = 'none' studies a pair whose reward model is unknown, so irmlens "
@@ -306,6 +332,25 @@ def check_dimensions(cfg: StudyConfig, d_model: int, n_layer: int, model: str) -
             f"sae.wide_topk_k = {s.wide_topk_k} exceeds the wide TopK dictionary's width "
             f"{topk_width} ({model}): lower sae.wide_topk_k"
         )
+    src = s.source_info
+    if src is not None:
+        if src.d_in != d_model:
+            raise ConfigError(
+                f"sae.source {src.path} reads {src.d_in}-dimensional activations, but {model} "
+                f"has d_model {d_model}: give an SAE trained on this model"
+            )
+        if src.layer >= n_layer:
+            raise ConfigError(
+                f"sae.source {src.path} reads {src.hook_name}, but {model} has {n_layer} layers: "
+                "give an SAE trained on this model"
+            )
+        if widths[-1] > src.d_sae:
+            raise ConfigError(
+                f"sae.width_multipliers = {s.width_multipliers} trains dictionaries of width up "
+                f"to {widths[-1]}, wider than sae.source's {src.d_sae} (the study's widest): "
+                f"use multipliers <= {src.d_sae / d_model:.4g}"
+            )
+        widths = sorted({*widths, src.d_sae})
     cc_width = int(s.crosscoder_multiplier * d_model) if s.crosscoder_multiplier else widths[-1]
     if s.crosscoder != "none" and not 1 <= s.crosscoder_k <= cc_width:
         raise ConfigError(
@@ -405,6 +450,7 @@ RANGES: dict[str, Rule] = {
     "sae.wide_topk_k": Int(0),  # 0: none; else at most its width
     "sae.wide_topk_multiplier": Real(0.0, 1024.0),  # 0: the widest width
     "sae.wide_topk_architecture": OneOf(("topk", "batchtopk")),
+    "sae.source": Text(),  # "" or a SAELens SAE folder: SAEStageConfig / check_dimensions
     "sae.crosscoder": OneOf(("none", *CROSSCODER_ARCHITECTURES)),
     "sae.crosscoder_k": _SIZE,  # at most its width: StudyConfig / preflight
     "sae.crosscoder_multiplier": Real(0.0, 1024.0),  # 0: the widest width

@@ -762,3 +762,56 @@ def evaluate_sae(sae, acts: torch.Tensor, batch_size: int = 8192) -> dict:
         "dead_fraction": float((~fired).float().mean()),
         "n_positions": n,
     }
+
+
+@dataclass(frozen=True)
+class SAEFolderInfo:
+    """What a SAELens SAE folder's cfg.json says about where the dictionary reads."""
+
+    path: Path
+    hook_name: str
+    layer: int
+    kind: str  # resid_post | mlp_out | ... (the part after ``hook_``)
+    d_in: int
+    d_sae: int
+    architecture: str
+
+
+def read_sae_folder(path: str | Path) -> SAEFolderInfo:
+    """Read (without loading the weights) the cfg.json of a SAELens SAE folder, in either
+    layout SAELens writes (``hook_name`` under ``metadata``, sae-lens 6, or at the top level);
+    a folder that is not one raises ValueError naming the file and what is missing."""
+    import re
+
+    path = Path(path).expanduser()
+    cfg_file = path / "cfg.json"
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder: give the folder SAELens saved the SAE into")
+    if not cfg_file.exists():
+        raise ValueError(f"{path} has no cfg.json: it is not a SAELens SAE folder")
+    cfg = json.loads(cfg_file.read_text())
+    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    missing = [
+        k
+        for k, v in (("hook_name", hook), ("d_in", cfg.get("d_in")), ("d_sae", cfg.get("d_sae")))
+        if v is None
+    ]
+    if missing:
+        raise ValueError(f"{cfg_file} lacks {', '.join(missing)}: it is not a SAELens SAE cfg.json")
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", hook)
+    if m is None:
+        raise ValueError(
+            f"{cfg_file}: hook_name {hook!r} is not a block hook (blocks.<layer>.hook_resid_post "
+            "or blocks.<layer>.hook_mlp_out): irmlens caches only those"
+        )
+    if not any((path / f).exists() for f in ("sae_weights.safetensors", "sae_weights.pt")):
+        raise ValueError(f"{path} has no sae_weights.safetensors: the SAE's weights are missing")
+    return SAEFolderInfo(
+        path,
+        hook,
+        int(m.group(1)),
+        m.group(2),
+        int(cfg["d_in"]),
+        int(cfg["d_sae"]),
+        str(cfg.get("architecture", "standard")),
+    )

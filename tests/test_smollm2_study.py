@@ -51,7 +51,16 @@ def test_the_smollm2_study_runs_to_its_report_at_reduced_size(tmp_path, assets):
     topk_width = int(values["sae"]["wide_topk_multiplier"] * 576)
     assert ("shared", "standard", 576) in archs and ("shared", "standard", 1152) in archs
     assert any(w == topk_width and a in ("topk", "batchtopk") for _, a, w in archs)
-    for ref in ("raw_difference", "model_implicit_reward", "rm_free_irm"):
+    cc = r["crosscoder"]  # over base, RLHF and null at the IRM layer
+    assert cc["models"] == ["base", "rlhf", "null"] and cc["hook"] == r["irm"]["hook"]
+    assert all(e["explained_variance"] > 0 for e in cc["evals"]["per_model"].values())
+    assert "crosscoder_codes" in {row["space"] for row in r["feature_spaces"]}
+    for ref in (
+        "raw_difference",
+        "model_implicit_reward",
+        "rm_free_irm",
+        "activation_difference_lens",
+    ):
         assert math.isfinite(r["irm"]["reference"][ref]["heldout_kendall_tau"])
     assert r["validation"]["arms"] and r["labels"]["comparison"]["sparse_irm"]["lexicon"]["n"]
     assert (run / "report/index.html").exists()

@@ -119,3 +119,69 @@ def test_the_lexicon_study_reports_the_rm_free_irm_against_the_rm(micro_run):
 def test_an_rm_free_study_needs_the_pair(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.lexicon = 'none'.*model\.rlhf"):
         config_from_dict({"data": {"lexicon": "none"}})
+
+
+def test_a_saelens_sae_given_as_sae_source_is_the_studys_shared_dictionary(micro_run, tmp_path):
+    """Bring your own dictionary: an SAE trained by ``sae-train`` on the micro cache (saved by
+    sae_lens, which loads it back), given as ``sae.source``, is copied bit for bit as the shared
+    dictionary at its hook, becomes the IRM's, and the study runs to its report."""
+    import hashlib
+
+    from sae_lens import SAE
+
+    from sae_training.cli import main as sae_train
+
+    layer = _report(micro_run)["irm"]["layer"]
+    hook = f"blocks.{layer}.hook_resid_post"
+    folder = tmp_path / "my-sae"
+    args = ["--cache", str(micro_run / "cache"), "--model", "base", "--model", "rlhf"]
+    args += ["--hook", hook, "--width", "3x", "--epochs", "2", "--batch-size", "256"]
+    assert sae_train([*args, "--out", str(folder)]) == 0
+    assert SAE.load_from_disk(str(folder)).cfg.d_sae == 192
+    sae = {"source": str(folder), "width_multipliers": [1], "crosscoder": "none", "wide_topk_k": 0}
+    cfg = _variant(micro_run, tmp_path, sae=sae, irm={"n_shuffles": 1})
+    run = tmp_path / "byo"
+    assert main(["run", str(cfg), "--out", str(run)]) == 0
+    r = _report(run)
+    assert r["irm"]["layer"] == layer and r["irm"]["sae"] == {"model": "shared", "width": 192}
+    given = [s for s in r["saes"] if s["model"] == "shared" and s["width"] == 192]
+    assert len(given) == 1 and given[0]["explained_variance"] > 0.5
+    assert {s["width"] for s in r["saes"]} == {64, 192}  # base and rlhf trained at both widths
+
+    def sha(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    copied = RunPaths(run).sae_dir("shared", hook, 192)
+    assert sha(copied / "sae_weights.safetensors") == sha(folder / "sae_weights.safetensors")
+    assert json.loads((copied / "metrics.json").read_text())["source"] == str(folder)
+    assert math.isfinite(r["irm"]["heldout_kendall_tau"]) and r["validation"]["arms"]
+
+
+def _fake_sae(folder: Path, hook: str, d_in: int = 64, d_sae: int = 128) -> Path:
+    folder.mkdir(parents=True)
+    cfg = {"d_in": d_in, "d_sae": d_sae, "architecture": "standard"}
+    cfg["metadata"] = {"hook_name": hook}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    (folder / "sae_weights.safetensors").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "hook, sae, match",
+    [
+        ("blocks.1.hook_resid_post", {"source": "/nonexistent/sae"}, "is not a folder"),
+        ("blocks.1.hook_mlp_out", {}, "put 'mlp_out' first in cache.hook_kinds"),
+        ("blocks.1.attn.hook_z", {}, "is not a block hook"),
+        ("blocks.7.hook_resid_post", {}, "has 2 layers"),
+        ("blocks.1.hook_resid_post", {"width_multipliers": [4]}, "wider than sae.source's 128"),
+    ],
+)
+def test_a_bad_sae_source_fails_at_load_naming_the_fix(tmp_path, hook, sae, match):
+    values = tomllib.loads(MICRO.read_text())
+    values["sae"] |= {"source": str(_fake_sae(tmp_path / "sae", hook)), **sae}
+    with pytest.raises((ConfigError, ValueError), match=match):
+        config_from_dict(values)
+    wrong_width = _fake_sae(tmp_path / "wide", "blocks.1.hook_resid_post", d_in=32)
+    values["sae"] |= {"source": str(wrong_width), "width_multipliers": [1, 2]}
+    with pytest.raises((ConfigError, ValueError), match="has d_model 64"):
+        config_from_dict(values)

@@ -126,7 +126,11 @@ class StudyContext:
 
     @property
     def irm_layer(self) -> int:
-        """The most changed of the studied layers: the IRM's, the feature table's."""
+        """The most changed of the studied layers: the IRM's, the feature table's (with
+        ``sae.source``, the source dictionary's layer)."""
+        src = self.cfg.sae.source_info
+        if src is not None:
+            return src.layer
         return next(la for la in self.layers["ranking"] if la in self.studied_layers)
 
     @property
@@ -150,8 +154,11 @@ class StudyContext:
 
     @property
     def widths(self) -> list[int]:
-        """Dictionary widths, narrowest first (``sae.width_multipliers`` x d_model)."""
-        return sorted({int(m * self.d_model) for m in self.cfg.sae.width_multipliers})
+        """Dictionary widths, narrowest first (``sae.width_multipliers`` x d_model, and the
+        ``sae.source`` dictionary's width, the widest: the config's checks make sure)."""
+        widths = {int(m * self.d_model) for m in self.cfg.sae.width_multipliers}
+        src = self.cfg.sae.source_info
+        return sorted(widths | ({src.d_sae} if src is not None else set()))
 
     @property
     def widest(self) -> int:

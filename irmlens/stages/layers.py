@@ -25,6 +25,13 @@ def run(ctx: StudyContext) -> None:
     studied = select_layers(divs, cfg.layers.top_k, cfg.layers.relative)
     key = (lambda d: d.relative_divergence) if cfg.layers.relative else (lambda d: d.divergence)
     ranking = [d.layer for d in sorted(divs, key=key, reverse=True)]
+    src = cfg.sae.source_info
+    if src is not None and src.layer not in studied:
+        # the given dictionary's layer is studied (it is the IRM's): it takes the place of the
+        # least changed of the selected layers
+        dropped = max(studied, key=ranking.index)
+        studied = sorted([la for la in studied if la != dropped] + [src.layer])
+        log(f"layers: sae.source reads layer {src.layer}: studied instead of layer {dropped}")
     result = {"layers": [d.to_dict() for d in divs], "studied_layers": studied, "ranking": ranking}
     atomic_write_json(ctx.paths.diff / "layers.json", result)
     ctx.__dict__.pop("layers", None)

@@ -63,11 +63,23 @@ def run(ctx: StudyContext) -> None:
                 trainer = "auto" if tcfg.trainer == "fused" else tcfg.trainer
                 arch = cfg.sae.wide_topk_architecture
                 tcfg = replace(tcfg, architecture=arch, k=cfg.sae.wide_topk_k, trainer=trainer)
-            log(
-                f"sae: training {tcfg.architecture} {model} {hook} width {width} on {len(tr)} positions"
+            src = cfg.sae.source_info
+            given = (
+                src is not None
+                and model == "shared"
+                and (hook, width) == (src.hook_name, src.d_sae)
             )
-            ckpt = paths.saes / ".checkpoints" / model / hook / str(width)
-            train_sae(acts[data_key][tr], tcfg, hook, model, out_dir=out, checkpoint_dir=ckpt)
+            if given:  # bring your own dictionary: the study reads a copy, trains nothing
+                log(f"sae: shared {hook} width {width} is sae.source {src.path}")
+                _copy_source(src.path, out)
+                tcfg = replace(tcfg, architecture=src.architecture)
+            else:
+                log(
+                    f"sae: training {tcfg.architecture} {model} {hook} width {width} on "
+                    f"{len(tr)} positions"
+                )
+                ckpt = paths.saes / ".checkpoints" / model / hook / str(width)
+                train_sae(acts[data_key][tr], tcfg, hook, model, out_dir=out, checkpoint_dir=ckpt)
             sae = load_sae(out)
             m = evaluate_sae(sae, acts[data_key][ev])
             if token_rows is None:
@@ -87,6 +99,7 @@ def run(ctx: StudyContext) -> None:
                 **m,
                 "eval": "held-out 10% of positions; CE on the last ce_eval_rows token rows"
                 + (" with the base model" if shared else ""),
+                **({"source": str(src.path)} if given else {}),
             }
             atomic_write_json(metrics_path, row)
             log(
@@ -117,6 +130,19 @@ def run(ctx: StudyContext) -> None:
     if cfg.sae.crosscoder != "none":
         train_study_crosscoder(ctx)
     atomic_write_json(paths.saes / "mmcs.json", mmcs_rows)  # last: marks the stage done
+
+
+def _copy_source(source: Path, out: Path) -> None:
+    """A copy of the SAELens folder ``source`` at ``out`` (written whole, then renamed), with
+    its metrics.json left out: the study evaluates the SAE on its own cache."""
+    import shutil
+
+    from irmlens.io import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        for f in source.iterdir():
+            if f.is_file() and f.name != "metrics.json":
+                shutil.copy2(f, tmp / f.name)
 
 
 def train_study_crosscoder(ctx: StudyContext) -> None:
