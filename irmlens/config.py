@@ -6,6 +6,7 @@ import dataclasses
 import re
 import tomllib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -158,19 +159,17 @@ class SAEStageConfig:
             self.crosscoder_config(self.crosscoder_k, 0, "cpu")
         _ = self.source_info  # a folder that is not a SAELens SAE fails here, at load
 
-    @property
+    @cached_property
     def source_info(self):
         """The ``source`` folder's hook, layer and sizes (None: no source), read once."""
         if not self.source:
             return None
-        if getattr(self, "_source_info", None) is None:
-            from sae_training.train import read_sae_folder
+        from sae_training.train import read_sae_folder
 
-            try:
-                self._source_info = read_sae_folder(self.source)
-            except ValueError as e:
-                raise ValueError(f"sae.source = {self.source!r}: {e}") from None
-        return self._source_info
+        try:
+            return read_sae_folder(self.source)
+        except ValueError as e:
+            raise ValueError(f"sae.source = {self.source!r}: {e}") from None
 
     def crosscoder_config(self, width: int, seed: int, device: str) -> CrosscoderConfig:
         return CrosscoderConfig(

@@ -22,7 +22,7 @@ def ce_loss_recovered(
         flat = act.reshape(-1, act.shape[-1]).float()
         return sae(flat.to(sae.W_enc.device)).to(act.dtype).reshape(act.shape)
 
-    return _ce_recovered(model, hook, tokens, valid, batch_size, lambda toks: splice)
+    return _ce_recovered(model, hook, tokens, valid, batch_size, lambda i: splice)
 
 
 @torch.no_grad()
@@ -42,15 +42,18 @@ def crosscoder_ce_loss_recovered(
             acts.append(cache[hook].float())
         return torch.stack(acts, dim=2)  # [batch, pos, n_models, d]
 
+    # every batch's reconstructions once, for all models, before any spliced forward (a model's
+    # own forward cannot run inside its hook, and each slot reads the same crosscoder pass)
+    recons = []
+    for i in range(0, len(tokens), batch_size):
+        x = all_acts(tokens[i : i + batch_size].to(next(models[names[0]].parameters()).device))
+        recons.append(cc(x.reshape(-1, *x.shape[2:]).to(cc.W_enc.device)).view(*x.shape))
     out = {}
     for slot, name in enumerate(names):
 
-        def prepare(toks, slot=slot):
-            # every model's activations first, outside any hook (the spliced model's own forward
-            # cannot run inside its hook)
-            x = all_acts(toks)
-            recon = cc(x.reshape(-1, *x.shape[2:]).to(cc.W_enc.device))[:, slot]
-            return lambda act: recon.to(act.device, act.dtype).reshape(act.shape)
+        def prepare(i: int, slot: int = slot):
+            recon = recons[i // batch_size][:, :, slot]
+            return lambda act: recon.to(act.device, act.dtype)
 
         out[name] = _ce_recovered(models[name], hook, tokens, valid, batch_size, prepare)
     return out
@@ -62,10 +65,10 @@ def _ce_recovered(
     tokens: torch.Tensor,
     valid: torch.Tensor,
     batch_size: int,
-    prepare: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]],
+    prepare: Callable[[int], Callable[[torch.Tensor], torch.Tensor]],
 ) -> dict:
-    """CE clean / spliced / zero-ablated; ``prepare(tokens)`` gives the batch's splice (the
-    hook activation -> its reconstruction), computed before the spliced forward runs."""
+    """CE clean / spliced / zero-ablated; ``prepare(i)`` gives the splice of the batch starting
+    at row ``i`` (the hook activation -> its reconstruction)."""
     device = next(model.parameters()).device
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     count = 0
@@ -77,7 +80,7 @@ def _ce_recovered(
         toks = tokens[i : i + batch_size].to(device)
         mask = valid[i : i + batch_size, 1:].to(device)
 
-        replace = prepare(toks)
+        replace = prepare(i)
 
         def splice(act, hook=None, replace=replace):
             return replace(act)

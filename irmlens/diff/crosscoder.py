@@ -10,6 +10,8 @@ mean norm sqrt(d), so norms compare models on one scale. Pure functions of a
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # relative decoder norm Δ = ½((‖d_tuned‖ − ‖d_base‖) / max(‖d_tuned‖, ‖d_base‖) + 1): 1 when
@@ -130,14 +132,11 @@ def _histogram(values: torch.Tensor, bins: int = 20) -> list[int]:
 
 
 @torch.no_grad()
-def pair_summary(cc, x: torch.Tensor, base: int, tuned: int) -> dict:
+def pair_summary(cc, x: torch.Tensor, base: int, tuned: int, fired: torch.Tensor) -> dict:
     """Every measure of one (base, tuned) pair of the crosscoder's models, per latent and in
-    totals: Δ, tags (live latents only: a dead one is ``dead``), decoder cosine, latent scaling
-    and which tuned-only latents it confirms."""
+    totals: Δ, tags (live latents only, ``fired``: a dead one is ``dead``), decoder cosine,
+    latent scaling and which tuned-only latents it confirms."""
     delta = relative_norm(cc, base, tuned)
-    fired = torch.zeros(cc.width, dtype=torch.bool)
-    for i in range(0, len(x), 4096):
-        fired |= (cc.encode(x[i : i + 4096]) > 0).any(0).cpu()
     tags = tag_latents(delta, fired)
     scaling = latent_scaling(cc, x, base, tuned)
     confirmed = tuned_specific(delta, scaling) & fired
@@ -156,7 +155,16 @@ def pair_summary(cc, x: torch.Tensor, base: int, tuned: int) -> dict:
 
 
 def _finite_or_none(v: float) -> float | None:
-    return round(v, 5) if v == v and abs(v) != float("inf") else None
+    return round(v, 5) if math.isfinite(v) else None
+
+
+@torch.no_grad()
+def fired_latents(cc, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Boolean ``[width]``: the latents that fire on at least one position of ``x``."""
+    fired = torch.zeros(cc.width, dtype=torch.bool)
+    for i in range(0, len(x), batch_size):
+        fired |= (cc.encode(x[i : i + batch_size]) > 0).any(0).cpu()
+    return fired
 
 
 def crosscoder_diff(cc, x: torch.Tensor, models: list[str], base: str = "base") -> dict:
@@ -164,6 +172,7 @@ def crosscoder_diff(cc, x: torch.Tensor, models: list[str], base: str = "base") 
     activations ``[n, n_models, d]`` in ``models``' order), and the thresholds used: the null
     pair's counts say how many "RLHF-only" latents fine-tuning drift alone produces."""
     b = models.index(base)
+    fired = fired_latents(cc, x)  # the same for every pair
     return {
         "models": list(models),
         "thresholds": {
@@ -173,5 +182,5 @@ def crosscoder_diff(cc, x: torch.Tensor, models: list[str], base: str = "base") 
             "nu_error_max": NU_ERROR_MAX,
             "nu_reconstruction_max": NU_RECONSTRUCTION_MAX,
         },
-        "pairs": {m: pair_summary(cc, x, b, i) for i, m in enumerate(models) if i != b},
+        "pairs": {m: pair_summary(cc, x, b, i, fired) for i, m in enumerate(models) if i != b},
     }

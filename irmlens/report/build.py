@@ -72,6 +72,7 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
         ),
     )
     irm = read_json(paths.irm_metrics)
+    validation = _validation(paths)
     base_name = (
         "tiny (embedded, pretrained by irmlens)"
         if cfg.model.base == "tiny"
@@ -149,10 +150,10 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
         "controls": irm["controls"],
         "paper_estimator": irm["paper_estimator"],
         "feature_cards": read_json(paths.cards) if paths.cards.exists() else [],
-        "validation": _validation(paths),
+        "validation": validation,
         "labels": _labels(paths),
         "crosscoder": _crosscoder(paths),
-        "feature_spaces": feature_spaces(irm, _validation(paths)),
+        "feature_spaces": feature_spaces(irm, validation),
     }
 
 

@@ -169,14 +169,16 @@ class StudyContext:
     def wide_topk_width(self) -> int:
         """The wide TopK dictionary's width (``sae.wide_topk_multiplier`` x d_model, or the
         widest width)."""
-        m = self.cfg.sae.wide_topk_multiplier
-        return int(m * self.d_model) if m else self.widest
+        return self._width_or_widest(self.cfg.sae.wide_topk_multiplier)
 
     @property
     def crosscoder_width(self) -> int:
         """The crosscoder's width (``sae.crosscoder_multiplier`` x d_model, or the widest)."""
-        m = self.cfg.sae.crosscoder_multiplier
-        return int(m * self.d_model) if m else self.widest
+        return self._width_or_widest(self.cfg.sae.crosscoder_multiplier)
+
+    def _width_or_widest(self, multiplier: float) -> int:
+        """``multiplier`` x d_model, or (0) the widest dictionary width."""
+        return int(multiplier * self.d_model) if multiplier else self.widest
 
     @property
     def crosscoder_dir(self) -> Path:

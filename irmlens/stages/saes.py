@@ -31,6 +31,7 @@ def run(ctx: StudyContext) -> None:
 
     cfg, paths, pair, layers, widths = ctx.cfg, ctx.paths, ctx.pair, ctx.studied_layers, ctx.widths
     token_rows = None
+    src = cfg.sae.source_info
     hooks = [(la, ctx.hook(la, kind)) for kind in cfg.cache.hook_kinds for la in layers]
     for layer, hook in hooks:
         # the shared dictionary sees every model of the study (the null model too), so the null
@@ -63,7 +64,6 @@ def run(ctx: StudyContext) -> None:
                 trainer = "auto" if tcfg.trainer == "fused" else tcfg.trainer
                 arch = cfg.sae.wide_topk_architecture
                 tcfg = replace(tcfg, architecture=arch, k=cfg.sae.wide_topk_k, trainer=trainer)
-            src = cfg.sae.source_info
             given = (
                 src is not None
                 and model == "shared"
