@@ -180,6 +180,7 @@ class SAEStageConfig:
             lr=self.lr,
             batch_size=self.batch_size,
             epochs=self.epochs,
+            n_checkpoints=self.n_checkpoints,
             seed=seed,
             device=device,
         )

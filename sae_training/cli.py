@@ -207,9 +207,12 @@ def _train_crosscoder(args, acts: dict) -> int:
     """Train, evaluate and save a crosscoder over the cache's models (``--arch crosscoder-*``)."""
     from dataclasses import asdict
 
+    import torch.distributed as dist
+
     from sae_training.crosscoder import (
         CrosscoderConfig,
         evaluate_crosscoder,
+        remove_checkpoints,
         save_crosscoder,
         train_crosscoder,
     )
@@ -224,17 +227,26 @@ def _train_crosscoder(args, acts: dict) -> int:
             lr=args.lr,
             batch_size=args.batch_size,
             epochs=args.epochs,
+            n_checkpoints=args.checkpoints,
             seed=args.seed,
             device=args.device,
         )
-        cc, log = train_crosscoder(acts, cfg)
+        cc, log = train_crosscoder(acts, cfg, checkpoint_dir=_checkpoint_dir(args))
     except ValueError as e:
         raise TrainingInputError(str(e)) from None
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank != 0:  # rank 0 writes the crosscoder
+            return 0
     cc = cc.cpu()
     m = evaluate_crosscoder(cc, acts)
     save_crosscoder(
         cc, args.out, list(acts), args.hook, {"config": asdict(cfg), "log": log, "evals": m}
     )
+    if _checkpoint_dir(args) is not None:
+        remove_checkpoints(_checkpoint_dir(args))
     ev = ", ".join(f"{k} {v['explained_variance']:.3f}" for k, v in m["per_model"].items())
     print(
         f"saved {args.out}: explained variance {ev}; L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}"

@@ -29,7 +29,9 @@ Where we differ, and why:
 Saved as a folder: ``crosscoder.safetensors`` (``W_enc`` [M, d, F], ``b_enc`` [F], ``W_dec``
 [M, F, d], ``b_dec`` [M, d], ``input_scale`` [M], ``threshold`` []) and ``cfg.json`` (architecture,
 models, hook, sizes); ``training.json`` records the settings, the evals and each file's sha256,
-which ``load_crosscoder`` checks. The weights load back bit-identically.
+which ``load_crosscoder`` checks. The weights load back bit-identically. Checkpoints (for resume
+after a kill) are folders named by steps done, each holding ``state.pt``; under ``torchrun`` the
+training is data-parallel and gives the single-process crosscoder (see ``train_crosscoder``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ WEIGHTS = "crosscoder.safetensors"
 CFG = "cfg.json"
 TRAINING = "training.json"
 FORMAT = "irmlens-crosscoder-v1"
+CHECKPOINT_STATE = "state.pt"  # a checkpoint folder's one file: the whole training state
 
 
 @dataclass
@@ -69,6 +72,7 @@ class CrosscoderConfig:
     # initial norm of every latent's encoder column and decoder row, per model (the reference
     # code: 1.0 for BatchTopK, 0.005 for L1); None: that default for the architecture
     init_norm: float | None = None
+    n_checkpoints: int = 0  # checkpoints during training (resume after an interruption)
     seed: int = 0
     device: str = "cpu"
 
@@ -80,6 +84,8 @@ class CrosscoderConfig:
             )
         if self.width <= 0 or self.batch_size <= 0 or self.epochs <= 0 or self.k <= 0:
             raise ValueError("crosscoder width, k, batch_size and epochs must be positive")
+        if self.n_checkpoints < 0:
+            raise ValueError("crosscoder n_checkpoints must be 0 or more")
         if self.architecture == "batchtopk" and self.k > self.width:
             raise ValueError(f"crosscoder k = {self.k} exceeds its width {self.width}")
 
@@ -208,11 +214,11 @@ def _error_term(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 def _aux_loss(
-    cc: Crosscoder, residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor
+    cc: Crosscoder, residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, dist=None
 ) -> torch.Tensor:
     """BatchTopK's auxiliary loss: the top ``d // 2`` dead latents of each token (ranked by
     decoder-norm-weighted pre-code) reconstruct the detached residual, the squared error divided
-    by the residual's variance; 0 without dead latents."""
+    by the residual's variance over the (global, under DDP) batch; 0 without dead latents."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return pre.new_zeros(())
@@ -224,8 +230,31 @@ def _aux_loss(
     recon = torch.einsum("bf,mfd->bmd", aux_codes, cc.W_dec).flatten(1)
     r = residual.flatten(1)
     err = (r - recon).pow(2).sum(-1).mean()
-    denom = (r - r.mean(0)).pow(2).sum(-1).mean()
+    if dist is None:
+        denom = (r - r.mean(0)).pow(2).sum(-1).mean()
+    else:  # the global batch's variance, in two passes like the line above (a constant)
+        n = torch.tensor(float(len(r)), device=r.device)
+        total = r.sum(0)
+        dist.all_reduce(n)
+        dist.all_reduce(total)
+        denom = (r - total / n).pow(2).sum()
+        dist.all_reduce(denom)
+        denom = denom / n
     return (err / denom).nan_to_num(0.0)
+
+
+def _select_global(cc: Crosscoder, pre: torch.Tensor, dist, world: int) -> torch.Tensor:
+    """BatchTopK over the global batch under DDP: each process's ``k * global batch`` largest
+    entries are gathered and the global cut is the ``k * global batch``-th of them, so every
+    process keeps exactly the entries one process would keep on the whole batch (ties aside)."""
+    scaled = (pre * cc.decoder_norms().sum(0)).detach().flatten()
+    n_keep = cc.k * pre.shape[0] * world
+    candidates = scaled.topk(min(n_keep, scaled.numel()), sorted=False).values
+    gathered = [torch.empty_like(candidates) for _ in range(world)]
+    dist.all_gather(gathered, candidates)
+    every = torch.cat(gathered)
+    cut = every.topk(min(n_keep, every.numel()), sorted=False).values.min()
+    return pre * (scaled >= cut).view_as(pre)
 
 
 def input_scales(x: torch.Tensor) -> torch.Tensor:
@@ -233,14 +262,68 @@ def input_scales(x: torch.Tensor) -> torch.Tensor:
     return math.sqrt(x.shape[-1]) / x.norm(dim=-1).mean(0).clamp_min(1e-12)
 
 
+def _checkpoint_steps(steps: int, n: int) -> list[int]:
+    """The steps after which a checkpoint is written: ``n`` evenly spaced, none at the end."""
+    return sorted({steps * (i + 1) // (n + 1) for i in range(n)} - {0, steps})
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint of ``ckpt_dir`` that loads (folder named by steps done, written
+    whole, then renamed); one that does not load is named in a warning and passed over."""
+    import pickle
+    import warnings
+
+    if not ckpt_dir.is_dir():
+        return None
+    done = sorted((p for p in ckpt_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    for p in reversed(done):
+        try:
+            return p, torch.load(p / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+        except (OSError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
+            warnings.warn(
+                f"crosscoder checkpoint {p} cannot be loaded ({type(e).__name__}: "
+                f"{str(e)[:200]}): skipped; training resumes from an earlier one, or the start",
+                stacklevel=3,
+            )
+    return None
+
+
+def _write_checkpoint(ckpt_dir: Path, step: int, state: dict) -> None:
+    from irmlens.io import atomic_dir
+
+    with atomic_dir(ckpt_dir / str(step)) as tmp:
+        torch.save(state, tmp / CHECKPOINT_STATE)
+
+
 def train_crosscoder(
-    acts: dict[str, torch.Tensor], cfg: CrosscoderConfig, log_every: int = 0
+    acts: dict[str, torch.Tensor],
+    cfg: CrosscoderConfig,
+    log_every: int = 0,
+    checkpoint_dir: str | Path | None = None,
 ) -> tuple[Crosscoder, dict]:
     """Train a crosscoder on aligned per-model activations ``{model: [n, d]}`` (the dict's order
     is the decoders' order). Returns it (in eval mode, threshold calibrated) and its training
-    log (steps, final loss terms)."""
-    from sae_training.train import shuffled_batches
+    log (steps, final loss terms).
 
+    With ``checkpoint_dir`` and ``cfg.n_checkpoints > 0``, the whole training state (weights,
+    optimizer, schedule, dead-latent counters) is saved ``n_checkpoints`` times; a rerun with the
+    same settings and data resumes from the newest one and ends on the same weights as an
+    uninterrupted run (the batches are a function of the seed alone). Under ``torchrun``, each
+    process takes its slice of every global batch, gradients are averaged, and the batch top-k,
+    dead-latent counts and auxiliary-loss variance are global, so 2 processes train the same
+    crosscoder as 1; only rank 0 writes checkpoints."""
+    from sae_training.train import (
+        _all_reduce_gradients,
+        _check_checkpoint_dir,
+        _check_checkpoint_origin,
+        _distributed,
+        shuffled_batches,
+    )
+
+    dist, rank, world = _distributed()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split over {world} processes")
+    local = cfg.batch_size // world
     torch.manual_seed(cfg.seed)
     x_all = stack_models(acts).to(cfg.device)
     n, n_models, d = x_all.shape
@@ -259,20 +342,44 @@ def train_crosscoder(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     dead_after = cfg.dead_after_tokens or n
     since_fired = torch.zeros(cfg.width, dtype=torch.long, device=cfg.device)
-    batches = shuffled_batches(x_all, cfg.batch_size, cfg.seed)
-    history = []
+    history, start = [], 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None and cfg.n_checkpoints else None
+    if ckpt is not None:
+        _check_checkpoint_dir(ckpt)
+        _check_checkpoint_origin(ckpt, cfg, x_all, write=rank == 0)
+        found = _latest_checkpoint(ckpt)
+        if found is not None:
+            state = found[1]
+            cc.load_state_dict(state["crosscoder"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            since_fired.copy_(state["since_fired"])
+            history, start = state["history"], int(state["step"])
+    checkpoint_at = set(_checkpoint_steps(steps, cfg.n_checkpoints)) if ckpt else set()
+    if world > 1:
+        _all_reduce_gradients(cc, dist, world)
+    batches = shuffled_batches(x_all, cfg.batch_size, cfg.seed, skip=start)
     cc.train()
-    for step in range(steps):
-        x = next(batches)
+    terms = torch.zeros(3)
+    for step in range(start, steps):
+        x = next(batches)[rank * local : (rank + 1) * local]
         xs = cc.scale_inputs(x)
         pre = cc.pre_codes_scaled(xs)
-        f = cc.select(pre, use_threshold=False)
+        if world > 1 and cfg.architecture == "batchtopk":
+            f = _select_global(cc, pre, dist, world)
+        else:
+            f = cc.select(pre, use_threshold=False)
         x_hat = cc.decode_scaled(f)
         err = _error_term(xs, x_hat)
         if cfg.architecture == "batchtopk":
             fired = (f > 0).any(0)
-            since_fired = torch.where(fired, 0, since_fired + len(x))
-            aux = _aux_loss(cc, (xs - x_hat).detach(), pre, since_fired >= dead_after)
+            if world > 1:
+                fired = fired.int()
+                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+                fired = fired.bool()
+            since_fired = torch.where(fired, 0, since_fired + cfg.batch_size)
+            residual = (xs - x_hat).detach()
+            aux = _aux_loss(cc, residual, pre, since_fired >= dead_after, dist)
             loss = err + cfg.aux_coefficient * aux
         else:
             aux = (f * cc.decoder_norms().sum(0)).sum(-1).mean()
@@ -282,8 +389,27 @@ def train_crosscoder(
         torch.nn.utils.clip_grad_norm_(cc.parameters(), 1.0)
         opt.step()
         sched.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            history.append({"step": step, "loss": loss.item(), "error": err.item()})
+        last = step == steps - 1
+        if (log_every and step % log_every == 0) or last:
+            terms = torch.stack([loss.detach(), err.detach(), aux.detach()]).cpu()
+            if world > 1:  # the global batch's means
+                dist.all_reduce(terms)
+                terms /= world
+            if log_every:
+                history.append({"step": step, "loss": float(terms[0]), "error": float(terms[1])})
+        if step + 1 in checkpoint_at and rank == 0:
+            _write_checkpoint(
+                ckpt,
+                step + 1,
+                {
+                    "crosscoder": cc.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "since_fired": since_fired.cpu(),
+                    "history": history,
+                    "step": step + 1,
+                },
+            )
     cc.eval()
     with torch.no_grad():
         sample = x_all[torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:65536]]
@@ -291,12 +417,20 @@ def train_crosscoder(
     log = {
         "steps": steps,
         "n_positions": n,
-        "final_loss": loss.item(),
-        "final_error": err.item(),
-        "final_aux": aux.item(),
+        "resumed_from_step": start,
+        "final_loss": float(terms[0]),
+        "final_error": float(terms[1]),
+        "final_aux": float(terms[2]),
         "history": history,
     }
     return cc, log
+
+
+def remove_checkpoints(checkpoint_dir: str | Path) -> None:
+    """After the crosscoder is saved: remove the checkpoints this run wrote."""
+    from sae_training.train import _remove_checkpoints
+
+    _remove_checkpoints(Path(checkpoint_dir))
 
 
 @torch.no_grad()

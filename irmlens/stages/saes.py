@@ -152,7 +152,12 @@ def train_study_crosscoder(ctx: StudyContext) -> None:
     recovered with each model's own reconstruction spliced in. Kept on resume (its folder is
     written whole, then renamed)."""
     from irmlens.cache.store import load_activations, load_manifest, load_token_rows
-    from sae_training.crosscoder import evaluate_crosscoder, save_crosscoder, train_crosscoder
+    from sae_training.crosscoder import (
+        evaluate_crosscoder,
+        remove_checkpoints,
+        save_crosscoder,
+        train_crosscoder,
+    )
     from sae_training.evals import crosscoder_ce_loss_recovered
 
     cfg, paths, out = ctx.cfg, ctx.paths, ctx.crosscoder_dir
@@ -168,7 +173,9 @@ def train_study_crosscoder(ctx: StudyContext) -> None:
         f"sae: training {ccfg.architecture} crosscoder over {models} {hook} width {ccfg.width} "
         f"on {len(train_idx)} positions"
     )
-    cc, train_log = train_crosscoder({m: a[train_idx] for m, a in acts.items()}, ccfg)
+    ckpt = paths.saes / ".checkpoints" / "crosscoder" / hook / str(ccfg.width)
+    train = {m: a[train_idx] for m, a in acts.items()}
+    cc, train_log = train_crosscoder(train, ccfg, checkpoint_dir=ckpt)
     evals = evaluate_crosscoder(cc, {m: a[eval_idx] for m, a in acts.items()})
     rows = load_token_rows(paths.cache)
     n = cfg.sae.ce_eval_rows
@@ -191,6 +198,7 @@ def train_study_crosscoder(ctx: StudyContext) -> None:
         "eval": "held-out 10% of positions; CE on the last ce_eval_rows token rows",
     }
     save_crosscoder(cc, out, models, hook, training=record)
+    remove_checkpoints(ckpt)
     per = ", ".join(
         f"{m} EV {e['explained_variance']:.3f} CE rec "
         + (f"{e['ce_loss_recovered']:.3f}" if e["ce_loss_recovered"] is not None else "undefined")

@@ -153,18 +153,24 @@ def test_config_errors_name_the_problem():
         train_crosscoder({"a": torch.zeros(10, 4), "b": torch.zeros(11, 4)}, CrosscoderConfig())
 
 
-def test_sae_train_cli_trains_a_crosscoder_on_a_paired_cache(tmp_path, make_hooked, capsys):
+def _paired_cache(path, make_hooked, n_rows: int) -> None:
+    """A paired cache of two small random models' layer-1 residuals on random tokens."""
     from irmlens.cache.capture import build_paired_cache
     from irmlens.cache.tokens import TokenRows
-    from sae_training.cli import main
 
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, 100, (40, 16), generator=g)
+    tokens = torch.randint(1, 100, (n_rows, 16), generator=g)
     rows = TokenRows(
         tokens, torch.ones_like(tokens, dtype=torch.bool), -torch.ones_like(tokens), []
     )
     models = {"base": make_hooked(0), "rlhf": make_hooked(1)}
-    build_paired_cache(models, rows, [1], tmp_path / "cache", {}, dtype="float32", shard_rows=20)
+    build_paired_cache(models, rows, [1], path, {}, dtype="float32", shard_rows=n_rows // 2)
+
+
+def test_sae_train_cli_trains_a_crosscoder_on_a_paired_cache(tmp_path, make_hooked, capsys):
+    from sae_training.cli import main
+
+    _paired_cache(tmp_path / "cache", make_hooked, n_rows=40)
     out = tmp_path / "cc"
     args = ["--cache", str(tmp_path / "cache"), "--model", "base", "--model", "rlhf"]
     args += ["--hook", "blocks.1.hook_resid_post", "--width", "4x", "--k", "8"]
@@ -236,3 +242,79 @@ def test_reading_the_change_tracks_the_plant_and_copying_the_input_would_not(tra
     assert sub.cfg.d_sae == 2 and sub.latent_id(0) == j and reading.latent_id(7) == 7
     copied = cc.encode(few["rlhf"][:, None].expand(-1, cc.n_models, -1))
     assert float((copied[:, j] > 0).float().mean()) < 0.5 * float((plant > 0).float().mean())
+
+
+def test_interrupted_crosscoder_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import sae_training.crosscoder as module
+
+    acts, _ = planted_pair(n=4096, seed=3)
+    cfg = CrosscoderConfig(width=32, k=4, lr=1e-2, batch_size=256, epochs=4, n_checkpoints=3)
+    reference, ref_log = train_crosscoder(acts, cfg)
+    ckpt = tmp_path / "ckpt"
+    original, calls = module._write_checkpoint, []
+
+    def crash_after_second_checkpoint(*args):
+        original(*args)
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(module, "_write_checkpoint", crash_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_crosscoder(acts, cfg, checkpoint_dir=ckpt)
+    monkeypatch.setattr(module, "_write_checkpoint", original)
+    assert calls == [16, 32] and sorted(p.name for p in ckpt.iterdir()) == [
+        "16",
+        "32",
+        "origin.json",
+    ]
+    resumed, log = train_crosscoder(acts, cfg, checkpoint_dir=ckpt)
+    assert log["resumed_from_step"] == 32 and log["steps"] == ref_log["steps"] == 64
+    for name, a in reference.state_dict().items():
+        assert torch.allclose(a, resumed.state_dict()[name], atol=1e-6), name
+    assert log["final_loss"] == pytest.approx(ref_log["final_loss"], rel=1e-5)
+    # other settings into the same checkpoint folder: refused, not silently continued
+    from sae_training.train import TrainingInputError
+
+    with pytest.raises(TrainingInputError, match="differs in: k"):
+        train_crosscoder(acts, CrosscoderConfig(**{**cfg.__dict__, "k": 8}), checkpoint_dir=ckpt)
+    module.remove_checkpoints(ckpt)
+    assert not ckpt.exists()
+
+
+@pytest.mark.parametrize("arch", ["crosscoder-batchtopk", "crosscoder-l1"])
+def test_two_process_ddp_crosscoder_matches_one_process(tmp_path, make_hooked, arch):
+    """torchrun with 2 processes (gloo): each takes half of every batch, and the batch top-k,
+    dead-latent counts and auxiliary-loss variance are global, so the crosscoder is the same."""
+    import subprocess
+    import sys
+
+    _paired_cache(tmp_path / "cache", make_hooked, n_rows=64)
+    common = ["-m", "sae_training.cli", "--cache", str(tmp_path / "cache"), "--model", "base"]
+    common += ["--model", "rlhf", "--hook", "blocks.1.hook_resid_post", "--width", "4x"]
+    # L1: a coefficient that leaves latents alive on this small cache (a dead crosscoder's
+    # near-zero gradients would make the comparison meaningless). BatchTopK: lr 1e-3, since at
+    # 1e-2 a near-tie at the batch's k-th value, decided differently by the rounding of a
+    # 64-row and a 128-row matmul, flips one selection and the runs drift apart (0.03 in W_enc)
+    lr = "1e-3" if arch.endswith("batchtopk") else "1e-2"
+    common += ["--k", "8", "--l1", "0.002", "--lr", lr, "--batch-size", "128"]
+    common += ["--epochs", "4", "--arch", arch]
+    common += ["--checkpoints", "2", "--device", "cpu"]
+    one = subprocess.run(
+        [sys.executable, *common, "--out", str(tmp_path / "one")], capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = subprocess.run(
+        [*launch, *common, "--out", str(tmp_path / "two")], capture_output=True, text=True
+    )
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    a, _ = load_crosscoder(tmp_path / "one")
+    b, _ = load_crosscoder(tmp_path / "two")
+    for name, w in a.state_dict().items():
+        assert torch.allclose(w, b.state_dict()[name], atol=1e-4, rtol=1e-4), (
+            name,
+            (w - b.state_dict()[name]).abs().max(),
+        )
+    assert float(one.stdout.rsplit("dead ", 1)[1].split()[0]) < 0.5, one.stdout  # live latents
+    assert not (tmp_path / ".one.checkpoints").exists()  # removed once the crosscoder is saved
