@@ -216,6 +216,9 @@ class ValidateConfig:
     paper_prefix_words: int = 5  # the paper's number: continuations of prefixes this long
     single_feature_effects: bool = True  # each sparse-IRM feature ablated alone (for its card)
     single_feature_prompts: int = 64  # the first this many of the prompts, for those
+    # the sparse crosscoder IRM's latents ablated (other models run in lockstep) and steered,
+    # beside matched random latents (needs sae.crosscoder)
+    crosscoder: bool = True
 
 
 @dataclass
@@ -484,6 +487,7 @@ RANGES: dict[str, Rule] = {
     "validate.paper_prefix_words": _SIZE,
     "validate.single_feature_effects": Flag(),
     "validate.single_feature_prompts": Int(2),
+    "validate.crosscoder": Flag(),
     # [labels]
     "labels.min_mass": Real(0.0, 1.0),
     "labels.min_utility": _NONNEGATIVE,

@@ -89,10 +89,14 @@ Edits = dict[Site, Edit]  # one feature set may span several layers
 
 @contextlib.contextmanager
 def edit_blocks(model, edits: Edits | None) -> Iterator[None]:
-    """Every ``site: edit`` of ``edits`` applied at once (none: the model as it is)."""
+    """Every ``site: edit`` of ``edits`` applied at once (none: the model as it is). An edit with
+    an ``attach(model)`` context (a crosscoder ablation, which runs its companion models in
+    lockstep) is attached first."""
     with contextlib.ExitStack() as stack:
         for site, edit in (edits or {}).items():
             layer, kind = site if isinstance(site, tuple) else (site, "resid_post")
+            if hasattr(edit, "attach"):
+                stack.enter_context(edit.attach(model))
             stack.enter_context(edit_block_output(model, layer, edit, kind))
         yield
 

@@ -123,12 +123,35 @@ def test_crosscoder_is_trained_diffed_and_compared_beside_the_saes(micro_run):
     assert all(_finite(row["heldout_kendall_tau"]) for row in r["feature_spaces"])
     main = [row for row in r["feature_spaces"] if row["main"]]
     assert len(main) == 1 and "random_sae" in main[0]["controls"] and main[0]["validation_arms"]
+    # the sparse crosscoder IRM's latents, ablated (lockstep) and steered beside matched draws
+    ccrow = kinds["crosscoder_codes"]
+    assert ccrow["sparse"]["k"] == len(ccrow["sparse"]["features"]) > 0
+    v = r["validation"]["crosscoder"]
+    assert v["latents"] == ccrow["sparse"]["features"] and v["models"] == cc["models"]
+    arms = {a["arm"]: a for a in v["arms"]}
+    assert {"ablate:crosscoder_sparse", "steer:crosscoder_sparse@1"} <= set(arms)
+    assert sum(a.startswith("ablate:crosscoder_matched_random_") for a in arms) == 2
+    assert all(_finite(a["reward"]) and a["kl_to_unintervened"] >= -0.05 for a in arms.values())
+    ablated = arms["ablate:crosscoder_sparse"]
+    assert ablated["kl_to_unintervened"] > 0  # the lockstep ablation changes the RLHF model
+    assert 0 < ablated["removed_variance_share"] < 1
+    assert {f["control"] for f in v["findings"]} == {
+        "crosscoder_matched_random_mean",
+        "the sparse IRM's SAE features",
+    }
+    assert ccrow["validation_arms"] and ccrow["validation_findings"] == v["findings"]
+    # and labelled like SAE features, beside as many random live latents
+    comp = r["labels"]["comparison"]
+    assert comp["crosscoder_sparse"]["lexicon"]["n"] == len(v["latents"])
+    assert comp["crosscoder_random"]["lexicon"]["n"] == len(v["latents"])
+    labelled = r["labels"]["sets"]["crosscoder_sparse"]["lexicon"]
+    assert [x["feature"] for x in labelled] == v["latents"]
     lens = r["irm"]["reference"]["activation_difference_lens"]
     assert _finite(lens["heldout_kendall_tau"]) and lens["n_heldout_words"] > 20
     assert len(lens["top_tokens"]) == 10 and lens["difference_ci"][0] <= lens["difference_ci"][1]
     html = (micro_run / "report/index.html").read_text()
     assert "Crosscoder: decoder norms" in html and "Crosscoder: latent scaling" in html
-    assert "activation difference lens" in html
+    assert "activation difference lens" in html and "Crosscoder latents" in html
 
 
 def test_saes_load_with_saelens(micro_run):

@@ -237,6 +237,17 @@ def feature_spaces(irm: dict, validation: dict | None) -> list[dict]:
                     {k: a.get(k) for k in ("arm", "reward", "reward_ci", "share_of_gain")}
                     for a in validation["arms"]
                 ]
+        if sp["name"] == "crosscoder_codes" and irm.get("crosscoder_sparse"):
+            row["sparse"] = {
+                k: irm["crosscoder_sparse"][k]
+                for k in ("k", "features", "heldout_kendall_tau", "heldout_kendall_tau_ci")
+            }
+            if validation and validation.get("crosscoder"):
+                row["validation_arms"] = [
+                    {k: a.get(k) for k in ("arm", "reward", "reward_ci", "share_of_gain")}
+                    for a in validation["crosscoder"]["arms"]
+                ]
+                row["validation_findings"] = validation["crosscoder"]["findings"]
         rows.append(row)
     return rows
 
@@ -635,6 +646,28 @@ def _difference(d: dict | None) -> str:
     return "" if d is None else f"{d['mean']:+.3f} {_ci(d['ci'])}"
 
 
+def _crosscoder_validation_html(cc: dict | None) -> str:
+    """The crosscoder's arms: its sparse IRM's latents ablated (lockstep) and steered, beside
+    matched random latents, and what the paired differences say."""
+    if not cc:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(a['arm'])}</td><td>{a['n_features']}</td>"
+        f"<td>{a['reward']:.3f} {_ci(a['reward_ci'])}</td><td>{_fmt(a.get('share_of_gain'))}</td>"
+        f"<td>{_fmt(a.get('kl_to_unintervened'))}</td><td>{_fmt(a.get('perplexity'))}</td></tr>"
+        for a in cc["arms"]
+    )
+    found = "".join(
+        f"<li>{html.escape(f['text'])}: {f['mean']:+.3f} {_ci(f['ci'])}</li>"
+        for f in cc["findings"]
+    )
+    return f"""<h3>Crosscoder latents</h3>
+<p>The sparse crosscoder IRM's {len(cc["latents"])} latents at {html.escape(cc["hook"])}. Ablation: {html.escape(cc["ablation"])}.
+Steering: {html.escape(cc["steering"])}.</p>
+<table><tr><th>arm</th><th>latents</th><th>reward [95% CI]</th><th>share of gain</th><th>KL</th><th>perplexity</th></tr>{rows}</table>
+<ul>{found}</ul>"""
+
+
 def validation_html(validation: dict | None, labels: dict | None) -> str:
     """The Validation section's tables: every arm, the paper's number, the labels."""
     if validation is None:
@@ -661,7 +694,7 @@ ablation subtracts the features' decoded contributions in the RLHF model, steeri
 Share of gain: removed (ablation) or reproduced (steering). KL: of the intervened model to the unintervened one, nats per completion.
 main &minus; this: the sparse IRM's arm minus this arm, paired over prompts (ablation: below 0 means the main arm removes more).</p>
 <table><tr><th>arm</th><th>features</th><th>reward [95% CI]</th><th>share of gain</th><th>KL</th><th>perplexity</th><th>main &minus; this [95% CI]</th><th>set</th></tr>{rows}</table>
-{paper}"""
+{paper}{_crosscoder_validation_html(validation.get("crosscoder"))}"""
     if labels is None:
         return out
     c = labels["comparison"]

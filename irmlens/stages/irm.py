@@ -227,6 +227,24 @@ def run(ctx: StudyContext) -> None:
     sparse, chosen_feats, sparse_row = _sparse(chosen, targets, split, icfg, feature_ref, raw_tau)
     controls_ctx.sparse = sparse
     controls |= run_controls(controls_ctx, of_sparse=True)
+    crosscoder_sparse = None
+    if "crosscoder_codes" in built:  # the same selection on the crosscoder (validate uses it)
+        from irmlens.irm.spaces import SPACES
+
+        cc_spec = SPACES["crosscoder_codes"]
+        _, _, crosscoder_sparse = _sparse(
+            built["crosscoder_codes"],
+            targets,
+            split,
+            icfg,
+            lambda j: cc_spec.feature_ref(j, inputs),
+            fits["raw_difference"].heldout_kendall_tau,
+        )
+        log(
+            f"irm: sparse crosscoder IRM (k={icfg.sparse_k}) tau "
+            f"{crosscoder_sparse['heldout_kendall_tau']:.3f}, latents "
+            f"{crosscoder_sparse['features']}"
+        )
 
     hooks = [ctx.hook(la) for la in inputs.layers]
     paper = paper_reference(
@@ -304,6 +322,7 @@ def run(ctx: StudyContext) -> None:
         "split_seed": icfg.seed,
         "spaces": spaces_table,
         "sparse": sparse_row,
+        "crosscoder_sparse": crosscoder_sparse,
         "heldout_points": [
             {"word": targets.words[w], "true": targets.utility[w], "irm": v}
             for w, v in main.heldout_irm.items()

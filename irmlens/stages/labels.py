@@ -45,6 +45,14 @@ def reward_description(ctx: StudyContext, words: list[str]) -> str:
     )
 
 
+class CrosscoderEvidence:
+    """The study's crosscoder as a source of evidence: its codes of every model's activations at
+    each cached position (a latent's code is not a function of one model's activation)."""
+
+    def __init__(self, crosscoder, models: list[str]) -> None:
+        self.crosscoder, self.models = crosscoder, list(models)
+
+
 class _Evidence:
     """Per (dictionary, layer): the RLHF model's feature activations on the cache, summed per
     word and in all, and top contexts on request."""
@@ -59,12 +67,18 @@ class _Evidence:
 
     def _codes(self, sae, layer: int):
         from irmlens.cache.store import load_activations
+        from irmlens.crosscoder_interventions import paired_codes
         from sae_training.train import encode_batched
 
         key = (id(sae), layer)
         if key not in self._by:
-            acts = load_activations(self.ctx.paths.cache, "rlhf", self.ctx.hook(layer))
-            codes = encode_batched(sae, acts, pre_activation=self.pre).float().clamp_min(0)
+            hook = self.ctx.hook(layer)
+            if isinstance(sae, CrosscoderEvidence):  # its codes read every model at once
+                acts = {m: load_activations(self.ctx.paths.cache, m, hook) for m in sae.models}
+                codes = paired_codes(sae.crosscoder, acts, sae.models).float()
+            else:
+                acts = load_activations(self.ctx.paths.cache, "rlhf", hook)
+                codes = encode_batched(sae, acts, pre_activation=self.pre).float().clamp_min(0)
             at_word = self.word_id >= 0
             sums = torch.zeros(len(self.rows.words), codes.shape[1], dtype=torch.float64)
             sums.index_add_(0, self.word_id[at_word], codes[at_word].double())
@@ -212,6 +226,8 @@ def run(ctx: StudyContext) -> None:
             f"{timings['llm:sparse']:.0f} s"
         )
 
+    crosscoder_check = _label_crosscoder(ctx, irm, ev, lexicon, llm, sets, timings)
+
     def summary(rows: list[dict], with_weights: bool) -> dict:
         labels = [r["label"] for r in rows]
         out = {
@@ -265,6 +281,7 @@ def run(ctx: StudyContext) -> None:
         "sets": sets,
         "all_features": all_rows,
         "comparison": comparison,
+        "crosscoder": crosscoder_check,
         "seconds": timings,
     }
     with atomic_dir(ctx.paths.labels) as tmp:
@@ -279,6 +296,46 @@ def run(ctx: StudyContext) -> None:
             else ""
         )
     )
+
+
+def _label_crosscoder(ctx: StudyContext, irm: dict, ev, lexicon, llm, sets, timings):
+    """The sparse crosscoder IRM's latents labelled like SAE features (the lexicon labeler, and
+    the LLM when there is one) into ``sets["crosscoder_sparse"]``, beside as many live latents
+    drawn at random (``sets["crosscoder_random"]``, lexicon only). Returns what was labelled, or
+    None (no crosscoder)."""
+    from sae_training.crosscoder import load_crosscoder
+
+    chosen = irm.get("crosscoder_sparse")
+    if not chosen or not (ctx.crosscoder_dir / "cfg.json").exists():
+        return None
+    cc, ccfg = load_crosscoder(ctx.crosscoder_dir, ctx.cfg.model.device)
+    source, la, n = CrosscoderEvidence(cc, ccfg["models"]), ctx.irm_layer, ctx.cfg.labels.n_contexts
+    latents = [int(j) for j in chosen["features"]]
+    _, _, total = ev._codes(source, la)
+    live = [j for j in torch.nonzero(total > 0).squeeze(-1).tolist() if j not in set(latents)]
+    g = torch.Generator().manual_seed(ctx.cfg.seed + 29)
+    drawn = sorted(live[i] for i in torch.randperm(len(live), generator=g)[: len(latents)].tolist())
+
+    def label(labeler, feats: list[int], key: str) -> list[dict]:
+        t = time.perf_counter()
+        evidence = [ev.evidence(source, la, j, n, True) for j in feats]
+        rows = [
+            {"layer": la, "dictionary": "crosscoder"} | lab.to_dict()
+            for lab in labeler.label(evidence)
+        ]
+        timings[key] = time.perf_counter() - t
+        return rows
+
+    sets["crosscoder_sparse"] = {"lexicon": label(lexicon, latents, "lexicon:crosscoder")}
+    sets["crosscoder_random"] = {"lexicon": label(lexicon, drawn, "lexicon:crosscoder_random")}
+    if llm is not None:
+        sets["crosscoder_sparse"]["llm"] = label(llm, latents, "llm:crosscoder")
+    return {
+        "evidence": "crosscoder codes of every model's activations at each cached position",
+        "layer": la,
+        "latents": latents,
+        "random_latents": drawn,
+    }
 
 
 def _dense_weights(ctx: StudyContext, irm: dict) -> dict[tuple[int, int], float]:

@@ -480,6 +480,7 @@ def run(ctx: StudyContext) -> None:
     findings += secondary
     paper = _paper_number(ctx, st, main, v, boot)
     effects = _single_feature_effects(st, main, prompts, raw["rlhf"]["rewards"], cfg, v)
+    crosscoder = _crosscoder_arms(ctx, st, irm, arm, raw, raw[_arm_name("ablate", MAIN, None)])
     seconds = time.perf_counter() - started
     result = _header(ctx, prompts, texts, r_base, r_rlhf) | {
         "feature_sets": {
@@ -496,6 +497,7 @@ def run(ctx: StudyContext) -> None:
         "findings": findings,
         "paper": paper,
         "single_feature_ablation": effects,
+        "crosscoder": crosscoder,
         "seconds": seconds,
     }
     per_prompt = {k: [float(x) for x in res["rewards"]] for k, res in raw.items()}
@@ -698,6 +700,143 @@ def _single_feature_effects(st: _Study, main: FeatureSet, prompts, rlhf_rewards,
                 }
             )
     return out
+
+
+def _crosscoder_arms(ctx: StudyContext, st: _Study, irm: dict, arm, raw: dict, sae_main) -> dict:
+    """The sparse crosscoder IRM's latents (the IRM's selection on the crosscoder's change
+    space) ablated in the RLHF model, with the base and null models run in lockstep so the
+    crosscoder reads every model's activation (``irmlens.crosscoder_interventions``), and
+    steered into the base model along their tuned-minus-base decoder difference times their mean
+    code; beside random latents matched on firing frequency and removed variance (the same
+    matching as for SAE features), the RLHF-only latents when there are any, and the sparse
+    IRM's SAE arm. None when there is no crosscoder or ``validate.crosscoder`` is off."""
+    from irmlens.cache.store import load_activations
+    from irmlens.crosscoder_interventions import (
+        CrosscoderAblation,
+        CrosscoderDifference,
+        CrosscoderSide,
+        paired_code_statistics,
+        paired_codes,
+    )
+    from irmlens.interventions import steering, steering_vector
+    from irmlens.models.hooked import load_hf_model
+    from irmlens.validation import matched_random_sets, paired_difference_ci, removed_variance_share
+    from sae_training.crosscoder import load_crosscoder
+
+    v, chosen = ctx.cfg.validate, irm.get("crosscoder_sparse")
+    if not v.crosscoder or not chosen or not (ctx.crosscoder_dir / "cfg.json").exists():
+        return None
+    cc, ccfg = load_crosscoder(ctx.crosscoder_dir, ctx.cfg.model.device)
+    names, la, kind = ccfg["models"], ctx.irm_layer, ctx.hook_kind
+    models = dict(st.models)
+    for m in names:
+        if m not in models:  # the null model
+            models[m] = load_hf_model(ctx.dirs[m], ctx.cfg.model.device)[0].eval()
+    acts = {m: load_activations(ctx.paths.cache, m, ctx.hook(la)) for m in names}
+    mean, frequency = paired_code_statistics(cc, acts, names)
+    sample = torch.linspace(0, len(acts["rlhf"]) - 1, min(8192, len(acts["rlhf"]))).long()
+    sample_acts = {m: a[sample].float() for m, a in acts.items()}
+    codes = paired_codes(cc, sample_acts, names)
+    side, diff = CrosscoderSide(cc, names, "rlhf"), CrosscoderDifference(cc, names, "rlhf")
+    latents = [int(j) for j in chosen["features"]]
+    target, draws = matched_random_sets(
+        side,
+        sample_acts["rlhf"],
+        frequency,
+        latents,
+        n_draws=v.n_random_draws,
+        codes=codes,
+        seed=v.seed + 13,
+    )
+    sets = {"crosscoder_sparse": latents} | {
+        f"crosscoder_matched_random_{d}": draw.features for d, draw in enumerate(draws)
+    }
+    rlhf_only = read_json(ctx.paths.diff / "crosscoder.json")["pairs"]["rlhf"]["tuned_only_latents"]
+    if rlhf_only:
+        sets["crosscoder_rlhf_only"] = [int(j) for j in rlhf_only]
+    companions = {m: models[m] for m in names if m != "rlhf"}
+    boot, seed = v.n_bootstrap, v.seed
+    r_base, r_rlhf = (float(raw[m]["rewards"].mean()) for m in ("base", "rlhf"))
+    rows, rewards = [], {}
+    for kind_, model in (("ablate", "rlhf"), ("steer", "base")):
+        for name, feats in sets.items():
+            if kind_ == "ablate":
+                edit = CrosscoderAblation(side, companions, la, kind, feats)
+            else:
+                edit = steering(steering_vector(diff, mean.float(), feats), 1.0)
+            res = arm(model, {(la, kind): edit})
+            scale = None if kind_ == "ablate" else 1.0
+            rewards[_arm_name(kind_, name, scale)] = res["rewards"]
+            fs = FeatureSet(name, "", {}, {la: feats}, "crosscoder")
+            row = _summary(
+                _arm_name(kind_, name, scale),
+                kind_,
+                scale,
+                fs,
+                res,
+                r_base,
+                r_rlhf,
+                None,
+                boot,
+                seed,
+            )
+            row.pop("description")
+            if kind_ == "ablate":
+                row["removed_variance_share"] = removed_variance_share(
+                    side, sample_acts["rlhf"], feats, codes=codes
+                )
+            rows.append(row)
+    findings = []
+    for kind_, scale in (("ablate", None), ("steer", 1.0)):
+        main_r = rewards[_arm_name(kind_, "crosscoder_sparse", scale)]
+        drawn = torch.stack(
+            [
+                rewards[_arm_name(kind_, f"crosscoder_matched_random_{d}", scale)]
+                for d in range(len(draws))
+            ]
+        ).mean(0)
+        d = _difference(paired_difference_ci(main_r, drawn, boot, seed))
+        caveat = _match_caveat(
+            {
+                str(la): {
+                    "main_removed_variance_share": target,
+                    "draws_removed_variance_share": [x.removed_share for x in draws],
+                }
+            }
+        )
+        of = "the sparse crosscoder IRM's latents"
+        findings.append(_finding(kind_, "crosscoder_matched_random_mean", d, of=of, caveat=caveat))
+        if kind_ == "ablate":  # beside the sparse IRM's SAE features (not a control: a comparison)
+            sae_d = _difference(paired_difference_ci(main_r, sae_main["rewards"], boot, seed))
+            findings.append(
+                _finding(kind_, "the sparse IRM's SAE features", sae_d, of=of)
+                | {"comparison": True}
+            )
+    log(
+        "validate: crosscoder "
+        + "; ".join(f"{r['arm']} {r['reward']:.3f}" for r in rows if "matched" not in r["arm"])
+        + "; "
+        + "; ".join(
+            f"{f['kind']} vs {f['control']}: {f['mean']:+.3f} {_fmt_ci(f['ci'])}" for f in findings
+        )
+    )
+    return {
+        "layer": la,
+        "hook": ctx.hook(la),
+        "models": names,
+        "latents": latents,
+        "sets": {k: list(map(int, f)) for k, f in sets.items()},
+        "matching": {
+            "main_removed_variance_share": target,
+            "draws_removed_variance_share": [x.removed_share for x in draws],
+        },
+        "ablation": "h - sum_{j in S} f_j(x) d_j^rlhf in the RLHF model, f read from every "
+        "model's activation at the same tokens (the others run in lockstep)",
+        "steering": "sum_{j in S} mean(f_j) (d_j^rlhf - d_j^base) added to the base model",
+        "arms": rows,
+        "findings": findings,
+        "rewards": {k: [float(x) for x in r] for k, r in rewards.items()},
+    }
 
 
 def outputs(paths) -> list[Path]:
