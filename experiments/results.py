@@ -383,7 +383,73 @@ def _validation_rows(reports: list[dict]) -> list[Row]:
             PAPER["ablation"],
         ),
     ]
-    return rows
+    return rows + _crosscoder_and_lens_validation_rows()
+
+
+def _side_findings(section: str):
+    """A validation section's paired comparisons (crosscoder arms, lens steering), one cell."""
+
+    def get(r):
+        found = _get(r, "validation", section, "findings", default=None)
+        if not found:
+            return NA
+        return "; ".join(
+            f"{x['kind']}{'@' + format(x['scale'], 'g') if x.get('scale') else ''} vs "
+            f"{x['control']}: {_f(x['mean'])} {_ci(x['ci'])}"
+            for x in found
+        )
+
+    return get
+
+
+def _crosscoder_and_lens_validation_rows() -> list[Row]:
+    def cc_arm(prefix):
+        def get(r):
+            arms = _get(r, "validation", "crosscoder", "arms", default=None)
+            if not arms:
+                return NA
+            found = [a for a in arms if a["arm"].startswith(prefix)]
+            if not found:
+                return NA
+            if "matched" in prefix:
+                shares = sorted(a["share_of_gain"] for a in found if a["share_of_gain"] is not None)
+                return (
+                    f"{len(found)} draws: {_pct(shares[0])} to {_pct(shares[-1])} of the gain"
+                    if shares
+                    else NA
+                )
+            a = found[0]
+            return (
+                f"{_pct(a['share_of_gain'])} of the gain (reward {_f(a['reward'])} "
+                f"{_ci(a['reward_ci'])}, KL {_f(a['kl_to_unintervened'], 2)})"
+            )
+
+        return get
+
+    def lens(r):
+        arms = _get(r, "validation", "activation_difference_lens", "arms", default=None)
+        if not arms:
+            return NA
+        return "; ".join(
+            f"@{a['scale']:g}: {_pct(a['share_of_gain'])} of the gain (reward {_f(a['reward'])} "
+            f"{_ci(a['reward_ci'])}, KL {_f(a['kl_to_unintervened'], 2)})"
+            for a in arms
+        )
+
+    return [
+        (
+            "validation, crosscoder: ablate its sparse IRM's latents (lockstep)",
+            cc_arm("ablate:crosscoder_sparse"),
+            NA,
+        ),
+        ("  ablate matched random latents", cc_arm("ablate:crosscoder_matched_random_"), NA),
+        ("  ablate the RLHF-only latents", cc_arm("ablate:crosscoder_rlhf_only"), NA),
+        ("  steer its sparse IRM's latents @1", cc_arm("steer:crosscoder_sparse"), NA),
+        ("  steer matched random latents @1", cc_arm("steer:crosscoder_matched_random_"), NA),
+        ("  crosscoder: paired comparisons", _side_findings("crosscoder"), NA),
+        ("validation, activation difference lens: steer the base model", lens, NA),
+        ("  lens: paired comparisons", _side_findings("activation_difference_lens"), NA),
+    ]
 
 
 def _label_rows() -> list[Row]:
@@ -409,6 +475,21 @@ def _label_rows() -> list[Row]:
             NA,
         ),
         ("labels: all shared features, lexicon labeler", share("all", "lexicon"), NA),
+        (
+            "labels: sparse crosscoder IRM's latents, lexicon labeler",
+            share("crosscoder_sparse", "lexicon"),
+            NA,
+        ),
+        (
+            "labels: sparse crosscoder IRM's latents, LLM labeler",
+            share("crosscoder_sparse", "llm"),
+            NA,
+        ),
+        (
+            "labels: random live crosscoder latents, lexicon labeler",
+            share("crosscoder_random", "lexicon"),
+            NA,
+        ),
         (
             "labels: AUROC of |IRM weight| for related",
             lambda r: _f(_get(r, "labels", "comparison", "all", "lexicon", "auroc_abs_irm_weight")),

@@ -146,12 +146,16 @@ def test_crosscoder_is_trained_diffed_and_compared_beside_the_saes(micro_run):
     assert comp["crosscoder_random"]["lexicon"]["n"] == len(v["latents"])
     labelled = r["labels"]["sets"]["crosscoder_sparse"]["lexicon"]
     assert [x["feature"] for x in labelled] == v["latents"]
+    steered = r["validation"]["activation_difference_lens"]  # the lens's own steering arm
+    assert [a["scale"] for a in steered["arms"]] == [1.0] and steered["vector_norm"] > 0
+    assert _finite(steered["arms"][0]["reward"]) and len(steered["findings"]) == 2
     lens = r["irm"]["reference"]["activation_difference_lens"]
     assert _finite(lens["heldout_kendall_tau"]) and lens["n_heldout_words"] > 20
     assert len(lens["top_tokens"]) == 10 and lens["difference_ci"][0] <= lens["difference_ci"][1]
     html = (micro_run / "report/index.html").read_text()
     assert "Crosscoder: decoder norms" in html and "Crosscoder: latent scaling" in html
     assert "activation difference lens" in html and "Crosscoder latents" in html
+    assert "Activation difference lens: steering" in html
 
 
 def test_saes_load_with_saelens(micro_run):

@@ -668,6 +668,22 @@ Steering: {html.escape(cc["steering"])}.</p>
 <ul>{found}</ul>"""
 
 
+def _lens_validation_html(lens: dict | None) -> str:
+    """The activation difference lens's vector steered into the base model (no dictionary)."""
+    if not lens:
+        return ""
+    arms = ", ".join(
+        f"{a['reward']:.3f} {_ci(a['reward_ci'])} at scale {a['scale']:g}" for a in lens["arms"]
+    )
+    found = "".join(
+        f"<li>{html.escape(f['text'])} (scale {f['scale']:g}): {f['mean']:+.3f} {_ci(f['ci'])}</li>"
+        for f in lens["findings"]
+    )
+    return f"""<h3>Activation difference lens: steering</h3>
+<p>The mean RLHF &minus; base activation over each cached row's first {lens["first_k"]} tokens at {html.escape(lens["hook"])}
+(norm {lens["vector_norm"]:.3g}), added to the base model: reward {arms}.</p><ul>{found}</ul>"""
+
+
 def validation_html(validation: dict | None, labels: dict | None) -> str:
     """The Validation section's tables: every arm, the paper's number, the labels."""
     if validation is None:
@@ -694,7 +710,7 @@ ablation subtracts the features' decoded contributions in the RLHF model, steeri
 Share of gain: removed (ablation) or reproduced (steering). KL: of the intervened model to the unintervened one, nats per completion.
 main &minus; this: the sparse IRM's arm minus this arm, paired over prompts (ablation: below 0 means the main arm removes more).</p>
 <table><tr><th>arm</th><th>features</th><th>reward [95% CI]</th><th>share of gain</th><th>KL</th><th>perplexity</th><th>main &minus; this [95% CI]</th><th>set</th></tr>{rows}</table>
-{paper}{_crosscoder_validation_html(validation.get("crosscoder"))}"""
+{paper}{_crosscoder_validation_html(validation.get("crosscoder"))}{_lens_validation_html(validation.get("activation_difference_lens"))}"""
     if labels is None:
         return out
     c = labels["comparison"]

@@ -481,6 +481,7 @@ def run(ctx: StudyContext) -> None:
     paper = _paper_number(ctx, st, main, v, boot)
     effects = _single_feature_effects(st, main, prompts, raw["rlhf"]["rewards"], cfg, v)
     crosscoder = _crosscoder_arms(ctx, st, irm, arm, raw, raw[_arm_name("ablate", MAIN, None)])
+    lens = _lens_arms(ctx, st, arm, raw, crosscoder)
     seconds = time.perf_counter() - started
     result = _header(ctx, prompts, texts, r_base, r_rlhf) | {
         "feature_sets": {
@@ -498,6 +499,7 @@ def run(ctx: StudyContext) -> None:
         "paper": paper,
         "single_feature_ablation": effects,
         "crosscoder": crosscoder,
+        "activation_difference_lens": lens,
         "seconds": seconds,
     }
     per_prompt = {k: [float(x) for x in res["rewards"]] for k, res in raw.items()}
@@ -836,6 +838,56 @@ def _crosscoder_arms(ctx: StudyContext, st: _Study, irm: dict, arm, raw: dict, s
         "arms": rows,
         "findings": findings,
         "rewards": {k: [float(x) for x in r] for k, r in rewards.items()},
+    }
+
+
+def _lens_arms(ctx: StudyContext, st: _Study, arm, raw: dict, crosscoder: dict | None) -> dict:
+    """The activation difference lens's steering effect: its vector (the mean RLHF-minus-base
+    activation over each cached row's first ``LENS_FIRST_K`` tokens, at the IRM layer: no
+    dictionary) added to the base model at each steering scale, beside the sparse IRM's
+    steering arm at the same scale (and the crosscoder's at scale 1), paired over prompts."""
+    from irmlens.cache.store import load_token_rows
+    from irmlens.diff.lens import mean_difference
+    from irmlens.interventions import steering
+    from irmlens.stages.irm import LENS_FIRST_K
+    from irmlens.validation import paired_difference_ci
+
+    v, la = ctx.cfg.validate, ctx.irm_layer
+    valid = load_token_rows(ctx.paths.cache).valid
+    vector = mean_difference(st.acts["base"][la], st.acts["rlhf"][la], valid, LENS_FIRST_K)
+    r_base, r_rlhf = (float(raw[m]["rewards"].mean()) for m in ("base", "rlhf"))
+    rows, found = [], []
+    for scale in v.steering_scales:
+        res = arm("base", {(la, ctx.hook_kind): steering(vector, scale)})
+        name = _arm_name("steer", "activation_difference_lens", scale)
+        row = _summary(name, "steer", scale, None, res, r_base, r_rlhf, None, v.n_bootstrap, v.seed)
+        row["rewards"] = [float(x) for x in res["rewards"]]
+        rows.append(row)
+        others = [("the sparse IRM's steering", raw.get(_arm_name("steer", MAIN, scale)))]
+        if crosscoder and scale == 1:
+            cc_key = _arm_name("steer", "crosscoder_sparse", 1.0)
+            others.append(("the sparse crosscoder IRM's steering", crosscoder["rewards"][cc_key]))
+        for what, other in others:
+            if other is None:
+                continue
+            other = other["rewards"] if isinstance(other, dict) else torch.tensor(other)
+            d = _difference(paired_difference_ci(res["rewards"], other, v.n_bootstrap, v.seed))
+            found.append(
+                _finding("steer", what, d, of="the activation difference lens")
+                | {"scale": scale, "comparison": True}
+            )
+    log(
+        "validate: lens steering "
+        + ", ".join(f"@{r['scale']:g} {r['reward']:.3f}" for r in rows)
+        + f" (base {r_base:.3f}, rlhf {r_rlhf:.3f})"
+    )
+    return {
+        "layer": la,
+        "hook": ctx.hook(la),
+        "first_k": LENS_FIRST_K,
+        "vector_norm": float(vector.norm()),
+        "arms": rows,
+        "findings": found,
     }
 
 
