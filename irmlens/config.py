@@ -164,10 +164,11 @@ class SAEStageConfig:
         """The ``source`` folder's hook, layer and sizes (None: no source), read once."""
         if not self.source:
             return None
+        from irmlens.models.sources import resolve_sae_source
         from sae_training.train import read_sae_folder
 
-        try:
-            return read_sae_folder(self.source)
+        try:  # a folder, or "<release>:<sae id>" from SAELens's directory (downloaded once)
+            return read_sae_folder(resolve_sae_source(self.source))
         except ValueError as e:
             raise ValueError(f"sae.source = {self.source!r}: {e}") from None
 

@@ -185,3 +185,25 @@ def test_a_bad_sae_source_fails_at_load_naming_the_fix(tmp_path, hook, sae, matc
     values["sae"] |= {"source": str(wrong_width), "width_multipliers": [1, 2]}
     with pytest.raises((ConfigError, ValueError), match="has d_model 64"):
         config_from_dict(values)
+
+
+@pytest.mark.parametrize(
+    "source, match",
+    [
+        ("gpt2-small-res-jbx:blocks.0.hook_resid_pre", "nearest: gpt2-small-res-jb"),
+        ("gpt2-small-res-jb:blocks.99.hook_resid_pre", "has no SAE 'blocks.99.hook_resid_pre'"),
+        ("gpt2-small-res-jb:blocks.0.hook_resid_pre", "HF_HUB_OFFLINE is set"),
+    ],
+)
+def test_a_saelens_release_id_as_source_is_checked_against_its_directory_offline(
+    tmp_path, monkeypatch, source, match
+):
+    """``sae.source = "<release>:<sae id>"``: SAELens's pretrained-SAE directory ships with
+    sae-lens, so a wrong release or id fails at load with the nearest names, and a right one
+    says how to download it when the hub is off (the download itself needs a network)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("IRMLENS_HOME", str(tmp_path / "home"))
+    values = tomllib.loads(MICRO.read_text())
+    values["sae"] |= {"source": source}
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(values)

@@ -123,3 +123,62 @@ def _from_hub(name: str, key: str = "model.base") -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(name))
+
+
+def resolve_sae_source(source: str, key: str = "sae.source", log=print) -> Path:
+    """The SAELens SAE folder ``sae.source`` names: a local folder as it is, or
+    ``"<release>:<sae id>"`` from SAELens's pretrained-SAE directory (which ships with sae-lens,
+    so the pair is checked offline), downloaded once with ``SAE.from_pretrained`` and saved as a
+    SAELens folder under the irmlens home. A pair that is not in the directory is refused with
+    the nearest names; a download while offline says how to get the folder instead."""
+    import difflib
+    import os
+    import re
+
+    path = Path(source).expanduser()
+    m = re.fullmatch(r"([\w.\-]+):(.+)", source)
+    if path.exists() or m is None:
+        return path
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    release, sae_id = m.groups()
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        near = difflib.get_close_matches(release, list(directory), n=3)
+        raise ConfigError(
+            f"{key} = {source!r}: {release!r} is neither a folder nor a SAELens release"
+            + (f" (nearest: {', '.join(near)})" if near else "")
+            + "; give a SAELens SAE folder or '<release>:<sae id>'"
+        )
+    ids = directory[release].saes_map
+    if sae_id not in ids:
+        near = difflib.get_close_matches(sae_id, list(ids), n=3)
+        raise ConfigError(
+            f"{key} = {source!r}: release {release!r} has no SAE {sae_id!r}"
+            + (f" (nearest: {', '.join(near)})" if near else "")
+        )
+    out = models_dir() / "saes" / release / re.sub(r"[^\w.\-]+", "__", sae_id)
+    if (out / "cfg.json").exists():
+        return out
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(
+            f"{key} = {source!r} is a SAELens release, but HF_HUB_OFFLINE is set (irmlens's "
+            "default): run once with HF_HUB_OFFLINE=0 and network access to download it (it is "
+            f"then kept in {out}), or give a local SAELens SAE folder"
+        )
+    from sae_lens import SAE
+
+    from irmlens.io import atomic_dir
+
+    log(f"downloading SAELens SAE {release} / {sae_id} ...")
+    try:
+        sae = SAE.from_pretrained(release, sae_id, device="cpu")
+    except Exception as e:  # network, hub or format errors: name the SAE and the way out
+        raise ConfigError(
+            f"{key} = {source!r}: SAELens could not load it ({type(e).__name__}: "
+            f"{str(e)[:200]}); give a local SAELens SAE folder instead"
+        ) from e
+    sae = sae[0] if isinstance(sae, tuple) else sae  # older sae-lens returned (sae, cfg, ...)
+    with atomic_dir(out) as tmp:
+        sae.save_model(str(tmp))
+    return out
