@@ -157,10 +157,13 @@ class CrosscoderAblation:
             from transformers import DynamicCache
 
             ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                raise TypeError("a crosscoder ablation needs input_ids (not inputs_embeds)")
+            # generate drops an all-ones mask (no padding): None is passed on as it is
             mask = kwargs.get("attention_mask")
-            if ids is None or mask is None:
-                raise TypeError("a crosscoder ablation needs input_ids and attention_mask")
-            fresh = ids.shape[1] == mask.shape[1]  # a whole sequence: its first pass
+            own = kwargs.get("cache")
+            own = kwargs.get("past_key_values") if own is None else own
+            fresh = own is None or own.get_seq_length() == 0  # a sequence's first pass
             # the intervened model's own positions (None: each model's default, the same for
             # both, from its own cache length)
             positions = kwargs.get("position_ids")
@@ -171,7 +174,7 @@ class CrosscoderAblation:
                 self._acts[name] = _capture(
                     companion,
                     ids.to(dev),
-                    mask.to(dev),
+                    None if mask is None else mask.to(dev),
                     None if positions is None else positions.to(dev),
                     self.layer,
                     self.kind,

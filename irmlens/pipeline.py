@@ -23,6 +23,8 @@ from irmlens.records import (
     damaged_files,
     read_record,
     remove_record,
+    stage_timings,
+    timing_table,
     verify_stage,
     write_record,
 )
@@ -230,7 +232,8 @@ def run_study(
             if stage.name == stop_after:
                 break
         if stop_after == "report":
-            log(f"done in {time.time() - t0:.0f}s")
+            log(f"done in {time.time() - t0:.0f}s; each stage's last completed run:")
+            log(timing_table(stage_timings(paths.root, names)))
         if stage.result is not None:
             return stage.result(paths)
         outs = stage.outputs(paths)

@@ -49,8 +49,9 @@ def write_record(
         for p in recorded_files(targets)
     }
     record = {"stage": stage, "files": files}
-    if seconds is not None:
+    if seconds is not None:  # and the machine they were measured on (runs resume elsewhere)
         record["seconds"] = seconds
+        record["machine"] = machine_summary()
     atomic_write_json(record_path(root, stage), record)
 
 
@@ -114,3 +115,53 @@ def verify_stage(root: Path, stage: str, required: bool = True) -> None:
             + "; ".join(problems)
             + f". Redo it (and the stages after it) with `{redo_command(root)}`"
         )
+
+
+def stage_timings(root: Path, stages: Iterable[str]) -> list[dict]:
+    """Each stage's seconds on its last completed run (``None``: no record, or recorded without
+    a time), in ``stages``' order: the per-stage timing table of the log and report.json."""
+    out = []
+    for name in stages:
+        rec = read_record(root, name) or {}
+        out.append({"stage": name, "seconds": rec.get("seconds"), "machine": rec.get("machine")})
+    return out
+
+
+def machine_summary() -> dict:
+    """What a stage's seconds depend on: CPU model, cores, AVX-512, torch threads, GPU."""
+    import os
+    import platform
+
+    import torch
+
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine()):
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:  # not Linux: the platform's own name
+        pass
+    return {
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        "avx512": "avx512f" in flags.split() if flags else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def timing_table(timings: list[dict]) -> str:
+    """The timing table as log lines: stage, seconds, share of the total."""
+    total = sum(t["seconds"] or 0.0 for t in timings)
+    lines = [f"{'stage':10s} {'seconds':>9s} {'share':>6s}"]
+    for t in timings:
+        s = t["seconds"]
+        share = f"{s / total:6.1%}" if s is not None and total > 0 else "     -"
+        lines.append(f"{t['stage']:10s} {'-' if s is None else f'{s:9.1f}':>9s} {share}")
+    lines.append(f"{'total':10s} {total:9.1f}")
+    return "\n".join(lines)

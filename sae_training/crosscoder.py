@@ -391,10 +391,11 @@ def train_crosscoder(
         sched.step()
         last = step == steps - 1
         if (log_every and step % log_every == 0) or last:
-            terms = torch.stack([loss.detach(), err.detach(), aux.detach()]).cpu()
-            if world > 1:  # the global batch's means
+            terms = torch.stack([loss.detach(), err.detach(), aux.detach()])
+            if world > 1:  # the global batch's means (on the device: nccl reduces no CPU tensor)
                 dist.all_reduce(terms)
                 terms /= world
+            terms = terms.cpu()
             if log_every:
                 history.append({"step": step, "loss": float(terms[0]), "error": float(terms[1])})
         if step + 1 in checkpoint_at and rank == 0:

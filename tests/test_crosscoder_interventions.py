@@ -73,11 +73,14 @@ def _ablation(models, cc, features):
     }
 
 
-def test_lockstep_codes_in_cached_generation_match_a_full_pass(trio):
+@pytest.mark.parametrize("padded", [True, False])
+def test_lockstep_codes_in_cached_generation_match_a_full_pass(trio, padded):
     """Sampling keeps the intervened model's log-probs from the generation's own logits (KV cache,
     one token per pass, companions run on each); a full pass over the finished sequences with the
-    same edit must give the same log-probs, and they must differ from the unedited model's."""
+    same edit must give the same log-probs, and they must differ from the unedited model's.
+    Unpadded: one prompt, whose all-ones mask generate drops (attention_mask None)."""
     models, tok, texts, cc, _ = trio
+    texts = texts if padded else texts[:1]
     edits = _ablation(models, cc, range(cc.width))
     with edit_blocks(models["rlhf"], edits):
         samples = sample_completions(models["rlhf"], tok, texts, 6, seed=0, with_logprobs=True)

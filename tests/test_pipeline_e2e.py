@@ -433,3 +433,23 @@ def test_validate_says_so_when_the_sparse_irm_has_no_dictionary_feature(micro_ru
 
     assert "nothing to ablate" in validation_html(v, None)
     assert validation_verdict(v, None).startswith("The sparse IRM chose only SAE-error columns")
+
+
+def test_report_and_log_carry_the_per_stage_timing_table(micro_run):
+    """report.json ``timings``: every stage before the report, in run order, with the seconds of
+    its last completed run and the machine it ran on; the same table ends the log."""
+    from irmlens.pipeline import STAGES
+    from irmlens.records import stage_timings, timing_table
+
+    r = json.loads((micro_run / "report/report.json").read_text())
+    t = r["timings"]
+    assert [s["stage"] for s in t["stages"]] == [s.name for s in STAGES][:-1]
+    ran = {s["stage"]: s["seconds"] for s in t["stages"]}
+    assert ran["rlhf"] > 0 and ran["saes"] > 0 and ran["validate"] > 0
+    assert t["total_seconds"] == pytest.approx(sum(v or 0 for v in ran.values()))
+    m = t["machines"][0]
+    assert m["cpu_count"] >= 1 and m["torch_threads"] >= 1 and m["cpu"]
+    assert "Stage timings" in (micro_run / "report/index.html").read_text()
+    table = timing_table(stage_timings(micro_run, [s.name for s in STAGES]))
+    assert table.splitlines()[0].split() == ["stage", "seconds", "share"]
+    assert table.splitlines()[-1].startswith("total")

@@ -47,10 +47,33 @@ def reward_description(ctx: StudyContext, words: list[str]) -> str:
 
 class CrosscoderEvidence:
     """The study's crosscoder as a source of evidence: its codes of every model's activations at
-    each cached position (a latent's code is not a function of one model's activation)."""
+    each cached position (a latent's code is not a function of one model's activation), kept
+    for ``latents`` only (a whole cache's codes at full width would not fit in memory)."""
 
-    def __init__(self, crosscoder, models: list[str]) -> None:
+    def __init__(self, crosscoder, models: list[str], latents: list[int]) -> None:
         self.crosscoder, self.models = crosscoder, list(models)
+        self.latents = list(dict.fromkeys(int(j) for j in latents))
+        self._column = {j: i for i, j in enumerate(self.latents)}
+
+    def column(self, latent: int) -> int:
+        return self._column[int(latent)]
+
+    @torch.no_grad()
+    def codes(self, acts: dict[str, torch.Tensor], batch_size: int = 8192) -> torch.Tensor:
+        """``[n, len(latents)]`` codes of aligned per-model activations, encoded in batches."""
+        from irmlens.crosscoder_interventions import paired_codes
+
+        n, cols = len(acts[self.models[0]]), torch.tensor(self.latents, dtype=torch.long)
+        return torch.cat(
+            [
+                paired_codes(
+                    self.crosscoder,
+                    {m: a[i : i + batch_size] for m, a in acts.items()},
+                    self.models,
+                )[:, cols]
+                for i in range(0, n, batch_size)
+            ]
+        ).float()
 
 
 class _Evidence:
@@ -67,7 +90,6 @@ class _Evidence:
 
     def _codes(self, sae, layer: int):
         from irmlens.cache.store import load_activations
-        from irmlens.crosscoder_interventions import paired_codes
         from sae_training.train import encode_batched
 
         key = (id(sae), layer)
@@ -75,7 +97,7 @@ class _Evidence:
             hook = self.ctx.hook(layer)
             if isinstance(sae, CrosscoderEvidence):  # its codes read every model at once
                 acts = {m: load_activations(self.ctx.paths.cache, m, hook) for m in sae.models}
-                codes = paired_codes(sae.crosscoder, acts, sae.models).float()
+                codes = sae.codes(acts)
             else:
                 acts = load_activations(self.ctx.paths.cache, "rlhf", hook)
                 codes = encode_batched(sae, acts, pre_activation=self.pre).float().clamp_min(0)
@@ -90,6 +112,9 @@ class _Evidence:
         from irmlens.labels import Context, FeatureEvidence
 
         codes, sums, total = self._codes(sae, layer)
+        shown = feature  # the feature's id in the labels; its column in the codes below
+        if isinstance(sae, CrosscoderEvidence):
+            feature = sae.column(feature)
         col = sums[:, feature]
         nz = torch.nonzero(col > 0).squeeze(-1).tolist()
         contexts = []
@@ -107,7 +132,7 @@ class _Evidence:
                 )
             ]
         return FeatureEvidence(
-            feature,
+            shown,
             contexts,
             {self.rows.words[i]: float(col[i]) for i in nz},
             float(total[feature]),
@@ -308,13 +333,19 @@ def _label_crosscoder(ctx: StudyContext, irm: dict, ev, lexicon, llm, sets, timi
     chosen = irm.get("crosscoder_sparse")
     if not chosen or not (ctx.crosscoder_dir / "cfg.json").exists():
         return None
+    from irmlens.cache.store import load_activations
+    from irmlens.crosscoder_interventions import paired_code_statistics
+
     cc, ccfg = load_crosscoder(ctx.crosscoder_dir, ctx.cfg.model.device)
-    source, la, n = CrosscoderEvidence(cc, ccfg["models"]), ctx.irm_layer, ctx.cfg.labels.n_contexts
+    la, n, models = ctx.irm_layer, ctx.cfg.labels.n_contexts, ccfg["models"]
     latents = [int(j) for j in chosen["features"]]
-    _, _, total = ev._codes(source, la)
-    live = [j for j in torch.nonzero(total > 0).squeeze(-1).tolist() if j not in set(latents)]
+    acts = {m: load_activations(ctx.paths.cache, m, ctx.hook(la)) for m in models}
+    _, frequency = paired_code_statistics(cc, acts, models)
+    del acts
+    live = [j for j in torch.nonzero(frequency > 0).squeeze(-1).tolist() if j not in set(latents)]
     g = torch.Generator().manual_seed(ctx.cfg.seed + 29)
     drawn = sorted(live[i] for i in torch.randperm(len(live), generator=g)[: len(latents)].tolist())
+    source = CrosscoderEvidence(cc, models, latents + drawn)
 
     def label(labeler, feats: list[int], key: str) -> list[dict]:
         t = time.perf_counter()

@@ -733,8 +733,13 @@ def _crosscoder_arms(ctx: StudyContext, st: _Study, irm: dict, arm, raw: dict, s
     models = dict(st.models)
     for m in names:
         if m not in models:  # the null model
-            models[m] = load_hf_model(ctx.dirs[m], ctx.cfg.model.device)[0].eval()
-    acts = {m: load_activations(ctx.paths.cache, m, ctx.hook(la)) for m in names}
+            models[m] = load_hf_model(
+                ctx.dirs[m], ctx.cfg.model.device, ctx.cfg.model.trust_remote_code
+            )[0].eval()
+    acts = {  # base and rlhf are in st.acts already
+        m: st.acts[m][la] if m in st.acts else load_activations(ctx.paths.cache, m, ctx.hook(la))
+        for m in names
+    }
     mean, frequency = paired_code_statistics(cc, acts, names)
     sample = torch.linspace(0, len(acts["rlhf"]) - 1, min(8192, len(acts["rlhf"]))).long()
     sample_acts = {m: a[sample].float() for m, a in acts.items()}
@@ -765,7 +770,7 @@ def _crosscoder_arms(ctx: StudyContext, st: _Study, irm: dict, arm, raw: dict, s
             if kind_ == "ablate":
                 edit = CrosscoderAblation(side, companions, la, kind, feats)
             else:
-                edit = steering(steering_vector(diff, mean.float(), feats), 1.0)
+                edit = steering(steering_vector(diff, mean.float().to(cc.W_dec.device), feats), 1.0)
             res = arm(model, {(la, kind): edit})
             scale = None if kind_ == "ablate" else 1.0
             rewards[_arm_name(kind_, name, scale)] = res["rewards"]
@@ -798,13 +803,17 @@ def _crosscoder_arms(ctx: StudyContext, st: _Study, irm: dict, arm, raw: dict, s
             ]
         ).mean(0)
         d = _difference(paired_difference_ci(main_r, drawn, boot, seed))
-        caveat = _match_caveat(
-            {
-                str(la): {
-                    "main_removed_variance_share": target,
-                    "draws_removed_variance_share": [x.removed_share for x in draws],
+        caveat = (
+            ""
+            if kind_ == "steer"
+            else _match_caveat(
+                {
+                    str(la): {
+                        "main_removed_variance_share": target,
+                        "draws_removed_variance_share": [x.removed_share for x in draws],
+                    }
                 }
-            }
+            )
         )
         of = "the sparse crosscoder IRM's latents"
         findings.append(_finding(kind_, "crosscoder_matched_random_mean", d, of=of, caveat=caveat))
