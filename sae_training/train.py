@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -618,7 +619,10 @@ def _remove_checkpoints(ckpt_dir: Path) -> None:
     if ckpt_dir.is_symlink() or not origin.is_file():
         return
     for p in ckpt_dir.iterdir():
-        if p.name.isdigit() and p.is_dir() and not p.is_symlink():
+        # and the temporary folders a killed checkpoint write left (irmlens.io.atomic_dir's
+        # ".<steps>.<random>.tmp")
+        ours = p.name.isdigit() or re.fullmatch(r"\.\d+\..+\.(tmp|old)", p.name)
+        if ours and p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
     origin.unlink(missing_ok=True)
     try:
