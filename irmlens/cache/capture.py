@@ -23,15 +23,18 @@ from irmlens.cache.store import (
     DTYPES,
     ERROR_BOUNDS,
     FORMAT,
+    PROGRESS,
     STAT_SUM,
     STAT_SUM_NORM,
     TOKEN_LOGPROBS,
     hook_name,
+    load_manifest,
     load_progress,
+    rank_progress,
     save_tensors_atomic,
     shard_path,
     shard_statistics,
-    verified_shards,
+    shard_verified,
     write_progress,
 )
 from irmlens.cache.tokens import TokenRows
@@ -190,12 +193,17 @@ def build_paired_cache(
             "the text to cache gave no token positions: check the held-out reviews "
             "(data.n_heldout) and cache.max_rows"
         )
+    dist, rank, world = _distributed()
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    (cache_dir / "manifest.json").unlink(missing_ok=True)
+    if rank == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        (cache_dir / "manifest.json").unlink(missing_ok=True)
+        _write_tokens(cache_dir, rows)
+    if dist is not None:
+        dist.barrier()  # the tokens are written before any rank reads their sha256
     hooks = [hook_name(layer, kind) for layer in layers for kind in hook_kinds]
     names = list(models)
-    tokens_sha = _write_tokens(cache_dir, rows)
+    tokens_sha = sha256_file(cache_dir / "tokens.safetensors")
     forward = {
         name: "bfloat16 autocast" if next(m.parameters()).device.type == "cuda" else "float32"
         for name, m in models.items()
@@ -212,19 +220,27 @@ def build_paired_cache(
         "forward": forward,
         "token_logprobs": token_logprobs,
     }
+    # one progress file per rank under torchrun (merged by rank 0 at the end); shards of an
+    # earlier run, whatever its number of processes, count wherever they verify
+    own = PROGRESS if world == 1 else rank_progress(rank)
     progress = load_progress(cache_dir)
     if progress.get("settings") != settings:  # different tokens or layout: start over
         progress = {"settings": settings, "shards": {}}
-        write_progress(cache_dir, progress)
+    if own != PROGRESS and load_progress(cache_dir, own).get("settings") == settings:
+        progress["shards"] |= load_progress(cache_dir, own)["shards"]
+    write_progress(cache_dir, progress, own)
     n_rows = len(rows.tokens)
     n_shards = math.ceil(n_rows / shard_rows)
-    start = min(
-        verified_shards(cache_dir, n_shards, names, hooks),
-        verified_shards(cache_dir, n_shards, token_logprobs, [TOKEN_LOGPROBS]),
-    )
-    for k in tqdm(
-        range(start, n_shards), desc="cache shards", unit="shard", initial=start, total=n_shards
-    ):
+    done = progress["shards"]
+    todo = [
+        k
+        for k in range(rank, n_shards, world)  # this rank's slice of the shards
+        if not (
+            shard_verified(cache_dir, done, k, names, hooks)
+            and shard_verified(cache_dir, done, k, token_logprobs, [TOKEN_LOGPROBS])
+        )
+    ]
+    for k in tqdm(todo, desc="cache shards", unit="shard", disable=rank != 0):
         sl = slice(k * shard_rows, min((k + 1) * shard_rows, n_rows))
         for name, model in models.items():
             logprobs: list[torch.Tensor] | None = [] if name in token_logprobs else None
@@ -247,8 +263,29 @@ def build_paired_cache(
                 }
                 save_tensors_atomic(path, {**tensors, **stats})
                 progress["shards"][f"{name}/{hook}/{k}"] = {"sha256": sha256_file(path), "n": n}
-                write_progress(cache_dir, progress)
-    return _write_manifest(cache_dir, progress, n_shards, rows, layers, meta, settings)
+                write_progress(cache_dir, progress, own)
+    if dist is None:
+        return _write_manifest(cache_dir, progress, n_shards, rows, layers, meta, settings)
+    dist.barrier()  # every rank's shards are written
+    if rank == 0:  # one progress file and one manifest, each written whole
+        for r in range(1, world):
+            progress["shards"] |= load_progress(cache_dir, rank_progress(r))["shards"]
+        write_progress(cache_dir, progress)
+        _write_manifest(cache_dir, progress, n_shards, rows, layers, meta, settings)
+        for r in range(world):
+            (cache_dir / rank_progress(r)).unlink(missing_ok=True)
+    dist.barrier()
+    return load_manifest(cache_dir)
+
+
+def _distributed():
+    """(torch.distributed, rank, world size) under ``torchrun``; (None, 0, 1) otherwise: each
+    rank caches every world-th shard, from the same token rows, into its own files."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
 
 
 def _write_manifest(cache_dir, progress, n_shards, rows, layers, meta, settings) -> dict:

@@ -100,28 +100,27 @@ def load_manifest(cache_dir: str | Path) -> dict | None:
     return read_json(p) if p.exists() else None
 
 
-def load_progress(cache_dir: str | Path) -> dict:
-    p = Path(cache_dir) / PROGRESS
+def load_progress(cache_dir: str | Path, name: str = PROGRESS) -> dict:
+    p = Path(cache_dir) / name
     return read_json(p) if p.exists() else {"shards": {}}
 
 
-def verified_shards(
-    cache_dir: str | Path, n_shards: int, models: list[str], hooks: list[str]
-) -> int:
-    """How many leading shards are complete for every model and hook and match their sha256."""
-    progress = load_progress(cache_dir)["shards"]
-    for k in range(n_shards):
-        for model in models:
-            for hook in hooks:
-                key = f"{model}/{hook}/{k}"
-                p = shard_path(cache_dir, model, hook, k)
-                if (
-                    key not in progress
-                    or not p.exists()
-                    or sha256_file(p) != progress[key]["sha256"]
-                ):
-                    return k
-    return n_shards
+def rank_progress(rank: int) -> str:
+    """The progress file of data-parallel rank ``rank`` (merged into PROGRESS at the end)."""
+    return f"progress.rank{rank}.json"
+
+
+def shard_verified(
+    cache_dir: str | Path, progress: dict, k: int, models: list[str], hooks: list[str]
+) -> bool:
+    """Whether shard ``k`` is complete for every model and hook and matches its sha256."""
+    for model in models:
+        for hook in hooks:
+            info = progress.get(f"{model}/{hook}/{k}")
+            p = shard_path(cache_dir, model, hook, k)
+            if info is None or not p.exists() or sha256_file(p) != info["sha256"]:
+                return False
+    return True
 
 
 def cache_is_complete(cache_dir: str | Path, verify: bool = True) -> bool:
@@ -250,5 +249,5 @@ def load_token_rows(cache_dir: str | Path):
     return TokenRows(t["tokens"], t["valid"].bool(), t["word_id"], words, in_word)
 
 
-def write_progress(cache_dir: str | Path, progress: dict) -> None:
-    atomic_write_json(Path(cache_dir) / PROGRESS, progress)
+def write_progress(cache_dir: str | Path, progress: dict, name: str = PROGRESS) -> None:
+    atomic_write_json(Path(cache_dir) / name, progress)

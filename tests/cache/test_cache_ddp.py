@@ -1,0 +1,50 @@
+"""Data-parallel caching: 2 processes under torchrun (gloo on CPU) write the same shards
+(sha256), the same statistics and one manifest, as 1 process does."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = Path(__file__).with_name("ddp_cache_worker.py")
+
+
+def test_two_process_cache_writes_the_shards_and_manifest_one_process_writes(tmp_path):
+    one = subprocess.run(
+        [sys.executable, str(WORKER), str(tmp_path / "one")], capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = subprocess.run(
+        [*launch, str(WORKER), str(tmp_path / "two")], capture_output=True, text=True
+    )
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    m1 = json.loads((tmp_path / "one/manifest.json").read_text())
+    m2 = json.loads((tmp_path / "two/manifest.json").read_text())
+    assert m1["n_shards"] == 7 and len(m1["files"]) > 7 * 4  # 2 models x 4 hooks, + log-probs
+    assert m2["files"] == m1["files"]  # every shard's sha256 (and the tokens')
+    assert m2["statistics"] == m1["statistics"] and m2["shapes"] == m1["shapes"]
+    assert sorted(p.name for p in (tmp_path / "two").glob("progress*")) == ["progress.json"]
+    p1 = json.loads((tmp_path / "one/progress.json").read_text())
+    p2 = json.loads((tmp_path / "two/progress.json").read_text())
+    assert p2 == p1
+
+
+def test_a_cache_begun_by_two_processes_is_resumed_by_one(tmp_path):
+    """Kill-free version of a resume across process counts: the 2-process cache's shards verify
+    for a later 1-process run, which recomputes none of them (same files, same mtimes)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = subprocess.run(
+        [*launch, str(WORKER), str(tmp_path / "c")], capture_output=True, text=True
+    )
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    shards = sorted((tmp_path / "c").rglob("*.safetensors"))
+    before = {p: p.stat().st_mtime_ns for p in shards}
+    (tmp_path / "c/manifest.json").unlink()
+    one = subprocess.run(
+        [sys.executable, str(WORKER), str(tmp_path / "c")], capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    after = {p: p.stat().st_mtime_ns for p in shards if p.name != "tokens.safetensors"}
+    assert all(before[p] == t for p, t in after.items())
+    assert (tmp_path / "c/manifest.json").exists()
