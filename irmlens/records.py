@@ -117,9 +117,15 @@ def verify_stage(root: Path, stage: str, required: bool = True) -> None:
         )
 
 
-def stage_timings(root: Path, stages: Iterable[str]) -> list[dict]:
+def stage_timings(root: Path, stages: Iterable[str] | None = None) -> list[dict]:
     """Each stage's seconds on its last completed run (``None``: no record, or recorded without
-    a time), in ``stages``' order: the per-stage timing table of the log and report.json."""
+    a time), in ``stages``' order, or (None) every recorded stage in the order its last run
+    finished: the per-stage timing table of the log and report.json."""
+    if stages is None:
+        found = sorted(
+            (Path(root) / RECORDS_DIR).glob("*.json"), key=lambda p: p.stat().st_mtime_ns
+        )
+        stages = [p.stem for p in found]
     out = []
     for name in stages:
         rec = read_record(root, name) or {}

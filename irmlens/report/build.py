@@ -275,12 +275,11 @@ def _reward_model(cfg, rlhf: dict | None, paths: RunPaths) -> dict:
 
 
 def _timings(paths: RunPaths) -> dict:
-    """Each stage's seconds on its last completed run and the machine(s) it ran on (the report
-    stage itself is running: its time is in the log's table)."""
-    from irmlens.pipeline import STAGES  # at call time: the pipeline imports this module's stage
+    """Each stage's seconds on its last completed run, in the order those runs finished, and the
+    machine(s) it ran on (the report stage itself is running: its time is in the log's table)."""
     from irmlens.records import stage_timings
 
-    rows = stage_timings(paths.root, [s.name for s in STAGES if s.name != "report"])
+    rows = [r for r in stage_timings(paths.root) if r["stage"] != "report"]
     machines = []
     for r in rows:
         if r["machine"] and r["machine"] not in machines:

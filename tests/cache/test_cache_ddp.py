@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 WORKER = Path(__file__).with_name("ddp_cache_worker.py")
 
 
@@ -30,6 +32,7 @@ def test_two_process_cache_writes_the_shards_and_manifest_one_process_writes(tmp
     assert p2 == p1
 
 
+@pytest.mark.slow  # two more launches (about 30 s): the equivalence test above stays in make test
 def test_a_cache_begun_by_two_processes_is_resumed_by_one(tmp_path):
     """Kill-free version of a resume across process counts: the 2-process cache's shards verify
     for a later 1-process run, which recomputes none of them (same files, same mtimes)."""
