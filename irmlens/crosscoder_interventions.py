@@ -99,9 +99,15 @@ def paired_code_statistics(
     return total / max(n, 1), fired / max(n, 1)
 
 
-def _capture(model, ids, mask, positions, layer: int, kind: str, cache) -> torch.Tensor:
-    """``model``'s activation at ``(layer, kind)`` for ``ids`` (after ``cache``'s tokens), its
-    forward stopped right there."""
+def _cache_argument(model) -> str:
+    """The name ``model.forward`` takes its KV cache by: transformers 5 calls it ``cache``
+    (``past_key_values`` is deprecated there), earlier versions ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _capture(model, ids, mask, positions, layer: int, kind: str, cache, cache_arg: str):
+    """``model``'s activation at ``(layer, kind)`` for ``ids`` (after ``cache``'s tokens, passed
+    as ``cache_arg``), its forward stopped right there."""
     box = {}
 
     def hook(_module, _inputs, output):
@@ -109,13 +115,11 @@ def _capture(model, ids, mask, positions, layer: int, kind: str, cache) -> torch
         raise _Stop
 
     handle = hooked_module(model, layer, kind).register_forward_hook(hook)
-    # transformers 5 calls the cache argument ``cache`` (``past_key_values`` is deprecated)
-    params = inspect.signature(model.forward).parameters
-    cache_arg = {"cache" if "cache" in params else "past_key_values": cache}
     try:
         model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_arg
-        )
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+            **{cache_arg: cache},
+        )  # fmt: skip
     except _Stop:
         pass
     finally:
@@ -152,6 +156,7 @@ class CrosscoderAblation:
     @contextlib.contextmanager
     def attach(self, model) -> Iterator[None]:
         caches: dict = {}
+        cache_args = {name: _cache_argument(m) for name, m in self.companions.items()}
 
         def before_forward(_module, args, kwargs):
             from transformers import DynamicCache
@@ -179,6 +184,7 @@ class CrosscoderAblation:
                     self.layer,
                     self.kind,
                     caches[name],
+                    cache_args[name],
                 )
 
         handle = model.register_forward_pre_hook(before_forward, with_kwargs=True)

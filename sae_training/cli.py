@@ -188,14 +188,8 @@ def _train(args, acts, hook: str, model_name: str) -> int:
         raise TrainingInputError(str(e)) from None
     ckpt = _checkpoint_dir(args)
     sae = train_sae(acts, cfg, hook, model_name, out_dir=Path(args.out), checkpoint_dir=ckpt)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        rank = dist.get_rank()
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank != 0:
-            return 0
+    if not _finish_distributed():
+        return 0
     m = evaluate_sae(sae, acts)
     print(
         f"saved {args.out}: explained variance {m['explained_variance']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}"
@@ -206,8 +200,6 @@ def _train(args, acts, hook: str, model_name: str) -> int:
 def _train_crosscoder(args, acts: dict) -> int:
     """Train, evaluate and save a crosscoder over the cache's models (``--arch crosscoder-*``)."""
     from dataclasses import asdict
-
-    import torch.distributed as dist
 
     from sae_training.crosscoder import (
         CrosscoderConfig,
@@ -234,12 +226,8 @@ def _train_crosscoder(args, acts: dict) -> int:
         cc, log = train_crosscoder(acts, cfg, checkpoint_dir=_checkpoint_dir(args))
     except ValueError as e:
         raise TrainingInputError(str(e)) from None
-    if dist.is_available() and dist.is_initialized():
-        rank = dist.get_rank()
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank != 0:  # rank 0 writes the crosscoder
-            return 0
+    if not _finish_distributed():
+        return 0
     cc = cc.cpu()
     m = evaluate_crosscoder(cc, acts)
     save_crosscoder(
@@ -274,6 +262,19 @@ def _config(args, d_in: int):
         trainer=args.trainer,
         normalize=args.normalize,
     )
+
+
+def _finish_distributed() -> bool:
+    """After training under ``torchrun``: wait for every process and leave the group. True for
+    the process that evaluates and writes the result (rank 0, or the only one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    return rank == 0
 
 
 def _init_distributed(args) -> None:

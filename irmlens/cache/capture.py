@@ -226,8 +226,9 @@ def build_paired_cache(
     progress = load_progress(cache_dir)
     if progress.get("settings") != settings:  # different tokens or layout: start over
         progress = {"settings": settings, "shards": {}}
-    if own != PROGRESS and load_progress(cache_dir, own).get("settings") == settings:
-        progress["shards"] |= load_progress(cache_dir, own)["shards"]
+    mine = load_progress(cache_dir, own) if own != PROGRESS else {}
+    if mine.get("settings") == settings:
+        progress["shards"] |= mine["shards"]
     write_progress(cache_dir, progress, own)
     n_rows = len(rows.tokens)
     n_shards = math.ceil(n_rows / shard_rows)

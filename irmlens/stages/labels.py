@@ -48,10 +48,13 @@ def reward_description(ctx: StudyContext, words: list[str]) -> str:
 class CrosscoderEvidence:
     """The study's crosscoder as a source of evidence: its codes of every model's activations at
     each cached position (a latent's code is not a function of one model's activation), kept
-    for ``latents`` only (a whole cache's codes at full width would not fit in memory)."""
+    for ``latents`` only (a whole cache's codes at full width would not fit in memory). ``acts``:
+    every model's cached activations at the crosscoder's hook, read once by the caller."""
 
-    def __init__(self, crosscoder, models: list[str], latents: list[int]) -> None:
-        self.crosscoder, self.models = crosscoder, list(models)
+    def __init__(
+        self, crosscoder, models: list[str], latents: list[int], acts: dict[str, torch.Tensor]
+    ) -> None:
+        self.crosscoder, self.models, self.acts = crosscoder, list(models), acts
         self.latents = list(dict.fromkeys(int(j) for j in latents))
         self._column = {j: i for i, j in enumerate(self.latents)}
 
@@ -59,10 +62,11 @@ class CrosscoderEvidence:
         return self._column[int(latent)]
 
     @torch.no_grad()
-    def codes(self, acts: dict[str, torch.Tensor], batch_size: int = 8192) -> torch.Tensor:
-        """``[n, len(latents)]`` codes of aligned per-model activations, encoded in batches."""
+    def codes(self, batch_size: int = 8192) -> torch.Tensor:
+        """``[n, len(latents)]`` codes of the cached positions, encoded in batches."""
         from irmlens.crosscoder_interventions import paired_codes
 
+        acts = self.acts
         n, cols = len(acts[self.models[0]]), torch.tensor(self.latents, dtype=torch.long)
         return torch.cat(
             [
@@ -96,8 +100,7 @@ class _Evidence:
         if key not in self._by:
             hook = self.ctx.hook(layer)
             if isinstance(sae, CrosscoderEvidence):  # its codes read every model at once
-                acts = {m: load_activations(self.ctx.paths.cache, m, hook) for m in sae.models}
-                codes = sae.codes(acts)
+                codes = sae.codes()
             else:
                 acts = load_activations(self.ctx.paths.cache, "rlhf", hook)
                 codes = encode_batched(sae, acts, pre_activation=self.pre).float().clamp_min(0)
@@ -341,11 +344,10 @@ def _label_crosscoder(ctx: StudyContext, irm: dict, ev, lexicon, llm, sets, timi
     latents = [int(j) for j in chosen["features"]]
     acts = {m: load_activations(ctx.paths.cache, m, ctx.hook(la)) for m in models}
     _, frequency = paired_code_statistics(cc, acts, models)
-    del acts
     live = [j for j in torch.nonzero(frequency > 0).squeeze(-1).tolist() if j not in set(latents)]
     g = torch.Generator().manual_seed(ctx.cfg.seed + 29)
     drawn = sorted(live[i] for i in torch.randperm(len(live), generator=g)[: len(latents)].tolist())
-    source = CrosscoderEvidence(cc, models, latents + drawn)
+    source = CrosscoderEvidence(cc, models, latents + drawn, acts)
 
     def label(labeler, feats: list[int], key: str) -> list[dict]:
         t = time.perf_counter()

@@ -755,6 +755,10 @@ def _crosscoder_arms(ctx: StudyContext, st: _Study, irm: dict, arm, raw: dict, s
         codes=codes,
         seed=v.seed + 13,
     )
+    matching = {
+        "main_removed_variance_share": target,
+        "draws_removed_variance_share": [x.removed_share for x in draws],
+    }
     sets = {"crosscoder_sparse": latents} | {
         f"crosscoder_matched_random_{d}": draw.features for d, draw in enumerate(draws)
     }
@@ -803,18 +807,7 @@ def _crosscoder_arms(ctx: StudyContext, st: _Study, irm: dict, arm, raw: dict, s
             ]
         ).mean(0)
         d = _difference(paired_difference_ci(main_r, drawn, boot, seed))
-        caveat = (
-            ""
-            if kind_ == "steer"
-            else _match_caveat(
-                {
-                    str(la): {
-                        "main_removed_variance_share": target,
-                        "draws_removed_variance_share": [x.removed_share for x in draws],
-                    }
-                }
-            )
-        )
+        caveat = "" if kind_ == "steer" else _match_caveat({str(la): matching})
         of = "the sparse crosscoder IRM's latents"
         findings.append(_finding(kind_, "crosscoder_matched_random_mean", d, of=of, caveat=caveat))
         if kind_ == "ablate":  # beside the sparse IRM's SAE features (not a control: a comparison)
@@ -837,10 +830,7 @@ def _crosscoder_arms(ctx: StudyContext, st: _Study, irm: dict, arm, raw: dict, s
         "models": names,
         "latents": latents,
         "sets": {k: list(map(int, f)) for k, f in sets.items()},
-        "matching": {
-            "main_removed_variance_share": target,
-            "draws_removed_variance_share": [x.removed_share for x in draws],
-        },
+        "matching": matching,
         "ablation": "h - sum_{j in S} f_j(x) d_j^rlhf in the RLHF model, f read from every "
         "model's activation at the same tokens (the others run in lockstep)",
         "steering": "sum_{j in S} mean(f_j) (d_j^rlhf - d_j^base) added to the base model",
