@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=TRAINERS,
         default="auto",
         help="training step: 'fused' = irmlens's hand-derived standard-SAE step (faster, same "
-        "loss), 'sae-lens' = sae-lens's autograd step; 'auto' = fused for standard, else sae-lens",
+        "loss), 'sparse' = irmlens's TopK/BatchTopK step through the active latents only, "
+        "'sae-lens' = sae-lens's autograd step; 'auto' = fused for standard, sparse for topk and "
+        "batchtopk with k <= width / 8, else sae-lens",
     )
     p.add_argument("--out", required=True, help="output folder (SAELens format)")
     args = p.parse_args(argv)

@@ -48,6 +48,9 @@ from irmlens.errors import CorruptCacheError
 from irmlens.io import sha256_file
 
 CROSSCODER_ARCHITECTURES = ("batchtopk", "l1")
+# "auto": the sparse BatchTopK step (sae_training.sparse: decoder and backward through the kept
+# entries) where at most SPARSE_MAX_DENSITY of the latents are active, the dense one otherwise
+CROSSCODER_TRAINERS = ("auto", "dense", "sparse")
 WEIGHTS = "crosscoder.safetensors"
 CFG = "cfg.json"
 TRAINING = "training.json"
@@ -75,8 +78,18 @@ class CrosscoderConfig:
     n_checkpoints: int = 0  # checkpoints during training (resume after an interruption)
     seed: int = 0
     device: str = "cpu"
+    trainer: str = "auto"  # one of CROSSCODER_TRAINERS; how the step runs, not what it computes
 
     def __post_init__(self) -> None:
+        if self.trainer not in CROSSCODER_TRAINERS:
+            raise ValueError(
+                f"crosscoder trainer {self.trainer!r}; choose one of {CROSSCODER_TRAINERS}"
+            )
+        if self.trainer == "sparse" and self.architecture != "batchtopk":
+            raise ValueError(
+                "crosscoder trainer 'sparse' is the BatchTopK step: use architecture 'batchtopk', "
+                "or trainer 'dense'"
+            )
         if self.architecture not in CROSSCODER_ARCHITECTURES:
             raise ValueError(
                 f"crosscoder architecture {self.architecture!r}; choose one of "
@@ -88,6 +101,15 @@ class CrosscoderConfig:
             raise ValueError("crosscoder n_checkpoints must be 0 or more")
         if self.architecture == "batchtopk" and self.k > self.width:
             raise ValueError(f"crosscoder k = {self.k} exceeds its width {self.width}")
+
+    @property
+    def sparse_step(self) -> bool:
+        """Whether training runs the sparse BatchTopK step (``sae_training.sparse``)."""
+        from sae_training.train import SPARSE_MAX_DENSITY
+
+        if self.trainer == "auto":
+            return self.architecture == "batchtopk" and self.k <= SPARSE_MAX_DENSITY * self.width
+        return self.trainer == "sparse"
 
     @property
     def initial_norm(self) -> float:
@@ -214,20 +236,25 @@ def _error_term(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 def _aux_loss(
-    cc: Crosscoder, residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, dist=None
+    cc: Crosscoder,
+    residual: torch.Tensor,
+    pre_dead: torch.Tensor,
+    scaled_dead: torch.Tensor,
+    dead_idx: torch.Tensor,
+    dist=None,
 ) -> torch.Tensor:
     """BatchTopK's auxiliary loss: the top ``d // 2`` dead latents of each token (ranked by
-    decoder-norm-weighted pre-code) reconstruct the detached residual, the squared error divided
-    by the residual's variance over the (global, under DDP) batch; 0 without dead latents."""
-    n_dead = int(dead.sum())
+    decoder-norm-weighted pre-code ``scaled_dead``) reconstruct the detached residual, the
+    squared error divided by the residual's variance over the (global, under DDP) batch; 0
+    without dead latents. ``pre_dead``: the pre-codes of the dead latents ``dead_idx`` alone
+    (their columns: the others would be masked out of the top-k anyway)."""
+    n_dead = dead_idx.numel()
     if n_dead == 0:
-        return pre.new_zeros(())
+        return pre_dead.new_zeros(())
     k_aux = min(cc.d_in // 2, n_dead)
-    scaled = (pre * cc.decoder_norms().sum(0)).detach()
-    scaled = scaled.masked_fill(~dead[None, :], float("-inf"))
-    idx = scaled.topk(k_aux, dim=-1).indices
-    aux_codes = torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx))
-    recon = torch.einsum("bf,mfd->bmd", aux_codes, cc.W_dec).flatten(1)
+    idx = scaled_dead.topk(k_aux, dim=-1).indices
+    aux_codes = torch.zeros_like(pre_dead).scatter(-1, idx, pre_dead.gather(-1, idx))
+    recon = torch.einsum("bf,mfd->bmd", aux_codes, cc.W_dec[:, dead_idx]).flatten(1)
     r = residual.flatten(1)
     err = (r - recon).pow(2).sum(-1).mean()
     if dist is None:
@@ -243,18 +270,59 @@ def _aux_loss(
     return (err / denom).nan_to_num(0.0)
 
 
-def _select_global(cc: Crosscoder, pre: torch.Tensor, dist, world: int) -> torch.Tensor:
-    """BatchTopK over the global batch under DDP: each process's ``k * global batch`` largest
-    entries are gathered and the global cut is the ``k * global batch``-th of them, so every
-    process keeps exactly the entries one process would keep on the whole batch (ties aside)."""
-    scaled = (pre * cc.decoder_norms().sum(0)).detach().flatten()
-    n_keep = cc.k * pre.shape[0] * world
-    candidates = scaled.topk(min(n_keep, scaled.numel()), sorted=False).values
+def _global_cut(scaled: torch.Tensor, n_keep: int, dist, world: int) -> torch.Tensor:
+    """BatchTopK's cut over the global batch under DDP: each process's ``n_keep`` (= ``k *
+    global batch``) largest entries are gathered and the cut is the ``n_keep``-th of them, so
+    every process keeps exactly the entries one process would keep on the whole batch (ties
+    aside)."""
+    flat = scaled.flatten()
+    candidates = flat.topk(min(n_keep, flat.numel()), sorted=False).values
     gathered = [torch.empty_like(candidates) for _ in range(world)]
     dist.all_gather(gathered, candidates)
     every = torch.cat(gathered)
-    cut = every.topk(min(n_keep, every.numel()), sorted=False).values.min()
-    return pre * (scaled >= cut).view_as(pre)
+    return every.topk(min(n_keep, every.numel()), sorted=False).values.min()
+
+
+def _dense_step(cc: Crosscoder, xs: torch.Tensor, dist, world: int):
+    """(codes ``[batch, width]``, reconstruction, pre-codes) of one step, dense."""
+    pre = cc.pre_codes_scaled(xs)
+    if world > 1 and cc.architecture == "batchtopk":
+        scaled = (pre * cc.decoder_norms().sum(0)).detach()
+        cut = _global_cut(scaled, cc.k * pre.shape[0] * world, dist, world)
+        f = pre * (scaled >= cut)
+    else:
+        f = cc.select(pre, use_threshold=False)
+    return f, cc.decode_scaled(f), pre
+
+
+def _sparse_step(cc: Crosscoder, xs: torch.Tensor, dist, world: int, backend: str):
+    """(kept pattern, kept codes, reconstruction, dense pre-codes without autograd, decoder-norm
+    weighted pre-codes) of one BatchTopK step through the kept entries alone
+    (``sae_training.sparse``): the same loss and gradients as ``_dense_step``, up to rounding."""
+    from sae_training import sparse
+
+    batch, width = xs.shape[0], cc.width
+    x_flat = xs.detach().flatten(1)
+    w_enc = cc.W_enc.view(-1, width)  # [n_models * d_in, width]: the einsum's contraction
+    with torch.no_grad():
+        lin = torch.addmm(cc.b_enc, x_flat, w_enc)
+        pre = lin.relu()
+        scaled = pre * cc.decoder_norms().sum(0)
+        n_keep = cc.k * batch * world
+        if world > 1:
+            flat = (scaled >= _global_cut(scaled, n_keep, dist, world)).view(-1).nonzero()
+            flat = flat.flatten()
+            rows, cols = torch.div(flat, width, rounding_mode="floor"), flat % width
+        else:
+            rows, cols = sparse.batch_topk_entries(scaled, n_keep)
+        kept = sparse.Pattern.from_entries(rows, cols, batch, width)
+        lin_kept = lin.view(-1).index_select(0, rows * width + cols)
+    codes = sparse.gather_codes(x_flat, w_enc, cc.b_enc, lin_kept, kept, backend).relu()
+    x_hat = torch.stack(
+        [sparse.decode_codes(codes, cc.W_dec[m], kept, backend) for m in range(cc.n_models)],
+        dim=1,
+    )
+    return kept, codes, x_hat + cc.b_dec, pre, scaled
 
 
 def input_scales(x: torch.Tensor) -> torch.Tensor:
@@ -312,6 +380,7 @@ def train_crosscoder(
     process takes its slice of every global batch, gradients are averaged, and the batch top-k,
     dead-latent counts and auxiliary-loss variance are global, so 2 processes train the same
     crosscoder as 1; only rank 0 writes checkpoints."""
+    from sae_training.sparse import default_backend
     from sae_training.train import (
         _all_reduce_gradients,
         _check_checkpoint_dir,
@@ -359,27 +428,37 @@ def train_crosscoder(
     if world > 1:
         _all_reduce_gradients(cc, dist, world)
     batches = shuffled_batches(x_all, cfg.batch_size, cfg.seed, skip=start)
+    sparse_step = cfg.sparse_step
+    backend = default_backend(cfg.device)
     cc.train()
     terms = torch.zeros(3)
     for step in range(start, steps):
         x = next(batches)[rank * local : (rank + 1) * local]
         xs = cc.scale_inputs(x)
-        pre = cc.pre_codes_scaled(xs)
-        if world > 1 and cfg.architecture == "batchtopk":
-            f = _select_global(cc, pre, dist, world)
+        if sparse_step:
+            kept, codes, x_hat, pre, scaled = _sparse_step(cc, xs, dist, world, backend)
+            fired = torch.zeros(cfg.width, dtype=torch.bool, device=x.device)
+            fired[kept.cols[codes.detach() > 0]] = True
         else:
-            f = cc.select(pre, use_threshold=False)
-        x_hat = cc.decode_scaled(f)
+            f, x_hat, pre = _dense_step(cc, xs, dist, world)
+            fired = (f > 0).any(0)
         err = _error_term(xs, x_hat)
         if cfg.architecture == "batchtopk":
-            fired = (f > 0).any(0)
             if world > 1:
                 fired = fired.int()
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX)
                 fired = fired.bool()
             since_fired = torch.where(fired, 0, since_fired + cfg.batch_size)
             residual = (xs - x_hat).detach()
-            aux = _aux_loss(cc, residual, pre, since_fired >= dead_after, dist)
+            dead_idx = (since_fired >= dead_after).nonzero().flatten()
+            if sparse_step:  # the dead latents' pre-codes again, with autograd: their columns
+                w_dead = cc.W_enc.view(-1, cfg.width)[:, dead_idx]
+                pre_dead = torch.relu(xs.detach().flatten(1) @ w_dead + cc.b_enc[dead_idx])
+                scaled_dead = scaled.index_select(1, dead_idx)
+            else:
+                pre_dead = pre[:, dead_idx]
+                scaled_dead = (pre_dead * cc.decoder_norms().sum(0)[dead_idx]).detach()
+            aux = _aux_loss(cc, residual, pre_dead, scaled_dead, dead_idx, dist)
             loss = err + cfg.aux_coefficient * aux
         else:
             aux = (f * cc.decoder_norms().sum(0)).sum(-1).mean()

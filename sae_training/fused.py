@@ -109,11 +109,33 @@ def standard_sae_step(
     return StepResult(losses, grads, x_hat, f, firing_counts)
 
 
+def use_fused_adam(trainer) -> None:
+    """Give an sae-lens trainer the same Adam in torch's fused form (one kernel for all the
+    parameters; on a CPU 11 ms a step against 252 ms for the default per-parameter loop at
+    d_in 576, width 16384), and the same learning-rate schedule bound to it. The fused update
+    rounds differently in the last bit, so a run's weights differ at that level from sae-lens's."""
+    from sae_lens.training.optim import get_lr_scheduler
+
+    cfg = trainer.cfg
+    trainer.optimizer = torch.optim.Adam(
+        trainer.sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True
+    )
+    trainer.lr_scheduler = get_lr_scheduler(
+        cfg.lr_scheduler_name,
+        lr=cfg.lr,
+        optimizer=trainer.optimizer,
+        warm_up_steps=cfg.lr_warm_up_steps,
+        decay_steps=cfg.lr_decay_steps,
+        training_steps=cfg.total_training_steps,
+        lr_end=cfg.lr_end,
+        num_cycles=cfg.n_restart_cycles,
+    )
+
+
 @functools.cache
 def fused_trainer_class():
     """``FusedStandardTrainer``, built once on first use so importing this module stays cheap."""
     from sae_lens.saes.sae import TrainStepOutput
-    from sae_lens.training.optim import get_lr_scheduler
     from sae_lens.training.sae_trainer import SAETrainer
 
     class FusedStandardTrainer(SAETrainer):
@@ -129,23 +151,7 @@ def fused_trainer_class():
             self.distributed = None
             self._params = dict(self.sae.named_parameters())  # fixed objects: look them up once
             if torch.device(self.cfg.device).type == "cuda":
-                # the same Adam, in torch's single-kernel form (one launch for all parameters)
-                self.optimizer = torch.optim.Adam(
-                    self.sae.parameters(),
-                    lr=self.cfg.lr,
-                    betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
-                    fused=True,
-                )
-                self.lr_scheduler = get_lr_scheduler(
-                    self.cfg.lr_scheduler_name,
-                    lr=self.cfg.lr,
-                    optimizer=self.optimizer,
-                    warm_up_steps=self.cfg.lr_warm_up_steps,
-                    decay_steps=self.cfg.lr_decay_steps,
-                    training_steps=self.cfg.total_training_steps,
-                    lr_end=self.cfg.lr_end,
-                    num_cycles=self.cfg.n_restart_cycles,
-                )
+                use_fused_adam(self)
 
         # CUDA graph of the step (gradients, firing counts, clipping), replayed every step: the
         # eager step launches ~50 kernels whose host time (~1.8 ms) exceeded the GPU's (~1.4 ms)

@@ -29,7 +29,10 @@ ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
 # folded into the saved weights, so saved SAEs take raw activations.
 NORMALIZATIONS = ("expected_average_only_in", "covariance_whitening", "none")
 WHITENING_FILENAME = "whitening.safetensors"
-TRAINERS = ("auto", "sae-lens", "fused")  # see SAETrainingConfig.trainer
+TRAINERS = ("auto", "sae-lens", "fused", "sparse")  # see SAETrainingConfig.trainer
+# "auto" takes the sparse TopK/BatchTopK step when at most this fraction of the latents is active
+# per token: below it the sparse step is faster on a CPU (measured in sae_training_speed.py)
+SPARSE_MAX_DENSITY = 1 / 8
 
 
 @dataclass
@@ -50,8 +53,10 @@ class SAETrainingConfig:
     # fuses the elementwise passes that dominate a GPU step (see the GPU check's profile)
     compile: bool = False
     # "auto": our hand-derived standard-SAE step (sae_training/fused.py: 2.9x sae-lens's step on
-    # an H200, same loss and optimizer) for the standard architecture, sae-lens's own otherwise;
-    # "sae-lens": always sae-lens's autograd step; "fused": the hand-derived step (standard only)
+    # an H200, same loss and optimizer) for the standard architecture, our sparse TopK/BatchTopK
+    # step (sae_training/sparse.py) where at most SPARSE_MAX_DENSITY of the latents are active,
+    # sae-lens's own otherwise; "sae-lens": always sae-lens's autograd step; "fused": the
+    # hand-derived step (standard only); "sparse": the sparse step (topk and batchtopk only)
     trainer: str = "auto"
     normalize: str = "expected_average_only_in"  # one of NORMALIZATIONS
 
@@ -67,19 +72,35 @@ class SAETrainingConfig:
                 f"SAE input normalisation {self.normalize!r}; choose one of {NORMALIZATIONS}"
             )
         if self.trainer not in TRAINERS:
-            raise ValueError(f"trainer {self.trainer!r}; choose auto, sae-lens or fused")
+            raise ValueError(f"trainer {self.trainer!r}; choose one of {TRAINERS}")
         if self.trainer == "fused" and (self.architecture != "standard" or self.compile):
             raise ValueError(
                 "trainer 'fused' is the standard (L1) SAE's hand-derived step and is not "
                 "compiled: use architecture 'standard' without compile, or trainer 'sae-lens'"
             )
+        if self.trainer == "sparse" and (
+            self.architecture not in ("topk", "batchtopk") or self.compile
+        ):
+            raise ValueError(
+                "trainer 'sparse' is the TopK and BatchTopK SAEs' sparse step and is not "
+                "compiled: use architecture 'topk' or 'batchtopk' without compile, or trainer "
+                "'sae-lens'"
+            )
 
     @property
-    def uses_fused_step(self) -> bool:
-        """Whether training runs ``sae_training.fused``'s step instead of sae-lens's."""
-        if self.trainer == "auto":
-            return self.architecture == "standard" and not self.compile
-        return self.trainer == "fused"
+    def step(self) -> str:
+        """Which training step runs: ``fused`` (sae_training.fused), ``sparse``
+        (sae_training.sparse) or ``sae-lens``."""
+        if self.trainer != "auto":
+            return self.trainer
+        if self.compile:
+            return "sae-lens"
+        if self.architecture == "standard":
+            return "fused"
+        sparse_enough = self.k <= SPARSE_MAX_DENSITY * self.width
+        if self.architecture in ("topk", "batchtopk") and sparse_enough:
+            return "sparse"
+        return "sae-lens"
 
 
 def shuffled_batches(
@@ -313,7 +334,6 @@ def train_sae(
     """
     from sae_lens import TrainingSAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.training.sae_trainer import SAETrainer
 
     if acts.ndim != 2:
         raise TrainingInputError(
@@ -375,15 +395,7 @@ def train_sae(
 
     if cfg.compile:
         sae.training_forward_pass = torch.compile(sae.training_forward_pass)
-    from sae_training.fused import fused_trainer_class, supports
-
-    # "auto" falls back to sae-lens's step for an SAE the fused step does not implement;
-    # "fused" asked for it explicitly, so the trainer refuses such an SAE with a clear error
-    use_fused = cfg.uses_fused_step and (cfg.trainer == "fused" or supports(sae))
-    if use_fused:
-        trainer = fused_trainer_class()(cfg=trainer_cfg, sae=sae, data_provider=data())
-    else:
-        trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data())
+    trainer = _trainer_class(cfg, sae)(cfg=trainer_cfg, sae=sae, data_provider=data())
     if resume is not None:
         trainer.load_trainer_state(resume)
         # sae-lens checkpoints before it counts the step that triggered the checkpoint
@@ -406,8 +418,10 @@ def train_sae(
     # fit() folds the whitening into the weights and forgets it: keep it, to save beside the SAE
     # (a random control dictionary in the same whitened space needs it)
     whitening = trainer.activation_scaler.whitening
-    if world > 1 and use_fused:
-        trainer.distributed = (dist, world)  # the fused step all-reduces its gradients itself
+    if world > 1 and hasattr(trainer, "distributed"):
+        # the fused standard step all-reduces its hand-derived gradients itself; the sparse and
+        # sae-lens steps run autograd's backward, whose gradients the hooks average
+        trainer.distributed = (dist, world)
     elif world > 1:
         _all_reduce_gradients(sae, dist, world)
     sae = trainer.fit()
@@ -428,6 +442,25 @@ def train_sae(
         if ckpt_dir is not None:
             _remove_checkpoints(ckpt_dir)
     return sae
+
+
+def _trainer_class(cfg: SAETrainingConfig, sae):
+    """The trainer class of ``cfg.step``. "auto" falls back to sae-lens's for an SAE our steps
+    do not implement; "fused" and "sparse" asked for theirs, whose trainer then refuses such an
+    SAE with a clear error."""
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from sae_training import fused, sparse
+
+    own = {
+        "fused": (fused, fused.fused_trainer_class),
+        "sparse": (sparse, sparse.sparse_trainer_class),
+    }
+    if cfg.step in own:
+        module, trainer_class = own[cfg.step]
+        if cfg.trainer != "auto" or module.supports(sae):
+            return trainer_class()
+    return SAETrainer
 
 
 def _on_device_if_it_fits(acts: torch.Tensor, device: str) -> torch.Tensor:

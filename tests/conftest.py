@@ -8,6 +8,30 @@ offline_env()
 
 
 @pytest.fixture(scope="session")
+def triton_interpreter():
+    """Run Python source in a fresh process under ``TRITON_INTERPRET=1`` (Triton kernels on the
+    CPU, read when the kernels are defined), from the repository root; returns its stdout, and
+    fails the test with its stderr's tail when it exits non-zero."""
+    import os
+    import subprocess
+    import sys
+
+    def run(source: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-c", source],
+            env={**os.environ, "TRITON_INTERPRET": "1"},
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def assets():
     """The real offline assets, fetched once into the irmlens cache (a no-op when present)."""
     from irmlens.data.assets import fetch_assets

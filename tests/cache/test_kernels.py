@@ -5,11 +5,7 @@ reference bit for bit, on CPU through Triton's interpreter (when Triton is insta
 when a GPU is present (experiments/benchmarks/gpu_cache_sae.py runs the same check on a GPU).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -88,19 +84,9 @@ _INTERPRETED = textwrap.dedent(
 
 
 @pytest.mark.skipif(triton is None, reason="Triton not installed (pip install triton)")
-def test_triton_kernel_matches_reference_in_interpreter():
+def test_triton_kernel_matches_reference_in_interpreter(triton_interpreter):
     """Runs the real kernel source on CPU via TRITON_INTERPRET=1 (read when the kernel is defined)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED],
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "kernel == reference" in out.stdout
+    assert "kernel == reference" in triton_interpreter(_INTERPRETED)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -89,14 +89,19 @@ def test_a_zero_decoder_row_gives_zero_not_nan():
     assert torch.allclose(res.grads["W_dec"][3], res.feature_acts[:, 3] @ g, atol=1e-6)
 
 
-def test_fused_trainer_is_chosen_for_standard_only():
-    assert SAETrainingConfig().uses_fused_step
-    assert not SAETrainingConfig(architecture="topk").uses_fused_step
-    assert not SAETrainingConfig(compile=True).uses_fused_step
-    assert not SAETrainingConfig(trainer="sae-lens").uses_fused_step
+def test_auto_chooses_the_fused_step_for_standard_and_the_sparse_step_for_sparse_topk():
+    assert SAETrainingConfig().step == "fused"
+    assert SAETrainingConfig(architecture="topk", width=512, k=64).step == "sparse"
+    assert SAETrainingConfig(architecture="batchtopk", width=512, k=32).step == "sparse"
+    assert SAETrainingConfig(architecture="topk", width=512, k=65).step == "sae-lens"  # > 1/8
+    assert SAETrainingConfig(architecture="jumprelu").step == "sae-lens"
+    assert SAETrainingConfig(compile=True).step == "sae-lens"
+    assert SAETrainingConfig(trainer="sae-lens").step == "sae-lens"
     with pytest.raises(ValueError, match="standard"):
         SAETrainingConfig(architecture="topk", trainer="fused")
-    with pytest.raises(ValueError, match="choose auto"):
+    with pytest.raises(ValueError, match="TopK and BatchTopK"):
+        SAETrainingConfig(architecture="standard", trainer="sparse")
+    with pytest.raises(ValueError, match="choose one of"):
         SAETrainingConfig(trainer="fast")
 
 
