@@ -95,7 +95,14 @@ def cmd_cache(args) -> int:
 
     cfg = load_config(args.config)
     out = _run_dir(args, cfg)
-    cache = run_study(cfg, out, stop_after="cache")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: data-parallel caching
+        from irmlens.pipeline import run_cache_data_parallel
+
+        cache = run_cache_data_parallel(cfg, out)
+        if int(os.environ["RANK"]) != 0:
+            return 0
+    else:
+        cache = run_study(cfg, out, stop_after="cache")
     m = load_manifest(cache)
     print(
         f"cache: {cache.resolve()}\n{m['n_shards']} shards, {m['n_valid_positions']} positions x "
@@ -108,6 +115,12 @@ def cmd_run(args) -> int:
     from irmlens.config import load_config
     from irmlens.pipeline import run_study
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "irmlens run is one process; under torchrun only the cache stage runs data-parallel: "
+            "`torchrun --nproc-per-node N -m irmlens cache CONFIG --out RUN`, then `irmlens run "
+            "CONFIG --out RUN` resumes from the cache in one process"
+        )
     cfg = load_config(args.config)
     out = _run_dir(args, cfg)
     report = run_study(cfg, out)

@@ -135,7 +135,7 @@ class SAEStageConfig:
     crosscoder_k: int = 32
     crosscoder_multiplier: float = 0.0
     crosscoder_l1_coefficient: float = 0.041
-    trainer: str = "auto"  # auto | fused | sae-lens (see sae_training.train.SAETrainingConfig)
+    trainer: str = "auto"  # auto | fused | sparse | sae-lens (sae_training.train.SAETrainingConfig)
     # input normalisation of every dictionary: "expected_average_only_in" (scale to norm
     # sqrt(d_in)), "covariance_whitening" (PCA whitening, so low-variance directions, where
     # RLHF's change lies in the tiny default, get features too; see docs/concepts.md) or "none"
@@ -184,6 +184,8 @@ class SAEStageConfig:
             n_checkpoints=self.n_checkpoints,
             seed=seed,
             device=device,
+            # sae.trainer = "sae-lens" asks for the libraries' dense steps everywhere
+            trainer="dense" if self.trainer == "sae-lens" else "auto",
         )
 
     def training_config(self, width: int, seed: int, device: str) -> SAETrainingConfig:

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,14 @@ def verify_finished(paths: RunPaths, upto: str = "cards") -> None:
             return
 
 
+def _will_run(ctx: StudyContext, stage: Stage) -> bool:
+    """Whether ``_run_stage`` will run ``stage`` (rather than skip or only record it)."""
+    if ctx.forced(stage.name):
+        return True
+    status, _ = stage.state(ctx)
+    return status in ("todo", "damaged") or (status == "unrecorded" and not ctx.legacy_run)
+
+
 def _run_stage(ctx: StudyContext, stage: Stage) -> None:
     """Skip a stage that is done; otherwise run it and write its completion record. A forced
     stage keeps its previous outputs until the new ones replace them; a damaged one is redone
@@ -238,3 +247,61 @@ def run_study(
             return stage.result(paths)
         outs = stage.outputs(paths)
         return outs[0] if outs else paths.root
+
+
+@contextmanager
+def _one_process_view():
+    """Hide torchrun's variables while rank 0 runs the stages before the cache alone, so trl's
+    accelerate and the SAE trainers see one process (they would otherwise wait for ranks that
+    are not running them)."""
+    import os
+
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def run_cache_data_parallel(cfg: StudyConfig, out_dir: str | Path) -> Path:
+    """``run_study(cfg, out_dir, stop_after="cache")`` under ``torchrun``: rank 0 runs the
+    stages before the cache alone; then the process group starts (gloo, or nccl with one GPU per
+    process on CUDA) and every rank runs the cache stage on its slice of the token batches
+    (``build_paired_cache``: rank r writes shards r, r + N, ...; rank 0 merges the progress files
+    and writes the one manifest), and rank 0 writes its completion record. Returns the cache
+    folder. The shards, statistics and manifest are those one process writes (tests)."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    names = [s.name for s in STAGES]
+    stage = STAGES[names.index("cache")]
+    paths = RunPaths(Path(out_dir))
+    if rank == 0:
+        with _one_process_view():
+            run_study(cfg, out_dir, stop_after=names[names.index("cache") - 1])
+    cuda = cfg.model.device.startswith("cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # the other ranks wait here while rank 0 runs the stages before the cache (RLHF: hours on a
+    # large model), hence the long timeout
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=24))
+    try:
+        go = [False]
+        if rank == 0:
+            ctx = StudyContext(cfg, paths, frozenset())
+            ctx.legacy_run = paths.config.exists() and not (paths.root / RECORDS_DIR).exists()
+            go = [_will_run(ctx, stage)]
+        dist.broadcast_object_list(go, src=0)
+        result = paths.cache
+        if rank == 0:  # the cache stage joins the other ranks' collectives inside
+            result = run_study(cfg, out_dir, stop_after="cache")
+        elif go[0]:
+            stage.run(StudyContext(cfg, paths, frozenset()))
+        dist.barrier()
+        return result
+    finally:
+        dist.destroy_process_group()

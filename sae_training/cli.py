@@ -224,6 +224,7 @@ def _train_crosscoder(args, acts: dict) -> int:
             n_checkpoints=args.checkpoints,
             seed=args.seed,
             device=args.device,
+            trainer=CROSSCODER_TRAINER[args.trainer],
         )
         cc, log = train_crosscoder(acts, cfg, checkpoint_dir=_checkpoint_dir(args))
     except ValueError as e:
@@ -277,6 +278,11 @@ def _finish_distributed() -> bool:
     dist.barrier()
     dist.destroy_process_group()
     return rank == 0
+
+
+# --trainer for crosscoders: sae-lens's step means the dense one; "fused" (the standard SAE's
+# step) has no crosscoder form and is refused by CrosscoderConfig
+CROSSCODER_TRAINER = {"auto": "auto", "sae-lens": "dense", "sparse": "sparse", "fused": "fused"}
 
 
 def _init_distributed(args) -> None:

@@ -2,6 +2,7 @@
 (sha256), the same statistics and one manifest, as 1 process does."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,35 @@ def test_a_cache_begun_by_two_processes_is_resumed_by_one(tmp_path):
     after = {p: p.stat().st_mtime_ns for p in shards if p.name != "tokens.safetensors"}
     assert all(before[p] == t for p, t in after.items())
     assert (tmp_path / "c/manifest.json").exists()
+
+
+def test_irmlens_cache_under_torchrun_rebuilds_a_studys_cache_file_for_file(micro_run, tmp_path):
+    """The CLI path: ``torchrun --nproc_per_node 2 -m irmlens cache`` on a copy of the micro
+    study without its cache: rank 0 finds the stages before it done, both ranks cache, and the
+    shards (sha256), statistics and record match the 1-process study's."""
+    from irmlens.run import RunPaths
+
+    run = tmp_path / "micro"
+    shutil.copytree(micro_run, run, symlinks=True)
+    shutil.rmtree(RunPaths(run).cache)
+    config = Path(__file__).resolve().parents[1] / "micro.toml"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = subprocess.run(
+        [*launch, "-m", "irmlens", "cache", str(config), "--out", str(run)],
+        capture_output=True,
+        text=True,
+    )
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    assert "shards" in two.stdout and "layers: done, skipping" in two.stdout
+    m1 = json.loads((RunPaths(micro_run).cache / "manifest.json").read_text())
+    m2 = json.loads((RunPaths(run).cache / "manifest.json").read_text())
+    assert m2["n_shards"] == m1["n_shards"] >= 2  # both ranks had shards to write
+    assert m2["files"] == m1["files"] and m2["statistics"] == m1["statistics"]
+    # the completion record lists the same files; only the manifest's own bytes differ (it
+    # names the run folder's model paths)
+    got = json.loads((run / ".records/cache.json").read_text())["files"]
+    want = json.loads((micro_run / ".records/cache.json").read_text())["files"]
+    assert got.keys() == want.keys()
+    assert {k: v for k, v in got.items() if not k.endswith("manifest.json")} == {
+        k: v for k, v in want.items() if not k.endswith("manifest.json")
+    }
