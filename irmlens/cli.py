@@ -313,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from irmlens.allocator import keep_freed_memory
+
     offline_env()
+    keep_freed_memory()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -42,6 +42,9 @@ def _parse_width(value: str, d_in: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from irmlens.allocator import keep_freed_memory
+
+    keep_freed_memory()
     p = argparse.ArgumentParser(
         prog="sae-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -53,8 +53,9 @@ class Pattern:
     """Which (row, latent) entries are kept: ``rows`` sorted ascending, ``cols`` the latents.
 
     ``crow`` holds the row pointers of the row-major CSR. ``order`` sorts the entries by latent
-    (stably, so rows stay ascending within each latent), and ``ccol`` holds the latent pointers of
-    that transposed CSR. Every tensor is int64 on the codes' device."""
+    (stably, so rows stay ascending within each latent); ``ccol`` holds the latent pointers of
+    that transposed CSR and ``rows_by_col`` its row indices. Every tensor is int64 on the codes'
+    device."""
 
     rows: torch.Tensor
     cols: torch.Tensor
@@ -63,6 +64,7 @@ class Pattern:
     crow: torch.Tensor
     order: torch.Tensor
     ccol: torch.Tensor
+    rows_by_col: torch.Tensor
 
     @classmethod
     def from_entries(
@@ -75,7 +77,7 @@ class Pattern:
         order = torch.argsort(cols, stable=True)
         ccol = torch.zeros(n_cols + 1, dtype=torch.long, device=rows.device)
         ccol[1:] = torch.bincount(cols, minlength=n_cols).cumsum(0)
-        return cls(rows, cols, n_rows, n_cols, crow, order, ccol)
+        return cls(rows, cols, n_rows, n_cols, crow, order, ccol, rows[order])
 
     @property
     def nnz(self) -> int:
@@ -118,10 +120,10 @@ def spmm(p: Pattern, values: torch.Tensor, w: torch.Tensor, backend: str = "torc
 
 def spmm_t(p: Pattern, values: torch.Tensor, x: torch.Tensor, backend: str = "torch"):
     """``out[c] = sum over c's entries (r, c) of values * x[r]``: ``[n_cols, x.shape[1]]``."""
-    rows_by_col, values_by_col = p.rows[p.order], values[p.order]
+    values_by_col = values[p.order]
     if backend == "triton":
-        return _csr_rows_triton(p.ccol, rows_by_col, values_by_col, x, p.n_cols)
-    return _csr_mm(p.ccol, rows_by_col, values_by_col, (p.n_cols, p.n_rows), x)
+        return _csr_rows_triton(p.ccol, p.rows_by_col, values_by_col, x, p.n_cols)
+    return _csr_mm(p.ccol, p.rows_by_col, values_by_col, (p.n_cols, p.n_rows), x)
 
 
 def sddmm(p: Pattern, a: torch.Tensor, w: torch.Tensor, backend: str = "torch"):

@@ -219,6 +219,10 @@ def matmul_floor(batch: int, d_in: int, d_sae: int, steps: int, device: str, aut
 def main() -> None:
     import sys
 
+    from irmlens.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the irmlens and sae-train commands do, for both sides alike
+
     import datasets
     import sae_lens.cache_activations_runner as car
     from sae_lens.config import CacheActivationsRunnerConfig

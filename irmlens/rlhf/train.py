@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -136,7 +138,28 @@ def _common_trl_args(cfg: RLHFConfig, out: Path) -> dict:
         fp16=False,
         seed=cfg.seed,
         disable_tqdm=False,
+        # trl turns it on by default to save GPU memory; on a CPU it recomputes every forward
+        # pass in the backward pass for nothing (the same gradients, a third more time)
+        gradient_checkpointing=torch.cuda.is_available(),
     )
+
+
+@contextmanager
+def _without_forced_collections(module):
+    """On a CPU, skip the ``gc.collect()`` trl's PPO loop calls twice per update to give CUDA
+    memory back: it frees nothing a CPU run needs and took 0.22 s a call in the tiny study (a
+    fifth of its PPO time). Python's own collector still runs as usual."""
+    import types
+
+    if torch.cuda.is_available() or not hasattr(module, "gc"):
+        yield
+        return
+    real = module.gc
+    module.gc = types.SimpleNamespace(collect=lambda *args: 0)
+    try:
+        yield
+    finally:
+        module.gc = real
 
 
 def _train_grpo_or_rloo(
@@ -324,7 +347,8 @@ def _train_ppo(
         )
         if last is not None and (last / "optimizer.pt").exists():
             trainer.optimizer.load_state_dict(_load_checkpoint_tensors(last / "optimizer.pt"))
-        trainer.train()
+        with _without_forced_collections(sys.modules[PPOTrainer.__module__]):
+            trainer.train()
         done += seg
         with atomic_dir(ckpt_dir / f"step-{done:06d}") as tmp:
             policy.save_pretrained(tmp / "policy")

@@ -54,6 +54,7 @@ def test_a_cache_begun_by_two_processes_is_resumed_by_one(tmp_path):
     assert (tmp_path / "c/manifest.json").exists()
 
 
+@pytest.mark.slow  # a third launch (~25 s); the library-level 2-process test above is in make test
 def test_irmlens_cache_under_torchrun_rebuilds_a_studys_cache_file_for_file(micro_run, tmp_path):
     """The CLI path: ``torchrun --nproc_per_node 2 -m irmlens cache`` on a copy of the micro
     study without its cache: rank 0 finds the stages before it done, both ranks cache, and the
