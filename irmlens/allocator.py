@@ -7,8 +7,10 @@ matrix in pretraining, a [batch, width] pre-activation matrix in SAE training) p
 first touch, every step. Measured on a 2-core CPU: the tiny LM's pretraining step 368-407 ->
 285-306 ms with bit-identical losses, the sparse TopK step at d_in 576, width 16384 0.83 -> 0.78 s.
 The numbers computed do not change, only where the memory comes from (tests/test_allocator.py).
-Set ``IRMLENS_KEEP_FREED_MEMORY=0`` to leave glibc's defaults (the process then returns freed
-memory to the system at once, at the cost of those page faults).
+The cost: a process keeps its peak memory for the rest of its life (``irmlens run`` the largest
+of all its stages; each torchrun cache process its own). On a host short of memory, set
+``IRMLENS_KEEP_FREED_MEMORY=0`` to keep glibc's defaults: freed memory goes back to the system at
+once, at the cost of those page faults.
 """
 
 from __future__ import annotations

@@ -115,12 +115,6 @@ def cmd_run(args) -> int:
     from irmlens.config import load_config
     from irmlens.pipeline import run_study
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            "irmlens run is one process; under torchrun only the cache stage runs data-parallel: "
-            "`torchrun --nproc-per-node N -m irmlens cache CONFIG --out RUN`, then `irmlens run "
-            "CONFIG --out RUN` resumes from the cache in one process"
-        )
     cfg = load_config(args.config)
     out = _run_dir(args, cfg)
     report = run_study(cfg, out)
@@ -319,6 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     args = build_parser().parse_args(argv)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "cache":
+            raise ConfigError(
+                f"irmlens {args.command} runs in one process; under torchrun only the cache stage "
+                "runs data-parallel: `torchrun --nproc-per-node N -m irmlens cache CONFIG --out "
+                "RUN`, then `irmlens run CONFIG --out RUN` resumes from the cache in one process"
+            )
         return args.func(args)
     except IrmlensError as e:
         print(f"irmlens: error: {e}", file=sys.stderr)

@@ -168,12 +168,21 @@ def verify_finished(paths: RunPaths, upto: str = "cards") -> None:
             return
 
 
-def _will_run(ctx: StudyContext, stage: Stage) -> bool:
-    """Whether ``_run_stage`` will run ``stage`` (rather than skip or only record it)."""
+def _stage_action(ctx: StudyContext, stage: Stage) -> tuple[str, list[str]]:
+    """What ``_run_stage`` does with ``stage``: ("skip" | "record" | "redo" | "run", damage).
+    Skip: done. Record: finished by an irmlens without completion records. Redo: damaged, or
+    finished without its record (its files may be newer than what later stages read). Run: not
+    done, or forced."""
     if ctx.forced(stage.name):
-        return True
-    status, _ = stage.state(ctx)
-    return status in ("todo", "damaged") or (status == "unrecorded" and not ctx.legacy_run)
+        return "run", []
+    status, damage = stage.state(ctx)
+    if status == "done":
+        return "skip", []
+    if status == "unrecorded" and ctx.legacy_run:
+        return "record", []
+    if status in ("damaged", "unrecorded"):
+        return "redo", damage
+    return "run", []
 
 
 def _run_stage(ctx: StudyContext, stage: Stage) -> None:
@@ -182,24 +191,20 @@ def _run_stage(ctx: StudyContext, stage: Stage) -> None:
     from scratch. Either way the stages that need it are invalidated first (only now: the stages
     before it all succeeded)."""
     paths = ctx.paths
-    forced = ctx.forced(stage.name)
-    if not forced:
-        status, damage = stage.state(ctx)
-        if status == "done":
-            log(f"{stage.name}: done, skipping")
-            return
-        if status == "unrecorded" and ctx.legacy_run:
-            log(f"{stage.name}: done by an irmlens without completion records; recording it")
-            write_record(paths.root, stage.name, stage.recorded_targets(paths))
-            return
-        if status == "damaged":
-            log(f"{stage.name}: damaged ({'; '.join(damage)}); redoing it and the stages after it")
-            for target in _own_files(stage, paths):
-                _remove(target)
-            remove_record(paths.root, stage.name)
-        # unrecorded: its files may be newer than what the later stages were built from
-        forced = status in ("damaged", "unrecorded")
-    if forced:
+    action, damage = _stage_action(ctx, stage)
+    if action == "skip":
+        log(f"{stage.name}: done, skipping")
+        return
+    if action == "record":
+        log(f"{stage.name}: done by an irmlens without completion records; recording it")
+        write_record(paths.root, stage.name, stage.recorded_targets(paths))
+        return
+    if damage:
+        log(f"{stage.name}: damaged ({'; '.join(damage)}); redoing it and the stages after it")
+        for target in _own_files(stage, paths):
+            _remove(target)
+        remove_record(paths.root, stage.name)
+    if action == "redo" or ctx.forced(stage.name):
         invalidate(paths, stage.name)
     started = time.perf_counter()
     stage.run(ctx)
@@ -249,6 +254,23 @@ def run_study(
         return outs[0] if outs else paths.root
 
 
+# what torchrun sets that makes a library believe it is one of several processes
+TORCHRUN_VARIABLES = (
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+)
+
+
 @contextmanager
 def _one_process_view():
     """Hide torchrun's variables while rank 0 runs the stages before the cache alone, so trl's
@@ -256,8 +278,7 @@ def _one_process_view():
     are not running them)."""
     import os
 
-    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
-    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    saved = {n: os.environ.pop(n) for n in TORCHRUN_VARIABLES if n in os.environ}
     try:
         yield
     finally:
@@ -294,7 +315,7 @@ def run_cache_data_parallel(cfg: StudyConfig, out_dir: str | Path) -> Path:
         if rank == 0:
             ctx = StudyContext(cfg, paths, frozenset())
             ctx.legacy_run = paths.config.exists() and not (paths.root / RECORDS_DIR).exists()
-            go = [_will_run(ctx, stage)]
+            go = [_stage_action(ctx, stage)[0] in ("run", "redo")]
         dist.broadcast_object_list(go, src=0)
         result = paths.cache
         if rank == 0:  # the cache stage joins the other ranks' collectives inside

@@ -215,6 +215,11 @@ def _train_crosscoder(args, acts: dict) -> int:
     )
 
     d_in = next(iter(acts.values())).shape[1]
+    if args.trainer not in CROSSCODER_TRAINER:
+        raise TrainingInputError(
+            f"--trainer {args.trainer} is the standard SAE's step; for a crosscoder use "
+            f"{', '.join(CROSSCODER_TRAINER)}"
+        )
     try:
         cfg = CrosscoderConfig(
             width=_parse_width(args.width, d_in),
@@ -284,8 +289,8 @@ def _finish_distributed() -> bool:
 
 
 # --trainer for crosscoders: sae-lens's step means the dense one; "fused" (the standard SAE's
-# step) has no crosscoder form and is refused by CrosscoderConfig
-CROSSCODER_TRAINER = {"auto": "auto", "sae-lens": "dense", "sparse": "sparse", "fused": "fused"}
+# step) has no crosscoder form
+CROSSCODER_TRAINER = {"auto": "auto", "sae-lens": "dense", "sparse": "sparse"}
 
 
 def _init_distributed(args) -> None:

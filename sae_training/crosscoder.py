@@ -105,10 +105,10 @@ class CrosscoderConfig:
     @property
     def sparse_step(self) -> bool:
         """Whether training runs the sparse BatchTopK step (``sae_training.sparse``)."""
-        from sae_training.train import SPARSE_MAX_DENSITY
+        from sae_training.train import sparse_pays
 
         if self.trainer == "auto":
-            return self.architecture == "batchtopk" and self.k <= SPARSE_MAX_DENSITY * self.width
+            return self.architecture == "batchtopk" and sparse_pays(self.k, self.width, self.device)
         return self.trainer == "sparse"
 
     @property

@@ -159,6 +159,7 @@ def fused_trainer_class():
         # statistics stay outside it (sae-lens replaces those tensors and steps on the host).
         use_cuda_graph: bool = True
         _graph = None
+        reduces_own_gradients = True  # train_sae installs no all-reduce hooks for it
 
         def _gradients(self, sae, x: torch.Tensor, l1) -> StepResult:
             """Gradients of one step, all-reduced under DDP, set as ``.grad`` and clipped at 1."""

@@ -35,6 +35,14 @@ TRAINERS = ("auto", "sae-lens", "fused", "sparse")  # see SAETrainingConfig.trai
 SPARSE_MAX_DENSITY = 1 / 8
 
 
+def sparse_pays(k: int, width: int, device: str) -> bool:
+    """Whether "auto" trains a TopK/BatchTopK dictionary through the sparse step: on a CPU, at
+    most SPARSE_MAX_DENSITY of its latents active. Not on CUDA: its Triton kernels have run only
+    in Triton's interpreter so far, and no GPU measurement says where they beat cuBLAS's dense
+    step (ask for them with trainer "sparse")."""
+    return torch.device(device).type == "cpu" and k <= SPARSE_MAX_DENSITY * width
+
+
 @dataclass
 class SAETrainingConfig:
     width: int = 512  # d_sae
@@ -97,8 +105,9 @@ class SAETrainingConfig:
             return "sae-lens"
         if self.architecture == "standard":
             return "fused"
-        sparse_enough = self.k <= SPARSE_MAX_DENSITY * self.width
-        if self.architecture in ("topk", "batchtopk") and sparse_enough:
+        if self.architecture in ("topk", "batchtopk") and sparse_pays(
+            self.k, self.width, self.device
+        ):
             return "sparse"
         return "sae-lens"
 
@@ -418,12 +427,12 @@ def train_sae(
     # fit() folds the whitening into the weights and forgets it: keep it, to save beside the SAE
     # (a random control dictionary in the same whitened space needs it)
     whitening = trainer.activation_scaler.whitening
-    if world > 1 and hasattr(trainer, "distributed"):
+    if world > 1:
         # the fused standard step all-reduces its hand-derived gradients itself; the sparse and
         # sae-lens steps run autograd's backward, whose gradients the hooks average
         trainer.distributed = (dist, world)
-    elif world > 1:
-        _all_reduce_gradients(sae, dist, world)
+        if not getattr(trainer, "reduces_own_gradients", False):
+            _all_reduce_gradients(sae, dist, world)
     sae = trainer.fit()
     if out_dir is not None and rank == 0:
         extra_files = {}

@@ -139,7 +139,8 @@ def _report_sparse(args, results, d_in: int, d_sae: int, device: str) -> None:
     steps = args.tokens // args.batch
     parts = sparse_step_floor(args.batch, d_in, d_sae, args.k, device)
     dead = _DEAD_COUNTS or [0]
-    mean_dead = round(sum(dead) / len(dead))
+    with_dead = [n for n in dead if n] or [0]
+    mean_dead = round(sum(with_dead) / len(with_dead))  # over the steps that have dead latents
     aux_steps = sum(1 for n in dead if n)
     aux = aux_floor(args.batch, d_in, mean_dead, device) * aux_steps / max(1, len(dead))
     floor = steps * (sum(parts.values()) + aux)
@@ -251,6 +252,8 @@ def main() -> None:
         args.d_model = 576 if sparse_arch else 256
     if sparse_arch and "--precisions" not in sys.argv:
         args.precisions = "float32"
+    if sparse_arch and "," in args.precisions:
+        p.error("--arch topk/batchtopk compares one precision per run (its bound is per run)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ctx, layer = 128, 3
     model = make_model(4 if sparse_arch else 6, args.d_model, 4096, ctx, device)
@@ -372,6 +375,7 @@ def _compare(
             epochs=1.0,
             device=device,
             autocast=autocast,
+            trainer="auto" if args.arch == "standard" else "sparse",
         )
         t = time.perf_counter()
         ours = train_sae(train_acts, ours_cfg, hook, "bench")

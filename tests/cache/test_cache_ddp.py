@@ -85,3 +85,26 @@ def test_irmlens_cache_under_torchrun_rebuilds_a_studys_cache_file_for_file(micr
     assert {k: v for k, v in got.items() if not k.endswith("manifest.json")} == {
         k: v for k, v in want.items() if not k.endswith("manifest.json")
     }
+
+
+def test_rank_zero_runs_the_earlier_stages_with_torchruns_variables_hidden(monkeypatch):
+    """What trl's accelerate and the SAE trainers read to decide they are one of several
+    processes is absent inside the view, and back after it."""
+    import os
+
+    from irmlens.pipeline import TORCHRUN_VARIABLES, _one_process_view
+
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.setenv(name, "2")
+    with _one_process_view():
+        assert not any(name in os.environ for name in TORCHRUN_VARIABLES)
+    assert all(os.environ[name] == "2" for name in TORCHRUN_VARIABLES)
+
+
+def test_other_commands_refuse_torchrun_with_the_way_to_scale_out(monkeypatch, capsys):
+    from irmlens.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "experiments/configs/tiny.toml"]) == 2
+    err = capsys.readouterr().err
+    assert "irmlens run runs in one process" in err and "-m irmlens cache" in err

@@ -51,7 +51,7 @@ def test_batch_topk_entries_are_the_flat_top_k_even_when_one_row_holds_most():
     assert (torch.bincount(sparse.batch_topk_entries(h, 64 * 8)[0]) > 32).sum() >= 1
 
 
-def _sae(arch, rescale, width, seed=0):
+def _sae(arch, rescale, width, seed=0, apply_b_dec=True):
     torch.manual_seed(seed)
     cls, cfg_cls = get_sae_training_class(arch)
     sae = cls(
@@ -61,6 +61,7 @@ def _sae(arch, rescale, width, seed=0):
             k=8,
             rescale_acts_by_decoder_norm=rescale,
             normalize_activations="none",
+            apply_b_dec_to_input=apply_b_dec,
         )
     )
     with torch.no_grad():  # non-trivial biases and decoder norms, so every term is exercised
@@ -70,11 +71,11 @@ def _sae(arch, rescale, width, seed=0):
     return sae
 
 
-def _run(sae, x, dead, ours: bool, backend="torch"):
+def _run(sae, x, dead, ours: bool, backend="torch", matmul_dtype=None):
     """(losses, gradients, reconstruction, dense feature acts, BatchTopK threshold after)."""
     sae.zero_grad()
     if ours:
-        out = sparse.sparse_training_forward_pass(sae, x, dead, backend)
+        out = sparse.sparse_training_forward_pass(sae, x, dead, backend, matmul_dtype)
     else:
         step = TrainStepInput(
             sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0,
@@ -95,10 +96,12 @@ AUX_CASES = [(200, 0.0), (200, 0.3), (400, 0.5)]
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize(
+    "rescale,apply_b_dec", [(True, True), (False, True), (True, False)], ids=str
+)
 @pytest.mark.parametrize("width,dead_fraction", AUX_CASES)
-def test_gradients_equal_sae_lens_autograd(arch, rescale, width, dead_fraction):
-    sae = _sae(arch, rescale, width)
+def test_gradients_equal_sae_lens_autograd(arch, rescale, apply_b_dec, width, dead_fraction):
+    sae = _sae(arch, rescale, width, apply_b_dec=apply_b_dec)
     x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
     dead = torch.rand(width, generator=torch.Generator().manual_seed(2)) < dead_fraction
     n_dead, k_aux = int(dead.sum()), 12
@@ -119,6 +122,24 @@ def test_gradients_equal_sae_lens_autograd(arch, rescale, width, dead_fraction):
     assert torch.allclose(got[3], ref[3], atol=1e-5)
     if arch == "batchtopk":
         assert got[4] == pytest.approx(ref[4], rel=1e-6) and got[4] > 0
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_bf16_encoder_product_stays_close_to_float32(arch):
+    """Autocast's form of the step (the encoder product the selection is made on in bf16, the
+    rest float32): same loss to 2%, gradients aligned."""
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(1))
+    dead = torch.rand(200, generator=torch.Generator().manual_seed(2)) < 0.3
+    sae = _sae(arch, True, 200)
+    start = sae.topk_threshold.clone() if arch == "batchtopk" else None
+    exact = _run(sae, x, dead, ours=True)
+    if start is not None:
+        sae.topk_threshold = start
+    low = _run(sae, x, dead, ours=True, matmul_dtype=torch.bfloat16)
+    assert low[0]["mse_loss"] == pytest.approx(exact[0]["mse_loss"], rel=0.02)
+    for name, g in exact[1].items():
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), low[1][name].flatten(), 0)
+        assert cos > 0.95 and low[1][name].dtype == torch.float32, (name, cos)
 
 
 def _acts(n=6144, d=24, seed=0):
