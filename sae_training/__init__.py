@@ -1,8 +1,9 @@
 """SAE training over cached activations, with SAELens's SAE classes, trainer and file format.
 
 It depends on irmlens only for these (``tests/test_layering.py`` holds it to that list):
-``irmlens.cache.store`` (reading activation caches), ``irmlens.io`` (atomic writes, checksums)
-and ``irmlens.errors`` (errors the irmlens CLI prints without a traceback). It never imports
+``irmlens.cache.store`` (reading activation caches), ``irmlens.io`` (atomic writes, checksums),
+``irmlens.errors`` (errors the irmlens CLI prints without a traceback) and ``irmlens.allocator``
+(the process-wide allocator setting its command shares with irmlens's). It never imports
 irmlens's stages or its later libraries (diff, irm, viz, report).
 """
 

@@ -85,9 +85,13 @@ def test_lockstep_codes_in_cached_generation_match_a_full_pass(trio, padded):
     with edit_blocks(models["rlhf"], edits):
         samples = sample_completions(models["rlhf"], tok, texts, 6, seed=0, with_logprobs=True)
         full = completion_logprobs(models["rlhf"], samples)
-    assert torch.allclose(samples.logprobs, full, atol=1e-4), (samples.logprobs, full)
+    # to 5e-3 nats per completion (~-34 nats, six tokens): the cached one-token passes and the
+    # full pass reduce in other orders; an AMD EPYC agreed to 1e-4, an Intel Xeon (AVX-512, AMX)
+    # to 2.6e-3. The edit itself moves them by 0.09 (one prompt) to 1.2 nats: 10x the tolerance
+    # at least (asserted below)
+    assert torch.allclose(samples.logprobs, full, atol=5e-3), (samples.logprobs, full)
     unedited = completion_logprobs(models["rlhf"], samples)
-    assert (unedited - full).abs().max() > 1e-3
+    assert (unedited - full).abs().max() > 5e-2
 
 
 def test_ablation_subtracts_the_latents_rlhf_contributions(trio):

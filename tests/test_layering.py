@@ -5,7 +5,12 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SAE_TRAINING_MAY_IMPORT = {"irmlens.cache.store", "irmlens.io", "irmlens.errors"}
+SAE_TRAINING_MAY_IMPORT = {
+    "irmlens.cache.store",
+    "irmlens.io",
+    "irmlens.errors",
+    "irmlens.allocator",
+}
 
 
 def _module_name(path: Path) -> str:

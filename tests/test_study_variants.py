@@ -69,7 +69,9 @@ def test_an_mlp_out_study_runs_every_stage_and_reports_the_irm_per_hook_kind(var
     assert all(s["explained_variance"] > 0.5 for s in shared_mlp)
     # the validation's edits sit on the MLP output (tests/test_interventions.py checks the site)
     ablated = next(a for a in r["validation"]["arms"] if a["kind"] == "ablate")
-    assert ablated["kl_to_unintervened"] > 0
+    # a sampled KL estimate: an edit with no effect gives exactly 0; a small one may come out
+    # negative (-0.028 on an Intel Xeon, positive on an AMD EPYC)
+    assert abs(ablated["kl_to_unintervened"]) > 1e-6
     html = (variant_run / "report/index.html").read_text()
     assert r["feature_cards"] and "IRM per hook kind" in html
 
