@@ -321,6 +321,8 @@ def run_cache_data_parallel(cfg: StudyConfig, out_dir: str | Path) -> Path:
         if rank == 0:  # the cache stage joins the other ranks' collectives inside
             result = run_study(cfg, out_dir, stop_after="cache")
         elif go[0]:
+            # safe to start at once: build_paired_cache's first collective is a barrier after
+            # rank 0 has written the tokens, i.e. after its _run_stage removed a damaged cache
             stage.run(StudyContext(cfg, paths, frozenset()))
         dist.barrier()
         return result
