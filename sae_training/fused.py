@@ -132,6 +132,26 @@ def use_fused_adam(trainer) -> None:
     )
 
 
+@torch.no_grad()
+def record_firing(trainer, counts: torch.Tensor, fired: torch.Tensor | None = None) -> None:
+    """sae-lens's firing statistics from per-latent firing ``counts`` of this step, without its
+    boolean-mask assignment (a sync). ``fired``: the counts that decide "fired" (summed over DDP
+    processes), when they differ from this process's own."""
+    fired = counts if fired is None else fired
+    trainer.n_forward_passes_since_fired.add_(1).masked_fill_(fired > 0, 0)
+    trainer.act_freq_scores += counts
+    trainer.n_frac_active_samples += trainer.cfg.train_batch_size_samples
+
+
+def step_optimizer(trainer) -> None:
+    """The end of sae-lens's ``_train_step``: Adam, zero the gradients, the schedules."""
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad()
+    trainer.lr_scheduler.step()
+    for scheduler in trainer.coefficient_schedulers.values():
+        scheduler.step()
+
+
 @functools.cache
 def fused_trainer_class():
     """``FusedStandardTrainer``, built once on first use so importing this module stays cheap."""
@@ -209,16 +229,8 @@ def fused_trainer_class():
             else:
                 result = self._gradients(sae, sae_in, l1)
             losses, _, sae_out, feature_acts, counts = result
-            with torch.no_grad():
-                # the trainer's firing statistics, without a boolean-mask assignment (a sync)
-                self.n_forward_passes_since_fired.add_(1).masked_fill_(counts > 0, 0)
-                self.act_freq_scores += counts
-                self.n_frac_active_samples += self.cfg.train_batch_size_samples
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-            self.lr_scheduler.step()
-            for scheduler in self.coefficient_schedulers.values():
-                scheduler.step()
+            record_firing(self, counts)
+            step_optimizer(self)
             return TrainStepOutput(
                 sae_in=sae_in,
                 sae_out=sae_out,

@@ -581,7 +581,7 @@ def sparse_trainer_class():
     """``SparseTopKTrainer``, built once on first use so importing this module stays cheap."""
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from sae_training.fused import use_fused_adam
+    from sae_training.fused import record_firing, step_optimizer, use_fused_adam
 
     class SparseTopKTrainer(SAETrainer):
         """sae-lens's ``SAETrainer`` with ``sparse_training_forward_pass`` as its forward pass.
@@ -616,16 +616,10 @@ def sparse_trainer_class():
                 anywhere = counts.clone()  # fired in any process's slice of the batch
                 if self.distributed is not None:
                     self.distributed[0].all_reduce(anywhere)
-                self.n_forward_passes_since_fired.add_(1).masked_fill_(anywhere > 0, 0)
-                self.act_freq_scores += counts  # this process's rows, as sae-lens counts them
-                self.n_frac_active_samples += self.cfg.train_batch_size_samples
+            record_firing(self, counts, anywhere)  # act_freq_scores: this process's rows
             output.loss.backward()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-            self.lr_scheduler.step()
-            for scheduler in self.coefficient_schedulers.values():
-                scheduler.step()
+            step_optimizer(self)
             return output
 
     return SparseTopKTrainer
