@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from irmlens.irm.metrics import kendall_tau, spearman
-from irmlens.irm.ridge import RidgeModel, fit_ridge, ridge_cv
+from irmlens.irm.ridge import RidgeCVDesign, RidgeModel, fit_ridge, ridge_cv
 from irmlens.irm.spaces import IRM_SPACES
 from irmlens.rewards.lexicon import MIN_CORPUS_LEXICON_WORDS
 
@@ -161,17 +161,22 @@ def fit_and_score(
     split: Split,
     cfg: IRMConfig,
     utility: dict[int, float] | None = None,
+    design: RidgeCVDesign | None = None,
 ) -> IRMFit:
     """Ridge (alpha by grouped CV) on fit positions, scored on held-out words against the TRUE utilities.
 
     ``utility`` overrides the fitting targets (the shuffled-target control passes permuted ones);
-    scoring always uses ``targets.utility``.
+    scoring always uses ``targets.utility``. ``design``: ``x_fit``'s folds decomposed once
+    (:func:`fit_design`), for refits of other targets on the same features.
     """
     fit_utility = targets.utility if utility is None else utility
     y = _target_vector(targets, split.fit_positions, fit_utility)
     groups = targets.word[split.fit_positions]
-    alpha, cv_r2, _ = ridge_cv(x_fit, y, groups, cfg.alphas, cfg.cv_folds, cfg.seed)
-    model = fit_ridge(x_fit, y, alpha)
+    if design is None:
+        alpha, cv_r2, _ = ridge_cv(x_fit, y, groups, cfg.alphas, cfg.cv_folds, cfg.seed)
+        model = fit_ridge(x_fit, y, alpha)
+    else:
+        model, cv_r2 = design.fit(y, cfg.alphas)
     held_pred = word_means(model.predict(x_held), targets.word[split.heldout_positions])
     fit_pred = word_means(model.predict(x_fit), groups)
     words = sorted(held_pred)
@@ -185,6 +190,13 @@ def fit_and_score(
         heldout_irm=held_pred,
         fit_irm={w: v for w, v in fit_pred.items() if w in targets.utility},
     )
+
+
+def fit_design(
+    x_fit: torch.Tensor, targets: PositionTargets, split: Split, cfg: IRMConfig
+) -> RidgeCVDesign:
+    """The folds :func:`fit_and_score` cross-validates ``x_fit`` on, decomposed once."""
+    return RidgeCVDesign(x_fit, targets.word[split.fit_positions], cfg.cv_folds, cfg.seed)
 
 
 def shuffled_utilities(
@@ -211,6 +223,7 @@ def shuffled_target_control(
     honest reference.
     """
     taus, rhos, r2s = [], [], []
+    design = fit_design(x_fit, targets, split, cfg)  # the features are the same in every refit
     for k in range(cfg.n_shuffles):
         fit = fit_and_score(
             x_fit,
@@ -219,6 +232,7 @@ def shuffled_target_control(
             split,
             cfg,
             utility=shuffled_utilities(targets, split.fit_words, cfg.seed + 1000 * k),
+            design=design,
         )
         taus.append(fit.heldout_kendall_tau)
         rhos.append(fit.heldout_spearman)

@@ -33,19 +33,53 @@ def bootstrap_tau_ci(
 
     if statistic not in ("kendall", "spearman"):
         raise ValueError(f"statistic {statistic!r}; choose kendall or spearman")
-    corr = kendalltau if statistic == "kendall" else spearmanr
 
     words = sorted(irm)
     a = np.array([irm[w] for w in words])
     t = np.array([true[w] for w in words])
     b = np.array([other[w] for w in words]) if other is not None else None
     rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(words), len(words))
-        s = corr(a[idx], t[idx]).statistic
+    draws = np.stack([rng.integers(0, len(words), len(words)) for _ in range(n_boot)])
+    if statistic == "kendall" and len(words) <= _PAIR_MATRIX_MAX_WORDS:
+        stats = _resampled_kendall_tau(a, t, draws)
         if b is not None:
-            s -= corr(b[idx], t[idx]).statistic
-        stats.append(s)
+            stats = stats - _resampled_kendall_tau(b, t, draws)
+    else:
+        corr = kendalltau if statistic == "kendall" else spearmanr
+        stats = []
+        for idx in draws:
+            s = corr(a[idx], t[idx]).statistic
+            if b is not None:
+                s -= corr(b[idx], t[idx]).statistic
+            stats.append(s)
     lo, hi = np.nanpercentile(stats, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(lo), float(hi)
+
+
+# the pair matrices below take 5 n^2 float64s: 160 MB at 2,000 words; past this, scipy per draw
+_PAIR_MATRIX_MAX_WORDS = 2000
+
+
+def _resampled_kendall_tau(x: np.ndarray, y: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """scipy's Kendall tau-b of ``(x[idx], y[idx])`` for every row ``idx`` of ``draws``, to the
+    bit, without resorting each resample (a thousand scipy calls were a quarter of the irm stage).
+
+    tau-b = (concordant - discordant) / sqrt(pairs untied in x) / sqrt(pairs untied in y). With
+    ``s_x[i, j] = sign(x_i - x_j)`` and ``c`` a resample's count of each original item, the three
+    pair counts are ``c^T (s_x * s_y) c / 2``, ``c^T |s_x| c / 2`` and ``c^T |s_y| c / 2``
+    (the diagonal is 0, so a drawn item never pairs with its own copies): exact integers in
+    float64, combined in scipy's order of operations. NaN where either side is all ties."""
+    sx, sy = np.sign(x[:, None] - x[None, :]), np.sign(y[:, None] - y[None, :])
+    both, ux, uy = sx * sy, np.abs(sx), np.abs(sy)
+    n = len(x)
+    out = np.empty(len(draws))
+    for start in range(0, len(draws), 128):
+        rows = draws[start : start + 128]
+        c = np.zeros((len(rows), n))
+        np.add.at(c, (np.arange(len(rows))[:, None], rows), 1.0)
+        s, nx, ny = (((c @ m) * c).sum(1) / 2 for m in (both, ux, uy))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tau = s / np.sqrt(nx) / np.sqrt(ny)
+        tau[(nx == 0) | (ny == 0)] = np.nan
+        out[start : start + len(rows)] = np.clip(tau, -1.0, 1.0)
+    return out

@@ -22,23 +22,46 @@ class RidgeModel:
         return x.double() @ self.coef + self.intercept
 
 
+@dataclass
+class RidgeDesign:
+    """A design matrix standardised and eigendecomposed once, solved for any target and alpha.
+
+    The eigendecomposition of ``z^T z`` is the cost of a fit; the target only enters a product.
+    The shuffled-target control refits ten permuted targets on the same features, and each fit
+    cross-validates on the same folds: one design per fold serves them all (the same operations,
+    so the same bits, as fitting each from scratch)."""
+
+    mu: torch.Tensor
+    sd: torch.Tensor
+    z: torch.Tensor
+    evals: torch.Tensor
+    evecs: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> RidgeDesign:
+        x = x.double()
+        mu = x.mean(0)
+        sd = x.std(0, unbiased=False).clamp_min(1e-8)
+        z = (x - mu) / sd
+        evals, evecs = torch.linalg.eigh(z.T @ z)
+        return cls(mu, sd, z, evals, evecs)
+
+    def path(self, y: torch.Tensor, alphas: list[float]) -> list[RidgeModel]:
+        y = y.double()
+        ym = y.mean()
+        proj = self.evecs.T @ (self.z.T @ (y - ym))
+        models = []
+        for alpha in alphas:
+            w_z = self.evecs @ (proj / (self.evals.clamp_min(0) + alpha))
+            coef = w_z / self.sd
+            models.append(RidgeModel(coef=coef, intercept=float(ym - self.mu @ coef), alpha=alpha))
+        return models
+
+
 def fit_ridge_path(x: torch.Tensor, y: torch.Tensor, alphas: list[float]) -> list[RidgeModel]:
     """Ridge for every alpha, sharing one Gram matrix: minimise ||y - x w - b||^2 + alpha ||w||^2
     over standardised features (b unpenalised). One eigendecomposition serves all alphas."""
-    x = x.double()
-    y = y.double()
-    mu = x.mean(0)
-    sd = x.std(0, unbiased=False).clamp_min(1e-8)
-    z = (x - mu) / sd
-    ym = y.mean()
-    evals, evecs = torch.linalg.eigh(z.T @ z)
-    proj = evecs.T @ (z.T @ (y - ym))
-    models = []
-    for alpha in alphas:
-        w_z = evecs @ (proj / (evals.clamp_min(0) + alpha))
-        coef = w_z / sd
-        models.append(RidgeModel(coef=coef, intercept=float(ym - mu @ coef), alpha=alpha))
-    return models
+    return RidgeDesign.of(x).path(y, alphas)
 
 
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float) -> RidgeModel:
@@ -62,6 +85,23 @@ def group_folds(groups: torch.Tensor, n_folds: int, seed: int = 0) -> list[torch
     return [fold == k for k in range(n_folds)]
 
 
+class RidgeCVDesign:
+    """A design's grouped folds and the :class:`RidgeDesign` of every fold's training rows and of
+    all rows: :func:`ridge_cv` and the final fit for any number of targets on the same features
+    and groups."""
+
+    def __init__(self, x: torch.Tensor, groups: torch.Tensor, n_folds: int = 5, seed: int = 0):
+        self.x, self.n_rows = x, len(groups)
+        self.folds = group_folds(groups, n_folds, seed)
+        self.train = [RidgeDesign.of(x[~test]) for test in self.folds]
+        self.full = RidgeDesign.of(x)
+
+    def fit(self, y: torch.Tensor, alphas: list[float]) -> tuple[RidgeModel, float]:
+        """The CV-chosen alpha's ridge on all rows, and its pooled out-of-fold R^2."""
+        alpha, cv_r2, _ = ridge_cv(self.x, y, None, alphas, design=self)
+        return self.full.path(y, [alpha])[0], cv_r2
+
+
 def ridge_cv(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -69,12 +109,21 @@ def ridge_cv(
     alphas: list[float],
     n_folds: int = 5,
     seed: int = 0,
+    design: RidgeCVDesign | None = None,
 ) -> tuple[float, float, dict[float, float]]:
-    """Pick alpha by grouped K-fold CV. Returns (best alpha, its pooled out-of-fold R^2, all scores)."""
-    folds = group_folds(groups, n_folds, seed)
+    """Pick alpha by grouped K-fold CV. Returns (best alpha, its pooled out-of-fold R^2, all scores).
+    ``design``: the folds' decompositions of this ``x``, ``groups``, ``n_folds`` and ``seed``,
+    made once (:class:`RidgeCVDesign`)."""
+    if design is None:  # one fold's decomposition at a time (each holds a copy of x)
+        folds = group_folds(groups, n_folds, seed)
+        trains = (RidgeDesign.of(x[~test]) for test in folds)
+    elif design.x is not x or design.n_rows != len(y):
+        raise ValueError("ridge_cv: the design was made for another feature matrix")
+    else:
+        folds, trains = design.folds, design.train
     preds = {alpha: torch.empty(len(y), dtype=torch.float64) for alpha in alphas}
-    for test in folds:
-        for model in fit_ridge_path(x[~test], y[~test], alphas):
+    for test, train in zip(folds, trains, strict=True):
+        for model in train.path(y[~test], alphas):
             preds[model.alpha][test] = model.predict(x[test])
     scores = {alpha: r2_score(y, preds[alpha]) for alpha in alphas}
     best = max(scores, key=lambda a: scores[a])

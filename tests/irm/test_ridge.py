@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from irmlens.irm.ridge import fit_ridge, group_folds, r2_score, ridge_cv
@@ -44,3 +45,23 @@ def test_sparse_ridge_matches_dense_closed_form():
     assert torch.allclose(got.coef, ref.coef, rtol=1e-5, atol=1e-6)
     assert abs(got.intercept - ref.intercept) < 1e-6
     assert 0 < iters < 2000
+
+
+def test_a_shared_design_gives_the_same_bits_as_fitting_each_target_from_scratch():
+    """The shuffled-target control refits ten targets on one design, decomposed once."""
+    from irmlens.irm.ridge import RidgeCVDesign
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 12, generator=g)
+    groups = torch.randint(40, (300,), generator=g)
+    design = RidgeCVDesign(x, groups, n_folds=5, seed=2)
+    alphas = [0.1, 10.0, 1e3]
+    for k in range(3):
+        y = x[:, k] + 0.5 * torch.randn(300, generator=g)
+        alpha, r2, _ = ridge_cv(x, y, groups, alphas, 5, 2)
+        ref = fit_ridge(x, y, alpha)
+        model, cv_r2 = design.fit(y, alphas)
+        assert (model.alpha, cv_r2) == (alpha, r2) and r2 > 0.3
+        assert torch.equal(model.coef, ref.coef) and model.intercept == ref.intercept
+    with pytest.raises(ValueError, match="another feature matrix"):
+        ridge_cv(x.clone(), y, groups, alphas, design=design)
