@@ -88,7 +88,8 @@ def group_folds(groups: torch.Tensor, n_folds: int, seed: int = 0) -> list[torch
 class RidgeCVDesign:
     """A design's grouped folds and the :class:`RidgeDesign` of every fold's training rows and of
     all rows: :func:`ridge_cv` and the final fit for any number of targets on the same features
-    and groups."""
+    and groups. It holds ``n_folds + 1`` float64 standardised copies of ``x`` and as many
+    ``d x d`` eigenbases (``ridge_cv`` alone makes one at a time)."""
 
     def __init__(self, x: torch.Tensor, groups: torch.Tensor, n_folds: int = 5, seed: int = 0):
         self.x, self.n_rows = x, len(groups)
