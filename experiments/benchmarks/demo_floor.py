@@ -2,7 +2,8 @@
 
     python experiments/benchmarks/demo_floor.py [--reps 8]
 
-Pretraining (650 steps) and the two PPO runs (120 updates each) are 60-65% of ``make demo``. This
+Pretraining (650 steps) and the two PPO runs (120 updates each) are 65% of the default study
+(58% of ``make demo`` with its install). This
 measures, in one process at the default model's shapes (tiny.toml: 4 layers, d_model 128,
 vocabulary 4,096, float32, the machine's threads), each unit of their work beside its bound —
 the matrix products it must compute, each timed alone at its shape, which no implementation in

@@ -176,6 +176,8 @@ def fit_and_score(
         alpha, cv_r2, _ = ridge_cv(x_fit, y, groups, cfg.alphas, cfg.cv_folds, cfg.seed)
         model = fit_ridge(x_fit, y, alpha)
     else:
+        if design.x is not x_fit or (design.n_folds, design.seed) != (cfg.cv_folds, cfg.seed):
+            raise ValueError("fit_and_score: the design was made for another x_fit or folds")
         model, cv_r2 = design.fit(y, cfg.alphas)
     held_pred = word_means(model.predict(x_held), targets.word[split.heldout_positions])
     fit_pred = word_means(model.predict(x_fit), groups)

@@ -35,12 +35,14 @@ def bootstrap_tau_ci(
         raise ValueError(f"statistic {statistic!r}; choose kendall or spearman")
 
     words = sorted(irm)
-    a = np.array([irm[w] for w in words])
-    t = np.array([true[w] for w in words])
-    b = np.array([other[w] for w in words]) if other is not None else None
+    a = np.array([irm[w] for w in words], dtype=float)
+    t = np.array([true[w] for w in words], dtype=float)
+    b = np.array([other[w] for w in words], dtype=float) if other is not None else None
     rng = np.random.default_rng(seed)
     draws = np.stack([rng.integers(0, len(words), len(words)) for _ in range(n_boot)])
-    if statistic == "kendall" and len(words) <= _PAIR_MATRIX_MAX_WORDS:
+    finite = all(np.isfinite(v).all() for v in (a, t, b) if v is not None)
+    # (a NaN or an infinity would poison every resample's pair sums, not only those drawing it)
+    if statistic == "kendall" and finite and len(words) <= _PAIR_MATRIX_MAX_WORDS:
         stats = _resampled_kendall_tau(a, t, draws)
         if b is not None:
             stats = stats - _resampled_kendall_tau(b, t, draws)

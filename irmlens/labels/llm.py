@@ -118,8 +118,7 @@ class HFChatBackend:
         ]
         heads = [t + "Label:" for t in turns]
         labels, described = self._label_then_describe(heads)
-        if described is None:  # a suffix that does not tokenize apart: both prompts in full
-            labels = [_first_line("Label:" + x) for x in self._continue(heads, 4)]
+        if described is None:  # a suffix that does not tokenize apart: the second prompt in full
             described = self._continue(
                 [t + lab + "\nDescription:" for t, lab in zip(turns, labels, strict=True)],
                 self.max_new_tokens,
@@ -190,7 +189,8 @@ class HFChatBackend:
         # transformers renamed past_key_values to cache (5.2x); the output's key names the kwarg
         cache_key = "cache" if "cache" in first else "past_key_values"
         cache = first[cache_key]
-        cache.crop(n_prompt - cache.get_seq_length())  # negative: the tokens to drop
+        if cache.get_seq_length() > n_prompt:  # (every row may have stopped at once)
+            cache.crop(n_prompt - cache.get_seq_length())  # negative: the tokens to drop
         return {
             "input_ids": torch.cat([enc["input_ids"], block.to(self.device)], 1),
             "attention_mask": torch.cat([enc["attention_mask"], block_mask.to(self.device)], 1),

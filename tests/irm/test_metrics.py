@@ -46,6 +46,27 @@ def test_bootstrap_ci_is_unchanged_from_the_scipy_loop():
             1000,
             7,
         )
-        ref = tuple(float(v) for v in np.nanpercentile(stats, [2.5, 97.5]))
+        ref = tuple(
+            float(v) for v in np.nanpercentile(stats, [100 * (1 - 0.95) / 2, 100 * (1 + 0.95) / 2])
+        )
         assert bootstrap_tau_ci(irm, true, other=o, seed=7) == ref
         assert ref[1] - ref[0] > 0.05  # a real interval, not a degenerate one
+
+
+def test_a_nan_or_infinite_score_is_left_to_scipy_per_resample():
+    """A NaN poisons only the resamples that draw it (nanpercentile drops them); in the pair
+    sums it would poison all: such inputs take scipy's loop."""
+    rng = np.random.default_rng(3)
+    true = {i: float(rng.integers(-4, 5)) for i in range(30)}
+    for bad in (float("nan"), float("inf")):
+        irm = {i: true[i] + rng.normal() for i in true} | {2: bad}
+        a = np.array([irm[w] for w in sorted(irm)])
+        t = np.array([true[w] for w in sorted(irm)])
+        ref = tuple(
+            float(v)
+            for v in np.nanpercentile(
+                _scipy_bootstrap(a, t, None, 1000, 0), [100 * (1 - 0.95) / 2, 100 * (1 + 0.95) / 2]
+            )
+        )
+        got = bootstrap_tau_ci(irm, true)
+        assert got == ref and np.isfinite(got).all()

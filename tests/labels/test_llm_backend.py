@@ -109,3 +109,16 @@ def test_labels_and_descriptions_are_those_of_two_full_prompts(tmp_path):
     ]
     assert backend._label_then_describe([t + "Label:" for t in turns])[1] is not None
     assert backend.complete(prompts) == want
+
+
+def test_when_a_suffix_would_not_tokenize_apart_the_second_prompt_is_read_in_full(tmp_path):
+    backend = _backend(tmp_path)
+    prompts = ["the film is great", "i loved"]
+    fast = backend.complete(prompts)
+    labels_only = backend._label_then_describe
+
+    def seam_merges(heads):  # as when a BPE merge crosses the prompt/suffix seam
+        return labels_only(heads)[0], None
+
+    backend._label_then_describe = seam_merges
+    assert backend.complete(prompts) == fast  # float64: both ways give the same tokens
