@@ -172,13 +172,8 @@ def fit_and_score(
     fit_utility = targets.utility if utility is None else utility
     y = _target_vector(targets, split.fit_positions, fit_utility)
     groups = targets.word[split.fit_positions]
-    if design is None:
-        alpha, cv_r2, _ = ridge_cv(x_fit, y, groups, cfg.alphas, cfg.cv_folds, cfg.seed)
-        model = fit_ridge(x_fit, y, alpha)
-    else:
-        if design.x is not x_fit or (design.n_folds, design.seed) != (cfg.cv_folds, cfg.seed):
-            raise ValueError("fit_and_score: the design was made for another x_fit or folds")
-        model, cv_r2 = design.fit(y, cfg.alphas)
+    alpha, cv_r2, _ = ridge_cv(x_fit, y, groups, cfg.alphas, cfg.cv_folds, cfg.seed, design)
+    model = fit_ridge(x_fit, y, alpha) if design is None else design.full.path(y, [alpha])[0]
     held_pred = word_means(model.predict(x_held), targets.word[split.heldout_positions])
     fit_pred = word_means(model.predict(x_fit), groups)
     words = sorted(held_pred)

@@ -29,9 +29,9 @@ class RidgeDesign:
     The eigendecomposition of ``z^T z`` is the cost of a fit; the target only enters a product.
     The shuffled-target control refits ten permuted targets on the same features, and each fit
     cross-validates on the same folds: one design per fold serves them all (the same operations,
-    so the same bits, as fitting each from scratch). The standardised ``z`` is rebuilt per target
-    from ``x`` (and the fold's ``rows``) rather than kept: one pass over ``x``, where keeping it
-    would hold a float64 copy per fold."""
+    so the same bits, as fitting each from scratch). A design kept for many targets drops the
+    standardised ``z`` (``keep_z=False``: a float64 copy of ``x`` per fold) and rebuilds it from
+    ``x`` and the fold's ``rows`` per target; one made for a single fit keeps it."""
 
     x: torch.Tensor
     rows: torch.Tensor | None
@@ -39,19 +39,24 @@ class RidgeDesign:
     sd: torch.Tensor
     evals: torch.Tensor
     evecs: torch.Tensor
+    z: torch.Tensor | None
 
     @classmethod
-    def of(cls, x: torch.Tensor, rows: torch.Tensor | None = None) -> RidgeDesign:
+    def of(
+        cls, x: torch.Tensor, rows: torch.Tensor | None = None, keep_z: bool = True
+    ) -> RidgeDesign:
         """The design of ``x`` (of its ``rows``, a boolean mask, when given)."""
         xd = (x if rows is None else x[rows]).double()
         mu = xd.mean(0)
         sd = xd.std(0, unbiased=False).clamp_min(1e-8)
         z = (xd - mu) / sd
         evals, evecs = torch.linalg.eigh(z.T @ z)
-        return cls(x, rows, mu, sd, evals, evecs)
+        return cls(x, rows, mu, sd, evals, evecs, z if keep_z else None)
 
     def path(self, y: torch.Tensor, alphas: list[float]) -> list[RidgeModel]:
-        z = ((self.x if self.rows is None else self.x[self.rows]).double() - self.mu) / self.sd
+        z = self.z
+        if z is None:
+            z = ((self.x if self.rows is None else self.x[self.rows]).double() - self.mu) / self.sd
         y = y.double()
         ym = y.mean()
         proj = self.evecs.T @ (z.T @ (y - ym))
@@ -93,19 +98,14 @@ def group_folds(groups: torch.Tensor, n_folds: int, seed: int = 0) -> list[torch
 class RidgeCVDesign:
     """A design's grouped folds and the :class:`RidgeDesign` of every fold's training rows and of
     all rows: :func:`ridge_cv` and the final fit for any number of targets on the same features
-    and groups. It holds ``n_folds + 1`` ``d x d`` eigenbases (``ridge_cv`` alone makes one at
-    a time)."""
+    and groups (``ridge_cv(..., design=d)``, then ``d.full.path``). It holds ``n_folds + 1``
+    ``d x d`` eigenbases (``ridge_cv`` alone makes one at a time)."""
 
     def __init__(self, x: torch.Tensor, groups: torch.Tensor, n_folds: int = 5, seed: int = 0):
         self.x, self.n_rows, self.n_folds, self.seed = x, len(groups), n_folds, seed
         self.folds = group_folds(groups, n_folds, seed)
-        self.train = [RidgeDesign.of(x, ~test) for test in self.folds]
-        self.full = RidgeDesign.of(x)
-
-    def fit(self, y: torch.Tensor, alphas: list[float]) -> tuple[RidgeModel, float]:
-        """The CV-chosen alpha's ridge on all rows, and its pooled out-of-fold R^2."""
-        alpha, cv_r2, _ = ridge_cv(self.x, y, None, alphas, self.n_folds, self.seed, self)
-        return self.full.path(y, [alpha])[0], cv_r2
+        self.train = [RidgeDesign.of(x, ~test, keep_z=False) for test in self.folds]
+        self.full = RidgeDesign.of(x, keep_z=False)
 
 
 def ridge_cv(
@@ -125,7 +125,7 @@ def ridge_cv(
         trains = (RidgeDesign.of(x, ~test) for test in folds)
     elif design.x is not x or design.n_rows != len(y):
         raise ValueError("ridge_cv: the design was made for another feature matrix")
-    elif (design.n_folds, design.seed) != (n_folds, seed) and groups is not None:
+    elif (design.n_folds, design.seed) != (n_folds, seed):
         raise ValueError(
             f"ridge_cv: the design's folds ({design.n_folds}, seed {design.seed}) are not the "
             f"ones asked for ({n_folds}, seed {seed})"

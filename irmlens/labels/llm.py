@@ -96,17 +96,22 @@ class HFChatBackend:
         self.model.eval()
         self.device, self.max_new_tokens = device, max_new_tokens
 
-    def _continue(self, texts: list[str], max_new_tokens: int) -> list[str]:
+    def _greedy(self, inputs, max_new_tokens: int, **extra):
+        """``generate`` greedily from tokenised ``inputs`` (the labeler's one decoding rule)."""
         import torch
 
-        enc = self.tok(texts, return_tensors="pt", padding=True).to(self.device)
         with torch.no_grad():
-            out = self.model.generate(
-                **enc,
+            return self.model.generate(
+                **inputs,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=self.tok.pad_token_id,
+                **extra,
             )
+
+    def _continue(self, texts: list[str], max_new_tokens: int) -> list[str]:
+        enc = self.tok(texts, return_tensors="pt", padding=True).to(self.device)
+        out = self._greedy(enc, max_new_tokens)
         return self.tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def complete(self, prompts: Sequence[str]) -> list[str]:
@@ -137,22 +142,14 @@ class HFChatBackend:
         right-aligned after the batch's common prompt block with masked padding between (the
         positions follow the attention mask, so every token sits where a full prompt puts it).
         Returns ``None`` for the descriptions when some row's full prompt does not tokenize as
-        prompt + suffix (a BPE merge across the seam): then the caller reads both in full."""
-        import torch
-
+        prompt + suffix (a BPE merge across the seam): then the caller reads that one in full."""
         enc = self.tok(heads, return_tensors="pt", padding=True).to(self.device)
         n_prompt = enc["input_ids"].shape[1]
-        with torch.no_grad():
-            first = self.model.generate(
-                **enc,
-                max_new_tokens=4,
-                do_sample=False,
-                pad_token_id=self.tok.pad_token_id,
-                return_dict_in_generate=True,
-            )
+        first = self._greedy(enc, 4, return_dict_in_generate=True)
         answers = self.tok.batch_decode(first.sequences[:, n_prompt:], skip_special_tokens=True)
-        labels = [_first_line("Label:" + x) for x in answers]
-        suffixes = [lab[len("Label:") :] + "\nDescription:" for lab in labels]
+        bodies = [_first_line(x) for x in answers]
+        labels = ["Label:" + x for x in bodies]
+        suffixes = [x + "\nDescription:" for x in bodies]
         suffix_ids = [self.tok(x, add_special_tokens=False)["input_ids"] for x in suffixes]
         for head, ids, mask, suffix, tail in zip(
             heads, enc["input_ids"], enc["attention_mask"], suffixes, suffix_ids, strict=True
@@ -162,13 +159,7 @@ class HFChatBackend:
                 return labels, None
         second = self._after_prompt(enc, first, suffix_ids)
         n_read = second["input_ids"].shape[1]
-        with torch.no_grad():
-            out = self.model.generate(
-                **second,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tok.pad_token_id,
-            )
+        out = self._greedy(second, self.max_new_tokens)
         described = self.tok.batch_decode(out[:, n_read:], skip_special_tokens=True)
         return labels, described
 

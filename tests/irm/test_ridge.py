@@ -60,8 +60,11 @@ def test_a_shared_design_gives_the_same_bits_as_fitting_each_target_from_scratch
         y = x[:, k] + 0.5 * torch.randn(300, generator=g)
         alpha, r2, _ = ridge_cv(x, y, groups, alphas, 5, 2)
         ref = fit_ridge(x, y, alpha)
-        model, cv_r2 = design.fit(y, alphas)
+        got_alpha, cv_r2, _ = ridge_cv(x, y, groups, alphas, 5, 2, design)
+        model = design.full.path(y, [got_alpha])[0]
         assert (model.alpha, cv_r2) == (alpha, r2) and r2 > 0.3
         assert torch.equal(model.coef, ref.coef) and model.intercept == ref.intercept
     with pytest.raises(ValueError, match="another feature matrix"):
-        ridge_cv(x.clone(), y, groups, alphas, design=design)
+        ridge_cv(x.clone(), y, groups, alphas, 5, 2, design=design)
+    with pytest.raises(ValueError, match="not the ones asked for"):
+        ridge_cv(x, y, groups, alphas, 4, 2, design=design)
