@@ -210,8 +210,7 @@ def cmd_labels(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from irmlens.pipeline import run_study, verify_finished
-    from irmlens.records import write_record
+    from irmlens.pipeline import record_stage, run_study, verify_finished
     from irmlens.report.build import FORMATS, collect_report, write_report
     from irmlens.run import read_model_dirs, read_run_config, run_lock
 
@@ -223,6 +222,10 @@ def cmd_report(args) -> int:
             f"run `irmlens run CONFIG --out {run_dir}` first"
         )
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    if not formats:
+        raise ConfigError(
+            f"--format {args.format!r} names no format; choose from {','.join(FORMATS)}"
+        )
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ConfigError(f"unknown --format {unknown}; choose from {','.join(FORMATS)}")
@@ -237,11 +240,24 @@ def cmd_report(args) -> int:
             verify_finished(paths, upto="cards")
         dirs = read_model_dirs(run_dir)
         write_report(run_dir, collect_report(run_dir, cfg, dirs), formats)
-        write_record(run_dir, "report", [paths.report])
+        record_stage(paths, "report")
     names = {"html": "index.html", "json": "report.json", "md": "summary.md"}
     for f in formats:
         for name in ["features.csv", "words.csv"] if f == "csv" else [names[f]]:
             print((paths.report / name).resolve())
+    return 0
+
+
+def cmd_adopt(args) -> int:
+    from irmlens.adopt import adopt_run
+
+    adopted = adopt_run(args.run_dir)
+    print(
+        f"adopted {len(adopted)} stages of {args.run_dir}: their files are recorded as they are "
+        "now. What was checked is above; a file edited before adoption whose format is intact "
+        "could not be told apart. Rebuild the report (`irmlens run RUN/config.toml --out RUN` or "
+        "`irmlens report RUN`): it says which stages were adopted."
+    )
     return 0
 
 
@@ -299,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="html,json,md,csv", help="comma-separated: html,json,md,csv"
     )
     rep.set_defaults(func=cmd_report)
+    adopt = sub.add_parser(
+        "adopt",
+        help="record a run folder that has no completion records (made before them, or copied "
+        "without dot-folders) after checking what can be checked",
+    )
+    adopt.add_argument("run_dir", help="a run folder without .records/")
+    adopt.set_defaults(func=cmd_adopt)
     run = sub.add_parser("run", help="run a whole study from a TOML config")
     run.add_argument("config")
     run.add_argument("--out", help="run folder (default runs/<name>)")

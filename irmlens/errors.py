@@ -36,3 +36,15 @@ class RemoteCodeError(IrmlensError):
 class DamagedFileError(IrmlensError, ValueError):
     """A file of a run folder does not match what its stage wrote, or cannot be read (a
     ValueError too, as the JSON decode errors it replaces were)."""
+
+
+class ReadOnlyRunError(IrmlensError):
+    """A folder irmlens would write (and lock first) cannot be written."""
+
+
+class ForeignFilesError(IrmlensError):
+    """irmlens would replace or remove a folder holding files it did not write."""
+
+
+class UnverifiedRunError(IrmlensError):
+    """A run folder has no completion records, so its files cannot be verified."""

@@ -18,18 +18,21 @@ from pathlib import Path
 import torch
 
 from irmlens.config import StudyConfig
-from irmlens.errors import ConfigError
+from irmlens.errors import ConfigError, DamagedFileError, ForeignFilesError
 from irmlens.records import (
-    RECORDS_DIR,
     damaged_files,
     read_record,
+    record_digest,
+    recorded_files,
+    redo_command,
     remove_record,
     stage_timings,
+    stale_inputs,
     timing_table,
     verify_stage,
     write_record,
 )
-from irmlens.run import RunPaths, claim_run_dir, run_lock
+from irmlens.run import RunPaths, check_out_folder, check_records_exist, claim_run_dir, run_lock
 from irmlens.stages import (
     cache,
     cards,
@@ -67,6 +70,12 @@ class Stage:
     check: Callable[[StudyContext], None] | None = None
     # the files its completion record lists (default: its outputs; see irmlens.records)
     recorded: Callable[[RunPaths], list[Path]] | None = None
+    # files in its folders that it wrote besides those its record lists (the cache's shards,
+    # listed with their sha256 in its manifest): anything else there is the user's, never removed
+    owned: Callable[[RunPaths], set[Path]] | None = None
+    # writes nothing into the run folder, so it runs before the folder is claimed (the models
+    # stage's pair checks: a refused pair leaves no claim behind)
+    before_claim: bool = False
 
     def is_done(self, ctx: StudyContext) -> bool:
         if self.done is not None:
@@ -79,11 +88,17 @@ class Stage:
         return [t for t in targets if t.exists()]
 
     def state(self, ctx: StudyContext) -> tuple[str, list[str]]:
-        """("done" | "todo" | "unrecorded" | "damaged", damage). Done: its own rule says so and
-        its completion record matches its files. Unrecorded: finished by its own rule but with no
-        record (killed between its last rename and its record, or a run made before records).
-        Damage lists the files that no longer match."""
-        if not self.is_done(ctx):
+        """("done" | "todo" | "unrecorded" | "damaged" | "stale", details). Done: its own rule
+        says so, its completion record matches its files, and the stages it read are those its
+        record remembers. Unrecorded: finished by its own rule but with no record (killed between
+        its last rename and its record). Damaged: details name the files that no longer match
+        (or that its own rule could not read). Stale: details name the stages it read that were
+        redone since (their results are not the ones it was computed from)."""
+        try:
+            finished = self.is_done(ctx)
+        except DamagedFileError as e:  # its own rule reads a file (the cache's manifest)
+            return "damaged", [str(e)]
+        if not finished:
             return "todo", []
         if not self.recorded_targets(ctx.paths):
             return "done", []  # nothing of its own to record (a given model, no null pair)
@@ -91,16 +106,47 @@ class Stage:
         if rec is None:
             return "unrecorded", []
         damage = damaged_files(ctx.paths.root, rec)
-        return ("damaged" if damage else "done"), damage
+        if damage:
+            return "damaged", damage
+        stale = stale_inputs(ctx.paths.root, rec)
+        return ("stale" if stale else "done"), stale
+
+    def owned_files(self, paths: RunPaths) -> set[Path]:
+        """Every file this stage wrote that is still in its folders: those its record lists, and
+        those it keeps apart (``owned``). Hidden names are its scratch (temp files, checkpoints)."""
+        rec = read_record(paths.root, self.name) or {"files": {}}
+        known = {paths.root / rel for rel in rec["files"]}
+        if self.owned is not None:
+            known |= self.owned(paths)
+        return known
+
+    def foreign_files(self, paths: RunPaths) -> list[Path]:
+        """Files in this stage's folders that it did not write (a user's notes): redoing the stage
+        replaces or removes those folders whole, so it must not run while they are there. A stage
+        with no record (never finished, or killed before its record) has only its own partial
+        work there."""
+        if read_record(paths.root, self.name) is None:
+            return []
+        known = self.owned_files(paths)
+        folders = [t for t in _own_files(self, paths) if t.is_dir() and not t.is_symlink()]
+        return [f for f in recorded_files(folders) if f not in known]
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("models", models.run, models.outputs, check=models.check),
+    Stage("models", models.run, models.outputs, check=models.check, before_claim=True),
     Stage("rlhf", rlhf.run, rlhf.outputs, ("models",), rlhf.done),
     Stage("null", null.run, null.outputs, ("models",), null.done),
     Stage("pair", pair.run, pair.outputs, ("rlhf", "null"), pair.done),
     Stage("layers", layers.run, layers.outputs, ("pair",)),
-    Stage("cache", cache.run, cache.outputs, ("layers",), cache.done, recorded=cache.recorded),
+    Stage(
+        "cache",
+        cache.run,
+        cache.outputs,
+        ("layers",),
+        cache.done,
+        recorded=cache.recorded,
+        owned=cache.owned,
+    ),
     Stage(
         "saes", saes.run, saes.outputs, ("cache",), result=lambda p: p.saes, recorded=saes.recorded
     ),
@@ -125,9 +171,26 @@ def dependents(stage: str) -> list[Stage]:
     return out
 
 
+def refuse_foreign_files(paths: RunPaths, stages: list[Stage]) -> None:
+    """Raise ``ForeignFilesError`` naming every file in these stages' folders that they did not
+    write, before any of those folders is replaced or removed."""
+    found = [f for s in stages for f in s.foreign_files(paths)]
+    if found:
+        shown = ", ".join(str(f) for f in found[:8]) + (
+            f" and {len(found) - 8} more" if len(found) > 8 else ""
+        )
+        names = ", ".join(dict.fromkeys(s.name for s in stages if s.foreign_files(paths)))
+        raise ForeignFilesError(
+            f"{shown}: not written by irmlens (no completion record lists them), in the folders "
+            f"of stage(s) {names}, which this command would replace whole. Move them out of the "
+            "run folder, then run the command again; those folders were not changed."
+        )
+
+
 def invalidate(paths: RunPaths, stage: str) -> None:
     """Remove the outputs of every stage that needs ``stage``, so they are rebuilt from its new
     results instead of describing the old ones. Each goes in one rename, then is deleted."""
+    refuse_foreign_files(paths, dependents(stage))
     for s in dependents(stage):
         for own in _own_files(s, paths):
             if _remove(own):
@@ -156,60 +219,97 @@ def _remove(target: Path) -> bool:
 
 def verify_finished(paths: RunPaths, upto: str = "cards") -> None:
     """Check every stage up to ``upto`` of a run about to be read: each that wrote anything has
-    a completion record and its files match it; else ``DamagedFileError`` names the damaged
-    files and the command that redoes them."""
-    if not (paths.root / RECORDS_DIR).exists():
-        return  # made before completion records: nothing to verify against (`irmlens run` adds them)
+    a completion record, its files match it, and it was computed from the results of the stages
+    before it that are there now; else ``DamagedFileError`` names the damaged files (or the stage
+    redone under it) and the command that redoes them. A run without records is refused
+    (``UnverifiedRunError``: ``irmlens adopt`` records it)."""
+    check_records_exist(paths.root)
     verify_stage(paths.root, "config", required=False)
     for stage in STAGES:
         if stage.recorded_targets(paths) or read_record(paths.root, stage.name) is not None:
             verify_stage(paths.root, stage.name)
+            stale = stale_inputs(paths.root, read_record(paths.root, stage.name) or {})
+            if stale:
+                raise DamagedFileError(
+                    f"stage {stage.name!r} of {paths.root} was computed from an earlier "
+                    f"{' and '.join(stale)} (redone since): its files describe results that are "
+                    f"no longer there. Redo it (and the stages after it) with "
+                    f"`{redo_command(paths.root)}`"
+                )
         if stage.name == upto:
             return
 
 
-def _stage_action(ctx: StudyContext, stage: Stage) -> tuple[str, list[str]]:
-    """What ``_run_stage`` does with ``stage``: ("skip" | "record" | "redo" | "run", damage).
-    Skip: done. Record: finished by an irmlens without completion records. Redo: damaged, or
-    finished without its record (its files may be newer than what later stages read). Run: not
-    done, or forced."""
+def adopted_stages(paths: RunPaths) -> dict[str, dict]:
+    """The stages whose records ``irmlens adopt`` wrote (files recorded as they were found, not
+    as a stage wrote them), with what it checked: the report says so."""
+    out = {}
+    for stage in ("config", *(s.name for s in STAGES)):
+        rec = read_record(paths.root, stage)
+        if rec is not None and isinstance(rec.get("adopted"), dict):
+            out[stage] = rec["adopted"]
+    return out
+
+
+def stage_inputs(paths: RunPaths, stage: Stage) -> dict[str, str | None]:
+    """What ``stage``'s record remembers of the stages it needs (``records.record_digest``)."""
+    return {n: record_digest(read_record(paths.root, n)) for n in stage.needs}
+
+
+def record_stage(paths: RunPaths, name: str, seconds: float | None = None) -> None:
+    """Write the completion record of stage ``name`` (its files and its inputs' digests)."""
+    stage = STAGES[[s.name for s in STAGES].index(name)]
+    write_record(
+        paths.root, name, stage.recorded_targets(paths), seconds, stage_inputs(paths, stage)
+    )
+
+
+def _stage_action(ctx: StudyContext, stage: Stage) -> tuple[str, str, list[str]]:
+    """What ``_run_stage`` does with ``stage``: ("skip" | "redo" | "run", its state, details).
+    Skip: done. Redo: damaged, computed from a stage redone since (stale), or finished without
+    its record (its files may be newer than what later stages read). Run: not done, or forced."""
     if ctx.forced(stage.name):
-        return "run", []
-    status, damage = stage.state(ctx)
+        return "run", "forced", []
+    status, details = stage.state(ctx)
     if status == "done":
-        return "skip", []
-    if status == "unrecorded" and ctx.legacy_run:
-        return "record", []
-    if status in ("damaged", "unrecorded"):
-        return "redo", damage
-    return "run", []
+        return "skip", status, []
+    if status in ("damaged", "stale", "unrecorded"):
+        return "redo", status, details
+    return "run", status, []
 
 
-def _run_stage(ctx: StudyContext, stage: Stage) -> None:
-    """Skip a stage that is done; otherwise run it and write its completion record. A forced
-    stage keeps its previous outputs until the new ones replace them; a damaged one is redone
-    from scratch. Either way the stages that need it are invalidated first (only now: the stages
-    before it all succeeded)."""
+def _run_stage(ctx: StudyContext, stage: Stage, record: bool = True) -> float | None:
+    """Skip a stage that is done; otherwise run it and write its completion record (``record``
+    False: return its seconds for the caller to record later). A forced stage keeps its previous
+    outputs until the new ones replace them; a damaged or stale one is redone from scratch.
+    Either way the stages that need it are invalidated first (only now: the stages before it all
+    succeeded). Files in its folders or theirs that irmlens did not write stop it first."""
     paths = ctx.paths
-    action, damage = _stage_action(ctx, stage)
+    action, status, details = _stage_action(ctx, stage)
     if action == "skip":
         log(f"{stage.name}: done, skipping")
-        return
-    if action == "record":
-        log(f"{stage.name}: done by an irmlens without completion records; recording it")
-        write_record(paths.root, stage.name, stage.recorded_targets(paths))
-        return
-    if damage:
-        log(f"{stage.name}: damaged ({'; '.join(damage)}); redoing it and the stages after it")
+        return None
+    replaced = action == "redo" or ctx.forced(stage.name)  # then its dependents go too
+    refuse_foreign_files(paths, [stage, *(dependents(stage.name) if replaced else [])])
+    if action == "redo":
+        if status == "stale":
+            why = f"computed from an earlier {' and '.join(details)}, redone since"
+        elif status == "damaged":
+            why = f"damaged ({'; '.join(details)})"
+        else:
+            why = "finished without its completion record"
+        log(f"{stage.name}: {why}; redoing it and the stages after it")
         for target in _own_files(stage, paths):
             _remove(target)
         remove_record(paths.root, stage.name)
-    if action == "redo" or ctx.forced(stage.name):
+    if replaced:
         invalidate(paths, stage.name)
     started = time.perf_counter()
     stage.run(ctx)
     seconds = time.perf_counter() - started
-    write_record(paths.root, stage.name, stage.recorded_targets(paths), seconds)
+    if record:
+        record_stage(paths, stage.name, seconds)
+    return seconds
 
 
 def run_study(
@@ -229,20 +329,35 @@ def run_study(
     if unknown:
         raise ConfigError(f"cannot force {unknown}: no such stage; stages: {names}")
     paths = RunPaths(Path(out_dir))
-    if paths.root.exists() and not paths.root.is_dir():
-        raise ConfigError(f"--out {paths.root} is a file, not a folder: name a run folder")
+    check_out_folder(paths.root)  # a user's folder, or a run without records: refused
     ctx = StudyContext(cfg, paths, frozenset(force))
     for stage in STAGES:
         if stage.check is not None:
             stage.check(ctx)
+    existed = paths.root.exists()
     with run_lock(paths.root):
         torch.manual_seed(cfg.seed)
-        # a finished run from before completion records: its stages are recorded, not redone
-        ctx.legacy_run = paths.config.exists() and not (paths.root / RECORDS_DIR).exists()
-        claim_run_dir(paths, cfg)
         t0 = time.time()
+        # the stages that write nothing into the folder run before it is claimed, so a pair
+        # they refuse leaves no config behind that would refuse the corrected one
+        early = [s for s in STAGES if s.before_claim]
+        seconds = {}
+        # a forced stage replaces its folders and its dependents': refused before any work
+        forced = [s for s in STAGES if s.name in force]
+        refuse_foreign_files(paths, forced + [d for f in forced for d in dependents(f.name)])
+        try:
+            for stage in early:
+                seconds[stage.name] = _run_stage(ctx, stage, record=False)
+            claim_run_dir(paths, cfg)
+        except BaseException:
+            if not existed:  # leave no folder behind (the lock file is all it holds)
+                _remove_unclaimed(paths)
+            raise
+        for name, s in seconds.items():
+            record_stage(paths, name, s)
         for stage in STAGES:
-            _run_stage(ctx, stage)
+            if not stage.before_claim:
+                _run_stage(ctx, stage)
             if stage.name == stop_after:
                 break
         if stop_after == "report":
@@ -252,6 +367,17 @@ def run_study(
             return stage.result(paths)
         outs = stage.outputs(paths)
         return outs[0] if outs else paths.root
+
+
+def _remove_unclaimed(paths: RunPaths) -> None:
+    """Remove a run folder this command created and never claimed (it holds only the lock)."""
+    import contextlib
+
+    from irmlens.lock import LOCK_FILENAME
+
+    with contextlib.suppress(OSError):
+        (paths.root / LOCK_FILENAME).unlink()
+        paths.root.rmdir()  # only if empty: anything else in it stays
 
 
 # what torchrun sets that makes a library believe it is one of several processes
@@ -314,7 +440,6 @@ def run_cache_data_parallel(cfg: StudyConfig, out_dir: str | Path) -> Path:
         go = [False]
         if rank == 0:
             ctx = StudyContext(cfg, paths, frozenset())
-            ctx.legacy_run = paths.config.exists() and not (paths.root / RECORDS_DIR).exists()
             go = [_stage_action(ctx, stage)[0] in ("run", "redo")]
         dist.broadcast_object_list(go, src=0)
         result = paths.cache

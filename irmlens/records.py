@@ -39,20 +39,53 @@ def recorded_files(targets: Iterable[Path]) -> list[Path]:
 
 
 def write_record(
-    root: Path, stage: str, targets: Iterable[Path], seconds: float | None = None
+    root: Path,
+    stage: str,
+    targets: Iterable[Path],
+    seconds: float | None = None,
+    inputs: dict[str, str | None] | None = None,
+    adopted: dict | None = None,
 ) -> None:
-    """The stage's completion record: each file's size and sha256, and how long the stage ran
-    (``seconds``; what experiments/benchmarks/stage_costs.py reads)."""
+    """The stage's completion record: each file's size and sha256, the ``record_digest`` of each
+    stage it read (``inputs``: a stage redone since then makes this one stale), how long the
+    stage ran (``seconds``; what experiments/benchmarks/stage_costs.py reads), and, for files
+    recorded by ``irmlens adopt`` rather than written by a stage, what was checked (``adopted``)."""
     root = Path(root)
     files = {
         str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in recorded_files(targets)
     }
     record = {"stage": stage, "files": files}
+    if inputs is not None:
+        record["inputs"] = dict(sorted(inputs.items()))
+    if adopted is not None:
+        record["adopted"] = adopted
     if seconds is not None:  # and the machine they were measured on (runs resume elsewhere)
         record["seconds"] = seconds
         record["machine"] = machine_summary()
     atomic_write_json(record_path(root, stage), record)
+
+
+def record_digest(record: dict | None) -> str | None:
+    """What a stage's dependents remember of it: the sha256 of its files and of its own inputs,
+    so a change anywhere upstream (an RLHF model retrained) changes every digest below it, even
+    through a stage whose own files came out the same (``models/dirs.json`` names folders)."""
+    if record is None:
+        return None
+    import hashlib
+
+    content = {"files": record.get("files"), "inputs": record.get("inputs")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def stale_inputs(root: Path, record: dict) -> list[str]:
+    """The stages this record was computed from that have been redone since (their digest
+    differs from the one it recorded). A record without ``inputs`` (written before they were
+    kept) is taken as it is."""
+    inputs = record.get("inputs")
+    if not isinstance(inputs, dict):
+        return []
+    return [s for s, d in inputs.items() if record_digest(read_record(root, s)) != d]
 
 
 def remove_record(root: Path, stage: str) -> None:

@@ -1,29 +1,19 @@
-"""The run folder: where each stage's files live (``RunPaths``) and who may write them (``run_lock``).
+"""The run folder: where each stage's files live (``RunPaths``), which folders may become one
+(``check_out_folder``) and who may write them (``run_lock``, from ``irmlens.lock``).
 
 Every command that writes into a run folder holds its lock for as long as it writes, so two
-``irmlens run`` (or ``rlhf``, ``irm``, ``report``) on one folder cannot interleave their steps: the
-second is refused at once, naming the holder's pid. The lock is an ``flock`` on ``.irmlens.lock``,
-which the kernel releases when its process exits however it exits, so a lock left by a killed run
-is stale by construction and never blocks the rerun that resumes it.
+``irmlens run`` (or ``rlhf``, ``irm``, ``report``) on one folder cannot interleave their steps.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
-import os
-import socket
-import sys
-import time
 import tomllib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from irmlens.errors import RunLockedError
-
-LOCK_FILENAME = ".irmlens.lock"
+from irmlens.errors import ConfigError, UnverifiedRunError
+from irmlens.lock import LOCK_FILENAME, run_lock  # noqa: F401 (the run folder's lock, re-exported)
+from irmlens.records import RECORDS_DIR
 
 
 @dataclass(frozen=True)
@@ -252,61 +242,42 @@ def read_run_config(paths: RunPaths):
     return load_config(paths.config, check_device=False)
 
 
-# folders this process holds the lock of, with how many nested holders (``irmlens report`` runs
-# the cards stage through run_study, which takes the same lock again)
-_HELD: dict[Path, list] = {}
-
-
-def _holder_text(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text(encoding="utf-8") or "{}")
-    except (OSError, ValueError):
-        info = {}
-    if not info:
-        return "another process"
-    return (
-        f"pid {info.get('pid')} on {info.get('host')}, running `{info.get('command')}` since "
-        f"{info.get('started')}"
-    )
-
-
-@contextlib.contextmanager
-def run_lock(root: str | Path) -> Iterator[None]:
-    """Hold the run folder's lock (created if need be) for the block; refuse if another process
-    holds it (``RunLockedError`` naming that process). Re-entrant within one process."""
+def is_run_folder(root: Path) -> bool:
+    """Whether ``root`` holds an irmlens run: its config, or its completion records."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    key = root.resolve()
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
+    return (root / "config.toml").is_file() or (root / RECORDS_DIR).is_dir()
+
+
+def check_out_folder(root: Path) -> None:
+    """Refuse an ``--out`` irmlens must not write into: a file; a non-empty folder that is not a
+    run folder (its stages replace their folders whole, so a user's ``report/`` or ``irm/`` would be
+    lost); a run folder without completion records (made by an irmlens before records, or copied
+    without its dot-folders), whose files cannot be verified until ``irmlens adopt`` records them."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {root} is a file, not a folder: name a run folder")
+    if not root.is_dir():
         return
-    path = root / LOCK_FILENAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RunLockedError(
-            f"{root} is in use by another irmlens ({_holder_text(path)}). Wait for it to finish "
-            "(a killed process releases the lock at once), or give this run another --out folder."
-        ) from None
-    info = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:300],
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
-    _HELD[key] = [fd, 1]
-    try:
-        yield
-    finally:
-        del _HELD[key]
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)  # no holder any more: the file stays, empty and unlocked
-        os.close(fd)
+    if not is_run_folder(root):
+        found = sorted(p.name for p in root.iterdir() if p.name != LOCK_FILENAME)
+        if found:
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            raise ConfigError(
+                f"--out {root} is a non-empty folder that is not an irmlens run folder (it holds "
+                f"{shown}, and no config.toml): irmlens replaces its stages' folders whole, so files "
+                "there would be lost. Give a new or empty folder."
+            )
+        return
+    check_records_exist(root)
+
+
+def check_records_exist(root: Path) -> None:
+    """Refuse a run folder without completion records (``UnverifiedRunError`` with the fix)."""
+    root = Path(root)
+    if (root / "config.toml").is_file() and not (root / RECORDS_DIR).is_dir():
+        raise UnverifiedRunError(
+            f"{root} has no completion records ({root / RECORDS_DIR} is missing: a run made by an "
+            "irmlens before records, or a copy that left out dot-folders), so nothing in it can be "
+            f"verified. `irmlens adopt {root}` checks what can be checked, says what it could not, "
+            "and records the files as they are now; or give a new --out folder."
+        )

@@ -2,8 +2,9 @@
 
 It depends on irmlens only for these (``tests/test_layering.py`` holds it to that list):
 ``irmlens.cache.store`` (reading activation caches), ``irmlens.io`` (atomic writes, checksums),
-``irmlens.errors`` (errors the irmlens CLI prints without a traceback) and ``irmlens.allocator``
-(the process-wide allocator setting its command shares with irmlens's). It never imports
+``irmlens.errors`` (errors the irmlens CLI prints without a traceback), ``irmlens.allocator``
+(the process-wide allocator setting its command shares with irmlens's) and ``irmlens.lock`` (the
+one-writer lock ``sae-train --out`` takes, as the irmlens commands do). It never imports
 irmlens's stages or its later libraries (diff, irm, viz, report).
 """
 

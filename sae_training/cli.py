@@ -19,6 +19,8 @@ cache or the activation files is refused before anything is loaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -106,9 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _init_distributed(args)
 
-    import torch
-    from safetensors.torch import load_file
-
     if (args.cache is None) == (args.activations is None):
         p.error("give either --cache (with --model and --hook) or --activations")
     if args.cache is not None and (not args.model or not args.hook):
@@ -119,6 +118,48 @@ def main(argv: list[str] | None = None) -> int:
             f"--arch {args.arch} reads several models at the same tokens: give --cache and "
             "--model twice or more (base first)"
         )
+    from irmlens.errors import ReadOnlyRunError, RunLockedError
+
+    try:  # one writer per --out (and per run folder it lies in), as for the irmlens commands
+        with _out_locks(args.out):
+            return _main_locked(p, args, crosscoder)
+    except (RunLockedError, ReadOnlyRunError) as e:
+        print(f"sae-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+@contextlib.contextmanager
+def _out_locks(out: str | Path):
+    """Hold the lock of ``--out`` (beside it: the folder is replaced whole) and of the irmlens run
+    folder it lies in, if any, for the whole command, so that a second ``sae-train`` into the same
+    folder, or an ``irmlens`` command on that run, is refused at once instead of one silently
+    replacing the other's SAE. Under torchrun only rank 0 writes, so only it locks."""
+    from irmlens.lock import LOCK_FILENAME, file_lock, sibling_lock_path
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    target = Path(out).resolve()
+    with contextlib.ExitStack() as stack:
+        run = next(
+            (
+                a
+                for a in target.parents
+                if (a / ".records").is_dir() and (a / "config.toml").is_file()
+            ),
+            None,
+        )
+        if run is not None:
+            stack.enter_context(file_lock(run / LOCK_FILENAME, what=f"run folder {run}"))
+        stack.enter_context(file_lock(sibling_lock_path(target), what=f"--out {target}"))
+        yield
+
+
+def _main_locked(p, args, crosscoder: bool) -> int:
+    """The rest of ``main``, with --out locked."""
+    import torch
+    from safetensors.torch import load_file
+
     try:  # before loading or training: --out is replaced whole once the SAE is trained
         _check_out(args)
     except TrainingInputError as e:

@@ -10,6 +10,7 @@ SAE_TRAINING_MAY_IMPORT = {
     "irmlens.io",
     "irmlens.errors",
     "irmlens.allocator",
+    "irmlens.lock",
 }
 
 

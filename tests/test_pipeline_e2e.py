@@ -388,24 +388,6 @@ def test_irmlens_run_redoes_a_damaged_stage_and_the_stages_after_it(micro_run, t
     Study.load(run)  # verified again
 
 
-def test_a_run_made_before_completion_records_is_recorded_not_redone(micro_run, tmp_path, capsys):
-    import shutil
-
-    from irmlens.study import Study
-
-    run = _copy_run(micro_run, tmp_path)
-    shutil.rmtree(run / ".records")
-    before = (run / "irm/metrics.json").read_bytes()
-    Study.load(run)  # nothing to verify against: it reads as before
-    assert main(["run", str(ROOT / "tests/micro.toml"), "--out", str(run)]) == 0
-    out = capsys.readouterr().out
-    for stage in ("rlhf", "null", "cache", "saes", "irm"):
-        assert f"{stage}: done by an irmlens without completion records" in out, stage
-    assert (run / "irm/metrics.json").read_bytes() == before
-    assert (run / ".records/irm.json").exists()
-    Study.load(run)
-
-
 def test_validate_says_so_when_the_sparse_irm_has_no_dictionary_feature(micro_run, tmp_path):
     """A sparse IRM of SAE-error columns only (possible in the codes+error space) leaves nothing
     to ablate or steer: the stage measures the baselines and says why, and the report renders."""

@@ -155,7 +155,18 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
         "crosscoder": _crosscoder(paths),
         "feature_spaces": feature_spaces(irm, validation),
         "timings": _timings(paths),
+        "verification": verification(paths),
     }
+
+
+def verification(paths: RunPaths) -> dict:
+    """How the files this report was built from are known to be the ones their stages wrote:
+    ``adopted`` lists the stages ``irmlens adopt`` recorded as it found them (a run made before
+    completion records, or copied without them), with what it could check."""
+    from irmlens.pipeline import adopted_stages
+
+    adopted = adopted_stages(paths)
+    return {"verified": not adopted, "adopted": adopted}
 
 
 def _crosscoder(paths: RunPaths) -> dict | None:
@@ -429,6 +440,18 @@ def _fit_points(run_dir: Path) -> list[dict]:
     ]
 
 
+def _unverified_html(report: dict) -> str:
+    from irmlens.report.summary import verification_text
+
+    text = verification_text(report)
+    if text is None:
+        return ""
+    return (
+        '<p style="border:2px solid #b00;padding:6px 10px;background:#fff4f4">'
+        f"<b>Unverified.</b> {html.escape(text)}</p>\n"
+    )
+
+
 def timings_html(timings: dict | None) -> str:
     """The per-stage timing table (seconds of each stage's last completed run)."""
     if not timings:
@@ -605,7 +628,7 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 .ctxs{{display:flex;gap:2em}}.ctxs>div{{flex:1}}details.card{{border:1px solid #ddd;margin:6px 0;padding:4px 8px}}</style></head>
 <body><h1>irmlens report: {html.escape(report["name"])}</h1>
 <p>What did RLHF teach the model, and how far is that implicit reward model (IRM) from the reward model it was trained on?</p>
-{summary}
+{_unverified_html(report)}{summary}
 {"".join(parts)}
 {spaces_html}
 {validation_html(report.get("validation"), report.get("labels"))}

@@ -47,10 +47,13 @@ def to_markdown(report: dict) -> str:
     Every string that comes from the config or the run (run name, model names and paths, RLHF
     algorithm, the reward model / lexicon name, feature-space and control names) goes through
     ``md_text`` (or ``md_code``), so a name like ``<script>`` stays literal text."""
-    from irmlens.report.summary import tau_bars, verdict
+    from irmlens.report.summary import tau_bars, verdict, verification_text
 
     irm, m, r = report["irm"], report["models"], report["rlhf"]
     lines = [f"# irmlens: {md_text(report['name'])}", ""]
+    unverified = verification_text(report)
+    if unverified is not None:
+        lines += [f"> **Unverified.** {md_text(unverified)}", ""]
     lines += [
         f"- **Base model**: {md_text(m['base']['name'])} ({m['base']['n_layers']} layers, d_model "
         f"{m['base']['d_model']})",

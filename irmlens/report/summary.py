@@ -159,3 +159,18 @@ def validation_verdict(validation: dict | None, labels: dict | None) -> str:
                 f"{check.get('correct', 'n/a')} of 3 known features right."
             )
     return " ".join(parts)
+
+
+def verification_text(report: dict) -> str | None:
+    """One sentence for a report built from adopted (unverified) files; None otherwise."""
+    v = report.get("verification") or {}
+    adopted = [s for s in (v.get("adopted") or {}) if s != "models"]
+    if not adopted:
+        return None
+    unchecked = sum(int(a.get("unchecked", 0)) for a in v["adopted"].values())
+    return (
+        f"Built from unverified files: stages {', '.join(adopted)} were adopted by `irmlens adopt` "
+        f"(no completion records), which recorded their files as it found them; {unchecked} of "
+        "those files had nothing to check them against, so an edit made before adoption would "
+        "not show. Redo the run to have every figure verified."
+    )

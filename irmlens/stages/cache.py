@@ -48,6 +48,17 @@ def recorded(paths) -> list[Path]:
     return [paths.cache / n for n in ("manifest.json", "tokens.safetensors", "words.json")]
 
 
+def owned(paths) -> set[Path]:
+    """Files of the cache's layout besides those its record lists: the shards (each listed with
+    its sha256 in the manifest, read even when the manifest is damaged) and the progress files of
+    a cache being written (``irmlens.cache.store``)."""
+    from irmlens.cache.store import PROGRESS
+
+    root = paths.cache
+    found = set(root.glob("*/*/shard-*.safetensors")) | set(root.glob("progress*.json"))
+    return found | {root / PROGRESS}
+
+
 def done(ctx: StudyContext) -> bool:
     from irmlens.cache.store import cache_is_complete
 

@@ -71,8 +71,6 @@ class StudyContext:
     # set by the models stage: the base model's folder, and models given in the config
     base_dir: Path | None = None
     given: dict[str, Path] = field(default_factory=dict)
-    # set by run_study: the folder holds a run made before completion records (see pipeline)
-    legacy_run: bool = False
     _saes: dict = field(default_factory=dict, repr=False)
 
     def forced(self, stage: str) -> bool:
