@@ -61,9 +61,12 @@ def sibling_lock_path(folder: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path, what: str) -> Iterator[None]:
+def file_lock(path: str | Path, what: str, remove: bool = False) -> Iterator[None]:
     """Hold the ``flock`` of ``path`` (created if need be) for the block; ``what`` names the
-    folder it guards in the refusal. Re-entrant within one process."""
+    folder it guards in the refusal. Re-entrant within one process. ``remove``: unlink the lock
+    file on release (while still holding it), so that a lock beside a user's folder leaves
+    nothing behind; a process that opened the file just before is then holding a removed file,
+    which it sees (another inode at ``path``) and opens again."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = path.resolve()
@@ -74,23 +77,23 @@ def file_lock(path: str | Path, what: str) -> Iterator[None]:
         finally:
             _HELD[key][1] -= 1
         return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:  # a read-only folder or file system: say so, not a bare OSError
-        raise ReadOnlyRunError(
-            f"{what} cannot be written ({e.strerror}: {path}): irmlens takes a lock file there "
-            "before it writes anything. Make the folder writable, or copy it somewhere writable "
-            "and give the copy (`cp -r RUN COPY`, then the command on COPY); `irmlens.Study.load"
-            "(RUN)` reads a finished run without writing."
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RunLockedError(
-            f"{what} is in use by another irmlens ({_holder_text(path)}). Wait for it to finish "
-            "(a killed process releases the lock at once), or give this run another --out folder."
-        ) from None
+    while True:
+        fd = _open_lock_file(path, what)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLockedError(
+                f"{what} is in use by another irmlens ({_holder_text(path)}). Wait for it to "
+                "finish (a killed process releases the lock at once), or give this run another "
+                "--out folder."
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # the file at path is the one locked
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it as we opened it: take the new one
     info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -105,5 +108,20 @@ def file_lock(path: str | Path, what: str) -> Iterator[None]:
     finally:
         del _HELD[key]
         with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)  # no holder any more: the file stays, empty and unlocked
+            if remove:
+                path.unlink()
+            else:
+                os.ftruncate(fd, 0)  # no holder any more: the file stays, empty and unlocked
         os.close(fd)
+
+
+def _open_lock_file(path: Path, what: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only folder or file system: say so, not a bare OSError
+        raise ReadOnlyRunError(
+            f"{what} cannot be written ({e.strerror}: {path}): irmlens takes a lock file there "
+            "before it writes anything. Make the folder writable, or copy it somewhere writable "
+            "and give the copy (`cp -r RUN COPY`, then the command on COPY); `irmlens.Study.load"
+            "(RUN)` reads a finished run without writing."
+        ) from None

@@ -120,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     from irmlens.errors import ReadOnlyRunError, RunLockedError
 
+    try:  # checked before the lock too: a refused --out (in a cache, a file) gets no lock file
+        _check_out(args)
+    except TrainingInputError as e:
+        print(f"sae-train: error: {e}", file=sys.stderr)
+        return 2
     try:  # one writer per --out (and per run folder it lies in), as for the irmlens commands
         with _out_locks(args.out):
             return _main_locked(p, args, crosscoder)
@@ -151,7 +156,8 @@ def _out_locks(out: str | Path):
         )
         if run is not None:
             stack.enter_context(file_lock(run / LOCK_FILENAME, what=f"run folder {run}"))
-        stack.enter_context(file_lock(sibling_lock_path(target), what=f"--out {target}"))
+        lock = sibling_lock_path(target)
+        stack.enter_context(file_lock(lock, what=f"--out {target}", remove=True))
         yield
 
 

@@ -82,7 +82,8 @@ def test_users_file_in_out_folder_survives(tmp_path, capsys):
     _refused(capsys, _train_args(acts, out / "new" / ".."), "not an SAE folder irmlens wrote")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "my notes"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "mine"]  # no .mine.old, no tmp
+    # no .mine.old, no tmp, no lock file (sae-train removes its own when it ends)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "mine"]
 
 
 def test_out_file_is_refused_and_left_unchanged(tmp_path, capsys):
