@@ -45,3 +45,12 @@ def keep_freed_memory() -> bool:
     # -1 disables trimming altogether; 0 mmap'd blocks: every block comes from the heap
     _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
     return _applied
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the system does not say): the bound size
+    checks refuse the impossible against before anything is allocated."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

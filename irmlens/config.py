@@ -266,7 +266,9 @@ class StudyConfig:
                 self,
                 p.d_model,
                 p.n_layer,
-                f"the tiny model (pretrain.n_layer = {p.n_layer}, pretrain.d_model = {p.d_model})",
+                f"the tiny model (pretrain.n_layer = {p.n_layer}, pretrain.d_model = {p.d_model}, "
+                f"pretrain.n_ctx = {p.n_ctx})",
+                p.n_ctx,
             )
             if p.tokenizer == "bpe" and p.vocab_size < MIN_BPE_VOCAB:
                 raise ValueError(
@@ -307,9 +309,13 @@ class StudyConfig:
 MIN_BPE_VOCAB = 300
 
 
-def check_dimensions(cfg: StudyConfig, d_model: int, n_layer: int, model: str) -> None:
-    """The rules that need the model's width and depth: the tiny model's are in the config
-    (checked at load), a given model's are read from its config.json before a run starts."""
+def check_dimensions(
+    cfg: StudyConfig, d_model: int, n_layer: int, model: str, n_positions: int | None = None
+) -> None:
+    """The rules that need the model's width, depth and positions: the tiny model's are in the
+    config (checked at load), a given model's are read from its config.json before a run starts."""
+    if n_positions is not None:
+        check_positions(cfg, n_positions, model)
     if cfg.layers.top_k > n_layer:
         raise ConfigError(
             f"layers.top_k = {cfg.layers.top_k} but {model} has {n_layer} layers: lower "
@@ -401,9 +407,9 @@ RANGES: dict[str, Rule] = {
     "pretrain.vocab_size": Int(16),  # byte-level BPE needs more: StudyConfig.__post_init__
     "pretrain.tokenizer": OneOf(TOKENIZERS),
     "pretrain.n_layer": _SIZE,
-    "pretrain.d_model": _SIZE,  # a multiple of n_head: PretrainConfig
+    "pretrain.d_model": Int(1, 65_536),  # a multiple of n_head: PretrainConfig; memory: preflight
     "pretrain.n_head": _SIZE,
-    "pretrain.n_ctx": Int(8),
+    "pretrain.n_ctx": Int(8, 65_536),  # and its memory: models.check
     "pretrain.batch_size": _SIZE,
     "pretrain.lr": Real(0.0, 1.0, lo_open=True),
     "pretrain.warmup_steps": Int(0),
@@ -421,9 +427,12 @@ RANGES: dict[str, Rule] = {
     "rlhf.max_prompt_tokens": _SIZE,
     "rlhf.kl_coef": _POSITIVE,  # the implicit reward is kl_coef x the log-ratio: 0 has none
     "rlhf.learning_rate": Real(0.0, 1.0, lo_open=True),
-    "rlhf.temperature": Real(0.0, 100.0, lo_open=True),
+    # sampling at a temperature near 0 divides the logits into infinities: nothing is learnt
+    "rlhf.temperature": Real(0.01, 100.0),
     "rlhf.n_train_prompts": _SIZE,  # at least batch_size: RLHFConfig
-    "rlhf.n_eval_prompts": _SIZE,
+    # prompts sampled before and after RLHF: beyond 10,000 the reward's CI stops narrowing
+    # usefully and the evaluation takes longer than the training
+    "rlhf.n_eval_prompts": Int(1, 10_000),
     "rlhf.prompt_min_words": _SIZE,
     "rlhf.prompt_max_words": _SIZE,
     "rlhf.checkpoint_every": _SIZE,
@@ -437,7 +446,7 @@ RANGES: dict[str, Rule] = {
     "layers.top_k": _SIZE,  # at most the model's layers: StudyConfig / preflight
     "layers.relative": Flag(),
     # [cache]
-    "cache.n_ctx": Int(8),
+    "cache.n_ctx": Int(8),  # at most the model's positions: StudyConfig / preflight
     "cache.max_rows": _SIZE,
     "cache.batch_size": _SIZE,
     "cache.dtype": OneOf(DTYPES),
@@ -470,7 +479,8 @@ RANGES: dict[str, Rule] = {
     "diff.top_n": Int(0),
     "diff.n_cards": Int(0),
     # [irm]
-    "irm.heldout_fraction": Real(0.0, 1.0, lo_open=True, hi_open=True),
+    # both sides need words: the split itself is checked in preflight (models.check) and fit
+    "irm.heldout_fraction": Real(0.05, 0.95),
     "irm.nonlexicon_ratio": Real(0.0, 1000.0),
     "irm.min_word_count": _SIZE,
     "irm.alphas": Each(Real(0.0, 1e12, lo_open=True)),
@@ -478,7 +488,8 @@ RANGES: dict[str, Rule] = {
     "irm.n_shuffles": Int(1, 100_000),
     "irm.sparse_k": _SIZE,  # at most the widest width: StudyConfig / preflight
     "irm.space": OneOf(("auto", *IRM_SPACES)),
-    "irm.paper_contexts_per_word": _SIZE,
+    # two forward passes per word and context (the paper's estimator averages a handful)
+    "irm.paper_contexts_per_word": Int(1, 64),
     "irm.seed": _SEED,
     # [validate]
     "validate.n_prompts": Int(2),  # a bootstrap needs two
@@ -609,6 +620,30 @@ def config_from_dict(values: dict[str, Any], check_device: bool = True) -> Study
     return cfg
 
 
+def check_positions(cfg: StudyConfig, n_positions: int, model: str) -> None:
+    """Every sequence the study feeds the models fits their positions: the cached rows (and the
+    perplexity texts, cut to the same length), RLHF's padded prompts plus completions, and the
+    evaluation prompts (at least a token per word and BOS) plus completions."""
+    r = cfg.rlhf
+    if cfg.cache.n_ctx > n_positions:
+        raise ConfigError(
+            f"cache.n_ctx = {cfg.cache.n_ctx} but {model} has {n_positions} positions: lower "
+            f"cache.n_ctx to {n_positions} or less"
+        )
+    if not cfg.model.rlhf and r.max_prompt_tokens + r.max_completion_length > n_positions:
+        raise ConfigError(
+            f"rlhf.max_prompt_tokens + rlhf.max_completion_length = {r.max_prompt_tokens} + "
+            f"{r.max_completion_length} exceeds the {n_positions} positions of {model}: lower "
+            "them so that prompt and completion fit"
+        )
+    if r.prompt_max_words + 1 + r.max_completion_length > n_positions:
+        raise ConfigError(
+            f"rlhf.prompt_max_words = {r.prompt_max_words} (+ BOS) and rlhf.max_completion_length "
+            f"= {r.max_completion_length} exceed the {n_positions} positions of {model} (the "
+            "evaluation and validation prompts are up to prompt_max_words words): lower them"
+        )
+
+
 def check_device_exists(cfg: StudyConfig) -> None:
     from irmlens.ranges import device_problem
 
@@ -624,7 +659,8 @@ def load_config(path: str | Path, check_device: bool = True) -> StudyConfig:
     if not path.is_file():
         raise ConfigError(f"{path} is a folder, not a config file: give a .toml file inside it")
     try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        # a BOM (what some Windows editors save) is not TOML; the text after it is read as is
+        values = tomllib.loads(path.read_text(encoding="utf-8").removeprefix("\ufeff"))
     except UnicodeDecodeError as e:
         raise ConfigError(
             f"{path} is not UTF-8 text (byte {e.start}): save the config as UTF-8"

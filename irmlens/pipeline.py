@@ -154,7 +154,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("target", target.run, target.outputs, ("cache",)),
     Stage("irm", irm.run, irm.outputs, ("saes", "diff", "target"), irm.done),
     Stage("validate", validate.run, validate.outputs, ("diff", "irm"), validate.done),
-    Stage("labels", labels.run, labels.outputs, ("irm",), labels.done),
+    Stage("labels", labels.run, labels.outputs, ("irm",), labels.done, check=labels.check),
     Stage("cards", cards.run, cards.outputs, ("validate", "labels")),
     Stage("report", report.run, report.outputs, ("cards",), report.done, report.result),
 )
@@ -184,6 +184,28 @@ def refuse_foreign_files(paths: RunPaths, stages: list[Stage]) -> None:
             f"{shown}: not written by irmlens (no completion record lists them), in the folders "
             f"of stage(s) {names}, which this command would replace whole. Move them out of the "
             "run folder, then run the command again; those folders were not changed."
+        )
+
+
+def refuse_links(paths: RunPaths) -> None:
+    """Refuse a run folder in which a stage's file or folder is a symbolic link: a stage replaces
+    its folders whole, and a link there would send it (or the removal of what it derived from)
+    outside the run folder, after the stages before had already been removed."""
+    seen = []
+    for stage in STAGES:
+        for own in _own_files(stage, paths):
+            for p in [own, *own.parents]:
+                if p == paths.root or paths.root not in p.parents:
+                    break
+                if p.is_symlink() and p not in seen:
+                    seen.append(p)
+    if seen:
+        shown = ", ".join(f"{p} -> {p.readlink()}" for p in seen)
+        raise ForeignFilesError(
+            f"{shown}: a symbolic link where a stage writes its results. irmlens replaces its "
+            "stage folders whole and never writes through a link (it would change what the link "
+            "points to, outside the run folder). Replace the link with the folder it points to "
+            "(or remove it: the stage is then redone); nothing was changed."
         )
 
 
@@ -342,6 +364,7 @@ def run_study(
         # they refuse leaves no config behind that would refuse the corrected one
         early = [s for s in STAGES if s.before_claim]
         seconds = {}
+        refuse_links(paths)
         # a forced stage replaces its folders and its dependents': refused before any work
         forced = [s for s in STAGES if s.name in force]
         refuse_foreign_files(paths, forced + [d for f in forced for d in dependents(f.name)])

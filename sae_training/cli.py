@@ -40,6 +40,16 @@ def _parse_width(value: str, d_in: int) -> int:
         raise ValueError(
             f"--width {value!r}: give a number of features (4096) or a multiple of d_in (8x)"
         )
+    from irmlens.allocator import physical_memory
+
+    need = 32 * width * d_in  # float32 encoder and decoder, their gradients, Adam's two moments
+    total = physical_memory()
+    if total is not None and need > total:
+        raise ValueError(
+            f"--width {value!r} is {width} features over d_in {d_in}: its weights, gradients and "
+            f"optimizer state alone take {need / 2**30:.1f} GiB, more than this machine's "
+            f"{total / 2**30:.1f} GiB. Give a smaller width"
+        )
     return width
 
 

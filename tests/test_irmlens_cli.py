@@ -13,6 +13,7 @@ def test_rlhf_overrides_are_recorded_and_a_mismatch_is_refused(tmp_path, capsys)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.toml").write_text('name = "another study"\n')
+    (run / ".records").mkdir()  # a run folder irmlens wrote (one without records: test_run_safety)
     rc = main(["rlhf", str(ROOT / "tests/micro.toml"), "--out", str(run), "--reward", "zero"])
     assert rc == 2
     assert "different config" in capsys.readouterr().err

@@ -57,6 +57,18 @@ def split_reviews(
     return ReviewSplits(train=train, validation=val, heldout=held)
 
 
+def longest_sentence(reviews: list[Review]) -> int:
+    """Words in the longest sentence of ``reviews`` (what ``review_prompts`` can cut from)."""
+    longest = 0
+    for review in reviews:
+        begin = 0
+        for i, w in enumerate(review.text.split()):
+            if w in {".", "!", "?"}:
+                longest = max(longest, i + 1 - begin)
+                begin = i + 1
+    return longest
+
+
 def review_prompts(
     reviews: list[Review], n_prompts: int, min_words: int, max_words: int, seed: int = 0
 ) -> list[str]:

@@ -68,7 +68,11 @@ def slot_features(model, tokenizer, saes: dict[str, object], texts: list[str], b
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     feats = []
     stop = max(int(h.split(".")[1]) for h in saes) + 1  # no layer after the last hook is needed
-    for i in range(0, len(enc), batch_size):
+    from tqdm.auto import tqdm
+
+    steps = range(0, len(enc), batch_size)
+    # shown when long (irm.paper_contexts_per_word x words): never silent for minutes
+    for i in tqdm(steps, desc="contrastive examples", disable=len(steps) < 20, leave=False):
         chunk = enc[i : i + batch_size]
         n = max(len(e) for e in chunk)
         toks = torch.full((len(chunk), n), pad, dtype=torch.long)

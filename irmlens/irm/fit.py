@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from irmlens.errors import ConfigError
 from irmlens.irm.metrics import kendall_tau, spearman
 from irmlens.irm.ridge import RidgeCVDesign, RidgeModel, fit_ridge, ridge_cv
 from irmlens.irm.spaces import IRM_SPACES
@@ -92,17 +93,33 @@ class Split:
     heldout_positions: torch.Tensor
 
 
+def fit_and_heldout_counts(n_words: int, heldout_fraction: float, cv_folds: int):
+    """(fit words, held-out words, fit words needed) when ``n_words`` lexicon words are split:
+    at least 5 held out, and at least 5 and ``cv_folds`` left to fit (folds of whole words)."""
+    n_held = max(5, int(round(heldout_fraction * n_words)))
+    return n_words - n_held, n_held, max(5, cv_folds)
+
+
 def split_words(targets: PositionTargets, cfg: IRMConfig) -> Split:
     counts = torch.bincount(targets.word, minlength=len(targets.words))
     lex = sorted(w for w in targets.utility if counts[w] >= cfg.min_word_count)
     if len(lex) < MIN_CORPUS_LEXICON_WORDS:
-        raise ValueError(
-            f"only {len(lex)} lexicon words occur in the cached tokens; cache more held-out text"
+        raise ConfigError(
+            f"only {len(lex)} lexicon words occur irm.min_word_count = {cfg.min_word_count} "
+            f"times or more in the cached tokens; the IRM needs {MIN_CORPUS_LEXICON_WORDS}. "
+            "Lower irm.min_word_count, or cache more held-out text (cache.max_rows, "
+            "data.n_heldout)"
+        )
+    n_fit, n_held, need = fit_and_heldout_counts(len(lex), cfg.heldout_fraction, cfg.cv_folds)
+    if n_fit < need:
+        raise ConfigError(
+            f"irm.heldout_fraction = {cfg.heldout_fraction} holds out {n_held} of the {len(lex)} "
+            f"lexicon words in the cached tokens, leaving {n_fit} to fit on (it needs {need}): "
+            "lower irm.heldout_fraction, or cache more held-out text"
         )
     rng = random.Random(cfg.seed)
     shuffled = lex[:]
     rng.shuffle(shuffled)
-    n_held = max(5, int(round(cfg.heldout_fraction * len(lex))))
     return word_split(targets, sorted(shuffled[n_held:]), sorted(shuffled[:n_held]), cfg, cfg.seed)
 
 

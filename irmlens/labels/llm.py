@@ -70,6 +70,21 @@ class ChatBackend(Protocol):
     def complete(self, prompts: Sequence[str]) -> list[str]: ...
 
 
+def has_chat_template(model_dir: str | Path) -> bool:
+    """Whether an HF folder's tokenizer carries a chat template (the labeler's prompts are chats):
+    in ``tokenizer_config.json`` or a ``chat_template.jinja`` / ``.json`` file beside it."""
+    import json
+
+    folder = Path(model_dir)
+    if any((folder / n).is_file() for n in ("chat_template.jinja", "chat_template.json")):
+        return True
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and bool(cfg.get("chat_template"))
+
+
 class HFChatBackend:
     """A local instruction-tuned HF model, greedy decoding, batched with left padding.
 

@@ -31,7 +31,8 @@ def remote_code_entries(model_dir: str | Path) -> dict[str, dict]:
         f = Path(model_dir) / name
         if f.exists():
             try:
-                auto_map = json.loads(f.read_text(encoding="utf-8")).get("auto_map")
+                # utf-8-sig: a BOM must not hide an auto_map (the lexicon reader reads BOMs too)
+                auto_map = json.loads(f.read_text(encoding="utf-8-sig")).get("auto_map")
             except (ValueError, UnicodeDecodeError, AttributeError):
                 continue  # not ours to judge here: transformers names a broken file itself
             if auto_map:
@@ -49,6 +50,39 @@ def check_remote_code(model_dir: str | Path, trust_remote_code: bool, key: str =
             f"no code from a model folder unless you allow it: set {REMOTE_CODE_KEY} = true in "
             "the config if you trust this folder, or use a folder without auto_map."
         )
+
+
+_PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth")
+
+
+def check_weights_loadable(model_dir: str | Path, key: str = "model") -> None:
+    """Refuse, before anything loads it, a folder whose weights are a pickle holding more than
+    tensors. transformers reads ``.bin`` files with ``torch.load(weights_only=True)``, which
+    refuses such a pickle with an ``UnpicklingError`` whose text suggests ``weights_only=False``,
+    the very thing not to do with a file you did not make. Only checked where no safetensors file
+    is there (transformers prefers those); the file is memory-mapped, not read whole."""
+    import pickle
+
+    folder = Path(model_dir)
+    if any(folder.glob("*.safetensors")):
+        return
+    for f in sorted(p for pattern in _PICKLED_WEIGHTS for p in folder.glob(pattern)):
+        if f.name.startswith("training_args"):
+            continue  # trainer state, not weights: transformers never loads it as a model
+        try:
+            torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()]
+            first = (lines[0] if lines else type(e).__name__)[:200]
+            raise ModelPairError(
+                f"{key}: {f} is a pickle that holds more than tensors ({first}). irmlens loads "
+                "weights with torch.load(weights_only=True), which refuses it, because loading it "
+                "in full could run code from the file. Convert the model to safetensors where it "
+                "was made (`model.save_pretrained(folder)` writes model.safetensors), or use "
+                "another folder."
+            ) from None
+        except RuntimeError:
+            return  # not a zip pickle torch can map (an old format): transformers decides
 
 
 def load_hf_model(model_dir: str | Path, device: str = "cpu", trust_remote_code: bool = False):

@@ -68,6 +68,17 @@ class PretrainConfig:
             )
 
 
+def pretrain_bytes(cfg: PretrainConfig) -> int:
+    """About how much memory pretraining ``cfg`` takes at its peak: float32 weights, gradients and
+    Adam's two moments (16 bytes a parameter), and a batch's activations (each layer's residual,
+    MLP and attention tensors, the attention matrices, and the logits with their gradient).
+    An estimate to refuse the impossible before allocating, not a budget."""
+    v, d, n, c, b = cfg.vocab_size + 3, cfg.d_model, cfg.n_layer, cfg.n_ctx, cfg.batch_size
+    params = v * d + c * d + n * (12 * d * d + 13 * d) + 2 * d
+    activations = b * c * (n * (16 * d + 3 * cfg.n_head * c) + 3 * v)
+    return 16 * params + 4 * activations
+
+
 def train_tokenizer(texts: list[str], vocab_size: int, kind: str = "bpe"):
     """A ``tokenizers`` tokenizer trained on ``texts``; every encoding starts with BOS.
 

@@ -92,7 +92,7 @@ def resolve_base_model(
     library sees it (libraries read names like ``Qwen/Qwen-...`` as hub names and change their
     behaviour for them). A folder that would run its own code is refused unless
     ``trust_remote_code``."""
-    from irmlens.models.hooked import check_remote_code
+    from irmlens.models.hooked import check_remote_code, check_weights_loadable
 
     if name == "smollm2":
         return ensure_smollm2(log)
@@ -107,6 +107,7 @@ def resolve_base_model(
     else:
         path = _from_hub(name, key)
     check_remote_code(path, trust_remote_code, key)
+    check_weights_loadable(path, key)
     return path
 
 

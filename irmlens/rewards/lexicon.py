@@ -170,6 +170,19 @@ def _lexicon_of(rm_or_lexicon) -> Mapping[str, float]:
     )
 
 
+def lexicon_word_counts(rm_or_lexicon, texts: Sequence[str]) -> dict[str, int]:
+    """How often each lexicon word occurs in ``texts`` (matched as ``check_lexicon_coverage``
+    matches them); words that never occur are left out."""
+    lexicon = _lexicon_of(rm_or_lexicon)
+    counts: dict[str, int] = {}
+    for text in texts:
+        for w in text.split():
+            k = _lexicon_key(lexicon, w)
+            if k is not None:
+                counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
 def check_lexicon_coverage(
     rm_or_lexicon, texts: Sequence[str], min_words: int = MIN_CORPUS_LEXICON_WORDS
 ) -> dict:

@@ -41,7 +41,11 @@ def sample_completions(
     torch.manual_seed(seed)
     seqs, masks, completions, logprobs = [], [], [], []
     prompt_len = enc["input_ids"].shape[1]
-    for i in range(0, len(prompts), batch_size):
+    from tqdm.auto import tqdm
+
+    steps = range(0, len(prompts), batch_size)
+    # shown when long (rlhf.n_eval_prompts, validate.n_prompts): never silent for minutes
+    for i in tqdm(steps, desc="sampling completions", disable=len(steps) < 8, leave=False):
         ids = enc["input_ids"][i : i + batch_size].to(model.device)
         am = enc["attention_mask"][i : i + batch_size].to(model.device)
         out = model.generate(

