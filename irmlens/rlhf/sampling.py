@@ -20,6 +20,29 @@ class Samples:
 
 
 @torch.no_grad()
+def _encode_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int):
+    """The prompts as a left-padded batch, each cut from the left (its end is what the completion
+    continues) to leave room for ``max_new_tokens`` within the model's positions: a prompt of
+    ``rlhf.prompt_max_words`` words can be more tokens than words (byte-level BPE), and a sequence
+    past the last position fails inside the model. Prompts that fit are encoded unchanged."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit - max_new_tokens < 1:
+        return tokenizer(prompts, return_tensors="pt", padding=True)
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=limit - max_new_tokens,
+        )
+    finally:
+        tokenizer.truncation_side = side
+
+
 def sample_completions(
     model,
     tokenizer,
@@ -37,15 +60,15 @@ def sample_completions(
     two."""
     model.eval()
     tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    enc = _encode_prompts(model, tokenizer, prompts, max_new_tokens)
     torch.manual_seed(seed)
     seqs, masks, completions, logprobs = [], [], [], []
     prompt_len = enc["input_ids"].shape[1]
     from tqdm.auto import tqdm
 
-    steps = range(0, len(prompts), batch_size)
+    batches = range(0, len(prompts), batch_size)
     # shown when long (rlhf.n_eval_prompts, validate.n_prompts): never silent for minutes
-    for i in tqdm(steps, desc="sampling completions", disable=len(steps) < 8, leave=False):
+    for i in tqdm(batches, desc="sampling completions", disable=len(batches) < 8, leave=False):
         ids = enc["input_ids"][i : i + batch_size].to(model.device)
         am = enc["attention_mask"][i : i + batch_size].to(model.device)
         out = model.generate(
