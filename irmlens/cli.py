@@ -41,11 +41,12 @@ def cmd_pretrain(args) -> int:
     from irmlens.data.assets import require_assets
     from irmlens.models.pretrain import load_pretrain_metrics
     from irmlens.stages.context import StudyContext
-    from irmlens.stages.models import ensure_base_model
+    from irmlens.stages.models import check_memory, ensure_base_model
 
     cfg = load_config(args.config) if args.config else StudyConfig()
     require_assets()
     cfg.model.base = "tiny"
+    check_memory(cfg, cfg.pretrain.d_model)  # before allocating anything
     ctx = StudyContext(cfg, RunPaths(Path("runs") / cfg.name))  # reads no run folder
     out = ensure_base_model(cfg, ctx.splits, ctx.assets.reviews)
     m = load_pretrain_metrics(out)

@@ -262,17 +262,6 @@ def verify_finished(paths: RunPaths, upto: str = "cards") -> None:
             return
 
 
-def adopted_stages(paths: RunPaths) -> dict[str, dict]:
-    """The stages whose records ``irmlens adopt`` wrote (files recorded as they were found, not
-    as a stage wrote them), with what it checked: the report says so."""
-    out = {}
-    for stage in ("config", *(s.name for s in STAGES)):
-        rec = read_record(paths.root, stage)
-        if rec is not None and isinstance(rec.get("adopted"), dict):
-            out[stage] = rec["adopted"]
-    return out
-
-
 def stage_inputs(paths: RunPaths, stage: Stage) -> dict[str, str | None]:
     """What ``stage``'s record remembers of the stages it needs (``records.record_digest``)."""
     return {n: record_digest(read_record(paths.root, n)) for n in stage.needs}

@@ -88,6 +88,17 @@ def stale_inputs(root: Path, record: dict) -> list[str]:
     return [s for s, d in inputs.items() if record_digest(read_record(root, s)) != d]
 
 
+def adopted_stages(root: Path) -> dict[str, dict]:
+    """The stages whose records ``irmlens adopt`` wrote (files recorded as they were found, not
+    as a stage wrote them), with what it checked: the report says so."""
+    out = {}
+    for p in sorted((Path(root) / RECORDS_DIR).glob("*.json")):
+        rec = read_record(root, p.stem)
+        if rec is not None and isinstance(rec.get("adopted"), dict):
+            out[p.stem] = rec["adopted"]
+    return out
+
+
 def remove_record(root: Path, stage: str) -> None:
     record_path(root, stage).unlink(missing_ok=True)
 

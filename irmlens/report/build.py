@@ -163,9 +163,9 @@ def verification(paths: RunPaths) -> dict:
     """How the files this report was built from are known to be the ones their stages wrote:
     ``adopted`` lists the stages ``irmlens adopt`` recorded as it found them (a run made before
     completion records, or copied without them), with what it could check."""
-    from irmlens.pipeline import adopted_stages
+    from irmlens.records import adopted_stages
 
-    adopted = adopted_stages(paths)
+    adopted = adopted_stages(paths.root)
     return {"verified": not adopted, "adopted": adopted}
 
 
