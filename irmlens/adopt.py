@@ -12,15 +12,16 @@ adoption whose format is intact (a number changed in ``irm/metrics.json``) is re
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from irmlens.errors import CorruptCacheError, DamagedFileError, IrmlensError
 from irmlens.io import read_json, read_jsonl
-from irmlens.pipeline import STAGES, stage_inputs
+from irmlens.pipeline import STAGES, record_stage
 from irmlens.records import RECORDS_DIR, recorded_files, write_record
-from irmlens.run import RunPaths, read_run_config, run_lock
+from irmlens.run import ADOPTING, RunPaths, read_model_dirs, read_run_config, run_lock
 from irmlens.stages.context import StudyContext
 
 
@@ -92,32 +93,43 @@ def _check_stage(stage, paths: RunPaths) -> StageCheck:
     return check
 
 
+def _list_for_redo(paths: RunPaths, stages, why: str) -> None:
+    """Records for the stages adoption stopped at or before: their files listed (so ``irmlens
+    run`` knows them as irmlens's and may replace them) and marked to be redone."""
+    for stage in stages:
+        targets = stage.recorded_targets(paths)
+        if targets:
+            write_record(paths.root, stage.name, targets, redo=why)
+
+
 def adopt_run(run_dir: str | Path, log=print) -> list[StageCheck]:
     """Record the finished stages of a run folder that has no completion records, after checking
     them (``StageCheck``); stop at the first stage that is unfinished or fails its check (it and
     the stages after it are left for ``irmlens run`` to redo). Returns the adopted stages."""
     paths = RunPaths(Path(run_dir))
-    if (paths.root / RECORDS_DIR).exists():
-        raise IrmlensError(
-            f"{paths.root} has completion records already: nothing to adopt (`irmlens run "
-            f"{paths.config} --out {paths.root}` verifies and resumes it)"
-        )
+    records = paths.root / RECORDS_DIR
     cfg = read_run_config(paths)  # readable, and a config this irmlens accepts
     adopted: list[StageCheck] = []
     with run_lock(paths.root):
+        if (records / ADOPTING).exists():  # an adoption killed half-way: start it over
+            shutil.rmtree(records)
+        if records.exists():
+            raise IrmlensError(
+                f"{paths.root} has completion records already: nothing to adopt (`irmlens run "
+                f"{paths.config} --out {paths.root}` verifies and resumes it)"
+            )
+        records.mkdir()
+        (records / ADOPTING).touch()  # every command refuses the folder until it is gone
         config_check = StageCheck("config", parsed=1)
         write_record(paths.root, "config", [paths.config], adopted=config_check.summary())
         ctx = StudyContext(cfg, paths)
+        ctx.base_dir = read_model_dirs(paths.root)["base"] if paths.model_dirs.exists() else None
         for stage in STAGES[:-1]:  # the report is rebuilt, never adopted: it says what was
             if stage.before_claim:  # writes nothing here: recorded as every run records it
-                write_record(
-                    paths.root,
-                    stage.name,
-                    [],
-                    None,
-                    stage_inputs(paths, stage),
-                    adopted=StageCheck(stage.name).summary(),
-                )
+                if ctx.base_dir is None:
+                    log(f"{stage.name}: not adopted: {paths.model_dirs} is missing")
+                    break
+                record_stage(paths, stage.name, None, ctx, StageCheck(stage.name).summary())
                 continue
             try:
                 outs = stage.outputs(paths)
@@ -130,21 +142,18 @@ def adopt_run(run_dir: str | Path, log=print) -> list[StageCheck]:
                 log(
                     f"{stage.name}: not adopted: {e}; `irmlens run` redoes it and the stages after it"
                 )
+                _list_for_redo(paths, STAGES[STAGES.index(stage) : -1], f"not adopted: {e}")
                 break
             if check is None:
                 log(f"{stage.name}: not finished; `irmlens run` does it and the stages after it")
+                rest = STAGES[STAGES.index(stage) + 1 : -1]
+                _list_for_redo(paths, rest, f"after {stage.name}, which was not finished")
                 break
-            write_record(
-                paths.root,
-                stage.name,
-                stage.recorded_targets(paths),
-                None,
-                stage_inputs(paths, stage),
-                adopted=check.summary(),
-            )
+            record_stage(paths, stage.name, None, ctx, check.summary())
             adopted.append(check)
             log(
                 f"{stage.name}: adopted ({check.checksummed} files matched checksums irmlens wrote "
                 f"beside them, {check.parsed} parsed, {len(check.unchecked)} not checkable)"
             )
+        (records / ADOPTING).unlink()
     return adopted

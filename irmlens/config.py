@@ -266,9 +266,7 @@ class StudyConfig:
                 self,
                 p.d_model,
                 p.n_layer,
-                f"the tiny model (pretrain.n_layer = {p.n_layer}, pretrain.d_model = {p.d_model}, "
-                f"pretrain.n_ctx = {p.n_ctx})",
-                p.n_ctx,
+                f"the tiny model (pretrain.n_layer = {p.n_layer}, pretrain.d_model = {p.d_model})",
             )
             if p.tokenizer == "bpe" and p.vocab_size < MIN_BPE_VOCAB:
                 raise ValueError(
@@ -407,9 +405,9 @@ RANGES: dict[str, Rule] = {
     "pretrain.vocab_size": Int(16),  # byte-level BPE needs more: StudyConfig.__post_init__
     "pretrain.tokenizer": OneOf(TOKENIZERS),
     "pretrain.n_layer": _SIZE,
-    "pretrain.d_model": Int(1, 65_536),  # a multiple of n_head: PretrainConfig; memory: preflight
+    "pretrain.d_model": _SIZE,  # a multiple of n_head: PretrainConfig; NEW_RUN_LIMITS; preflight
     "pretrain.n_head": _SIZE,
-    "pretrain.n_ctx": Int(8, 65_536),  # and its memory: models.check
+    "pretrain.n_ctx": Int(8),  # bounded for a new run (NEW_RUN_LIMITS), its memory: preflight
     "pretrain.batch_size": _SIZE,
     "pretrain.lr": Real(0.0, 1.0, lo_open=True),
     "pretrain.warmup_steps": Int(0),
@@ -427,12 +425,9 @@ RANGES: dict[str, Rule] = {
     "rlhf.max_prompt_tokens": _SIZE,
     "rlhf.kl_coef": _POSITIVE,  # the implicit reward is kl_coef x the log-ratio: 0 has none
     "rlhf.learning_rate": Real(0.0, 1.0, lo_open=True),
-    # sampling at a temperature near 0 divides the logits into infinities: nothing is learnt
-    "rlhf.temperature": Real(0.01, 100.0),
+    "rlhf.temperature": Real(0.0, 100.0, lo_open=True),  # >= 0.01 for a new run: NEW_RUN_LIMITS
     "rlhf.n_train_prompts": _SIZE,  # at least batch_size: RLHFConfig
-    # prompts sampled before and after RLHF: beyond 10,000 the reward's CI stops narrowing
-    # usefully and the evaluation takes longer than the training
-    "rlhf.n_eval_prompts": Int(1, 10_000),
+    "rlhf.n_eval_prompts": _SIZE,  # bounded for a new run: NEW_RUN_LIMITS
     "rlhf.prompt_min_words": _SIZE,
     "rlhf.prompt_max_words": _SIZE,
     "rlhf.checkpoint_every": _SIZE,
@@ -479,8 +474,7 @@ RANGES: dict[str, Rule] = {
     "diff.top_n": Int(0),
     "diff.n_cards": Int(0),
     # [irm]
-    # both sides need words: the split itself is checked in preflight (models.check) and fit
-    "irm.heldout_fraction": Real(0.05, 0.95),
+    "irm.heldout_fraction": Real(0.0, 1.0, lo_open=True, hi_open=True),  # see NEW_RUN_LIMITS
     "irm.nonlexicon_ratio": Real(0.0, 1000.0),
     "irm.min_word_count": _SIZE,
     "irm.alphas": Each(Real(0.0, 1e12, lo_open=True)),
@@ -488,8 +482,7 @@ RANGES: dict[str, Rule] = {
     "irm.n_shuffles": Int(1, 100_000),
     "irm.sparse_k": _SIZE,  # at most the widest width: StudyConfig / preflight
     "irm.space": OneOf(("auto", *IRM_SPACES)),
-    # two forward passes per word and context (the paper's estimator averages a handful)
-    "irm.paper_contexts_per_word": Int(1, 64),
+    "irm.paper_contexts_per_word": _SIZE,  # bounded for a new run: NEW_RUN_LIMITS
     "irm.seed": _SEED,
     # [validate]
     "validate.n_prompts": Int(2),  # a bootstrap needs two
@@ -510,6 +503,50 @@ RANGES: dict[str, Rule] = {
     "labels.n_contexts": Int(1, 100),
     "labels.reward_description": Text(),
 }
+
+
+# Bounds on the work a new run would do, checked when a config is loaded to run (``new_run``), not
+# when a finished run's config is read back, so that a run made before a bound existed still
+# reports. Each says why: a value past it used to run for hours or crash late.
+NEW_RUN_LIMITS: dict[str, tuple[Rule, str]] = {
+    "rlhf.temperature": (
+        Real(0.01, 100.0),
+        "sampling at a temperature near 0 divides the logits into infinities, and RLHF learns "
+        "nothing",
+    ),
+    "rlhf.n_eval_prompts": (
+        Int(1, 10_000),
+        "the prompts sampled before and after RLHF: past 10,000 the evaluation outlasts the "
+        "training while the reward's CI hardly narrows",
+    ),
+    "irm.heldout_fraction": (
+        Real(0.05, 0.95),
+        "both sides of the IRM's word split need words (the split itself is checked against the "
+        "corpus before the run)",
+    ),
+    "irm.paper_contexts_per_word": (
+        Int(1, 64),
+        "the paper's estimator runs two forward passes per word and context, and averages a "
+        "handful of contexts",
+    ),
+    "pretrain.n_ctx": (Int(8, 65_536), "the tiny LM's positions (its memory is checked too)"),
+    "pretrain.d_model": (Int(1, 65_536), "the tiny LM's width (its memory is checked too)"),
+}
+
+
+def check_new_run(cfg: StudyConfig) -> None:
+    """The rules for a config about to run (not for reading a finished run's config back):
+    ``NEW_RUN_LIMITS``, and the tiny model's positions against every sequence the study feeds
+    it (a given model's: before the run, from its config.json)."""
+    for key, (rule, why) in NEW_RUN_LIMITS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        problem = rule.problem(value)
+        if problem:
+            raise ConfigError(f"{key} = {value!r} {problem}: {why}")
+    if cfg.model.base == "tiny":
+        p = cfg.pretrain
+        check_positions(cfg, p.n_ctx, f"the tiny model (pretrain.n_ctx = {p.n_ctx})")
 
 
 # Keys irmlens no longer reads: a config (or a run folder's config.toml) that has one still loads,
@@ -610,13 +647,18 @@ _SECTIONS = {
 }
 
 
-def config_from_dict(values: dict[str, Any], check_device: bool = True) -> StudyConfig:
+def config_from_dict(
+    values: dict[str, Any], check_device: bool = True, new_run: bool = True
+) -> StudyConfig:
     """The config of ``values`` (a parsed TOML file), every key checked against ``RANGES``.
-    ``check_device``: also require that this machine has ``model.device`` (off only to read a
-    finished run's config, which names the machine it ran on; stages check it again)."""
+    ``check_device``: also require that this machine has ``model.device``; ``new_run``: also the
+    rules for a config about to run (``check_new_run``). Both off only to read a finished run's
+    config (it names the machine it ran on, and may predate a bound; a run checks them again)."""
     cfg = _build(StudyConfig, values, "")
     if check_device:
         check_device_exists(cfg)
+    if new_run:
+        check_new_run(cfg)
     return cfg
 
 
@@ -652,7 +694,7 @@ def check_device_exists(cfg: StudyConfig) -> None:
         raise ConfigError(f"model.device = {cfg.model.device!r}: {problem}")
 
 
-def load_config(path: str | Path, check_device: bool = True) -> StudyConfig:
+def load_config(path: str | Path, check_device: bool = True, new_run: bool = True) -> StudyConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist (try experiments/configs/tiny.toml)")
@@ -671,7 +713,7 @@ def load_config(path: str | Path, check_device: bool = True) -> StudyConfig:
         raise ConfigError(f"cannot read the config {path}: {e.strerror}") from None
     # a file name may hold characters a folder name should not: the default name keeps the rest
     values.setdefault("name", re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "study")
-    return config_from_dict(values, check_device)
+    return config_from_dict(values, check_device, new_run)
 
 
 _TOML_ESCAPES = {"\\": "\\\\", '"': '\\"'}

@@ -48,7 +48,7 @@ def run_lock(root: str | Path) -> Iterator[None]:
     refuse if another process holds it (``RunLockedError`` naming that process). Re-entrant
     within one process."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    _make_folder(root, str(root))
     with file_lock(root / LOCK_FILENAME, what=str(root)):
         yield
 
@@ -68,7 +68,7 @@ def file_lock(path: str | Path, what: str, remove: bool = False) -> Iterator[Non
     nothing behind; a process that opened the file just before is then holding a removed file,
     which it sees (another inode at ``path``) and opens again."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(path.parent, what)
     key = path.resolve()
     if key in _HELD:
         _HELD[key][1] += 1
@@ -113,6 +113,16 @@ def file_lock(path: str | Path, what: str, remove: bool = False) -> Iterator[Non
             else:
                 os.ftruncate(fd, 0)  # no holder any more: the file stays, empty and unlocked
         os.close(fd)
+
+
+def _make_folder(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only, a file on the way, no such device: say so
+        raise ReadOnlyRunError(
+            f"{what} cannot be created ({e.strerror}: {folder}): give a folder where you can "
+            "write files"
+        ) from None
 
 
 def _open_lock_file(path: Path, what: str) -> int:

@@ -23,7 +23,6 @@ from irmlens.records import (
     damaged_files,
     read_record,
     record_digest,
-    recorded_files,
     redo_command,
     remove_record,
     stage_timings,
@@ -32,7 +31,14 @@ from irmlens.records import (
     verify_stage,
     write_record,
 )
-from irmlens.run import RunPaths, check_out_folder, check_records_exist, claim_run_dir, run_lock
+from irmlens.run import (
+    LOCK_FILENAME,
+    RunPaths,
+    check_out_folder,
+    check_records_exist,
+    claim_run_dir,
+    run_lock,
+)
 from irmlens.stages import (
     cache,
     cards,
@@ -76,6 +82,11 @@ class Stage:
     # writes nothing into the run folder, so it runs before the folder is claimed (the models
     # stage's pair checks: a refused pair leaves no claim behind)
     before_claim: bool = False
+    # what its record stands for besides its files (``records.weights_identity`` of models
+    # outside the run), in the digest its dependents remember; and whether its files count there
+    # (``models/dirs.json`` names folders: where they are must not matter, what they hold must)
+    identity: Callable[[StudyContext], dict] | None = None
+    digest_files: bool = True
 
     def is_done(self, ctx: StudyContext) -> bool:
         if self.done is not None:
@@ -105,6 +116,8 @@ class Stage:
         rec = read_record(ctx.paths.root, self.name)
         if rec is None:
             return "unrecorded", []
+        if isinstance(rec.get("redo"), str):  # listed by `irmlens adopt`, not vouched for
+            return "damaged", [rec["redo"]]
         damage = damaged_files(ctx.paths.root, rec)
         if damage:
             return "damaged", damage
@@ -120,23 +133,39 @@ class Stage:
             known |= self.owned(paths)
         return known
 
-    def foreign_files(self, paths: RunPaths) -> list[Path]:
-        """Files in this stage's folders that it did not write (a user's notes): redoing the stage
-        replaces or removes those folders whole, so it must not run while they are there. A stage
-        with no record (never finished, or killed before its record) has only its own partial
-        work there."""
-        if read_record(paths.root, self.name) is None:
+    def foreign_files(self, paths: RunPaths, unrecorded: bool = False) -> list[Path]:
+        """Files in this stage's folders that it did not write (a user's notes, hidden or not):
+        redoing the stage replaces or removes those folders whole, so it must not run while they
+        are there. A stage with no record that never finished has only its own partial work there
+        (a killed cache's shards); one that finished without its record (``unrecorded``) cannot
+        tell its files from anyone's, so every file there counts."""
+        if read_record(paths.root, self.name) is None and not unrecorded:
             return []
         known = self.owned_files(paths)
         folders = [t for t in _own_files(self, paths) if t.is_dir() and not t.is_symlink()]
-        return [f for f in recorded_files(folders) if f not in known]
+        return [f for f in _files_under(folders) if f not in known]
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("models", models.run, models.outputs, check=models.check, before_claim=True),
+    Stage(
+        "models",
+        models.run,
+        models.outputs,
+        check=models.check,
+        before_claim=True,
+        identity=models.identity,
+    ),
     Stage("rlhf", rlhf.run, rlhf.outputs, ("models",), rlhf.done),
     Stage("null", null.run, null.outputs, ("models",), null.done),
-    Stage("pair", pair.run, pair.outputs, ("rlhf", "null"), pair.done),
+    Stage(
+        "pair",
+        pair.run,
+        pair.outputs,
+        ("rlhf", "null"),
+        pair.done,
+        identity=pair.identity,
+        digest_files=False,
+    ),
     Stage("layers", layers.run, layers.outputs, ("pair",)),
     Stage(
         "cache",
@@ -171,28 +200,65 @@ def dependents(stage: str) -> list[Stage]:
     return out
 
 
-def refuse_foreign_files(paths: RunPaths, stages: list[Stage]) -> None:
+def _is_scratch(rel: Path) -> bool:
+    """Whether a path inside a stage's folder is irmlens's own scratch: temporary files and
+    folders of an atomic write (``.name.*.tmp``, ``.old``, ``.stale.``), checkpoints, locks."""
+    return any(
+        part.startswith(".")
+        and (
+            part.endswith((".tmp", ".old", ".checkpoints", LOCK_FILENAME))
+            or ".stale." in part
+            or part == ".checkpoints"
+        )
+        for part in rel.parts
+    )
+
+
+def _files_under(folders: list[Path]) -> list[Path]:
+    """Every file under ``folders``, hidden ones included, irmlens's scratch left out."""
+    out = []
+    for folder in folders:
+        for p in sorted(folder.rglob("*")):
+            if (p.is_file() or p.is_symlink()) and not _is_scratch(p.relative_to(folder)):
+                out.append(p)
+    return out
+
+
+def refuse_foreign_files(
+    paths: RunPaths, stages: list[Stage], unrecorded: frozenset[str] = frozenset()
+) -> None:
     """Raise ``ForeignFilesError`` naming every file in these stages' folders that they did not
-    write, before any of those folders is replaced or removed."""
-    found = [f for s in stages for f in s.foreign_files(paths)]
+    write, before any of those folders is replaced or removed (``unrecorded``: the stages that
+    finished without a record, whose every file counts)."""
+    per_stage = {s.name: s.foreign_files(paths, s.name in unrecorded) for s in stages}
+    found = [f for files in per_stage.values() for f in files]
     if found:
         shown = ", ".join(str(f) for f in found[:8]) + (
             f" and {len(found) - 8} more" if len(found) > 8 else ""
         )
-        names = ", ".join(dict.fromkeys(s.name for s in stages if s.foreign_files(paths)))
+        names = ", ".join(n for n, files in per_stage.items() if files)
+        unknown = sorted(set(unrecorded) & {n for n, files in per_stage.items() if files})
+        why = (
+            f" (stage {', '.join(unknown)} finished without its completion record, so irmlens "
+            "cannot tell what it wrote from what you put there: remove the folder yourself once "
+            "nothing in it is yours)"
+            if unknown
+            else ""
+        )
         raise ForeignFilesError(
             f"{shown}: not written by irmlens (no completion record lists them), in the folders "
-            f"of stage(s) {names}, which this command would replace whole. Move them out of the "
-            "run folder, then run the command again; those folders were not changed."
+            f"of stage(s) {names}, which this command would replace whole{why}. Move them out of "
+            "the run folder, then run the command again; those folders were not changed."
         )
 
 
-def refuse_links(paths: RunPaths) -> None:
-    """Refuse a run folder in which a stage's file or folder is a symbolic link: a stage replaces
-    its folders whole, and a link there would send it (or the removal of what it derived from)
-    outside the run folder, after the stages before had already been removed."""
+def refuse_links(paths: RunPaths, stages: list[Stage]) -> None:
+    """Refuse to run or remove these stages while one of their files or folders is a symbolic
+    link: a stage replaces its folders whole and never writes through a link (it would change a
+    folder outside the run), and finding that out after the stages that need it were removed
+    left a run without a report."""
     seen = []
-    for stage in STAGES:
+    for stage in stages:
         for own in _own_files(stage, paths):
             for p in [own, *own.parents]:
                 if p == paths.root or paths.root not in p.parents:
@@ -267,11 +333,26 @@ def stage_inputs(paths: RunPaths, stage: Stage) -> dict[str, str | None]:
     return {n: record_digest(read_record(paths.root, n)) for n in stage.needs}
 
 
-def record_stage(paths: RunPaths, name: str, seconds: float | None = None) -> None:
-    """Write the completion record of stage ``name`` (its files and its inputs' digests)."""
+def record_stage(
+    paths: RunPaths,
+    name: str,
+    seconds: float | None = None,
+    ctx: StudyContext | None = None,
+    adopted: dict | None = None,
+) -> None:
+    """Write the completion record of stage ``name``: its files, its inputs' digests and (with
+    ``ctx``) its identity; ``adopted``: what ``irmlens adopt`` checked of it."""
     stage = STAGES[[s.name for s in STAGES].index(name)]
+    identity = stage.identity(ctx) if stage.identity is not None and ctx is not None else None
     write_record(
-        paths.root, name, stage.recorded_targets(paths), seconds, stage_inputs(paths, stage)
+        paths.root,
+        name,
+        stage.recorded_targets(paths),
+        seconds,
+        stage_inputs(paths, stage),
+        adopted=adopted,
+        identity=identity,
+        digest_files=stage.digest_files,
     )
 
 
@@ -301,7 +382,10 @@ def _run_stage(ctx: StudyContext, stage: Stage, record: bool = True) -> float | 
         log(f"{stage.name}: done, skipping")
         return None
     replaced = action == "redo" or ctx.forced(stage.name)  # then its dependents go too
-    refuse_foreign_files(paths, [stage, *(dependents(stage.name) if replaced else [])])
+    touched = [stage, *(dependents(stage.name) if replaced else [])]
+    refuse_links(paths, touched)
+    unrecorded = frozenset({stage.name} if status == "unrecorded" else ())
+    refuse_foreign_files(paths, touched, unrecorded)
     if action == "redo":
         if status == "stale":
             why = f"computed from an earlier {' and '.join(details)}, redone since"
@@ -319,7 +403,7 @@ def _run_stage(ctx: StudyContext, stage: Stage, record: bool = True) -> float | 
     stage.run(ctx)
     seconds = time.perf_counter() - started
     if record:
-        record_stage(paths, stage.name, seconds)
+        record_stage(paths, stage.name, seconds, ctx)
     return seconds
 
 
@@ -353,10 +437,11 @@ def run_study(
         # they refuse leaves no config behind that would refuse the corrected one
         early = [s for s in STAGES if s.before_claim]
         seconds = {}
-        refuse_links(paths)
         # a forced stage replaces its folders and its dependents': refused before any work
         forced = [s for s in STAGES if s.name in force]
-        refuse_foreign_files(paths, forced + [d for f in forced for d in dependents(f.name)])
+        touched = forced + [d for f in forced for d in dependents(f.name)]
+        refuse_links(paths, touched)
+        refuse_foreign_files(paths, touched)
         try:
             for stage in early:
                 seconds[stage.name] = _run_stage(ctx, stage, record=False)
@@ -366,7 +451,7 @@ def run_study(
                 _remove_unclaimed(paths)
             raise
         for name, s in seconds.items():
-            record_stage(paths, name, s)
+            record_stage(paths, name, s, ctx)
         for stage in STAGES:
             if not stage.before_claim:
                 _run_stage(ctx, stage)

@@ -45,6 +45,9 @@ def write_record(
     seconds: float | None = None,
     inputs: dict[str, str | None] | None = None,
     adopted: dict | None = None,
+    identity: dict | None = None,
+    digest_files: bool = True,
+    redo: str | None = None,
 ) -> None:
     """The stage's completion record: each file's size and sha256, the ``record_digest`` of each
     stage it read (``inputs``: a stage redone since then makes this one stale), how long the
@@ -58,6 +61,12 @@ def write_record(
     record = {"stage": stage, "files": files}
     if inputs is not None:
         record["inputs"] = dict(sorted(inputs.items()))
+    if identity is not None:  # what it stands for besides its files (a model outside the run)
+        record["identity"] = identity
+    if not digest_files:  # its files name things (folders) whose identity is what counts
+        record["digest_files"] = False
+    if redo is not None:  # its files are listed (so they are known as irmlens's) but not trusted
+        record["redo"] = redo
     if adopted is not None:
         record["adopted"] = adopted
     if seconds is not None:  # and the machine they were measured on (runs resume elsewhere)
@@ -74,8 +83,36 @@ def record_digest(record: dict | None) -> str | None:
         return None
     import hashlib
 
-    content = {"files": record.get("files"), "inputs": record.get("inputs")}
+    files = record.get("files") if record.get("digest_files", True) else None
+    content = {"files": files, "inputs": record.get("inputs")}
+    if "identity" in record:
+        content["identity"] = record["identity"]
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def weights_identity(folder: Path) -> dict[str, str]:
+    """A cheap fingerprint of a model folder outside the run (the base model in the irmlens home,
+    a given model): for ``config.json`` and each weight file, its size and the sha256 of three
+    1 MiB samples (start, middle, end). Retraining changes every weight, so it changes this; a
+    copy of the same model elsewhere (another irmlens home) does not, and nothing is redone."""
+    import hashlib
+
+    out = {}
+    folder = Path(folder)
+    names = ["config.json", *sorted(p.name for p in folder.glob("*.safetensors"))]
+    names += sorted(p.name for p in folder.glob("*.bin") if not p.name.startswith("training_args"))
+    for name in names:
+        f = folder / name
+        if not f.is_file():
+            continue
+        size = f.stat().st_size
+        h = hashlib.sha256(str(size).encode())
+        with open(f, "rb") as fh:
+            for at in sorted({0, max(0, size // 2 - (1 << 19)), max(0, size - (1 << 20))}):
+                fh.seek(at)
+                h.update(fh.read(1 << 20))
+        out[name] = h.hexdigest()
+    return out
 
 
 def stale_inputs(root: Path, record: dict) -> list[str]:
@@ -148,6 +185,8 @@ def verify_stage(root: Path, stage: str, required: bool = True) -> None:
             )
         return
     problems = damaged_files(root, rec)
+    if isinstance(rec.get("redo"), str):
+        problems.append(f"stage {stage!r} is to be redone: {rec['redo']}")
     if problems and stage == "config":  # redoing it with config.toml itself would read it
         raise DamagedFileError(
             "; ".join(problems) + f": the run's config. Restore it: run `irmlens run YOUR_CONFIG "

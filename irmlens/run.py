@@ -15,6 +15,8 @@ from irmlens.errors import ConfigError, UnverifiedRunError
 from irmlens.lock import LOCK_FILENAME, run_lock  # noqa: F401 (the run folder's lock, re-exported)
 from irmlens.records import RECORDS_DIR
 
+ADOPTING = ".adopting"  # in .records/ while `irmlens adopt` writes them (irmlens.adopt)
+
 
 @dataclass(frozen=True)
 class RunPaths:
@@ -239,7 +241,7 @@ def read_run_config(paths: RunPaths):
             f"`irmlens run YOUR_CONFIG --out {paths.root}` with the config the run was made with"
         ) from None
     # readable: a value refused now (a rule newer than the run) is a ConfigError saying so
-    return load_config(paths.config, check_device=False)
+    return load_config(paths.config, check_device=False, new_run=False)
 
 
 def is_run_folder(root: Path) -> bool:
@@ -274,7 +276,20 @@ def check_out_folder(root: Path) -> None:
 def check_records_exist(root: Path) -> None:
     """Refuse a run folder without completion records (``UnverifiedRunError`` with the fix)."""
     root = Path(root)
+    if (root / RECORDS_DIR / ADOPTING).exists():
+        raise UnverifiedRunError(
+            f"{root}: an `irmlens adopt` was interrupted, so its records are partial. Run "
+            f"`irmlens adopt {root}` again (it starts over)."
+        )
     if (root / "config.toml").is_file() and not (root / RECORDS_DIR).is_dir():
+        others = [p.name for p in root.iterdir() if p.name not in ("config.toml", LOCK_FILENAME)]
+        if not others:  # a config kept in the folder it names, not a run
+            raise ConfigError(
+                f"{root} holds a config.toml and nothing else: irmlens writes the run's resolved "
+                f"config there, which would replace yours. Keep your config outside the run "
+                f"folder (e.g. `mv {root / 'config.toml'} {root.name}.toml`) and run it with "
+                f"--out {root}"
+            )
         raise UnverifiedRunError(
             f"{root} has no completion records ({root / RECORDS_DIR} is missing: a run made by an "
             "irmlens before records, or a copy that left out dot-folders), so nothing in it can be "

@@ -303,3 +303,24 @@ def test_a_heldout_fraction_leaving_too_few_fit_words_is_refused_up_front(assets
     values["irm"]["heldout_fraction"] = 0.6
     ctx = StudyContext(config_from_dict(values), RunPaths(tmp_path / "unused"))
     next(s for s in STAGES if s.name == "models").check(ctx)  # passes
+
+
+def test_an_out_folder_that_cannot_be_created_is_named(tmp_path, capsys):
+    from sae_training.cli import main as sae_train
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    _refused(
+        capsys,
+        ["run", str(ROOT / "tests/micro.toml"), "--out", str(blocker / "run")],
+        "cannot be created",
+    )
+    acts = tmp_path / "blocks.0.hook_resid_post.safetensors"
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"activations": torch.randn(64, 8)}, acts)
+    argv = ["--activations", str(acts), "--device", "cpu", "--out", str(blocker / "sae")]
+    assert sae_train(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(blocker) in err, err

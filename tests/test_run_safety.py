@@ -185,6 +185,9 @@ def test_a_run_without_records_is_refused_until_adopted_and_its_report_says_so(
 def test_adopt_stops_at_a_stage_that_fails_its_check(micro_run, tmp_path, capsys):
     """A cache shard flipped before adoption fails its manifest sha256: the cache and everything
     after it are left for `irmlens run` to redo."""
+    from irmlens.errors import DamagedFileError
+    from irmlens.study import Study
+
     run = _copy(micro_run, tmp_path)
     shutil.rmtree(run / ".records")
     shard = next((run / "cache").rglob("shard-00000.safetensors"))
@@ -194,8 +197,21 @@ def test_adopt_stops_at_a_stage_that_fails_its_check(micro_run, tmp_path, capsys
     assert main(["adopt", str(run)]) == 0
     out = capsys.readouterr().out
     assert "layers: adopted" in out and "cache: not adopted" in out, out
-    assert not (run / ".records/cache.json").exists()
-    assert not (run / ".records/irm.json").exists()
+    # listed (so the next run may replace them) but marked to be redone, not vouched for
+    for stage in ("cache", "saes", "irm"):
+        assert "not adopted" in json.loads((run / f".records/{stage}.json").read_text())["redo"]
+    with pytest.raises(DamagedFileError, match="to be redone"):
+        Study.load(run)
+    # the next run keeps what was adopted and redoes the cache and everything after it
+    layers = (run / "diff/layers.json").read_bytes()
+    assert main(["run", str(run / "config.toml"), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "layers: done, skipping" in out and "rlhf: done, skipping" in out, out
+    # the cache (a shard fails its sha256) is written again; the rest, listed, is redone
+    assert "cache: done, skipping" not in out and "saes: damaged (not adopted" in out, out
+    assert "irm: done, skipping" not in out
+    assert (run / "diff/layers.json").read_bytes() == layers
+    assert (run / ".records/irm.json").exists()
 
 
 # 4 -------------------------------------------------------------------------------------------
@@ -320,3 +336,116 @@ def test_a_refused_pair_leaves_no_claim_and_the_fixed_config_runs(
     # the corrected config is taken at once (claimed, then stopped after the pair is recorded)
     run_study(load_config(ROOT / "tests/micro.toml"), out, stop_after="models")
     assert (out / "config.toml").exists() and (out / ".records/config.json").exists()
+
+
+# review of the above ------------------------------------------------------------------------
+
+
+def test_a_users_file_in_a_stage_that_lost_its_record_or_a_hidden_one_is_never_removed(
+    micro_run, tmp_path, capsys
+):
+    """Without its record, irm cannot tell its files from a user's: the redo stops instead of
+    removing irm/ with precious.txt in it. A hidden file (validate/.notes) counts too."""
+    run = _copy(micro_run, tmp_path)
+    (run / "irm" / "precious.txt").write_text("mine")
+    (run / ".records/irm.json").unlink()
+    assert main(["run", str(run / "config.toml"), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "precious.txt" in err and "finished without its completion record" in err, err
+    assert (run / "irm/precious.txt").read_text() == "mine"
+    assert (run / "irm/metrics.json").exists() and (run / "report/report.json").exists()
+
+    run2 = tmp_path / "copy2"
+    shutil.copytree(micro_run, run2)
+    (run2 / "validate" / ".notes").write_text("mine")
+    assert main(["validate", str(run2), "--force"]) == 2
+    assert ".notes" in capsys.readouterr().err
+    assert (run2 / "validate/.notes").read_text() == "mine"
+
+
+def test_moving_the_irmlens_home_redoes_nothing_and_a_retrained_base_makes_rlhf_stale(
+    micro_run, tmp_path, monkeypatch, capsys
+):
+    """The pair's record stands for the models' weights, not for where their folders are: a copy
+    of the irmlens home elsewhere redoes nothing; a base model pretrained again (other weights)
+    makes the RLHF model trained from it stale."""
+    from safetensors.torch import load_file, save_file
+
+    from irmlens.config import load_config
+    from irmlens.errors import DamagedFileError
+    from irmlens.paths import models_dir
+    from irmlens.pipeline import run_study
+    from irmlens.study import Study
+
+    run = _copy(micro_run, tmp_path)
+    home = tmp_path / "home"  # the assets and the tiny LMs of the irmlens home, elsewhere
+    shutil.copytree(models_dir().parent / "data", home / "data")
+    for tiny in models_dir().glob("tiny-*"):
+        shutil.copytree(tiny, home / "models" / tiny.name)
+    monkeypatch.setenv("IRMLENS_HOME", str(home))
+    capsys.readouterr()
+    assert main(["run", str(run / "config.toml"), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert str(home) in (run / "models/dirs.json").read_text()
+    assert "redoing" not in out and "removed" not in out, out
+    Study.load(run)
+    base = next((home / "models").glob("tiny-*"))
+    weights = load_file(str(base / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    run_study(load_config(run / "config.toml"), run, stop_after="models")  # records the base
+    with pytest.raises(DamagedFileError, match="computed from an earlier models"):
+        Study.load(run)
+
+
+def test_an_interrupted_adopt_is_refused_by_every_command_and_started_over_by_adopt(
+    micro_run, tmp_path, monkeypatch, capsys
+):
+    import irmlens.adopt
+
+    run = _copy(micro_run, tmp_path)
+    shutil.rmtree(run / ".records")
+    real = irmlens.adopt._check_stage
+
+    def killed_at_cache(stage, paths):
+        if stage.name == "cache":
+            raise KeyboardInterrupt
+        return real(stage, paths)
+
+    monkeypatch.setattr(irmlens.adopt, "_check_stage", killed_at_cache)
+    with pytest.raises(KeyboardInterrupt):
+        main(["adopt", str(run)])
+    monkeypatch.setattr(irmlens.adopt, "_check_stage", real)
+    before = _snapshot(run)
+    for argv in (["run", str(run / "config.toml"), "--out", str(run)], ["report", str(run)]):
+        assert main(argv) == 2
+        assert "adopt` was interrupted" in capsys.readouterr().err
+    assert _snapshot(run) == before  # nothing redone or removed
+    assert main(["adopt", str(run)]) == 0
+    assert "cards: adopted" in capsys.readouterr().out
+
+
+def test_a_config_kept_in_its_own_out_folder_is_refused_naming_why(tmp_path, capsys):
+    out = tmp_path / "rs"
+    out.mkdir()
+    shutil.copy(ROOT / "tests/micro.toml", out / "config.toml")
+    assert main(["run", str(out / "config.toml"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a config.toml and nothing else" in err and "adopt" not in err, err
+
+
+def test_a_finished_runs_config_past_a_new_run_bound_still_reports(micro_run, tmp_path, capsys):
+    """irm.paper_contexts_per_word = 100 was a valid value before the bound of 64: such a run
+    still reports (the bound is for new runs)."""
+    from irmlens.records import write_record
+
+    run = _copy(micro_run, tmp_path)
+    text = (run / "config.toml").read_text()
+    (run / "config.toml").write_text(
+        text.replace("paper_contexts_per_word = 6", "paper_contexts_per_word = 100")
+    )
+    write_record(run, "config", [run / "config.toml"])
+    assert main(["report", str(run)]) == 0
+    assert main(["run", str(run / "config.toml"), "--out", str(run)]) == 2  # a new run: refused
+    assert "irm.paper_contexts_per_word = 100" in capsys.readouterr().err

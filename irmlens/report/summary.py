@@ -164,7 +164,7 @@ def validation_verdict(validation: dict | None, labels: dict | None) -> str:
 def verification_text(report: dict) -> str | None:
     """One sentence for a report built from adopted (unverified) files; None otherwise."""
     v = report.get("verification") or {}
-    adopted = [s for s in (v.get("adopted") or {}) if s != "models"]
+    adopted = [s for s in (v.get("adopted") or {}) if s not in ("models", "config")]
     if not adopted:
         return None
     unchecked = sum(int(a.get("unchecked", 0)) for a in v["adopted"].values())

@@ -165,6 +165,8 @@ def check(ctx: StudyContext) -> None:
     """Before the run folder is claimed: a local LLM labeler's model resolves (``llm_folder``),
     so a bad ``labels.llm_model`` fails now, not after every other stage."""
     lc = ctx.cfg.labels
+    if done(ctx):  # labelled already: a model folder moved since must not stop a resume
+        return
     if lc.llm == "local" and lc.llm_model != "smollm2":  # smollm2: fetched by the stage
         llm_folder(lc.llm_model)
 

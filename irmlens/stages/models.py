@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from irmlens.config import StudyConfig, check_device_exists, check_dimensions
+from irmlens.config import StudyConfig, check_device_exists, check_dimensions, check_new_run
 from irmlens.errors import ConfigError
 from irmlens.io import sha256_file
 from irmlens.paths import models_dir
@@ -195,6 +195,7 @@ def check(ctx: StudyContext) -> None:
 
     cfg = ctx.cfg
     check_device_exists(cfg)  # a run folder's config may come from another machine
+    check_new_run(cfg)  # and may have been read back without its new-run rules
     try:
         ctx.splits  # noqa: B018 (computed here so that a bad split fails before any work)
     except ValueError as e:
@@ -223,6 +224,14 @@ def check(ctx: StudyContext) -> None:
         from irmlens.models.pair import check_pair_folders
 
         check_pair_folders({"base": ctx.base_dir, **ctx.given}, trust)
+
+
+def identity(ctx: StudyContext) -> dict:
+    """What the stages trained from the base model remember of it (``records.weights_identity``):
+    a base pretrained again changes it, so the RLHF and null models are retrained."""
+    from irmlens.records import weights_identity
+
+    return {"base": weights_identity(ctx.base_dir)}
 
 
 def run(ctx: StudyContext) -> None:

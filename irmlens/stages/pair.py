@@ -28,6 +28,14 @@ def run(ctx: StudyContext) -> None:
     ctx.__dict__.pop("dirs", None)  # read back from the file just written
 
 
+def identity(ctx: StudyContext) -> dict:
+    """What the stages reading the pair remember of it: each model's weights
+    (``records.weights_identity``), not where its folder is."""
+    from irmlens.records import weights_identity
+
+    return {name: weights_identity(d) for name, d in sorted(ctx.dirs.items())}
+
+
 def outputs(paths) -> list[Path]:
     return [paths.model_dirs]
 
