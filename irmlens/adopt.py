@@ -128,6 +128,7 @@ def adopt_run(run_dir: str | Path, log=print) -> list[StageCheck]:
             if stage.before_claim:  # writes nothing here: recorded as every run records it
                 if ctx.base_dir is None:
                     log(f"{stage.name}: not adopted: {paths.model_dirs} is missing")
+                    _list_for_redo(paths, STAGES[1:-1], f"{paths.model_dirs} is missing")
                     break
                 record_stage(paths, stage.name, None, ctx, StageCheck(stage.name).summary())
                 continue

@@ -126,7 +126,7 @@ class Stage:
 
     def owned_files(self, paths: RunPaths) -> set[Path]:
         """Every file this stage wrote that is still in its folders: those its record lists, and
-        those it keeps apart (``owned``). Hidden names are its scratch (temp files, checkpoints)."""
+        those it keeps apart (``owned``); its scratch (temp files, checkpoints) is ``_is_scratch``."""
         rec = read_record(paths.root, self.name) or {"files": {}}
         known = {paths.root / rel for rel in rec["files"]}
         if self.owned is not None:
@@ -257,14 +257,9 @@ def refuse_links(paths: RunPaths, stages: list[Stage]) -> None:
     link: a stage replaces its folders whole and never writes through a link (it would change a
     folder outside the run), and finding that out after the stages that need it were removed
     left a run without a report."""
-    seen = []
+    seen = []  # the stage's own paths (a link above them, `models/` on another disk, is yours)
     for stage in stages:
-        for own in _own_files(stage, paths):
-            for p in [own, *own.parents]:
-                if p == paths.root or paths.root not in p.parents:
-                    break
-                if p.is_symlink() and p not in seen:
-                    seen.append(p)
+        seen += [p for p in _own_files(stage, paths) if p.is_symlink() and p not in seen]
     if seen:
         shown = ", ".join(f"{p} -> {p.readlink()}" for p in seen)
         raise ForeignFilesError(
