@@ -324,3 +324,41 @@ def test_an_out_folder_that_cannot_be_created_is_named(tmp_path, capsys):
     assert sae_train(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(blocker) in err, err
+
+
+@pytest.mark.slow
+def test_a_seeded_sample_of_cross_field_combinations_that_pass_the_checks_runs_to_a_report(
+    micro_base, tmp_path
+):
+    """Three combinations drawn (seeded) from the pools above that pass every pre-run check each
+    run the micro study to a report: what the checks let through does not fail late."""
+    import random
+
+    from irmlens.pipeline import STAGES
+    from irmlens.run import RunPaths
+    from irmlens.stages.context import StudyContext
+
+    rng = random.Random(28)
+    keys = [k for k in sorted(_CROSS) if k[0] != "pretrain"]  # the micro base stays cached
+    ran = 0
+    for attempt in range(200):
+        extra: dict = {}
+        for section, key in rng.sample(keys, 4):
+            extra.setdefault(section, {})[key] = rng.choice(_CROSS[(section, key)])
+        values = tomllib.loads(MICRO)
+        for section, table in extra.items():
+            values[section] = {**values.get(section, {}), **table}
+        try:
+            ctx = StudyContext(config_from_dict(values), RunPaths(tmp_path / "unused"))
+            for stage in STAGES:
+                if stage.check is not None:
+                    stage.check(ctx)
+        except IrmlensError:
+            continue
+        out = tmp_path / f"run{attempt}"
+        assert main(["run", str(_with(tmp_path, extra)), "--out", str(out)]) == 0, extra
+        assert (out / "report/report.json").exists()
+        ran += 1
+        if ran == 3:
+            return
+    raise AssertionError(f"only {ran} of 200 draws passed the checks")
