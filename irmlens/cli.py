@@ -211,7 +211,13 @@ def cmd_labels(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from irmlens.pipeline import STAGES, record_stage, refuse_links, run_study, verify_finished
+    from irmlens.pipeline import (
+        record_stage,
+        refuse_links,
+        run_study,
+        stage_named,
+        verify_finished,
+    )
     from irmlens.report.build import FORMATS, collect_report, write_report
     from irmlens.run import read_model_dirs, read_run_config, run_lock
 
@@ -232,7 +238,7 @@ def cmd_report(args) -> int:
         raise ConfigError(f"unknown --format {unknown}; choose from {','.join(FORMATS)}")
     cfg = read_run_config(paths)
     with run_lock(run_dir):
-        refuse_links(paths, [s for s in STAGES if s.name == "report"])
+        refuse_links(paths, [stage_named("report")])
         # everything the report reads is verified once before it reads: the stages up to the
         # IRM before the cards are rebuilt (e.g. after `irmlens irm --force`), else up to the cards
         if not paths.cards.exists():

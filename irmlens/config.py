@@ -307,13 +307,9 @@ class StudyConfig:
 MIN_BPE_VOCAB = 300
 
 
-def check_dimensions(
-    cfg: StudyConfig, d_model: int, n_layer: int, model: str, n_positions: int | None = None
-) -> None:
-    """The rules that need the model's width, depth and positions: the tiny model's are in the
-    config (checked at load), a given model's are read from its config.json before a run starts."""
-    if n_positions is not None:
-        check_positions(cfg, n_positions, model)
+def check_dimensions(cfg: StudyConfig, d_model: int, n_layer: int, model: str) -> None:
+    """The rules that need the model's width and depth: the tiny model's are in the config
+    (checked at load), a given model's are read from its config.json before a run starts."""
     if cfg.layers.top_k > n_layer:
         raise ConfigError(
             f"layers.top_k = {cfg.layers.top_k} but {model} has {n_layer} layers: lower "

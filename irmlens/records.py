@@ -187,6 +187,12 @@ def verify_stage(root: Path, stage: str, required: bool = True) -> None:
     problems = damaged_files(root, rec)
     if isinstance(rec.get("redo"), str):
         problems.append(f"stage {stage!r} is to be redone: {rec['redo']}")
+    stale = stale_inputs(root, rec)
+    if stale:
+        problems.append(
+            f"stage {stage!r} was computed from an earlier {' and '.join(stale)} (redone since): "
+            "its files describe results that are no longer there"
+        )
     if problems and stage == "config":  # redoing it with config.toml itself would read it
         raise DamagedFileError(
             "; ".join(problems) + f": the run's config. Restore it: run `irmlens run YOUR_CONFIG "

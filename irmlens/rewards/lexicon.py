@@ -205,7 +205,7 @@ def check_lexicon_coverage(
     found: set[str] = set()
     n_texts_with = 0
     for text in texts:
-        keys = {k for w in set(text.split()) if (k := _lexicon_key(lexicon, w)) is not None}
+        keys = lexicon_word_counts(lexicon, [text]).keys()
         if keys:
             n_texts_with += 1
             found |= keys

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from irmlens.config import StudyConfig, check_device_exists, check_dimensions, check_new_run
+from irmlens.config import (
+    StudyConfig,
+    check_device_exists,
+    check_dimensions,
+    check_new_run,
+    check_positions,
+)
 from irmlens.errors import ConfigError
 from irmlens.io import sha256_file
 from irmlens.paths import models_dir
@@ -211,7 +217,9 @@ def check(ctx: StudyContext) -> None:
     if cfg.model.base != "tiny":
         ctx.base_dir = resolve_base_model(cfg.model.base, log=log, trust_remote_code=trust)
         d_model, n_layer, positions = model_dimensions(ctx.base_dir, trust)
-        check_dimensions(cfg, d_model, n_layer, f"model.base = {cfg.model.base!r}", positions)
+        check_dimensions(cfg, d_model, n_layer, f"model.base = {cfg.model.base!r}")
+        if positions is not None:
+            check_positions(cfg, positions, f"model.base = {cfg.model.base!r}")
     check_memory(cfg, d_model)
     for name in ("rlhf", "null"):
         given = getattr(cfg.model, name)
