@@ -112,8 +112,8 @@ def test_ablating_the_planted_features_removes_the_planted_shift(planted, plante
     the shift), so the planted features are those that write along v; as many features that do
     not read v leave the shift whole."""
     from irmlens.cache.store import hook_name, load_activations, load_token_rows
-    from irmlens.interventions import ablation
     from irmlens.study import Study
+    from irmlens.validate.interventions import ablation
 
     _, _, utilities, direction = planted
     study = Study.load(planted_run)
@@ -168,8 +168,8 @@ def test_ablating_every_feature_of_a_trained_sae_leaves_its_error(planted_run):
     input), ablating every feature leaves the activation minus the SAE's reconstruction plus
     decode(0), checked against the SAE's own encode/decode to 1e-5."""
     from irmlens.cache.store import hook_name, load_activations
-    from irmlens.interventions import ablation
     from irmlens.study import Study
+    from irmlens.validate.interventions import ablation
 
     study = Study.load(planted_run)
     sae, layer = study.sae(), study.report["irm"]["layer"]

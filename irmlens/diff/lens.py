@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+# the lens's positions per row (Minder et al. use the first 5 tokens of unrelated text)
+LENS_FIRST_K = 5
+
 
 def mean_difference(
     base: torch.Tensor, tuned: torch.Tensor, valid: torch.Tensor, first_k: int = 5

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from irmlens.bases import BASES
 from sae_training.crosscoder import CrosscoderReading
 from sae_training.train import encode_batched
 
@@ -97,15 +98,17 @@ def crosscoder_space(
 @dataclass(frozen=True)
 class SpaceInputs:
     """What the feature spaces are built from, for one study: activations per model and studied
-    layer (sorted), the dictionaries by role (``shared``: one per layer; ``base`` and
-    ``wide_topk``: the IRM layer's, or absent), their labels in feature references, and the fit
-    and held-out positions."""
+    layer (sorted), the bases by kind (``irmlens.bases.BASES``: ``shared`` and ``raw`` one per
+    layer, the others the IRM layer's, absent when the study has none), their labels in feature
+    references, and the fit and held-out positions."""
 
     layers: list[int]
     layer_index: int  # the IRM layer's index in ``layers``
     acts: dict[str, list[torch.Tensor]]  # model -> one [n_positions, d_model] tensor per layer
-    dictionaries: dict[str, list[tuple[object, Path]]]  # role -> (SAE, its folder) per layer used
-    labels: dict[str, str]  # role -> dictionary name in feature references
+    dictionaries: dict[
+        str, list[tuple[object, Path]]
+    ]  # basis kind -> (basis, its folder) per layer used
+    labels: dict[str, str]  # basis kind -> its name in feature references
     positions: tuple[torch.Tensor, torch.Tensor]
     kind: str = "resid_post"  # the hook kind of the activations (cache.hook_kinds)
 
@@ -136,19 +139,15 @@ class SpaceSpec:
                 f"concatenates several layers, but layers.top_k = {cfg.layers.top_k}: set "
                 "layers.top_k >= 2"
             )
-        if self.dictionary.startswith("crosscoder") and cfg.sae.crosscoder == "none":
-            return 'needs the crosscoder, but sae.crosscoder = "none": set it to batchtopk or l1'
-        if self.dictionary == "wide_topk" and cfg.sae.wide_topk_k == 0:
-            return (
-                "needs the wide TopK dictionary, but sae.wide_topk_k = 0 (none): set "
-                "sae.wide_topk_k >= 1 (e.g. 64)"
-            )
-        return None
+        kind = BASES.get(self.dictionary)
+        if kind is None:
+            return f"reads basis kind {self.dictionary!r}, which is not registered"
+        return kind.unmet(cfg)
 
     def available(self, inputs: SpaceInputs) -> bool:
         if self.all_layers and len(inputs.layers) < 2:
             return False
-        return self.dictionary == "raw" or bool(inputs.dictionaries.get(self.dictionary))
+        return bool(inputs.dictionaries.get(self.dictionary))
 
     def layer_indices(self, inputs: SpaceInputs) -> list[int]:
         return list(range(len(inputs.layers))) if self.all_layers else [inputs.layer_index]
@@ -156,8 +155,6 @@ class SpaceSpec:
     def sources(self, inputs: SpaceInputs) -> list[tuple[object, Path | None]]:
         """The dictionaries (with their folders) this space reads, one per layer it covers."""
         idx = self.layer_indices(inputs)
-        if self.dictionary == "raw":
-            return [(None, None)] * len(idx)
         found = inputs.dictionaries[self.dictionary]
         return found if self.all_layers or len(found) == 1 else [found[i] for i in idx]
 

@@ -210,19 +210,15 @@ def _crosscoder(paths: RunPaths) -> dict | None:
     }
 
 
-# which kind of dictionary each IRM space reads (report.json ``feature_spaces``)
-SPACE_DICTIONARIES = {
-    "sae_codes": "shared SAE",
-    "sae_pre": "shared SAE",
-    "sae_codes_error": "shared SAE",
-    "multi_layer_pre": "shared SAE",
-    "base_sae_codes": "paired SAE (the base model's)",
-    "topk_wide_codes": "shared wide TopK SAE",
-    "crosscoder_codes": "crosscoder",
-    "crosscoder_rlhf_only": "crosscoder",
-    "raw_difference": "none (raw activations)",
-    "raw_difference_layers": "none (raw activations)",
-}
+def space_dictionary(space: str) -> str:
+    """What kind of dictionary the IRM space ``space`` reads, from its spec's basis kind
+    (``other``: a space this process has not registered)."""
+    from irmlens.bases import BASES
+    from irmlens.irm.spaces import SPACES
+
+    spec = SPACES.get(space)
+    kind = BASES.get(spec.dictionary) if spec else None
+    return kind.report_name if kind else "other"
 
 
 def feature_spaces(irm: dict, validation: dict | None) -> list[dict]:
@@ -232,7 +228,7 @@ def feature_spaces(irm: dict, validation: dict | None) -> list[dict]:
     for sp in irm["spaces"]:
         row = {
             "space": sp["name"],
-            "dictionary": SPACE_DICTIONARIES.get(sp["name"], "other"),
+            "dictionary": space_dictionary(sp["name"]),
             "n_features": sp["n_features"],
             "heldout_kendall_tau": sp["heldout_kendall_tau"],
             "heldout_kendall_tau_ci": sp["heldout_kendall_tau_ci"],

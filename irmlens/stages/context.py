@@ -187,15 +187,43 @@ class StudyContext:
         """The width of the dictionary ``label`` the diff, IRM and cards read."""
         return self.wide_topk_width if label == self.wide_topk_label else self.widest
 
-    def sae(self, label: str, layer: int):
-        """The dictionary ``saes/<label>/<hook of layer>/`` the study reads (label: shared, base,
-        rlhf at the widest width, or the wide TopK's folder at its own), loaded once."""
+    def dictionary(self, label: str, layer: int, kind: str | None = None) -> tuple[object, Path]:
+        """The dictionary ``saes/<label>/<hook of layer and kind>/`` the study reads (label:
+        shared, base, rlhf at the widest width, or the wide TopK's folder at its own) with its
+        folder, loaded once (``irmlens.bases.BasisSource``). ``FileNotFoundError``: none there."""
         from sae_training.train import load_sae
 
-        key = (label, layer)
+        key = (label, layer, kind or self.hook_kind)
         if key not in self._saes:
-            folder = self.paths.sae_dir(label, self.hook(layer), self.width_of(label))
-            self._saes[key] = load_sae(folder)
+            folder = self.paths.sae_dir(label, self.hook(layer, kind), self.width_of(label))
+            if not folder.exists():
+                raise FileNotFoundError(f"no dictionary {label!r} at {folder}")
+            self._saes[key] = (load_sae(folder), folder)
+        return self._saes[key]
+
+    def sae(self, label: str, layer: int):
+        """The dictionary ``label`` at ``layer`` of the studied hook kind (``dictionary``)."""
+        return self.dictionary(label, layer)[0]
+
+    def crosscoder_views(self, kind: str | None = None) -> dict:
+        """The crosscoder's readings of the RLHF change (``irmlens.bases.BasisSource``): all its
+        latents, and (when it has any) the live latents stage diff tagged RLHF-only (relative
+        decoder norm >= 0.9); empty when the study has no crosscoder."""
+        from sae_training.crosscoder import CrosscoderReading, load_crosscoder
+
+        diff_file = self.paths.diff / "crosscoder.json"
+        if not diff_file.exists():
+            return {}
+        key = ("crosscoder", kind or self.hook_kind)
+        if key not in self._saes:
+            folder = self.crosscoder_dir
+            cc, ccfg = load_crosscoder(folder)
+            views = {"crosscoder": [(CrosscoderReading(cc, ccfg["models"]), folder)]}
+            rlhf_only = read_json(diff_file)["pairs"]["rlhf"]["tuned_only_latents"]
+            if rlhf_only:
+                reading = CrosscoderReading(cc, ccfg["models"], rlhf_only)
+                views["crosscoder_rlhf_only"] = [(reading, folder)]
+            self._saes[key] = views
         return self._saes[key]
 
     def random_sae(self, label: str, layer: int, seed: int):

@@ -20,33 +20,21 @@ from irmlens.stages.context import StudyContext, log
 def _inputs(ctx: StudyContext, kind: str | None = None):
     """The spaces' inputs (activations, dictionaries, positions) of hook kind ``kind`` (default:
     the studied one), the targets, the word split and the cache's token rows."""
+    from irmlens.bases import load_bases
     from irmlens.cache.store import load_activations, load_manifest, load_token_rows
     from irmlens.irm.fit import position_targets, split_words
     from irmlens.irm.spaces import SpaceInputs
-    from sae_training.train import load_sae
 
     paths, layers = ctx.paths, sorted(ctx.studied_layers)
-    li, width = layers.index(ctx.irm_layer), ctx.widest
+    li = layers.index(ctx.irm_layer)
     hooks = [ctx.hook(la, kind) for la in layers]
     models = load_manifest(paths.cache)["models"]
     acts = {m: [load_activations(paths.cache, m, h) for h in hooks] for m in models}
-    shared_dirs = [paths.sae_dir("shared", h, width) for h in hooks]
-    base_dir = paths.sae_dir("base", hooks[li], width)
-    topk_dir = paths.sae_dir(ctx.wide_topk_label, hooks[li], ctx.wide_topk_width)
-    dictionaries = {
-        "shared": [(load_sae(d), d) for d in shared_dirs],
-        "base": [(load_sae(base_dir), base_dir)],
-    }
-    if topk_dir.exists():
-        dictionaries["wide_topk"] = [(load_sae(topk_dir), topk_dir)]
-    if (kind in (None, ctx.hook_kind)) and (paths.diff / "crosscoder.json").exists():
-        dictionaries |= _crosscoder_views(ctx.crosscoder_dir, paths.diff / "crosscoder.json")
+    dictionaries, labels = load_bases(ctx, layers, ctx.irm_layer, kind or ctx.hook_kind)
     rows = load_token_rows(paths.cache)
     targets = position_targets(rows.word_id[rows.valid], rows.words, ctx.rm.word_utility)
     split = split_words(targets, ctx.cfg.irm)
     positions = (targets.position[split.fit_positions], targets.position[split.heldout_positions])
-    labels = {"shared": "shared", "base": "base", "wide_topk": ctx.wide_topk_label, "raw": "raw"}
-    labels |= {"crosscoder": "crosscoder", "crosscoder_rlhf_only": "crosscoder"}
     inputs = SpaceInputs(layers, li, acts, dictionaries, labels, positions, kind or ctx.hook_kind)
     log(
         f"irm: {len(split.fit_words)} fit words ({len(split.fit_positions)} positions incl. "
@@ -57,25 +45,11 @@ def _inputs(ctx: StudyContext, kind: str | None = None):
     return inputs, targets, split, rows
 
 
-def _crosscoder_views(folder: Path, diff_file: Path) -> dict:
-    """The crosscoder's readings of the RLHF change: all its latents, and (when it has any) the
-    live latents stage diff tagged RLHF-only (relative decoder norm >= 0.9)."""
-    from irmlens.io import read_json
-    from sae_training.crosscoder import CrosscoderReading, load_crosscoder
-
-    cc, ccfg = load_crosscoder(folder)
-    out = {"crosscoder": [(CrosscoderReading(cc, ccfg["models"]), folder)]}
-    rlhf_only = read_json(diff_file)["pairs"]["rlhf"]["tuned_only_latents"]
-    if rlhf_only:
-        out["crosscoder_rlhf_only"] = [(CrosscoderReading(cc, ccfg["models"], rlhf_only), folder)]
-    return out
-
-
 def _lens(ctx: StudyContext, inputs, rows, targets, split, main, hooked) -> dict:
     """The activation difference lens at every studied layer (mean rlhf - base activation over
     each cached row's first ``LENS_FIRST_K`` tokens, read through the RLHF model's unembedding)
     as a reference beside the IRM."""
-    from irmlens.diff.lens import logit_lens, mean_difference, word_scores
+    from irmlens.diff.lens import LENS_FIRST_K, logit_lens, mean_difference, word_scores
     from irmlens.irm.references import lens_reference
 
     tok = ctx.pair.tokenizer
@@ -97,10 +71,6 @@ def _lens(ctx: StudyContext, inputs, rows, targets, split, main, hooked) -> dict
         "a held-out word's score is its first token's logit"
     )
     return row
-
-
-# the lens's positions per row (Minder et al. use the first 5 tokens of unrelated text)
-LENS_FIRST_K = 5
 
 
 def _fit_spaces(inputs, targets, split, icfg):

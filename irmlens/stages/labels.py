@@ -64,7 +64,7 @@ class CrosscoderEvidence:
     @torch.no_grad()
     def codes(self, batch_size: int = 8192) -> torch.Tensor:
         """``[n, len(latents)]`` codes of the cached positions, encoded in batches."""
-        from irmlens.crosscoder_interventions import paired_codes
+        from irmlens.validate.crosscoder import paired_codes
 
         acts = self.acts
         n, cols = len(acts[self.models[0]]), torch.tensor(self.latents, dtype=torch.long)
@@ -366,7 +366,7 @@ def _label_crosscoder(ctx: StudyContext, irm: dict, ev, lexicon, llm, sets, timi
     if not chosen or not (ctx.crosscoder_dir / "cfg.json").exists():
         return None
     from irmlens.cache.store import load_activations
-    from irmlens.crosscoder_interventions import paired_code_statistics
+    from irmlens.validate.crosscoder import paired_code_statistics
 
     cc, ccfg = load_crosscoder(ctx.crosscoder_dir, ctx.cfg.model.device)
     la, n, models = ctx.irm_layer, ctx.cfg.labels.n_contexts, ccfg["models"]

@@ -11,7 +11,7 @@ latents' contributions to the intervened model's slot: ``h - sum_{j in S} f_j(x)
 Steering needs no codes: it adds ``sum_{j in S} mean(f_j) (d_j^tuned - d_j^base)``, the part of
 the crosscoder's reconstruction that tells the tuned model from the base through those latents.
 
-The sides below have the shape the SAE helpers of ``irmlens.interventions`` take (``cfg.d_sae``,
+The sides below have the shape the SAE helpers of ``irmlens.validate.interventions`` take (``cfg.d_sae``,
 ``W_dec``, ``decode``), so decoded contributions, removed-variance shares and matched random
 sets are computed by the same code as for SAE features. Library code: no run folders.
 """
@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import torch
 
-from irmlens.interventions import decoded_contribution, hooked_module
+from irmlens.validate.interventions import decoded_contribution, hooked_module
 
 
 class _Stop(Exception):

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from irmlens.interventions import Edits, edit_blocks, removed_variance_share
 from irmlens.rlhf.sampling import Samples, completion_logprobs, sample_completions
+from irmlens.validate.interventions import Edits, edit_blocks, removed_variance_share
 
 
 @dataclass
@@ -75,40 +75,6 @@ def perplexity(model, tokenizer, texts: list[str], n_ctx: int, edits: Edits | No
             nll -= float((tok_lp * mask).sum())
             count += float(mask.sum())
     return math.exp(nll / count) if count else float("nan")
-
-
-def mean_ci(
-    values: torch.Tensor, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float, float]:
-    """Mean and percentile bootstrap CI over the items (prompts)."""
-    v = torch.as_tensor(values, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(v), (n_boot, len(v)), generator=gen)
-    means = v[idx].mean(1)
-    a = (1 - level) / 2
-    return float(v.mean()), float(means.quantile(a)), float(means.quantile(1 - a))
-
-
-def paired_difference_ci(
-    a: torch.Tensor, b: torch.Tensor, n_boot: int = 1000, seed: int = 0
-) -> tuple[float, float, float]:
-    """Mean of ``a - b`` over the same prompts, with its bootstrap CI (prompts resampled once
-    for both, so the prompts' own variance cancels)."""
-    return mean_ci(torch.as_tensor(a) - torch.as_tensor(b), n_boot, seed)
-
-
-def share_of_gain(r_arm: float, r_base: float, r_rlhf: float, kind: str) -> float | None:
-    """Ablation: the share of the RLHF gain the intervention removes, ``(R_rlhf - R_arm) /
-    (R_rlhf - R_base)``; steering: the share it reproduces, ``(R_arm - R_base) / (R_rlhf -
-    R_base)``. None when RLHF gained nothing (the ratio would be noise)."""
-    gain = r_rlhf - r_base
-    if not math.isfinite(gain) or abs(gain) < 1e-9:
-        return None
-    if kind == "ablate":
-        return (r_rlhf - r_arm) / gain
-    if kind == "steer":
-        return (r_arm - r_base) / gain
-    raise ValueError(f"kind {kind!r}: ablate or steer")
 
 
 @dataclass

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from irmlens.interventions import (
+from irmlens.rlhf.sampling import completion_logprobs, sample_completions
+from irmlens.validate.interventions import (
     ablation,
     decoded_contribution,
     edit_block_output,
@@ -13,7 +14,6 @@ from irmlens.interventions import (
     steering,
     steering_vector,
 )
-from irmlens.rlhf.sampling import completion_logprobs, sample_completions
 from sae_training.train import random_sae
 
 LAYER = 1
@@ -118,8 +118,8 @@ def test_an_mlp_out_edit_sits_where_transformer_lens_reads_hook_mlp_out(model_an
     """The MLP module's output is TransformerLens's ``blocks.L.hook_mlp_out`` (to 1e-4), and an
     edit there reaches the residual stream: adding v to the MLP output adds v to the block's
     output and nowhere before it."""
-    from irmlens.interventions import edit_blocks, hooked_module
     from irmlens.models.hooked import load_hooked_model
+    from irmlens.validate.interventions import edit_blocks, hooked_module
 
     model, _, _, ids = model_and_sae
     seen = {}
@@ -140,7 +140,7 @@ def test_an_mlp_out_edit_sits_where_transformer_lens_reads_hook_mlp_out(model_an
 
 
 def test_an_mlp_out_edit_is_refused_where_a_norm_follows_the_mlp():
-    from irmlens.interventions import hooked_module
+    from irmlens.validate.interventions import hooked_module
 
     class Block(torch.nn.Module):
         def __init__(self):

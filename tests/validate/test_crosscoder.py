@@ -1,4 +1,4 @@
-"""Crosscoder ablation and steering inside HF models (irmlens.crosscoder_interventions): the
+"""Crosscoder ablation and steering inside HF models (irmlens.validate.crosscoder): the
 lockstep companions give the intervened model's edit the same codes during cached generation as a
 full forward pass over the finished sequences does, and the edits are the crosscoder's own
 decoded contributions."""
@@ -7,14 +7,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from irmlens.crosscoder_interventions import (
+from irmlens.rlhf.sampling import completion_logprobs, sample_completions
+from irmlens.validate.crosscoder import (
     CrosscoderAblation,
     CrosscoderDifference,
     CrosscoderSide,
     paired_codes,
 )
-from irmlens.interventions import edit_blocks, hf_blocks, steering_vector
-from irmlens.rlhf.sampling import completion_logprobs, sample_completions
+from irmlens.validate.interventions import edit_blocks, hf_blocks, steering_vector
 from sae_training.crosscoder import Crosscoder
 
 LAYER, MODELS = 1, ["base", "rlhf", "null"]

@@ -4,16 +4,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from irmlens.interventions import ablation, removed_variance_share, steering
 from irmlens.rewards.lexicon import LexiconRewardModel
-from irmlens.validation import (
+from irmlens.validate.interventions import ablation, removed_variance_share, steering
+from irmlens.validate.measures import (
     generate_and_score,
     intervention_kl,
     matched_random_sets,
-    mean_ci,
-    paired_difference_ci,
-    share_of_gain,
 )
+from irmlens.validate.statistics import mean_ci, paired_difference_ci, share_of_gain
 from sae_training.train import random_sae
 
 
@@ -75,8 +73,8 @@ def test_arms_share_prompts_and_seeds_and_kl_is_zero_without_change(tiny_hf_dir)
 def test_sampled_logprobs_equal_a_forward_pass_with_and_without_edits(tiny_hf_dir):
     """``intervention_kl`` reads the intervened model's log-probs off its own generation instead
     of a second forward pass: they must be what that forward pass gives."""
-    from irmlens.interventions import edit_blocks
     from irmlens.rlhf.sampling import completion_logprobs
+    from irmlens.validate.interventions import edit_blocks
 
     model = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_hf_dir)

@@ -1,0 +1,190 @@
+"""The registry of basis kinds a study reads its activations through.
+
+Each ``BasisKind`` says which dictionaries of a study it is (loaded through a ``BasisSource``,
+which knows where a study keeps them), under which name feature references cite it, and what a
+config must have for it to exist. ``irmlens.irm.spaces`` builds its feature spaces from the kinds
+``load_bases`` finds, and the validation loads the dictionaries its feature sets cite the same way.
+
+Adding a kind: write its loader (a function of the source, the layers and the hook kind), then
+
+    register_basis(BasisKind("my_kind", "what it is", load_my_kind, label="my_kind"))
+
+and a feature space or a validation set can name it (``SpaceSpec.dictionary``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+# one loaded basis per layer it covers, with the folder it came from (None: not from a folder)
+Loaded = list[tuple[object | None, Path | None]]
+
+
+class BasisSource(Protocol):
+    """What a study offers the loaders (``irmlens.stages.context.StudyContext`` is one)."""
+
+    @property
+    def wide_topk_label(self) -> str: ...
+
+    @property
+    def hook_kind(self) -> str: ...
+
+    def dictionary(self, label: str, layer: int, kind: str | None = None) -> tuple[object, Path]:
+        """The SAE saved under ``label`` at ``layer`` (and hook kind ``kind``), with its folder;
+        ``FileNotFoundError`` when the study has none."""
+        ...
+
+    def crosscoder_views(self, kind: str | None = None) -> dict[str, Loaded]:
+        """The crosscoder's readings of the RLHF change by view (empty: no crosscoder)."""
+        ...
+
+
+def _always(cfg) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class BasisKind:
+    """One kind of basis. ``load(source, layers, hook_kind)`` returns one basis per layer of
+    ``layers`` (or None when the study has none); ``all_layers``: it is read at every studied
+    layer (else at the IRM layer only); ``label``: its name in feature references (a string, or a
+    function of the source for a name the config decides); ``unmet(cfg)``: why a config cannot
+    have it (None: it can); ``short``: what the report's tables call it."""
+
+    name: str
+    description: str
+    load: Callable[[BasisSource, Sequence[int], str], Loaded | None]
+    label: str | Callable[[BasisSource], str]
+    all_layers: bool = False
+    unmet: Callable[[object], str | None] = _always
+    short: str = ""
+
+    @property
+    def report_name(self) -> str:
+        return self.short or self.name
+
+    def label_in(self, source: BasisSource) -> str:
+        return self.label if isinstance(self.label, str) else self.label(source)
+
+
+BASES: dict[str, BasisKind] = {}
+
+
+def register_basis(kind: BasisKind) -> BasisKind:
+    """Add (or replace) a basis kind; every study after this call reads it."""
+    BASES[kind.name] = kind
+    return kind
+
+
+def load_bases(
+    source: BasisSource, layers: Sequence[int], irm_layer: int, hook_kind: str
+) -> tuple[dict[str, Loaded], dict[str, str]]:
+    """Every registered basis the study has, by kind: one per layer it covers (all of
+    ``layers`` or the IRM layer), and each kind's label in feature references."""
+    found, labels = {}, {}
+    for kind in BASES.values():
+        loaded = kind.load(source, list(layers) if kind.all_layers else [irm_layer], hook_kind)
+        if loaded:
+            found[kind.name], labels[kind.name] = loaded, kind.label_in(source)
+    return found, labels
+
+
+# ------------------------------------------------------------------ the study's kinds
+
+
+def _saved(label: str | Callable[[BasisSource], str], required: bool = True):
+    """A loader of the SAEs saved under ``label`` (``required``: a missing one is an error)."""
+
+    def load(source: BasisSource, layers: Sequence[int], kind: str) -> Loaded | None:
+        name = label if isinstance(label, str) else label(source)
+        try:
+            return [source.dictionary(name, la, kind) for la in layers]
+        except FileNotFoundError:
+            if required:
+                raise
+            return None
+
+    return load
+
+
+def _raw(source: BasisSource, layers: Sequence[int], kind: str) -> Loaded:
+    return [(None, None)] * len(layers)  # the activations themselves
+
+
+def _crosscoder_view(view: str):
+    def load(source: BasisSource, layers: Sequence[int], kind: str) -> Loaded | None:
+        if kind != source.hook_kind:  # the crosscoder is trained on the studied kind only
+            return None
+        return source.crosscoder_views(kind).get(view)
+
+    return load
+
+
+def _wide_topk_unmet(cfg) -> str | None:
+    if cfg.sae.wide_topk_k == 0:
+        return (
+            "needs the wide TopK dictionary, but sae.wide_topk_k = 0 (none): set "
+            "sae.wide_topk_k >= 1 (e.g. 64)"
+        )
+    return None
+
+
+def _crosscoder_unmet(cfg) -> str | None:
+    if cfg.sae.crosscoder == "none":
+        return 'needs the crosscoder, but sae.crosscoder = "none": set it to batchtopk or l1'
+    return None
+
+
+for _kind in (
+    BasisKind(
+        "shared",
+        "the SAE trained on both models' activations (or the sae.source dictionary)",
+        _saved("shared"),
+        "shared",
+        all_layers=True,
+        short="shared SAE",
+    ),
+    BasisKind(
+        "base",
+        "the SAE trained on the base model's activations only",
+        _saved("base"),
+        "base",
+        short="paired SAE (the base model's)",
+    ),
+    BasisKind(
+        "wide_topk",
+        "the wide TopK (or BatchTopK) SAE trained on both models' activations",
+        _saved(lambda s: s.wide_topk_label, required=False),
+        lambda s: s.wide_topk_label,
+        unmet=_wide_topk_unmet,
+        short="shared wide TopK SAE",
+    ),
+    BasisKind(
+        "crosscoder",
+        "the crosscoder over every cached model: its change with the RLHF slot given the base's",
+        _crosscoder_view("crosscoder"),
+        "crosscoder",
+        unmet=_crosscoder_unmet,
+        short="crosscoder",
+    ),
+    BasisKind(
+        "crosscoder_rlhf_only",
+        "the crosscoder's RLHF-only latents (relative decoder norm >= 0.9)",
+        _crosscoder_view("crosscoder_rlhf_only"),
+        "crosscoder",
+        unmet=_crosscoder_unmet,
+        short="crosscoder",
+    ),
+    BasisKind(
+        "raw",
+        "the standard basis: the activations themselves, no dictionary",
+        _raw,
+        "raw",
+        all_layers=True,
+        short="none (raw activations)",
+    ),
+):
+    register_basis(_kind)
