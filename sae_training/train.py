@@ -774,10 +774,11 @@ def load_sae(path: str | Path, device: str = "cpu"):
 def encode_batched(
     sae, acts: torch.Tensor, batch_size: int = 8192, pre_activation: bool = False
 ) -> torch.Tensor:
-    """Feature activations ``[n, d_sae]`` (or encoder pre-activations when ``pre_activation``)."""
+    """Feature activations ``[n, d_sae]`` (or encoder pre-activations when ``pre_activation``).
+    Any basis with ``encode`` and ``W_dec`` (``irmlens.bases.Basis``) is read the same way."""
     outs = []
     for i in range(0, acts.shape[0], batch_size):
-        x = acts[i : i + batch_size].to(sae.W_enc.device)
+        x = acts[i : i + batch_size].to(sae.W_dec.device)
         if pre_activation:
             x_in = x - sae.b_dec * sae.cfg.apply_b_dec_to_input
             outs.append((x_in @ sae.W_enc + sae.b_enc).cpu())

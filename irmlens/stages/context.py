@@ -144,6 +144,20 @@ class StudyContext:
 
         return hook_name(layer, kind or self.hook_kind)
 
+    def activations(self, model: str, layer: int, kind: str | None = None):
+        """The cache's activations of ``model`` at ``layer`` (and hook kind ``kind``)."""
+        from irmlens.cache.store import load_activations
+
+        return load_activations(self.paths.cache, model, self.hook(layer, kind))
+
+    def hf_model(self, name: str) -> tuple:
+        """The pair's model ``name`` as an HF causal LM in eval mode, with its tokenizer."""
+        from irmlens.models.hooked import load_hf_model
+
+        m = self.cfg.model
+        model, tokenizer = load_hf_model(self.dirs[name], m.device, m.trust_remote_code)
+        return model.eval(), tokenizer
+
     @cached_property
     def d_model(self) -> int:
         from irmlens.cache.store import load_manifest

@@ -98,12 +98,34 @@ class Arms:
             for la, f in fs.features.items()
         }
 
-    def baselines(self) -> dict:
-        """The unintervened base and RLHF models (their mean rewards kept for every row's share
-        of the gain)."""
+    def baselines(self) -> tuple[dict, list[dict]]:
+        """The unintervened base and RLHF models: their results, and their rows (the RLHF row
+        with its paired gain over the base). Their mean rewards are kept for every row's share
+        of the gain."""
         raw = {m: self.measure(m, None) for m in ("base", "rlhf")}
-        self.baseline_rewards = tuple(float(raw[m]["rewards"].mean()) for m in ("base", "rlhf"))
-        return raw
+        self.baseline_rewards = base, rlhf = tuple(
+            float(raw[m]["rewards"].mean()) for m in ("base", "rlhf")
+        )
+        rows = [summary_row(self, m, "baseline", None, None, raw[m], base, rlhf) for m in raw]
+        gain = paired_difference_ci(
+            raw["rlhf"]["rewards"], raw["base"]["rewards"], self.n_boot, self.seed
+        )
+        rows[1]["rlhf_minus_base"] = difference(gain)
+        return raw, rows
+
+    def header(self, steering_scales: Sequence[float], main: str) -> dict:
+        """What every validation.json starts with: the shared set-up and the unintervened
+        rewards."""
+        return {
+            "n_prompts": len(self.prompts),
+            "seed": self.seed,
+            "max_new_tokens": self.max_new_tokens,
+            "perplexity_texts": len(self.texts),
+            "steering_scales": list(steering_scales),
+            "reward_base": self.baseline_rewards[0],
+            "reward_rlhf": self.baseline_rewards[1],
+            "main_arm": main,
+        }
 
 
 Plan = tuple[str, str, float | None]  # (kind, model, scale)
@@ -248,4 +270,40 @@ def _tested(row: dict, by_name: dict, main: FeatureSet) -> bool:
     return any(
         f.spec.pooled == row["feature_set"] and f.spec.matched_to == main.name
         for f in by_name.values()
+    )
+
+
+def nothing_to_intervene_on(arms: Arms, scales, main: FeatureSet, rows: list[dict]) -> dict:
+    """``validation.json`` when the main set has no dictionary feature (the sparse IRM chose
+    only SAE-error columns): the unintervened baselines, and why there is no more."""
+    note = (
+        "the sparse IRM chose only SAE-error columns (no dictionary feature): there is nothing "
+        "to ablate or steer"
+    )
+    arms.log(f"validate: {note}")
+    return arms.header(scales, main.name) | {
+        "feature_sets": {
+            main.name: {"description": main.description, "dictionary": "trained", "features": []}
+        },
+        "matching": {},
+        "arms": rows,
+        "findings": [],
+        "paper": None,
+        "single_feature_ablation": [],
+        "note": note,
+    }
+
+
+def log_summary(arms: Arms, result: dict) -> None:
+    """Each finding, and the main arms' rewards beside the unintervened models'."""
+    from irmlens.validate.statistics import format_ci
+
+    for f in result["findings"]:
+        arms.log(f"validate: {f['kind']} vs {f['control']}: {f['mean']:+.3f} {format_ci(f['ci'])}")
+    reward = {r["arm"]: r["reward"] for r in result["arms"]}
+    main, nan = result["main_arm"], float("nan")
+    arms.log(
+        f"validate: reward base {reward['base']:.3f}, rlhf {reward['rlhf']:.3f}; ablating the "
+        f"sparse IRM's features: {reward.get(arm_name('ablate', main, None), nan):.3f}; steering "
+        f"at 1: {reward.get(arm_name('steer', main, 1), nan):.3f}; {result['seconds']:.0f} s"
     )

@@ -10,13 +10,15 @@ from irmlens.validate.sets import FeatureSet
 from irmlens.validate.statistics import difference, mean_ci, paired_difference_ci
 
 
-def paper_number(
-    arms: Arms, main: FeatureSet, prefixes: list[str], prefix_words: int
-) -> dict | None:
-    """Mean reward of the RLHF model's continuations of ``prefixes`` before and after ablating
-    ``main`` (None when fewer than two reviews are longer than ``prefix_words``)."""
+def paper_number(arms: Arms, main: FeatureSet, reviews: list[str], v) -> dict | None:
+    """Mean reward of the RLHF model's continuations of the reviews' first
+    ``v.paper_prefix_words`` words, before and after ablating ``main`` (None when fewer than
+    two reviews are longer)."""
     from irmlens.validate.measures import generate_and_score
 
+    prefix_words = v.paper_prefix_words
+    words = [text.split() for text in reviews]
+    prefixes = [" ".join(w[:prefix_words]) for w in words if len(w) > prefix_words]
     if len(prefixes) < 2:  # validate.paper_prefix_words longer than the held-out reviews
         return None
     model, boot, seed = arms.bench.models["rlhf"], arms.n_boot, arms.seed

@@ -169,6 +169,19 @@ def build_sets(inputs: SetInputs) -> list[FeatureSet]:
     return [fs for sets in built.values() for fs in sets]
 
 
+def sets_json(sets: list[FeatureSet]) -> dict:
+    """``validation.json``'s ``feature_sets``: each set's description, dictionary and features."""
+    return {
+        fs.name: {
+            "description": fs.description,
+            "dictionary": fs.dictionary,
+            "features": fs.refs(),
+            **fs.extra,
+        }
+        for fs in sets
+    }
+
+
 # ------------------------------------------------------------------ builders
 
 
