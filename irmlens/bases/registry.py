@@ -32,6 +32,9 @@ class BasisSource(Protocol):
     @property
     def hook_kind(self) -> str: ...
 
+    @property
+    def d_model(self) -> int: ...
+
     def dictionary(self, label: str, layer: int, kind: str | None = None) -> tuple[object, Path]:
         """The SAE saved under ``label`` at ``layer`` (and hook kind ``kind``), with its folder;
         ``FileNotFoundError`` when the study has none."""

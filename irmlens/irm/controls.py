@@ -147,26 +147,41 @@ def _random_sae_sparse(ctx: ControlContext) -> dict:
 @dataclass(frozen=True)
 class ControlSpec:
     """One control: its name in metrics.json, and how it is scored (None: not applicable to this
-    study, e.g. no null model). ``of_sparse``: it controls the sparse IRM, so it runs after it."""
+    study, e.g. no null model). ``of_sparse``: it controls the sparse IRM, so it runs after it.
+    ``verdict``: how the IRM must beat it for a finding (``irmlens.report.summary.verdict``):
+    ``"margin"`` by more than 2 of its standard deviations over permutations, ``"paired"`` with a
+    paired CI of the difference that excludes 0; ``None``: it does not enter the verdict (the
+    sparse IRM's control is reported beside the sparse IRM)."""
 
     name: str
     run: Callable[[ControlContext], dict | None]
     of_sparse: bool = False
+    verdict: str | None = "paired"
 
 
-CONTROLS: tuple[ControlSpec, ...] = (
-    ControlSpec("shuffled_targets", _shuffled_targets),
+CONTROLS: dict[str, ControlSpec] = {}
+
+
+def register_control(spec: ControlSpec) -> ControlSpec:
+    """Add (or replace) a control; every IRM fitted after this call is reported beside it."""
+    CONTROLS[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    ControlSpec("shuffled_targets", _shuffled_targets, verdict="margin"),
     ControlSpec("random_sae", _random_sae),
     ControlSpec("base_only", _base_only),
     ControlSpec("null_pair", _null_pair),
-    ControlSpec("random_sae_sparse", _random_sae_sparse, of_sparse=True),
-)
+    ControlSpec("random_sae_sparse", _random_sae_sparse, of_sparse=True, verdict=None),
+):
+    register_control(_spec)
 
 
 def run_controls(ctx: ControlContext, of_sparse: bool) -> dict[str, dict]:
     """The scored rows of the controls of the main IRM (or of the sparse IRM), in registry order."""
     rows = {}
-    for spec in CONTROLS:
+    for spec in CONTROLS.values():
         if spec.of_sparse == of_sparse and (row := spec.run(ctx)) is not None:
             rows[spec.name] = row
     return rows

@@ -3,6 +3,9 @@ reward) and the paper's contrastive estimator, both scored on the IRM's held-out
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from irmlens.irm.contrastive import ContrastiveConfig, paper_estimator
 from irmlens.irm.metrics import bootstrap_tau_ci, kendall_tau, spearman
 
@@ -107,3 +110,133 @@ def lens_reference(
         },
         **({"top_tokens": top_tokens} if top_tokens is not None else {}),
     }
+
+
+# ------------------------------------------------------------------ the registry
+
+
+@dataclass
+class ReferenceContext:
+    """What the references are built from: the chosen space (spec, matrices, fit), every fitted
+    space by name, the targets and split, the per-word implicit reward (word id -> value), and
+    what the lens reads: the spaces' inputs, the cached rows' valid mask, the RLHF model
+    (HookedTransformer) and its tokenizer. ``rm_free``: ``data.lexicon = "none"``, the implicit
+    reward is the target itself."""
+
+    spec: object  # SpaceSpec
+    chosen: object  # FeatureSpace
+    main: object  # IRMFit
+    fits: dict
+    built: dict
+    targets: object
+    split: object
+    icfg: object
+    implicit: dict[int, float]
+    kl_coef: float
+    rm_free: bool
+    inputs: object  # SpaceInputs
+    valid: object  # [n_rows, n_ctx] bool
+    rlhf_model: object
+    tokenizer: object
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """One reference the IRM is read beside: its name in ``metrics.json`` ``reference``, and how
+    it is scored (None: not applicable to this study)."""
+
+    name: str
+    build: Callable[[ReferenceContext], dict | None]
+
+
+REFERENCES: dict[str, ReferenceSpec] = {}
+
+
+def register_reference(spec: ReferenceSpec) -> ReferenceSpec:
+    """Add (or replace) a reference; every IRM fitted after this call is read beside it."""
+    REFERENCES[spec.name] = spec
+    return spec
+
+
+def build_references(ctx: ReferenceContext) -> dict[str, dict]:
+    """Every applicable registered reference, in registry order."""
+    out = {}
+    for spec in REFERENCES.values():
+        if (row := spec.build(ctx)) is not None:
+            out[spec.name] = row
+    return out
+
+
+def _raw_difference(ctx: ReferenceContext) -> dict:
+    """The ridge on the raw activation difference over the chosen space's layers."""
+    from irmlens.irm.controls import score_row
+
+    ref = ctx.spec.reference
+    return score_row(ctx.fits[ref], ctx.main, ctx.targets, ctx.icfg.seed) | {
+        "description": ctx.built[ref].description
+    }
+
+
+def _model_implicit_reward(ctx: ReferenceContext) -> dict:
+    """What the policy itself learned, per word (stage ``target``)."""
+    row = implicit_reward_reference(
+        ctx.implicit, ctx.targets, ctx.main.heldout_irm, ctx.kl_coef, ctx.icfg.seed
+    )
+    if ctx.rm_free:
+        row["is_the_target"] = True  # its tau is 1 by definition
+    return row
+
+
+def _rm_free_irm(ctx: ReferenceContext) -> dict | None:
+    """The main space's ridge fitted on the same fit positions to every word's implicit reward
+    instead of the RM's utilities (non-lexicon words get theirs too, not 0), scored on the
+    held-out words against the true utilities: how far the pair alone, without its RM, gets.
+    None in an RM-free study (there it is the main IRM)."""
+    from irmlens.irm.controls import score_row
+    from irmlens.irm.fit import fit_and_score
+
+    if ctx.rm_free:
+        return None
+    held = set(ctx.split.heldout_words)  # their implicit rewards stay out of the fit
+    utility = {w: v for w, v in ctx.implicit.items() if w not in held}
+    chosen, targets, icfg = ctx.chosen, ctx.targets, ctx.icfg
+    free = fit_and_score(chosen.fit, chosen.held, targets, ctx.split, icfg, utility=utility)
+    ci = bootstrap_tau_ci(free.heldout_irm, targets.utility, seed=icfg.seed)
+    return score_row(free, ctx.main, targets, icfg.seed) | {
+        "heldout_kendall_tau_ci": list(ci),
+        "description": "the main space's IRM fitted to the model-level implicit reward of each "
+        "word (no reward model), scored against the true utilities on the held-out words",
+    }
+
+
+def _activation_difference_lens(ctx: ReferenceContext) -> dict:
+    """The activation difference lens at every studied layer (mean rlhf - base activation over
+    each cached row's first ``LENS_FIRST_K`` tokens, read through the RLHF model's unembedding)."""
+    from irmlens.diff.lens import LENS_FIRST_K, logit_lens, mean_difference, word_scores
+
+    inputs, targets, tok = ctx.inputs, ctx.targets, ctx.tokenizer
+    held_words = [targets.words[w] for w in ctx.split.heldout_words]
+    ids = {w: i for i, w in enumerate(targets.words)}
+    scores, top = {}, None
+    for i, layer in enumerate(inputs.layers):
+        base, rlhf = inputs.acts["base"][i], inputs.acts["rlhf"][i]
+        logits = logit_lens(ctx.rlhf_model, mean_difference(base, rlhf, ctx.valid, LENS_FIRST_K))
+        scores[layer] = {ids[w]: v for w, v in word_scores(logits, tok, held_words).items()}
+        if layer == inputs.layer:
+            top = [tok.decode([t]).strip() for t in logits.topk(10).indices.tolist()]
+    row = lens_reference(scores, inputs.layer, targets, ctx.main.heldout_irm, ctx.icfg.seed, top)
+    row["description"] = (
+        f"activation difference lens: mean rlhf - base {inputs.kind} difference over the first "
+        f"{LENS_FIRST_K} tokens of every cached row, read through the RLHF model's unembedding; "
+        "a held-out word's score is its first token's logit"
+    )
+    return row
+
+
+for _spec in (
+    ReferenceSpec("raw_difference", _raw_difference),
+    ReferenceSpec("model_implicit_reward", _model_implicit_reward),
+    ReferenceSpec("rm_free_irm", _rm_free_irm),
+    ReferenceSpec("activation_difference_lens", _activation_difference_lens),
+):
+    register_reference(_spec)

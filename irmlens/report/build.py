@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from irmlens.io import atomic_write_json, atomic_write_text, csv_value, read_json, read_jsonl
+from irmlens.irm.result import REPORTED
 from irmlens.report.summary import controls_text, tau_bars, validation_verdict, verdict
 from irmlens.run import RunPaths
 from irmlens.viz.card_html import render_card
@@ -25,33 +26,6 @@ def _model_info(model_dir: Path, name: str, trust_remote_code: bool = False) -> 
         "n_layers": int(c.num_hidden_layers),
         "d_model": int(c.hidden_size),
     }
-
-
-IRM_KEYS = (
-    "layer",
-    "layers",
-    "space",
-    "space_selection",
-    "n_fit_words",
-    "n_heldout_words",
-    "heldout_kendall_tau",
-    "heldout_kendall_tau_ci",
-    "heldout_spearman",
-    "heldout_spearman_ci",
-    "cv_r2",
-    "reference",
-    "signal_retention",
-    "alpha",
-    "sae",
-    "features",
-    "split_seed",
-    "spaces",
-    "sparse",
-    "top_features",
-    "heldout_points",
-    "hook",
-    "hook_kinds",
-)
 
 
 def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
@@ -146,7 +120,7 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
         },
         "divergent_features": features["divergent_features"],
         "divergent_words": irm["divergent_words"],
-        "irm": {k: irm[k] for k in IRM_KEYS if k in irm},  # older runs: no hook kinds
+        "irm": {k: irm[k] for k in REPORTED if k in irm},  # older runs: no hook kinds
         "controls": irm["controls"],
         "paper_estimator": irm["paper_estimator"],
         "feature_cards": read_json(paths.cards) if paths.cards.exists() else [],

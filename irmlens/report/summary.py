@@ -5,15 +5,22 @@ from __future__ import annotations
 
 
 def verdict(irm: dict, controls: dict) -> str:
-    """A finding only when the IRM beats every control: the shuffle by more than 2 of its standard
-    deviations, and each other control with a paired CI of the difference that excludes 0."""
-    shuffled = controls["shuffled_targets"]
+    """A finding only when the IRM beats every control its registry entry puts in the verdict
+    (``irmlens.irm.controls.ControlSpec.verdict``): a permutation control by more than 2 of its
+    standard deviations, the others with a paired CI of the difference that excludes 0."""
+    from irmlens.irm.controls import CONTROLS
+
     failed = []
-    margin = irm["heldout_kendall_tau"] - shuffled["heldout_kendall_tau"]
-    if not (margin > 0 and margin > 2 * shuffled.get("heldout_kendall_tau_std", 0.0)):
-        failed.append("shuffled targets")
-    for name in ("random_sae", "base_only", "null_pair"):
-        if name in controls and controls[name]["difference_ci"][0] <= 0:
+    for name, spec in CONTROLS.items():
+        c = controls.get(name)
+        if c is None or spec.verdict is None:
+            continue
+        if spec.verdict == "margin":
+            margin = irm["heldout_kendall_tau"] - c["heldout_kendall_tau"]
+            beaten = margin > 0 and margin > 2 * c.get("heldout_kendall_tau_std", 0.0)
+        else:
+            beaten = c["difference_ci"][0] > 0
+        if not beaten:
             failed.append(name.replace("_", " "))
     if failed:
         return f"No finding yet: the IRM does not beat the {', '.join(failed)} control(s)."
@@ -21,17 +28,27 @@ def verdict(irm: dict, controls: dict) -> str:
 
 
 def controls_text(controls: dict) -> str:
-    """The controls' taus and paired CIs in one line (the report's verdict table)."""
+    """The controls' taus and paired CIs in one line (the report's verdict table), registry
+    order, those scored with a paired CI."""
     parts = []
-    for name in ("random_sae", "base_only", "null_pair", "random_sae_sparse"):
-        c = controls.get(name)
-        if c:
-            lo, hi = c["difference_ci"]
-            verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
-            parts.append(
-                f"{name.replace('_', ' ')}: {c['heldout_kendall_tau']:.3f} (difference CI [{lo:.3f}, {hi:.3f}], {verdict})"
-            )
+    for name in controls_in_registry_order(controls):
+        c = controls[name]
+        if "difference_ci" not in c:
+            continue
+        lo, hi = c["difference_ci"]
+        verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
+        parts.append(
+            f"{name.replace('_', ' ')}: {c['heldout_kendall_tau']:.3f} (difference CI [{lo:.3f}, {hi:.3f}], {verdict})"
+        )
     return "; ".join(parts)
+
+
+def controls_in_registry_order(controls: dict) -> list[str]:
+    """The names in ``controls``, registered ones in registry order, then any others (a run
+    made with a control this process has not registered)."""
+    from irmlens.irm.controls import CONTROLS
+
+    return [n for n in CONTROLS if n in controls] + [n for n in controls if n not in CONTROLS]
 
 
 def result_rows(report: dict) -> list[dict]:

@@ -92,28 +92,7 @@ def _diff_layer(ctx: StudyContext, layer: int, rows, staged: dict[Path, str]) ->
     w_rlhf = load_sae(paths.sae_dir("rlhf", hook, width)).W_dec
     matching = match_dictionaries(w_base, w_rlhf, d.matching_threshold)  # (b) paired dictionaries
     partners = shared_feature_partners(sae.W_dec, w_base, w_rlhf, d.matching_threshold)
-    word = rows.word_id[rows.valid]
-    ends = torch.nonzero(word >= 0).squeeze(-1)
-    delta = codes["rlhf"][ends] - codes["base"][ends]
-    base_at_ends = codes["base"][ends]
-    order = torch.argsort(div["divergence"], descending=True)
-    table = []
-    for j in range(sae.cfg.d_sae):
-        table.append(
-            {"feature": j, **{k: float(v[j]) for k, v in div.items()}}
-            | ({"divergence_null": float(null_div["divergence"][j])} if null_div else {})
-            | {k: v[j] for k, v in partners.items()}
-        )
-    divergent = []
-    for j in order[: d.top_n].tolist():
-        divergent.append(
-            {
-                **table[j],
-                "top_words_increase": _word_means_of(delta[:, j], word[ends], rows.words, 5),
-                "top_words_decrease": _word_means_of(-delta[:, j], word[ends], rows.words, 5),
-                "top_words_base": _word_means_of(base_at_ends[:, j], word[ends], rows.words, 5),
-            }
-        )
+    table, divergent = _feature_table(codes, div, null_div, partners, rows, d.top_n)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(table[0]))
     writer.writeheader()
@@ -137,18 +116,7 @@ def _diff_layer(ctx: StudyContext, layer: int, rows, staged: dict[Path, str]) ->
         | {"width": width, "layer": layer},
         "divergent_features": divergent,
     }
-    staged[paths.matching_file(layer)] = (
-        json.dumps(
-            {
-                "partner": matching["partner"].tolist(),
-                "cosine": [None if c != c else c for c in matching["cosine"].tolist()],
-                "tag_base": matching["tag_base"],
-            },
-            indent=2,
-            allow_nan=False,
-        )
-        + "\n"
-    )
+    staged[paths.matching_file(layer)] = _matching_text(matching)
     log(
         f"diff L{layer}: {n_div} of {sae.cfg.d_sae} shared-SAE features above divergence {d.threshold}"
         + (f" (null pair: {n_null})" if n_null is not None else "")
@@ -156,6 +124,43 @@ def _diff_layer(ctx: StudyContext, layer: int, rows, staged: dict[Path, str]) ->
         f"base-only, {matching['n_rlhf_only']} rlhf-only (cosine >= {d.matching_threshold})"
     )
     return result
+
+
+def _feature_table(codes, div, null_div, partners, rows, top_n: int) -> tuple[list, list]:
+    """Every shared-dictionary feature's row (divergence, the null pair's, paired partners), and
+    the ``top_n`` most divergent with the words whose code rose, fell, and was highest."""
+    word = rows.word_id[rows.valid]
+    ends = torch.nonzero(word >= 0).squeeze(-1)
+    delta = codes["rlhf"][ends] - codes["base"][ends]
+    base_at_ends = codes["base"][ends]
+    order = torch.argsort(div["divergence"], descending=True)
+    table = [
+        {"feature": j, **{k: float(v[j]) for k, v in div.items()}}
+        | ({"divergence_null": float(null_div["divergence"][j])} if null_div else {})
+        | {k: v[j] for k, v in partners.items()}
+        for j in range(len(div["divergence"]))
+    ]
+    divergent = [
+        {
+            **table[j],
+            "top_words_increase": _word_means_of(delta[:, j], word[ends], rows.words, 5),
+            "top_words_decrease": _word_means_of(-delta[:, j], word[ends], rows.words, 5),
+            "top_words_base": _word_means_of(base_at_ends[:, j], word[ends], rows.words, 5),
+        }
+        for j in order[:top_n].tolist()
+    ]
+    return table, divergent
+
+
+def _matching_text(matching: dict) -> str:
+    """The paired dictionaries' matching file: each base feature's partner, cosine and tag."""
+    cosines = [None if c != c else c for c in matching["cosine"].tolist()]
+    out = {
+        "partner": matching["partner"].tolist(),
+        "cosine": cosines,
+        "tag_base": matching["tag_base"],
+    }
+    return json.dumps(out, indent=2, allow_nan=False) + "\n"
 
 
 def _word_means_of(

@@ -45,34 +45,6 @@ def _inputs(ctx: StudyContext, kind: str | None = None):
     return inputs, targets, split, rows
 
 
-def _lens(ctx: StudyContext, inputs, rows, targets, split, main, hooked) -> dict:
-    """The activation difference lens at every studied layer (mean rlhf - base activation over
-    each cached row's first ``LENS_FIRST_K`` tokens, read through the RLHF model's unembedding)
-    as a reference beside the IRM."""
-    from irmlens.diff.lens import LENS_FIRST_K, logit_lens, mean_difference, word_scores
-    from irmlens.irm.references import lens_reference
-
-    tok = ctx.pair.tokenizer
-    held_words = [targets.words[w] for w in split.heldout_words]
-    ids = {w: i for i, w in enumerate(targets.words)}
-    scores, top = {}, None
-    for i, layer in enumerate(inputs.layers):
-        vec = mean_difference(
-            inputs.acts["base"][i], inputs.acts["rlhf"][i], rows.valid, LENS_FIRST_K
-        )
-        logits = logit_lens(hooked["rlhf"], vec)
-        scores[layer] = {ids[w]: v for w, v in word_scores(logits, tok, held_words).items()}
-        if layer == inputs.layer:
-            top = [tok.decode([t]).strip() for t in logits.topk(10).indices.tolist()]
-    row = lens_reference(scores, inputs.layer, targets, main.heldout_irm, ctx.cfg.irm.seed, top)
-    row["description"] = (
-        f"activation difference lens: mean rlhf - base {inputs.kind} difference over the first "
-        f"{LENS_FIRST_K} tokens of every cached row, read through the RLHF model's unembedding; "
-        "a held-out word's score is its first token's logit"
-    )
-    return row
-
-
 def _fit_spaces(inputs, targets, split, icfg):
     """Every available space fitted and scored; the table of them; the chosen spec."""
     from irmlens.irm.controls import retention
@@ -138,113 +110,154 @@ def _sparse(chosen, targets, split, icfg, feature_ref, raw_tau: float):
 
 
 def run(ctx: StudyContext) -> None:
-    from irmlens.data.assets import asset_paths
-    from irmlens.data.corpus import load_reviews
-    from irmlens.irm.attribution import most_divergent, word_divergence
-    from irmlens.irm.controls import ControlContext, retention, run_controls, score_row
-    from irmlens.irm.fit import top_irm_features
-    from irmlens.irm.metrics import bootstrap_tau_ci
-    from irmlens.irm.references import implicit_reward_reference, paper_reference
+    from irmlens.irm.controls import ControlContext, retention, run_controls
+    from irmlens.irm.references import ReferenceContext, build_references
     from sae_training.train import load_whitening
 
-    cfg, icfg, paths = ctx.cfg, ctx.cfg.irm, ctx.paths
+    cfg, icfg = ctx.cfg, ctx.cfg.irm
     other_kinds = _other_hook_kinds(ctx, icfg)
     inputs, targets, split, rows = _inputs(ctx)
     built, fits, spaces_table, spec = _fit_spaces(inputs, targets, split, icfg)
     chosen, main = built[spec.name], fits[spec.name]
-    raw_tau = fits[spec.reference].heldout_kendall_tau
-    log(
-        f"irm: main space {spec.name} (best CV R2 on fit words)"
-        if icfg.space == "auto"
-        else f"irm: main space {spec.name}"
-    )
+    how = "best CV R2 on fit words" if icfg.space == "auto" else "configured"
+    log(f"irm: main space {spec.name} ({how})")
 
+    # Controls: the same construction without what the IRM claims (a random dictionary, ...).
     controls_ctx = ControlContext(
         spec, chosen, main, inputs, targets, split, icfg, cfg.seed, ctx.d_model, load_whitening
     )
     controls = run_controls(controls_ctx, of_sparse=False)
-
-    def feature_ref(col: int) -> dict:
-        return spec.feature_ref(col, inputs)
-
-    # References: raw differences and the model-level implicit reward (what the policy learned).
-    tau_ci = list(bootstrap_tau_ci(main.heldout_irm, targets.utility, seed=icfg.seed))
-    references = {
-        "raw_difference": score_row(fits[spec.reference], main, targets, icfg.seed)
-        | {"description": built[spec.reference].description}
-    }
-    implicit = _implicit_by_word_id(ctx, targets)
-    references["model_implicit_reward"] = implicit_reward_reference(
-        implicit, targets, main.heldout_irm, cfg.rlhf.kl_coef, icfg.seed
-    )
-    imp_tau = references["model_implicit_reward"]["heldout_kendall_tau"]
-    if cfg.data.lexicon == "none":
-        references["model_implicit_reward"]["is_the_target"] = True  # its tau is 1 by definition
-    else:  # what a study that did not know the RM would have found, scored against the RM
-        references["rm_free_irm"] = _rm_free_row(chosen, main, targets, split, icfg, implicit)
-    hooked = ctx.pair.get()
-    references["activation_difference_lens"] = _lens(
-        ctx, inputs, rows, targets, split, main, hooked
-    )
-    lens = references["activation_difference_lens"]
-    log(
-        f"irm: activation difference lens tau {lens['heldout_kendall_tau']:.3f} on "
-        f"{lens['n_heldout_words']} held-out words (IRM on them "
-        f"{lens['irm_heldout_kendall_tau_same_words']:.3f}); its top tokens {lens['top_tokens']}"
-    )
-
-    # Sparse IRM (k features) and its controls (the same selection on a random dictionary).
-    sparse, chosen_feats, sparse_row = _sparse(chosen, targets, split, icfg, feature_ref, raw_tau)
-    controls_ctx.sparse = sparse
-    controls |= run_controls(controls_ctx, of_sparse=True)
-    crosscoder_sparse = None
-    if "crosscoder_codes" in built:  # the same selection on the crosscoder (validate uses it)
-        from irmlens.irm.spaces import SPACES
-
-        cc_spec = SPACES["crosscoder_codes"]
-        _, _, crosscoder_sparse = _sparse(
-            built["crosscoder_codes"],
+    # References: raw differences, what the policy learned, the RM-free IRM, the lens.
+    implicit, hooked = _implicit_by_word_id(ctx, targets), ctx.pair.get()
+    references = build_references(
+        ReferenceContext(
+            spec,
+            chosen,
+            main,
+            fits,
+            built,
             targets,
             split,
             icfg,
-            lambda j: cc_spec.feature_ref(j, inputs),
-            fits["raw_difference"].heldout_kendall_tau,
+            implicit,
+            cfg.rlhf.kl_coef,
+            cfg.data.lexicon == "none",
+            inputs,
+            rows.valid,
+            hooked["rlhf"],
+            ctx.pair.tokenizer,
         )
+    )
+    _log_lens(references.get("activation_difference_lens"))
+    # The sparse IRM (k features) and its control; the same selection on the crosscoder.
+    raw_tau = fits[spec.reference].heldout_kendall_tau
+    sparse, chosen_feats, sparse_row = _sparse(
+        chosen, targets, split, icfg, lambda j: spec.feature_ref(j, inputs), raw_tau
+    )
+    controls_ctx.sparse = sparse
+    controls |= run_controls(controls_ctx, of_sparse=True)
+    crosscoder_sparse = _crosscoder_sparse(built, fits, inputs, targets, split, icfg)
+    paper = _paper(ctx, inputs, targets, split, hooked["rlhf"])
+    result, div_words = _result(
+        ctx, inputs, targets, split, spec, chosen, main, sparse, chosen_feats
+    )
+    result.reference, result.signal_retention = (
+        references,
+        retention(main.heldout_kendall_tau, raw_tau),
+    )
+    result.spaces, result.sparse, result.crosscoder_sparse = (
+        spaces_table,
+        sparse_row,
+        crosscoder_sparse,
+    )
+    result.controls, result.paper_estimator = controls, paper
+    result.hook_kinds = {
+        ctx.hook_kind: _hook_kind_row(ctx, ctx.hook_kind, spec.name, spaces_table)
+    } | other_kinds
+    _log_scores(result, raw_tau, sparse, icfg)
+    _write(ctx.paths, main, targets, implicit, div_words, result.to_json())
+
+
+def _log_lens(lens: dict | None) -> None:
+    if lens:
         log(
-            f"irm: sparse crosscoder IRM (k={icfg.sparse_k}) tau "
-            f"{crosscoder_sparse['heldout_kendall_tau']:.3f}, latents "
-            f"{crosscoder_sparse['features']}"
+            f"irm: activation difference lens tau {lens['heldout_kendall_tau']:.3f} on "
+            f"{lens['n_heldout_words']} held-out words (IRM on them "
+            f"{lens['irm_heldout_kendall_tau_same_words']:.3f}); its top tokens {lens['top_tokens']}"
         )
 
+
+def _crosscoder_sparse(built, fits, inputs, targets, split, icfg) -> dict | None:
+    """The sparse IRM's selection on the crosscoder's change space (validate ablates it)."""
+    from irmlens.irm.spaces import SPACES
+
+    if "crosscoder_codes" not in built:
+        return None
+    cc_spec = SPACES["crosscoder_codes"]
+    _, _, row = _sparse(
+        built["crosscoder_codes"],
+        targets,
+        split,
+        icfg,
+        lambda j: cc_spec.feature_ref(j, inputs),
+        fits["raw_difference"].heldout_kendall_tau,
+    )
+    log(
+        f"irm: sparse crosscoder IRM (k={icfg.sparse_k}) tau {row['heldout_kendall_tau']:.3f}, "
+        f"latents {row['features']}"
+    )
+    return row
+
+
+def _paper(ctx: StudyContext, inputs, targets, split, rlhf_model) -> dict:
+    """The paper's contrastive estimator on the shared dictionaries of every studied layer."""
+    from irmlens.data.assets import asset_paths
+    from irmlens.data.corpus import load_reviews
+    from irmlens.irm.references import paper_reference
+
     hooks = [ctx.hook(la) for la in inputs.layers]
-    paper = paper_reference(
-        hooked["rlhf"],
+    return paper_reference(
+        rlhf_model,
         ctx.pair.tokenizer,
         dict(zip(hooks, [s for s, _ in inputs.dictionaries["shared"]], strict=True)),
         [r.text for r in load_reviews(asset_paths().sentences)],
         targets,
         split,
         ctx.rm.word_utility,
-        icfg,
-        neutral_near_zero=cfg.data.lexicon == "none",  # every frequent word is scored there
+        ctx.cfg.irm,
+        neutral_near_zero=ctx.cfg.data.lexicon == "none",  # every frequent word is scored there
     )
+
+
+def _log_scores(result, raw_tau: float, sparse, icfg) -> None:
+    ci, controls = result.heldout_kendall_tau_ci, result.controls
+    imp_tau = result.reference["model_implicit_reward"]["heldout_kendall_tau"]
     log(
-        f"irm: {spec.name} tau {main.heldout_kendall_tau:.3f} CI [{tau_ci[0]:.3f}, "
-        f"{tau_ci[1]:.3f}]; raw difference {raw_tau:.3f}; model implicit reward {imp_tau:.3f}; "
+        f"irm: {result.space} tau {result.heldout_kendall_tau:.3f} CI [{ci[0]:.3f}, "
+        f"{ci[1]:.3f}]; raw difference {raw_tau:.3f}; model implicit reward {imp_tau:.3f}; "
         "controls: "
         + ", ".join(f"{k} {v['heldout_kendall_tau']:.3f}" for k, v in controls.items())
         + f"; sparse (k={icfg.sparse_k}) {sparse.heldout_kendall_tau:.3f} vs random "
         f"{controls['random_sae_sparse']['heldout_kendall_tau']:.3f}"
-        f"; paper's estimator {paper['kendall_tau']:.3f}"
+        f"; paper's estimator {result.paper_estimator['kendall_tau']:.3f}"
     )
 
+
+def _result(ctx, inputs, targets, split, spec, chosen, main, sparse, chosen_feats):
+    """The result's scores, feature tables and word tables (the caller adds the rest)."""
+    from irmlens.irm.attribution import most_divergent, word_divergence
+    from irmlens.irm.fit import top_irm_features
+    from irmlens.irm.metrics import bootstrap_tau_ci
+    from irmlens.irm.result import IRMResult
+
+    icfg = ctx.cfg.irm
+
+    def feature_ref(col: int) -> dict:
+        return spec.feature_ref(col, inputs)
+
+    held_words = targets.word[split.heldout_positions]
     div_words = word_divergence(
-        main.heldout_irm,
-        targets,
-        chosen.held,
-        targets.word[split.heldout_positions],
-        main.model.coef,
-        feature_ref,
+        main.heldout_irm, targets, chosen.held, held_words, main.model.coef, feature_ref
     )
     # the readable ranking: the sparse IRM's features in selection order, with their weights
     top_features = top_irm_features(  # every one of them: validate splits them by weight sign
@@ -258,53 +271,44 @@ def run(ctx: StudyContext) -> None:
     )
     for f in top_features:
         f.update(feature_ref(f["feature"]))
-    result = {
-        "layer": inputs.layer,
-        "layers": inputs.layers,
-        "hook": hooks[inputs.layer_index],
-        "space": spec.name,
-        "space_selection": "best cross-validated R^2 on fit words"
+    label = inputs.labels[spec.dictionary]
+    result = IRMResult(
+        layer=inputs.layer,
+        layers=inputs.layers,
+        hook=ctx.hook(inputs.layer),
+        space=spec.name,
+        space_selection="best cross-validated R^2 on fit words"
         if icfg.space == "auto"
         else "configured",
-        "sae": {
-            "model": inputs.labels[spec.dictionary],
-            "width": ctx.width_of(inputs.labels[spec.dictionary]),
-        },
-        "features": chosen.description,
-        "n_features": int(chosen.fit.shape[1]),
-        "n_dictionary_features": int(chosen.n_features),
-        "n_fit_words": len(split.fit_words),
-        "n_heldout_words": len(split.heldout_words),
-        "n_fit_positions": int(len(split.fit_positions)),
-        "n_heldout_positions": int(len(split.heldout_positions)),
-        "heldout_kendall_tau": main.heldout_kendall_tau,
-        "heldout_kendall_tau_ci": tau_ci,
-        "heldout_spearman": main.heldout_spearman,
-        "heldout_spearman_ci": list(
+        sae={"model": label, "width": ctx.width_of(label)},
+        features=chosen.description,
+        n_features=int(chosen.fit.shape[1]),
+        n_dictionary_features=int(chosen.n_features),
+        n_fit_words=len(split.fit_words),
+        n_heldout_words=len(split.heldout_words),
+        n_fit_positions=int(len(split.fit_positions)),
+        n_heldout_positions=int(len(split.heldout_positions)),
+        heldout_kendall_tau=main.heldout_kendall_tau,
+        heldout_kendall_tau_ci=list(
+            bootstrap_tau_ci(main.heldout_irm, targets.utility, seed=icfg.seed)
+        ),
+        heldout_spearman=main.heldout_spearman,
+        heldout_spearman_ci=list(
             bootstrap_tau_ci(
                 main.heldout_irm, targets.utility, seed=icfg.seed, statistic="spearman"
             )
         ),
-        "reference": references,
-        "signal_retention": retention(main.heldout_kendall_tau, raw_tau),
-        "cv_r2": main.cv_r2,
-        "alpha": main.model.alpha,
-        "split_seed": icfg.seed,
-        "spaces": spaces_table,
-        "sparse": sparse_row,
-        "crosscoder_sparse": crosscoder_sparse,
-        "heldout_points": [
+        cv_r2=main.cv_r2,
+        alpha=main.model.alpha,
+        split_seed=icfg.seed,
+        heldout_points=[
             {"word": targets.words[w], "true": targets.utility[w], "irm": v}
             for w, v in main.heldout_irm.items()
         ],
-        "top_features": top_features,
-        "divergent_words": most_divergent(div_words),
-        "controls": controls,
-        "paper_estimator": paper,
-        "hook_kinds": {ctx.hook_kind: _hook_kind_row(ctx, ctx.hook_kind, spec.name, spaces_table)}
-        | other_kinds,
-    }
-    _write(paths, main, targets, implicit, div_words, result)
+        top_features=top_features,
+        divergent_words=most_divergent(div_words),
+    )
+    return result, div_words
 
 
 def _other_hook_kinds(ctx: StudyContext, icfg) -> dict:
@@ -338,28 +342,7 @@ def _implicit_by_word_id(ctx: StudyContext, targets) -> dict[int, float]:
     return {i: table[w][0] for i, w in enumerate(targets.words) if w in table}
 
 
-def _rm_free_row(chosen, main, targets, split, icfg, implicit: dict[int, float]) -> dict:
-    """The RM-free IRM (``data.lexicon = "none"``) on this study: the main space's ridge fitted
-    on the same fit positions to every word's implicit reward instead of the RM's utilities
-    (non-lexicon words get theirs too, not 0), scored on the held-out words against the true
-    utilities: how far the pair alone, without its RM, gets."""
-    from irmlens.irm.controls import score_row
-    from irmlens.irm.fit import fit_and_score
-    from irmlens.irm.metrics import bootstrap_tau_ci
-
-    held = set(split.heldout_words)  # their implicit rewards stay out of the fit
-    utility = {w: v for w, v in implicit.items() if w not in held}
-    free = fit_and_score(chosen.fit, chosen.held, targets, split, icfg, utility=utility)
-
-    ci = bootstrap_tau_ci(free.heldout_irm, targets.utility, seed=icfg.seed)
-    return score_row(free, main, targets, icfg.seed) | {
-        "heldout_kendall_tau_ci": list(ci),
-        "description": "the main space's IRM fitted to the model-level implicit reward of each "
-        "word (no reward model), scored against the true utilities on the held-out words",
-    }
-
-
-def _write(paths, main, targets, implicit: dict, div_words: list[dict], result: dict) -> None:
+def _write(paths, main, targets, implicit: dict, div_words: list[dict], metrics: dict) -> None:
     """Every file of the stage, swapped in as one folder."""
     from safetensors.torch import save_file
 
@@ -378,7 +361,7 @@ def _write(paths, main, targets, implicit: dict, div_words: list[dict], result: 
         )
         atomic_write_text(tmp / WORD_UTILITIES.name, word_utilities_text(word_rows))
         atomic_write_json(tmp / "word_attribution.json", div_words)
-        atomic_write_json(tmp / "metrics.json", result)
+        atomic_write_json(tmp / "metrics.json", metrics)
 
 
 def outputs(paths) -> list[Path]:

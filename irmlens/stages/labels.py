@@ -219,7 +219,6 @@ def labeler_check(ctx: StudyContext, labeler, words: list[str]) -> dict:
 
 def run(ctx: StudyContext) -> None:
     from irmlens.irm.spaces import SPACES
-    from irmlens.labels.compare import auroc, cohen_kappa, share_related, sign_agreement
     from irmlens.labels.lexicon import LexiconLabeler, LexiconLabelerConfig
 
     lc = ctx.cfg.labels
@@ -228,62 +227,100 @@ def run(ctx: StudyContext) -> None:
     ev = _Evidence(ctx, pre)
     lexicon = LexiconLabeler(ctx.rm.word_utility, LexiconLabelerConfig(lc.min_mass, lc.min_utility))
     timings: dict[str, float] = {}
-
-    def label_refs(labeler, refs, random: bool) -> list[dict]:
-        out = []
-        t = time.perf_counter()
-        evidence = []
-        for ref in refs:
-            la, label = ref["layer"], ref["dictionary"]
-            sae = ctx.random_sae(label, la, ref["random_seed"]) if random else ctx.sae(label, la)
-            evidence.append(ev.evidence(sae, la, ref["local_feature"], lc.n_contexts, True))
-        for ref, lab in zip(refs, labeler.label(evidence), strict=True):
-            out.append({"layer": ref["layer"], "dictionary": ref["dictionary"]} | lab.to_dict())
-        timings[f"{labeler.name}:{'random' if random else 'sparse'}"] = time.perf_counter() - t
-        return out
-
     sparse_refs = [r for r in irm["sparse"]["feature_refs"] if r["dictionary"] != "sae_error"]
-    weights = {
-        (f["dictionary"], f["layer"], f["local_feature"]): f["weight"] for f in irm["top_features"]
-    }
-    sets = {"sparse_irm": {"lexicon": label_refs(lexicon, sparse_refs, False)}}
+    sets = {"sparse_irm": {"lexicon": _label_refs(ctx, ev, lexicon, sparse_refs, False, timings)}}
     random_refs = irm["controls"].get("random_sae_sparse", {}).get("feature_refs") or []
     random_refs = [r for r in random_refs if r["dictionary"] != "sae_error"]
     if random_refs:
-        sets["random_sae_sparse"] = {"lexicon": label_refs(lexicon, random_refs, True)}
-
-    # every feature of the shared dictionaries of the studied layers (lexicon only: compact)
+        sets["random_sae_sparse"] = {
+            "lexicon": _label_refs(ctx, ev, lexicon, random_refs, True, timings)
+        }
     t = time.perf_counter()
-    coef = _dense_weights(ctx, irm)
-    all_rows = []
-    for la in sorted(ctx.studied_layers):
-        sae = ctx.sae("shared", la)
-        evidence = [ev.evidence(sae, la, j, 0, False) for j in range(sae.cfg.d_sae)]
-        for lab in lexicon.label(evidence):
-            all_rows.append(
-                {
-                    "layer": la,
-                    "local_feature": lab.feature,
-                    "label": lab.label,
-                    "irm_weight": coef.get((la, lab.feature)),
-                    "explanation": lab.explanation,
-                    **lab.scores,
-                }
-            )
+    all_rows = _label_all_features(ctx, ev, lexicon, _dense_weights(ctx, irm))
     timings["lexicon:all"] = time.perf_counter() - t
 
     llm, check = _llm_labeler(ctx, ev.rows.words), None
     if llm is not None:
-        t0 = time.perf_counter()
-        sets["sparse_irm"]["llm"] = label_refs(llm, sparse_refs, False)
-        timings["llm:sparse"] = time.perf_counter() - t0
+        sets["sparse_irm"]["llm"] = _label_refs(ctx, ev, llm, sparse_refs, False, timings)
         check = labeler_check(ctx, llm, ev.rows.words)
         log(
             f"labels: llm ({llm.backend.name}) on {len(sparse_refs)} features in "
             f"{timings['llm:sparse']:.0f} s"
         )
-
     crosscoder_check = _label_crosscoder(ctx, irm, ev, lexicon, llm, sets, timings)
+    weights = {
+        (f["dictionary"], f["layer"], f["local_feature"]): f["weight"] for f in irm["top_features"]
+    }
+    comparison = _comparison(sets, all_rows, weights)
+    result = {
+        "evidence": "positive part of the encoder pre-activations" if pre else "feature codes",
+        "model": "rlhf",
+        "lexicon_config": {"min_mass": lc.min_mass, "min_utility": lc.min_utility},
+        "llm": None
+        if llm is None
+        else {"backend": llm.backend.name, "reward": llm.reward, "check": check},
+        "sets": sets,
+        "all_features": all_rows,
+        "comparison": comparison,
+        "crosscoder": crosscoder_check,
+        "seconds": timings,
+    }
+    with atomic_dir(ctx.paths.labels) as tmp:
+        atomic_write_json(tmp / "labels.json", result)
+    sp = comparison["sparse_irm"]["lexicon"]
+    log(
+        f"labels: lexicon: sparse IRM {sp['share_related']}, all "
+        f"{comparison['all']['lexicon']['share_related']:.3f} related; "
+        + (
+            f"random selection {comparison['random_sae_sparse']['lexicon']['share_related']}"
+            if "random_sae_sparse" in comparison
+            else ""
+        )
+    )
+
+
+def _label_refs(ctx: StudyContext, ev, labeler, refs, random: bool, timings: dict) -> list[dict]:
+    """``labeler``'s labels of the features ``refs`` cite (of the random-SAE control's
+    dictionaries when ``random``), timed into ``timings``."""
+    lc, t, evidence = ctx.cfg.labels, time.perf_counter(), []
+    for ref in refs:
+        la, label = ref["layer"], ref["dictionary"]
+        sae = ctx.random_sae(label, la, ref["random_seed"]) if random else ctx.sae(label, la)
+        evidence.append(ev.evidence(sae, la, ref["local_feature"], lc.n_contexts, True))
+    out = [
+        {"layer": ref["layer"], "dictionary": ref["dictionary"]} | lab.to_dict()
+        for ref, lab in zip(refs, labeler.label(evidence), strict=True)
+    ]
+    timings[f"{labeler.name}:{'random' if random else 'sparse'}"] = time.perf_counter() - t
+    return out
+
+
+def _label_all_features(ctx: StudyContext, ev, lexicon, coef: dict) -> list[dict]:
+    """Every feature of the shared dictionaries of the studied layers (lexicon only: compact),
+    with the dense IRM's weight where it reads them."""
+    rows = []
+    for la in sorted(ctx.studied_layers):
+        sae = ctx.sae("shared", la)
+        evidence = [ev.evidence(sae, la, j, 0, False) for j in range(sae.cfg.d_sae)]
+        rows += [
+            {
+                "layer": la,
+                "local_feature": lab.feature,
+                "label": lab.label,
+                "irm_weight": coef.get((la, lab.feature)),
+                "explanation": lab.explanation,
+                **lab.scores,
+            }
+            for lab in lexicon.label(evidence)
+        ]
+    return rows
+
+
+def _comparison(sets: dict, all_rows: list[dict], weights: dict) -> dict:
+    """Per set and labeler: counts, share related, and (the sparse IRM) agreement of the label's
+    polarity with the IRM weight's sign; over all features, the AUROC of |dense IRM weight| for
+    "related"; Cohen's kappa between the labelers on the sparse IRM's features."""
+    from irmlens.labels.compare import auroc, cohen_kappa, share_related, sign_agreement
 
     def summary(rows: list[dict], with_weights: bool) -> dict:
         labels = [r["label"] for r in rows]
@@ -328,31 +365,7 @@ def run(ctx: StudyContext) -> None:
             [r["label"] for r in sets["sparse_irm"]["llm"]],
             [r["label"] for r in sets["sparse_irm"]["lexicon"]],
         )
-    result = {
-        "evidence": "positive part of the encoder pre-activations" if pre else "feature codes",
-        "model": "rlhf",
-        "lexicon_config": {"min_mass": lc.min_mass, "min_utility": lc.min_utility},
-        "llm": None
-        if llm is None
-        else {"backend": llm.backend.name, "reward": llm.reward, "check": check},
-        "sets": sets,
-        "all_features": all_rows,
-        "comparison": comparison,
-        "crosscoder": crosscoder_check,
-        "seconds": timings,
-    }
-    with atomic_dir(ctx.paths.labels) as tmp:
-        atomic_write_json(tmp / "labels.json", result)
-    sp = comparison["sparse_irm"]["lexicon"]
-    log(
-        f"labels: lexicon: sparse IRM {sp['share_related']}, all "
-        f"{comparison['all']['lexicon']['share_related']:.3f} related; "
-        + (
-            f"random selection {comparison['random_sae_sparse']['lexicon']['share_related']}"
-            if "random_sae_sparse" in comparison
-            else ""
-        )
-    )
+    return comparison
 
 
 def _label_crosscoder(ctx: StudyContext, irm: dict, ev, lexicon, llm, sets, timings):

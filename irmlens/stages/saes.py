@@ -4,7 +4,7 @@ held-out evals, CE loss recovered and MMCS. Each finished dictionary is kept on 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,21 +19,63 @@ def _sae_eval_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[n_eval:], perm[:n_eval]
 
 
+@dataclass(frozen=True)
+class DictionaryJob:
+    """One dictionary of the stage: saved under ``label`` at ``hook`` and ``width``, trained on
+    ``data``'s activations (a model, or ``shared``: every model's), ``kind`` saying how:
+    ``sae`` (the configured architecture), ``wide_topk`` (the feature-space comparison's TopK),
+    or ``source`` (the given ``sae.source`` dictionary, copied, nothing trained)."""
+
+    label: str
+    layer: int
+    hook: str
+    width: int
+    data: str
+    kind: str = "sae"
+
+
+def _jobs(ctx: StudyContext, layer: int, hook: str) -> list[DictionaryJob]:
+    """The studied kind: every width, per model and shared, and the wide TopK dictionary;
+    another cached kind: only what its IRM reads (the widest shared and base dictionaries)."""
+    cfg, widths, src = ctx.cfg, ctx.widths, ctx.cfg.sae.source_info
+    studied = hook == ctx.hook(layer)
+    pairs = (
+        [(w, m) for w in widths for m in ("base", "rlhf", "shared")]
+        if studied
+        else [(widths[-1], m) for m in ("base", "shared")]
+    )
+    jobs = []
+    for width, model in pairs:
+        given = (
+            src is not None and model == "shared" and (hook, width) == (src.hook_name, src.d_sae)
+        )
+        jobs.append(DictionaryJob(model, layer, hook, width, model, "source" if given else "sae"))
+    if cfg.sae.wide_topk_k and studied:
+        label, width = ctx.wide_topk_label, ctx.wide_topk_width
+        jobs.append(DictionaryJob(label, layer, hook, width, "shared", "wide_topk"))
+    return jobs
+
+
 def run(ctx: StudyContext) -> None:
     """Per-model and shared SAEs per layer and width of the studied hook kind, and for each other
     cached kind the dictionaries its IRM reads (the widest shared and base ones);
     evals (held-out positions, CE loss recovered with the SAE spliced into the model) and MMCS
     between each model's narrowest and widest SAE."""
-    from irmlens.cache.store import hook_kind, load_activations, load_manifest, load_token_rows
-    from irmlens.diff.matching import mmcs
-    from sae_training.evals import ce_loss_recovered
-    from sae_training.train import evaluate_sae, load_sae, train_sae
+    from irmlens.cache.store import load_activations, load_manifest
 
-    cfg, paths, pair, layers, widths = ctx.cfg, ctx.paths, ctx.pair, ctx.studied_layers, ctx.widths
-    token_rows = None
-    src = cfg.sae.source_info
-    hooks = [(la, ctx.hook(la, kind)) for kind in cfg.cache.hook_kinds for la in layers]
+    cfg, paths = ctx.cfg, ctx.paths
+    hooks = [(la, ctx.hook(la, kind)) for kind in cfg.cache.hook_kinds for la in ctx.studied_layers]
     for layer, hook in hooks:
+        jobs = [
+            j
+            for j in _jobs(ctx, layer, hook)
+            if not (
+                (paths.sae_dir(j.label, hook, j.width) / "metrics.json").exists()
+                and (paths.sae_dir(j.label, hook, j.width) / "cfg.json").exists()
+            )
+        ]
+        if not jobs:
+            continue
         # the shared dictionary sees every model of the study (the null model too), so the null
         # pair's differences are encoded by a dictionary that knows its activations as well
         models = load_manifest(paths.cache)["models"]
@@ -41,95 +83,96 @@ def run(ctx: StudyContext) -> None:
         n = acts["base"].shape[0]
         train_idx, eval_idx = _sae_eval_split(n, cfg.seed)
         acts["shared"] = torch.cat([acts[m] for m in models])
-        shared_train = torch.cat([train_idx + i * n for i in range(len(models))])
-        shared_eval = torch.cat([eval_idx + i * n for i in range(len(models))])
-        if hook == ctx.hook(layer):  # the studied kind: every width, per model and shared
-            jobs = [(w, m) for w in widths for m in ("base", "rlhf", "shared")]
-        else:  # another kind: only what its IRM reads (the widest shared and base dictionaries)
-            jobs = [(widths[-1], m) for m in ("base", "shared")]
-        if cfg.sae.wide_topk_k and hook == ctx.hook(layer):
-            jobs.append((ctx.wide_topk_width, ctx.wide_topk_label))
-        for width, model in jobs:
-            data_key = "shared" if model == ctx.wide_topk_label else model
-            out = paths.sae_dir(model, hook, width)
-            metrics_path = out / "metrics.json"
-            if metrics_path.exists() and (out / "cfg.json").exists():
-                continue
-            shared = data_key == "shared"
-            tr, ev = (shared_train, shared_eval) if shared else (train_idx, eval_idx)
-            seed = sae_init_seed(cfg.seed, model, layer, width, hook_kind(hook))
-            tcfg = cfg.sae.training_config(width, seed, cfg.model.device)
-            if model != data_key:  # the wide TopK dictionary of the feature-space comparison
-                # (the fused step is the standard SAE's; TopK trains with sae-lens's)
-                trainer = "auto" if tcfg.trainer == "fused" else tcfg.trainer
-                arch = cfg.sae.wide_topk_architecture
-                tcfg = replace(tcfg, architecture=arch, k=cfg.sae.wide_topk_k, trainer=trainer)
-            given = (
-                src is not None
-                and model == "shared"
-                and (hook, width) == (src.hook_name, src.d_sae)
-            )
-            if given:  # bring your own dictionary: the study reads a copy, trains nothing
-                log(f"sae: shared {hook} width {width} is sae.source {src.path}")
-                _copy_source(src.path, out)
-                tcfg = replace(tcfg, architecture=src.architecture)
-            else:
-                log(
-                    f"sae: training {tcfg.architecture} {model} {hook} width {width} on "
-                    f"{len(tr)} positions"
-                )
-                ckpt = paths.saes / ".checkpoints" / model / hook / str(width)
-                train_sae(acts[data_key][tr], tcfg, hook, model, out_dir=out, checkpoint_dir=ckpt)
-            sae = load_sae(out)
-            m = evaluate_sae(sae, acts[data_key][ev])
-            if token_rows is None:
-                token_rows = load_token_rows(paths.cache)
-            lm = pair.get()["base" if shared else model]
-            n = cfg.sae.ce_eval_rows
-            m.update(
-                ce_loss_recovered(lm, sae, hook, token_rows.tokens[-n:], token_rows.valid[-n:])
-            )
-            row = {
-                "model": model,
-                "layer": layer,
-                "hook": hook,
-                "width": width,
-                "architecture": tcfg.architecture,
-                **({"k": tcfg.k} if tcfg.architecture in ("topk", "batchtopk") else {}),
-                **m,
-                "eval": "held-out 10% of positions; CE on the last ce_eval_rows token rows"
-                + (" with the base model" if shared else ""),
-                **({"source": str(src.path)} if given else {}),
-            }
-            atomic_write_json(metrics_path, row)
-            log(
-                f"sae: {model} L{layer} w{width}: explained variance {m['explained_variance']:.3f}, "
-                f"L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}, CE loss recovered "
-                + (
-                    f"{m['ce_loss_recovered']:.3f}"
-                    if m["ce_loss_recovered"] is not None
-                    else "undefined"
-                )
-            )
-    mmcs_rows = []
-    if len(widths) > 1:
-        for layer, hook in [(la, h) for la, h in hooks if h == ctx.hook(la)]:
-            for model in ("base", "rlhf", "shared"):
-                small = load_sae(paths.sae_dir(model, hook, widths[0]))
-                large = load_sae(paths.sae_dir(model, hook, widths[-1]))
-                mmcs_rows.append(
-                    {
-                        "model": model,
-                        "layer": layer,
-                        "hook": hook,
-                        "small": widths[0],
-                        "large": widths[-1],
-                        "mmcs": mmcs(small.W_dec, large.W_dec),
-                    }
-                )
+        split = {
+            "shared": tuple(
+                torch.cat([idx + i * n for i in range(len(models))])
+                for idx in (train_idx, eval_idx)
+            ),
+            "model": (train_idx, eval_idx),
+        }
+        for job in jobs:
+            tr, ev = split["shared" if job.data == "shared" else "model"]
+            _train_and_evaluate(ctx, job, acts[job.data], tr, ev)
     if cfg.sae.crosscoder != "none":
         train_study_crosscoder(ctx)
-    atomic_write_json(paths.saes / "mmcs.json", mmcs_rows)  # last: marks the stage done
+    atomic_write_json(paths.saes / "mmcs.json", _mmcs_rows(ctx, hooks))  # last: marks it done
+
+
+def _train_and_evaluate(ctx: StudyContext, job: DictionaryJob, acts, tr, ev) -> None:
+    """Train (or copy) one dictionary, then its held-out evals and CE loss recovered."""
+    from irmlens.cache.store import hook_kind, load_token_rows
+    from sae_training.evals import ce_loss_recovered
+    from sae_training.train import evaluate_sae, load_sae, train_sae
+
+    cfg, paths, src = ctx.cfg, ctx.paths, ctx.cfg.sae.source_info
+    out = paths.sae_dir(job.label, job.hook, job.width)
+    seed = sae_init_seed(cfg.seed, job.label, job.layer, job.width, hook_kind(job.hook))
+    tcfg = cfg.sae.training_config(job.width, seed, cfg.model.device)
+    if job.kind == "wide_topk":  # the fused step is the standard SAE's; TopK trains with sae-lens's
+        trainer = "auto" if tcfg.trainer == "fused" else tcfg.trainer
+        arch = cfg.sae.wide_topk_architecture
+        tcfg = replace(tcfg, architecture=arch, k=cfg.sae.wide_topk_k, trainer=trainer)
+    if job.kind == "source":  # bring your own dictionary: the study reads a copy, trains nothing
+        log(f"sae: shared {job.hook} width {job.width} is sae.source {src.path}")
+        _copy_source(src.path, out)
+        tcfg = replace(tcfg, architecture=src.architecture)
+    else:
+        log(
+            f"sae: training {tcfg.architecture} {job.label} {job.hook} width {job.width} on "
+            f"{len(tr)} positions"
+        )
+        ckpt = paths.saes / ".checkpoints" / job.label / job.hook / str(job.width)
+        train_sae(acts[tr], tcfg, job.hook, job.label, out_dir=out, checkpoint_dir=ckpt)
+    sae = load_sae(out)
+    m = evaluate_sae(sae, acts[ev])
+    rows, n = load_token_rows(paths.cache), cfg.sae.ce_eval_rows
+    shared = job.data == "shared"
+    lm = ctx.pair.get()["base" if shared else job.data]
+    m.update(ce_loss_recovered(lm, sae, job.hook, rows.tokens[-n:], rows.valid[-n:]))
+    row = {
+        "model": job.label,
+        "layer": job.layer,
+        "hook": job.hook,
+        "width": job.width,
+        "architecture": tcfg.architecture,
+        **({"k": tcfg.k} if tcfg.architecture in ("topk", "batchtopk") else {}),
+        **m,
+        "eval": "held-out 10% of positions; CE on the last ce_eval_rows token rows"
+        + (" with the base model" if shared else ""),
+        **({"source": str(src.path)} if job.kind == "source" else {}),
+    }
+    atomic_write_json(out / "metrics.json", row)
+    ce = m["ce_loss_recovered"]
+    log(
+        f"sae: {job.label} L{job.layer} w{job.width}: explained variance "
+        f"{m['explained_variance']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}, CE loss "
+        f"recovered {'undefined' if ce is None else f'{ce:.3f}'}"
+    )
+
+
+def _mmcs_rows(ctx: StudyContext, hooks) -> list[dict]:
+    """MMCS between each model's narrowest and widest dictionary at the studied kind's hooks."""
+    from irmlens.diff.matching import mmcs
+    from sae_training.train import load_sae
+
+    widths, rows = ctx.widths, []
+    if len(widths) < 2:
+        return rows
+    for layer, hook in [(la, h) for la, h in hooks if h == ctx.hook(la)]:
+        for model in ("base", "rlhf", "shared"):
+            small = load_sae(ctx.paths.sae_dir(model, hook, widths[0]))
+            large = load_sae(ctx.paths.sae_dir(model, hook, widths[-1]))
+            rows.append(
+                {
+                    "model": model,
+                    "layer": layer,
+                    "hook": hook,
+                    "small": widths[0],
+                    "large": widths[-1],
+                    "mmcs": mmcs(small.W_dec, large.W_dec),
+                }
+            )
+    return rows
 
 
 def _copy_source(source: Path, out: Path) -> None:
