@@ -37,11 +37,12 @@ def cmd_data_fetch(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    from irmlens.checks import check_memory
     from irmlens.config import StudyConfig, load_config
     from irmlens.data.assets import require_assets
     from irmlens.models.pretrain import load_pretrain_metrics
     from irmlens.stages.context import StudyContext
-    from irmlens.stages.models import check_memory, ensure_base_model
+    from irmlens.stages.models import ensure_base_model
 
     cfg = load_config(args.config) if args.config else StudyConfig()
     require_assets()

@@ -1,16 +1,19 @@
 """Allowed values of one config key: each rule says whether a value fits, how to describe what
 does (for the error's fix), and which values sit on its edges (for the loader's fuzz test).
 
-``irmlens.config.RANGES`` declares one rule per key of the study config; the loader checks every
+Each key's rule sits beside its field (``ranged``), in the section's dataclass;
+``irmlens.config.RANGES`` is derived from the fields (``field_rules``), and the loader checks every
 value against it before any section is built, so a bad value fails at load naming the key, the
-value and what would do, instead of minutes into a stage.
+value and what would do, instead of minutes into a stage. Rules that need more than one key are in
+``irmlens.checks``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # 2**31 - 1: sizes above this overflow torch's 32-bit index paths long before they would finish
@@ -198,3 +201,49 @@ class Each(Rule):
 
     def edges(self) -> list[Any]:
         return [[e] for e in self.item.edges()]
+
+
+# ------------------------------------------------------------------ rules beside their fields
+
+
+def ranged(default: Any, rule: Rule, *, new_run: tuple[Rule, str] | None = None) -> Any:
+    """A config field with its allowed values beside it: ``x: int = ranged(5, SIZE)``.
+    ``new_run``: a tighter rule (and why) for a config about to run, not for a finished run's
+    config read back (``irmlens.checks.check_new_run``)."""
+    meta = {"rule": rule} | ({"new_run": new_run} if new_run else {})
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def field_rules(cls: type, prefix: str = "", what: str = "rule") -> dict[str, Any]:
+    """Every ``ranged`` field's rule (or ``new_run`` bound) of dataclass ``cls`` and of its
+    section dataclasses, by dotted key (``rlhf.kl_coef``)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = hints.get(f.name)
+        if dataclasses.is_dataclass(kind):
+            out |= field_rules(kind, f"{prefix}{f.name}.", what)
+        elif what in f.metadata:
+            out[f"{prefix}{f.name}"] = f.metadata[what]
+    return out
+
+
+def check_fields(obj: Any, prefix: str) -> None:
+    """``ValueError`` naming the first field of ``obj`` outside its rule (a section built in code,
+    not loaded from a config, is checked by the same rules)."""
+    for f in dataclasses.fields(obj):
+        rule = f.metadata.get("rule")
+        value = getattr(obj, f.name)
+        if rule is not None and (problem := rule.problem(value)):
+            raise ValueError(f"{prefix}.{f.name} = {value!r} {problem}")
+
+
+# shared rules
+SIZE = Int(1)  # a count or size: 1 or more
+SEED = Int(0, MAX_SEED)
+POSITIVE = Real(0.0, lo_open=True)
+NONNEGATIVE = Real(0.0)

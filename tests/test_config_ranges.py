@@ -9,11 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from irmlens.checks import check_dimensions
 from irmlens.cli import main
 from irmlens.config import (
     RANGES,
     StudyConfig,
-    check_dimensions,
     config_from_dict,
     dump_config,
     load_config,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +20,7 @@ from irmlens.errors import ConfigError
 from irmlens.irm.metrics import kendall_tau, spearman
 from irmlens.irm.ridge import RidgeCVDesign, RidgeModel, fit_ridge, ridge_cv
 from irmlens.irm.spaces import IRM_SPACES
+from irmlens.ranges import SEED, SIZE, Each, Int, OneOf, Real, check_fields, ranged
 from irmlens.rewards.lexicon import MIN_CORPUS_LEXICON_WORDS
 
 DEFAULT_ALPHAS = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
@@ -27,38 +28,42 @@ DEFAULT_ALPHAS = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
 
 @dataclass
 class IRMConfig:
-    heldout_fraction: float = 0.3
-    nonlexicon_ratio: float = 1.0  # non-lexicon positions per lexicon position in the fit set
-    min_word_count: int = 1
-    alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
-    cv_folds: int = 5
-    n_shuffles: int = 10  # permutations for the shuffled-target control
-    sparse_k: int = 32  # features of the sparse (readable) IRM
+    # the share of lexicon words held out for scoring (both sides of the split need words: checked
+    # against the corpus before the run, irmlens.checks)
+    heldout_fraction: float = ranged(
+        0.3,
+        Real(0.0, 1.0, lo_open=True, hi_open=True),
+        new_run=(
+            Real(0.05, 0.95),
+            "both sides of the IRM's word split need words (the split itself is checked against "
+            "the corpus before the run)",
+        ),
+    )
+    # non-lexicon positions per lexicon position in the fit set
+    nonlexicon_ratio: float = ranged(1.0, Real(0.0, 1000.0))
+    min_word_count: int = ranged(1, SIZE)  # occurrences a lexicon word needs to be fitted/scored
+    alphas: list[float] = ranged(DEFAULT_ALPHAS, Each(Real(0.0, 1e12, lo_open=True)))
+    cv_folds: int = ranged(5, Int(2, 100))
+    n_shuffles: int = ranged(10, Int(1, 100_000))  # permutations for the shuffled-target control
+    # features of the sparse (readable) IRM (at most the widest width: irmlens.checks)
+    sparse_k: int = ranged(32, SIZE)
     # feature space of the main IRM: "auto" picks, among the dictionary spaces, the one with the
     # best cross-validated R^2 on the fit words (never the held-out words); or name one
-    space: str = "auto"
-    paper_contexts_per_word: int = 6  # the paper's contrastive estimator: contexts per word
-    seed: int = 0
+    space: str = ranged("auto", OneOf(("auto", *IRM_SPACES)))
+    # the paper's contrastive estimator: contexts per word
+    paper_contexts_per_word: int = ranged(
+        6,
+        SIZE,
+        new_run=(
+            Int(1, 64),
+            "the paper's estimator runs two forward passes per word and context, and averages a "
+            "handful of contexts",
+        ),
+    )
+    seed: int = ranged(0, SEED)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError("irm.heldout_fraction must be between 0 and 1")
-        if self.cv_folds < 2:
-            raise ValueError(f"irm.cv_folds = {self.cv_folds}: cross-validation needs 2 or more")
-        if not self.alphas or any(a <= 0 for a in self.alphas):
-            raise ValueError(
-                f"irm.alphas = {self.alphas}: give one or more positive ridge penalties, "
-                "e.g. [0.1, 1.0, 10.0]"
-            )
-        for name in ("n_shuffles", "sparse_k", "min_word_count", "paper_contexts_per_word"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"irm.{name} = {getattr(self, name)} must be 1 or more")
-        if self.nonlexicon_ratio < 0:
-            raise ValueError(f"irm.nonlexicon_ratio = {self.nonlexicon_ratio} must be >= 0")
-        if self.space != "auto" and self.space not in IRM_SPACES:
-            raise ValueError(
-                f"irm.space = {self.space!r}; choose auto or one of {', '.join(IRM_SPACES)}"
-            )
+        check_fields(self, "irm")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Reward-relevance labels of dictionary features: is a feature related to the reward model
 (``positive`` / ``negative``) or ``unrelated``? The paper asked GPT-4; irmlens has labelers behind
-one interface (``LABELERS``): ``lexicon`` (offline, deterministic: from where a feature fires on the
-cached text and the utilities of the words there) and ``llm`` (an instruction-tuned LM shown the
+one interface (``FeatureLabeler``): ``lexicon`` (offline, deterministic: from where a feature
+fires on the cached text and the utilities of the words there) and ``llm`` (an instruction-tuned LM shown the
 feature's top contexts). Labels are then compared with the features the IRM weights most
 (``irmlens.labels.compare``).
 """

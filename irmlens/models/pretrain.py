@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from irmlens.data.corpus import Review
 from irmlens.io import atomic_dir, atomic_write_json, read_json
+from irmlens.ranges import SEED, SIZE, Int, OneOf, Real, check_fields, ranged
 
 BOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -34,20 +35,26 @@ class PretrainConfig:
     CPU cores. Training runs exactly ``max_steps`` steps on a step-based schedule: what is computed
     never depends on how fast the machine is (a slower one takes longer, to the same model)."""
 
-    vocab_size: int = 4096
+    # byte-level BPE needs 300 or more (irmlens.checks.check_study)
+    vocab_size: int = ranged(4096, Int(16))
     # "bpe" (byte-level BPE) or "word" (one token per whitespace-separated word, unknown words ->
     # <|unk|>): with word tokens every lexicon word in the vocabulary is one token, so the policy
     # can learn a utility per word and the IRM is scored on the unit the RM scores.
-    tokenizer: str = "word"
-    n_layer: int = 4
-    d_model: int = 128
-    n_head: int = 4
-    n_ctx: int = 64
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup_steps: int = 50
-    max_steps: int = 650
-    seed: int = 0
+    tokenizer: str = ranged("word", OneOf(TOKENIZERS))
+    n_layer: int = ranged(4, SIZE)
+    # a multiple of n_head (__post_init__); its memory: irmlens.checks.check_memory
+    d_model: int = ranged(
+        128, SIZE, new_run=(Int(1, 65_536), "the tiny LM's width (its memory is checked too)")
+    )
+    n_head: int = ranged(4, SIZE)
+    n_ctx: int = ranged(
+        64, Int(8), new_run=(Int(8, 65_536), "the tiny LM's positions (its memory is checked too)")
+    )
+    batch_size: int = ranged(64, SIZE)
+    lr: float = ranged(2e-3, Real(0.0, 1.0, lo_open=True))
+    warmup_steps: int = ranged(50, Int(0))
+    max_steps: int = ranged(650, SIZE)
+    seed: int = ranged(0, SEED)
 
     def fingerprint(self, data_id: str) -> str:
         blob = json.dumps(
@@ -56,15 +63,12 @@ class PretrainConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def __post_init__(self) -> None:
-        if self.n_head < 1 or self.d_model % self.n_head:
+        check_fields(self, "pretrain")
+        if self.d_model % self.n_head:
             raise ValueError(
                 f"pretrain.d_model = {self.d_model} is not a multiple of pretrain.n_head = "
                 f"{self.n_head} (each head gets d_model / n_head dimensions): use an n_head that "
                 "divides d_model"
-            )
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(
-                f"pretrain.tokenizer {self.tokenizer!r}; choose one of {sorted(TOKENIZERS)}"
             )
 
 

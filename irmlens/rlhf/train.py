@@ -30,6 +30,7 @@ from irmlens.io import (
     read_jsonl,
     sha256_file,
 )
+from irmlens.ranges import POSITIVE, SEED, SIZE, Int, OneOf, Real, check_fields, ranged
 from irmlens.rlhf.recorder import RewardRecorder, make_metrics_callback
 from irmlens.rlhf.sampling import kl_estimate, sample_completions
 from irmlens.rlhf.signals import lexicon_fraction, repetition_rate
@@ -45,36 +46,52 @@ class RLHFConfig:
     base model. ``kl_coef`` 0.2 keeps a tiny policy within a few nats of its reference; 0.05 let a
     probe's KL reach ~90 nats with the reward pinned at the clip (degenerate text)."""
 
-    algorithm: str = "ppo"
-    reward: str = "lexicon"  # lexicon | shuffled (permuted utilities) | zero (KL only): null pairs
-    steps: int = 100
-    batch_size: int = 64  # completions per update (GRPO/RLOO: prompts x num_generations)
-    mini_batch_size: int = 16  # PPO minibatch
-    ppo_epochs: int = 4
-    num_generations: int = 8  # GRPO/RLOO group size
-    max_completion_length: int = 16
-    max_prompt_tokens: int = 16
-    kl_coef: float = 0.2
-    learning_rate: float = 1e-4
-    temperature: float = 1.0
-    n_train_prompts: int = 2000
-    n_eval_prompts: int = 128
-    prompt_min_words: int = 2
-    prompt_max_words: int = 10
-    checkpoint_every: int = 25
-    sample_every: int = 10
-    logging_steps: int = 1
-    kl_warn_bound: float = 20.0
-    seed: int = 0
+    algorithm: str = ranged("ppo", OneOf(ALGORITHMS))
+    # lexicon | shuffled (permuted utilities) | zero (KL only): null pairs
+    reward: str = ranged("lexicon", OneOf(REWARDS))
+    steps: int = ranged(100, SIZE)
+    # completions per update (GRPO/RLOO: prompts x num_generations; a multiple of
+    # mini_batch_size for PPO, of num_generations for GRPO/RLOO: __post_init__)
+    batch_size: int = ranged(64, SIZE)
+    mini_batch_size: int = ranged(16, SIZE)  # PPO minibatch
+    ppo_epochs: int = ranged(4, SIZE)
+    num_generations: int = ranged(8, SIZE)  # GRPO/RLOO group size (2 or more there)
+    max_completion_length: int = ranged(16, SIZE)
+    max_prompt_tokens: int = ranged(16, SIZE)
+    # the implicit reward is kl_coef x the log-ratio: 0 has none
+    kl_coef: float = ranged(0.2, POSITIVE)
+    learning_rate: float = ranged(1e-4, Real(0.0, 1.0, lo_open=True))
+    temperature: float = ranged(
+        1.0,
+        Real(0.0, 100.0, lo_open=True),
+        new_run=(
+            Real(0.01, 100.0),
+            "sampling at a temperature near 0 divides the logits into infinities, and RLHF "
+            "learns nothing",
+        ),
+    )
+    n_train_prompts: int = ranged(2000, SIZE)  # at least the prompts of one update
+    # the prompts sampled before and after RLHF
+    n_eval_prompts: int = ranged(
+        128,
+        SIZE,
+        new_run=(
+            Int(1, 10_000),
+            "the prompts sampled before and after RLHF: past 10,000 the evaluation outlasts the "
+            "training while the reward's CI hardly narrows",
+        ),
+    )
+    prompt_min_words: int = ranged(2, SIZE)
+    prompt_max_words: int = ranged(10, SIZE)
+    checkpoint_every: int = ranged(25, SIZE)
+    sample_every: int = ranged(10, SIZE)
+    logging_steps: int = ranged(1, SIZE)
+    kl_warn_bound: float = ranged(20.0, POSITIVE)
+    seed: int = ranged(0, SEED)
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"rlhf.algorithm = {self.algorithm!r}; choose one of {ALGORITHMS}")
-        if self.reward not in REWARDS:
-            raise ValueError(f"rlhf.reward = {self.reward!r}; choose one of {REWARDS}")
-        for name in ("batch_size", "mini_batch_size", "n_eval_prompts", "prompt_min_words"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"rlhf.{name} = {getattr(self, name)} must be 1 or more")
+        """Each key's own rule, then the rules that need several of this section's keys."""
+        check_fields(self, "rlhf")
         if self.prompt_min_words > self.prompt_max_words:
             raise ValueError(
                 f"rlhf.prompt_min_words = {self.prompt_min_words} exceeds rlhf.prompt_max_words "
@@ -101,8 +118,6 @@ class RLHFConfig:
                 + (" / num_generations" if self.algorithm != "ppo" else "")
                 + "): raise n_train_prompts or lower batch_size"
             )
-        if min(self.steps, self.checkpoint_every, self.max_completion_length) < 1:
-            raise ValueError("rlhf.steps, checkpoint_every and max_completion_length must be >= 1")
 
 
 def training_reward_model(rm, kind: str, seed: int):

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from irmlens.config import (
-    StudyConfig,
+from irmlens.checks import (
     check_device_exists,
     check_dimensions,
+    check_lexicon_fits_corpus,
+    check_memory,
     check_new_run,
     check_positions,
+    check_study_fits_data,
 )
+from irmlens.config import StudyConfig
 from irmlens.errors import ConfigError
 from irmlens.io import sha256_file
 from irmlens.paths import models_dir
@@ -62,119 +65,6 @@ def cached_model_finished(folder: Path, max_steps: int) -> bool:
     return isinstance(m, dict) and m.get("steps") == max_steps and m.get("finished", True) is True
 
 
-def check_lexicon_fits_corpus(rm, splits) -> dict:
-    """Refuse a lexicon too few of whose words occur in the held-out reviews (the text the IRM is
-    fit and scored on)."""
-    from irmlens.rewards.lexicon import check_lexicon_coverage
-
-    counts = check_lexicon_coverage(rm, [r.text for r in splits.heldout])
-    log(
-        f"lexicon: {counts['n_words_in_corpus']} of its {counts['n_lexicon_words']} words occur "
-        f"in the {counts['n_texts']} held-out reviews"
-    )
-    return counts
-
-
-def check_study_fits_data(ctx: StudyContext) -> None:
-    """The rules that need the corpus, each naming its key: prompts can be cut at
-    ``rlhf.prompt_max_words``; enough lexicon words occur ``irm.min_word_count`` times for the IRM,
-    split by ``irm.heldout_fraction`` with words on both sides; and the tiny LM's word-level
-    vocabulary (``pretrain.vocab_size``) holds enough of them. The counts are over all held-out
-    reviews, more than the cache holds, so what passes here can still fall short at the IRM
-    (which then names the same keys)."""
-    from irmlens.data.corpus import longest_sentence
-    from irmlens.irm.fit import fit_and_heldout_counts
-    from irmlens.rewards.lexicon import MIN_CORPUS_LEXICON_WORDS, lexicon_word_counts
-
-    cfg, splits, r = ctx.cfg, ctx.splits, ctx.cfg.rlhf
-    sources = [("held-out", splits.heldout)]  # the validation stage's prompts
-    if not cfg.model.rlhf:  # RLHF's training and evaluation prompts
-        sources += [("training", splits.train), ("validation", splits.validation)]
-    for label, reviews in sources:
-        longest = longest_sentence(reviews)
-        if longest <= r.prompt_max_words:
-            raise ConfigError(
-                f"rlhf.prompt_max_words = {r.prompt_max_words}: prompts are cut from sentences "
-                f"longer than that, and the longest sentence of the {label} reviews has {longest} "
-                f"words. Lower rlhf.prompt_max_words below {longest}"
-            )
-    if cfg.data.lexicon == "none":
-        return
-    counts = lexicon_word_counts(ctx.rm, [rv.text for rv in splits.heldout])
-    if cfg.model.base == "tiny" and cfg.pretrain.tokenizer == "word":
-        from irmlens.models.pretrain import train_tokenizer
-
-        p = cfg.pretrain
-        vocab = train_tokenizer([rv.text for rv in splits.train], p.vocab_size, "word").get_vocab()
-        known = {w: c for w, c in counts.items() if w in vocab}
-        if len(known) < MIN_CORPUS_LEXICON_WORDS:
-            raise ConfigError(
-                f"pretrain.vocab_size = {p.vocab_size}: the tiny LM's word-level vocabulary (its "
-                f"most frequent training words) holds only {len(known)} lexicon words that occur "
-                f"in the held-out reviews; the IRM needs {MIN_CORPUS_LEXICON_WORDS}. Raise "
-                'pretrain.vocab_size (the default is 4096), or use pretrain.tokenizer = "bpe"'
-            )
-        counts = known
-    i = cfg.irm
-    frequent = sorted((c for c in counts.values() if c >= i.min_word_count), reverse=True)
-    if len(frequent) < MIN_CORPUS_LEXICON_WORDS:
-        top = max(counts.values(), default=0)
-        raise ConfigError(
-            f"irm.min_word_count = {i.min_word_count}: only {len(frequent)} lexicon words occur "
-            f"that often in the held-out reviews (the most frequent, {top} times), and the IRM "
-            f"needs {MIN_CORPUS_LEXICON_WORDS}. Lower irm.min_word_count"
-        )
-    n_fit, n_held, need = fit_and_heldout_counts(len(frequent), i.heldout_fraction, i.cv_folds)
-    if n_fit < need:
-        raise ConfigError(
-            f"irm.heldout_fraction = {i.heldout_fraction} holds out {n_held} of the {len(frequent)} "
-            f"lexicon words the held-out reviews offer, leaving {n_fit} to fit the IRM on (it "
-            f"needs {need}: irm.cv_folds = {i.cv_folds} folds of whole words). Lower "
-            "irm.heldout_fraction"
-        )
-
-
-def check_memory(cfg, d_model: int) -> None:
-    """Refuse sizes whose tensors alone exceed this machine's memory before allocating any: the
-    tiny LM's pretraining (weights, gradients, Adam's two moments, logits and activations of a
-    batch) and the widest dictionary's training (its weights, gradients and Adam's moments: 32
-    bytes per weight; a crosscoder has an encoder and a decoder per model)."""
-    from irmlens.allocator import physical_memory
-    from irmlens.models.pretrain import pretrain_bytes
-
-    total = physical_memory()
-    if total is None:
-        return
-    if cfg.model.base == "tiny":
-        need = pretrain_bytes(cfg.pretrain)
-        if need > total:
-            p = cfg.pretrain
-            raise ConfigError(
-                f"pretrain.d_model = {p.d_model}, pretrain.n_ctx = {p.n_ctx}, pretrain.n_layer = "
-                f"{p.n_layer}, pretrain.vocab_size = {p.vocab_size} and pretrain.batch_size = "
-                f"{p.batch_size} need about {need / 2**30:.1f} GiB to pretrain, more than this "
-                f"machine's {total / 2**30:.1f} GiB: lower them"
-            )
-    s = cfg.sae
-    n_models = 3 if cfg.null.reward != "none" or cfg.model.null else 2
-    sizes = {
-        "sae.width_multipliers": max(s.width_multipliers) * d_model * d_model,
-        "sae.wide_topk_multiplier": (s.wide_topk_multiplier or max(s.width_multipliers))
-        * d_model
-        * d_model,
-    }
-    if s.crosscoder != "none":
-        cc = (s.crosscoder_multiplier or max(s.width_multipliers)) * d_model
-        sizes["sae.crosscoder_multiplier"] = 2 * n_models * cc * d_model
-    key, weights = max(sizes.items(), key=lambda kv: kv[1])
-    if 32 * weights > total:
-        raise ConfigError(
-            f"{key}: the widest dictionary over d_model {d_model} has {weights:.3g} weights, "
-            f"whose training state takes about {32 * weights / 2**30:.1f} GiB, more than this "
-            f"machine's {total / 2**30:.1f} GiB: lower {key}"
-        )
-
-
 def model_dimensions(folder: Path, trust_remote_code: bool = False) -> tuple[int, int, int | None]:
     """(d_model, n_layer, positions or None) of an HF folder from its config alone, without
     loading the weights (transformers' ``AutoConfig`` maps each architecture's names, as the
@@ -210,8 +100,12 @@ def check(ctx: StudyContext) -> None:
             f"{cfg.data.n_heldout}: {e}; lower them"
         ) from None
     if cfg.data.lexicon != "none":  # RM-free: the target is read off the pair (stage target)
-        check_lexicon_fits_corpus(ctx.rm, ctx.splits)
-    check_study_fits_data(ctx)
+        counts = check_lexicon_fits_corpus(ctx.rm, ctx.splits)
+        log(
+            f"lexicon: {counts['n_words_in_corpus']} of its {counts['n_lexicon_words']} words "
+            f"occur in the {counts['n_texts']} held-out reviews"
+        )
+    check_study_fits_data(cfg, ctx.rm, ctx.splits)
     trust = cfg.model.trust_remote_code
     d_model = cfg.pretrain.d_model
     if cfg.model.base != "tiny":
