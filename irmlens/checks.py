@@ -117,16 +117,16 @@ def check_dimensions(cfg: StudyConfig, d_model: int, n_layer: int, model: str) -
             f"sae.k = {s.k} exceeds the narrowest dictionary's width {widths[0]} (d_model "
             f"{d_model} x {min(s.width_multipliers):g}, {model}): lower sae.k"
         )
-    topk_width = int(s.wide_topk_multiplier * d_model) if s.wide_topk_multiplier else widths[-1]
-    if s.wide_topk_k and topk_width < 1:
+    topk_width = int(s.wide_topk.multiplier * d_model) if s.wide_topk.multiplier else widths[-1]
+    if s.wide_topk.k and topk_width < 1:
         raise ConfigError(
-            f"sae.wide_topk_multiplier = {s.wide_topk_multiplier} gives a TopK dictionary of width "
+            f"sae.wide_topk.multiplier = {s.wide_topk.multiplier} gives a TopK dictionary of width "
             f"{topk_width} for d_model {d_model} ({model}): raise it (0: the widest width)"
         )
-    if s.wide_topk_k > topk_width:
+    if s.wide_topk.k > topk_width:
         raise ConfigError(
-            f"sae.wide_topk_k = {s.wide_topk_k} exceeds the wide TopK dictionary's width "
-            f"{topk_width} ({model}): lower sae.wide_topk_k"
+            f"sae.wide_topk.k = {s.wide_topk.k} exceeds the wide TopK dictionary's width "
+            f"{topk_width} ({model}): lower sae.wide_topk.k"
         )
     src = s.source_info
     if src is not None:
@@ -147,12 +147,12 @@ def check_dimensions(cfg: StudyConfig, d_model: int, n_layer: int, model: str) -
                 f"use multipliers <= {src.d_sae / d_model:.4g}"
             )
         widths = sorted({*widths, src.d_sae})
-    cc_width = int(s.crosscoder_multiplier * d_model) if s.crosscoder_multiplier else widths[-1]
-    if s.crosscoder != "none" and not 1 <= s.crosscoder_k <= cc_width:
+    cc_width = int(s.crosscoder.multiplier * d_model) if s.crosscoder.multiplier else widths[-1]
+    if s.crosscoder.architecture != "none" and not 1 <= s.crosscoder.k <= cc_width:
         raise ConfigError(
-            f"sae.crosscoder_k = {s.crosscoder_k} exceeds the crosscoder's width {cc_width} "
-            f"(d_model {d_model}, {model}): lower sae.crosscoder_k or raise "
-            "sae.crosscoder_multiplier"
+            f"sae.crosscoder.k = {s.crosscoder.k} exceeds the crosscoder's width {cc_width} "
+            f"(d_model {d_model}, {model}): lower sae.crosscoder.k or raise "
+            "sae.crosscoder.multiplier"
         )
     for key, k in (("irm.sparse_k", cfg.irm.sparse_k),):
         if k > widths[-1]:
@@ -222,13 +222,13 @@ def check_memory(cfg, d_model: int) -> None:
     n_models = 3 if cfg.null.reward != "none" or cfg.model.null else 2
     sizes = {
         "sae.width_multipliers": max(s.width_multipliers) * d_model * d_model,
-        "sae.wide_topk_multiplier": (s.wide_topk_multiplier or max(s.width_multipliers))
+        "sae.wide_topk.multiplier": (s.wide_topk.multiplier or max(s.width_multipliers))
         * d_model
         * d_model,
     }
-    if s.crosscoder != "none":
-        cc = (s.crosscoder_multiplier or max(s.width_multipliers)) * d_model
-        sizes["sae.crosscoder_multiplier"] = 2 * n_models * cc * d_model
+    if s.crosscoder.architecture != "none":
+        cc = (s.crosscoder.multiplier or max(s.width_multipliers)) * d_model
+        sizes["sae.crosscoder.multiplier"] = 2 * n_models * cc * d_model
     key, weights = max(sizes.items(), key=lambda kv: kv[1])
     if 32 * weights > total:
         raise ConfigError(

@@ -115,6 +115,36 @@ class CacheConfig:
 
 
 @dataclass
+class WideTopKConfig:
+    """``[sae.wide_topk]``: a wider, less sparse shared dictionary for the IRM feature-space
+    comparison (real-model studies use 4x-16x beside the paper's L1 at 1x and 2x), trained with
+    the ``[sae]`` settings."""
+
+    k: int = ranged(64, Int(0))  # its k (0: no such dictionary; else at most its width)
+    multiplier: float = ranged(0.0, Real(0.0, 1024.0))  # width / d_model (0: the widest width)
+    architecture: str = ranged("topk", OneOf(("topk", "batchtopk")))
+
+    def __post_init__(self) -> None:
+        check_fields(self, "sae.wide_topk")
+
+
+@dataclass
+class CrosscoderStageConfig:
+    """``[sae.crosscoder]``: a crosscoder over every cached model at the IRM layer (see
+    sae_training/crosscoder.py), beside the shared and paired SAEs: its latents are tagged by
+    relative decoder norm and latent scaling (stage diff) and form IRM comparison spaces. Trained
+    with ``sae.lr``, ``batch_size``, ``epochs``."""
+
+    architecture: str = ranged("batchtopk", OneOf(("none", *CROSSCODER_ARCHITECTURES)))
+    k: int = ranged(32, SIZE)  # at most its width (irmlens.checks)
+    multiplier: float = ranged(0.0, Real(0.0, 1024.0))  # width / d_model (0: the widest width)
+    l1_coefficient: float = ranged(0.041, POSITIVE)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "sae.crosscoder")
+
+
+@dataclass
 class SAEStageConfig:
     """SAEs per model (base, rlhf) and one shared SAE on all models' activations (base, rlhf and
     the null model when there is one), per studied layer and per width (``width_multipliers`` x
@@ -131,38 +161,27 @@ class SAEStageConfig:
     epochs: float = ranged(4.0, Real(0.0, 10_000.0, lo_open=True))
     n_checkpoints: int = ranged(2, Int(0, 1000))
     ce_eval_rows: int = ranged(64, SIZE)  # token rows used for CE loss recovered
-    # A wider, less sparse shared dictionary for the IRM feature-space comparison: TopK with this
-    # k (0: none), its width in multiples of d_model (0: the widest of width_multipliers) and its
-    # kind: real-model studies use 4x-16x beside the paper's L1 at 1x and 2x
-    wide_topk_k: int = ranged(64, Int(0))
-    wide_topk_multiplier: float = ranged(0.0, Real(0.0, 1024.0))
-    wide_topk_architecture: str = ranged("topk", OneOf(("topk", "batchtopk")))
     # Bring your own dictionary: a SAELens SAE folder used as the study's shared dictionary at
     # its hook (which becomes the IRM layer, and is studied whatever the layer ranking says)
     # instead of training one; its width is the study's widest. "" (the default): train one.
     source: str = ranged("", Text())
-    # A crosscoder over every cached model at the IRM layer (none | batchtopk | l1; see
-    # sae_training/crosscoder.py), beside the shared and paired SAEs: its latents are tagged by
-    # relative decoder norm and latent scaling (stage diff) and form IRM comparison spaces.
-    # Width: crosscoder_multiplier x d_model (0: the widest width); sae.lr, batch_size, epochs.
-    crosscoder: str = ranged("batchtopk", OneOf(("none", *CROSSCODER_ARCHITECTURES)))
-    crosscoder_k: int = ranged(32, SIZE)
-    crosscoder_multiplier: float = ranged(0.0, Real(0.0, 1024.0))
-    crosscoder_l1_coefficient: float = ranged(0.041, POSITIVE)
     # auto | fused | sparse | sae-lens (sae_training.train.SAETrainingConfig)
     trainer: str = ranged("auto", OneOf(TRAINERS))
     # input normalisation of every dictionary: "expected_average_only_in" (scale to norm
     # sqrt(d_in)), "covariance_whitening" (PCA whitening, so low-variance directions, where
     # RLHF's change lies in the tiny default, get features too; see docs/concepts.md) or "none"
     normalize: str = ranged("expected_average_only_in", OneOf(NORMALIZATIONS))
+    # the other dictionary kinds, each its own table: [sae.wide_topk], [sae.crosscoder]
+    wide_topk: WideTopKConfig = field(default_factory=lambda: WideTopKConfig())
+    crosscoder: CrosscoderStageConfig = field(default_factory=lambda: CrosscoderStageConfig())
 
     def __post_init__(self) -> None:
         """The rules that need several of this section's keys: the trainers' own checks, at load;
         and a ``source`` folder that is not a SAELens SAE fails here."""
         check_fields(self, "sae")
         self.training_config(1, 0, "cpu")
-        if self.crosscoder != "none":
-            self.crosscoder_config(self.crosscoder_k, 0, "cpu")
+        if self.crosscoder.architecture != "none":
+            self.crosscoder_config(self.crosscoder.k, 0, "cpu")
         _ = self.source_info
 
     @cached_property
@@ -181,9 +200,9 @@ class SAEStageConfig:
     def crosscoder_config(self, width: int, seed: int, device: str) -> CrosscoderConfig:
         return CrosscoderConfig(
             width=width,
-            architecture=self.crosscoder,
-            k=self.crosscoder_k,
-            l1_coefficient=self.crosscoder_l1_coefficient,
+            architecture=self.crosscoder.architecture,
+            k=self.crosscoder.k,
+            l1_coefficient=self.crosscoder.l1_coefficient,
             lr=self.lr,
             batch_size=self.batch_size,
             epochs=self.epochs,
@@ -290,13 +309,51 @@ NEW_RUN_LIMITS: dict[str, tuple[Rule, str]] = field_rules(StudyConfig, what="new
 
 # Keys irmlens no longer reads: a config (or a run folder's config.toml) that has one still loads,
 # with a warning saying why it is ignored.
+# Keys that moved (flat [sae] keys into their dictionary kind's table): a config (or a finished
+# run's config.toml) that spells one the old way still loads, with a warning naming the new key.
+RENAMED_KEYS = {
+    "sae.wide_topk_k": "sae.wide_topk.k",
+    "sae.wide_topk_multiplier": "sae.wide_topk.multiplier",
+    "sae.wide_topk_architecture": "sae.wide_topk.architecture",
+    "sae.crosscoder_k": "sae.crosscoder.k",
+    "sae.crosscoder_multiplier": "sae.crosscoder.multiplier",
+    "sae.crosscoder_l1_coefficient": "sae.crosscoder.l1_coefficient",
+}
+
 REMOVED_KEYS = {
     "pretrain.time_budget_s": "pretraining runs exactly pretrain.max_steps steps on every machine "
     "(a wall-clock budget made the model depend on the machine's speed)",
 }
 
 
+def _renamed(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` with keys that moved (``RENAMED_KEYS``) put where they live now, each with a
+    warning; ``sae.crosscoder = "<architecture>"`` becomes ``[sae.crosscoder] architecture``."""
+    import warnings
+
+    values = dict(values)
+    if where == "sae." and isinstance(values.get("crosscoder"), str):
+        warnings.warn(
+            'config key sae.crosscoder = "..." is now sae.crosscoder.architecture '
+            "(a [sae.crosscoder] table)",
+            stacklevel=3,
+        )
+        values["crosscoder"] = {"architecture": values["crosscoder"]}
+    for old, new in RENAMED_KEYS.items():
+        section, name = old.rsplit(".", 1)
+        if f"{section}." != where or name not in values:
+            continue
+        warnings.warn(f"config key {old} is now {new}", stacklevel=3)
+        table, key = new[len(where) :].split(".")
+        sub = values.setdefault(table, {})
+        if not isinstance(sub, dict) or key in sub:
+            raise ConfigError(f"{old} and {new} both given: keep {new}")
+        sub[key] = values.pop(name)
+    return values
+
+
 def _build(cls, values: dict[str, Any], where: str):
+    values = _renamed(values, where)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for k in [k for k in values if f"{where}{k}" in REMOVED_KEYS and k not in known]:
         import warnings
@@ -378,6 +435,8 @@ _SECTIONS = {
         LayersConfig,
         CacheConfig,
         SAEStageConfig,
+        WideTopKConfig,
+        CrosscoderStageConfig,
         DiffConfig,
         IRMConfig,
         ValidateConfig,
@@ -446,9 +505,16 @@ def _toml_value(v: Any) -> str:
 
 def dump_config(cfg: StudyConfig) -> str:
     """The resolved config as TOML (scalars first, then one table per section)."""
-    d = cfg.to_dict()
-    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    lines: list[str] = []
+
+    def table(name: str, d: dict) -> None:
+        lines.extend(
+            (["", f"[{name}]"] if name else [])
+            + [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+        )
+        for k, v in d.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}" if name else k, v)
+
+    table("", cfg.to_dict())
     return "\n".join(lines) + "\n"

@@ -216,7 +216,7 @@ def planted_run(planted, tmp_path_factory):
                 "width_multipliers": [2, 4],
                 "batch_size": 256,
                 "epochs": 3.0,
-                "wide_topk_k": 32,
+                "wide_topk": {"k": 32},
                 "ce_eval_rows": 16,
             },
             "irm": {"n_shuffles": 3, "paper_contexts_per_word": 3},

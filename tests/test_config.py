@@ -71,8 +71,8 @@ def test_numbers_of_either_kind_where_a_float_is_expected():
     "values, message",
     [
         (
-            {"irm": {"space": "topk_wide_codes"}, "sae": {"wide_topk_k": 0}},
-            r"irm\.space = 'topk_wide_codes' needs the wide TopK.*set sae\.wide_topk_k >= 1",
+            {"irm": {"space": "topk_wide_codes"}, "sae": {"wide_topk": {"k": 0}}},
+            r"irm\.space = 'topk_wide_codes' needs the wide TopK.*set sae\.wide_topk\.k >= 1",
         ),
         (
             {"irm": {"space": "multi_layer_pre"}, "layers": {"top_k": 1}},
@@ -93,3 +93,25 @@ def test_a_removed_key_of_an_older_run_still_loads_with_a_warning():
     with pytest.warns(UserWarning, match=r"pretrain\.time_budget_s is ignored"):
         cfg = config_from_dict({"pretrain": {"time_budget_s": 450.0, "max_steps": 7}})
     assert cfg.pretrain.max_steps == 7
+
+
+def test_the_flat_dictionary_keys_of_earlier_configs_load_into_their_kinds_tables():
+    """Issue 29: the wide TopK and crosscoder settings moved into [sae.wide_topk] and
+    [sae.crosscoder]; a config (or a finished run's config.toml) that spells them the old way
+    still loads, warning with the new key, and giving both spellings is refused."""
+    import warnings
+
+    old = {"sae": {"wide_topk_k": 8, "crosscoder": "l1", "crosscoder_l1_coefficient": 0.5}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = config_from_dict(old, check_device=False)
+    said = " ".join(str(w.message) for w in caught)
+    assert "sae.wide_topk.k" in said and "sae.crosscoder.architecture" in said
+    assert cfg.sae.wide_topk.k == 8 and cfg.sae.crosscoder.architecture == "l1"
+    assert cfg.sae.crosscoder.l1_coefficient == 0.5
+    new = {
+        "sae": {"wide_topk": {"k": 8}, "crosscoder": {"architecture": "l1", "l1_coefficient": 0.5}}
+    }
+    assert config_from_dict(new, check_device=False) == cfg
+    with pytest.raises(ConfigError, match=r"sae\.wide_topk_k and sae\.wide_topk\.k both given"):
+        config_from_dict({"sae": {"wide_topk_k": 8, "wide_topk": {"k": 4}}}, check_device=False)

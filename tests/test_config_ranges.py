@@ -53,7 +53,7 @@ BAD = [
     ("sae.epochs", inf),
     ("sae.k", 0),
     ("sae.k", 1000),  # > the narrowest width (2 x 128)
-    ("sae.wide_topk_k", 100_000),
+    ("sae.wide_topk.k", 100_000),
     ("cache.batch_size", 0),
     ("cache.n_ctx", 1),
     ("cache.shard_rows", 0),
@@ -85,8 +85,13 @@ BAD = [
 
 
 def _nested(key, value):
-    section, _, name = key.rpartition(".")
-    return {section: {name: value}} if section else {name: value}
+    """``{"a": {"b": {"c": value}}}`` for key ``a.b.c``."""
+    *tables, name = key.split(".")
+    out = inner = {}
+    for t in tables:
+        inner = inner.setdefault(t, {})
+    inner[name] = value
+    return out
 
 
 @pytest.mark.parametrize("key, value", BAD, ids=[f"{k}={v!r}" for k, v in BAD])
@@ -193,8 +198,10 @@ def _configs(draw):
     for key in draw(st.lists(st.sampled_from(sorted(RANGES)), min_size=1, max_size=6)):
         edges = RANGES[key].edges()
         choice = st.one_of(st.sampled_from(edges), _VALUES) if edges else _VALUES
-        section, _, name = key.rpartition(".")
-        target = values.setdefault(section, {}) if section else values
+        *tables, name = key.split(".")
+        target = values
+        for t in tables:
+            target = target.setdefault(t, {}) if isinstance(target, dict) else None
         if isinstance(target, dict):
             target[name] = draw(choice)
     if draw(st.booleans()) and draw(st.booleans()):

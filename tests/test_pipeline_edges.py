@@ -56,7 +56,9 @@ batch_size = 1
 epochs = 0.01
 n_checkpoints = 0
 ce_eval_rows = 1
-wide_topk_k = 1
+
+[sae.wide_topk]
+k = 1
 
 [diff]
 threshold = 0.0
@@ -93,9 +95,13 @@ def test_the_micro_study_runs_to_a_report_with_keys_at_their_edges(micro_base, t
     micro = (ROOT / "tests/micro.toml").read_text()
     text = micro.split("[rlhf]")[0].replace('name = "micro"', 'name = "micro-edges"') + EDGES
     values = tomllib.loads(text)
-    for section, table in values.items():
-        for key, v in table.items() if isinstance(table, dict) else ():
-            assert RANGES[f"{section}.{key}"].problem(v) is None, (section, key)  # all in range
+
+    def leaves(table: dict, where: str = ""):
+        for key, v in table.items():
+            yield from leaves(v, f"{where}{key}.") if isinstance(v, dict) else [(where + key, v)]
+
+    for key, v in leaves(values):
+        assert RANGES[key].problem(v) is None, key  # all in range
     cfg = tmp_path / "edges.toml"
     cfg.write_text(text)
     out = tmp_path / "run"

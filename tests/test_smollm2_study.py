@@ -48,7 +48,7 @@ def test_the_smollm2_study_runs_to_its_report_at_reduced_size(tmp_path, assets):
     assert list(r["irm"]["hook_kinds"]) == kinds
     assert r["irm"]["hook"].endswith(f"hook_{kinds[0]}")
     archs = {(s["model"], s["architecture"], s["width"]) for s in r["saes"]}
-    topk_width = int(values["sae"]["wide_topk_multiplier"] * 576)
+    topk_width = int(values["sae"]["wide_topk"]["multiplier"] * 576)
     assert ("shared", "standard", 576) in archs and ("shared", "standard", 1152) in archs
     assert any(w == topk_width and a in ("topk", "batchtopk") for _, a, w in archs)
     cc = r["crosscoder"]  # over base, RLHF and null at the IRM layer

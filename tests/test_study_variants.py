@@ -140,7 +140,12 @@ def test_a_saelens_sae_given_as_sae_source_is_the_studys_shared_dictionary(micro
     args += ["--hook", hook, "--width", "3x", "--epochs", "2", "--batch-size", "256"]
     assert sae_train([*args, "--out", str(folder)]) == 0
     assert SAE.load_from_disk(str(folder)).cfg.d_sae == 192
-    sae = {"source": str(folder), "width_multipliers": [1], "crosscoder": "none", "wide_topk_k": 0}
+    sae = {
+        "source": str(folder),
+        "width_multipliers": [1],
+        "crosscoder": {"architecture": "none"},
+        "wide_topk": {"k": 0},
+    }
     cfg = _variant(micro_run, tmp_path, sae=sae, irm={"n_shuffles": 1})
     run = tmp_path / "byo"
     assert main(["run", str(cfg), "--out", str(run)]) == 0

@@ -127,17 +127,17 @@ def _crosscoder_view(view: str):
 
 
 def _wide_topk_unmet(cfg) -> str | None:
-    if cfg.sae.wide_topk_k == 0:
+    if cfg.sae.wide_topk.k == 0:
         return (
-            "needs the wide TopK dictionary, but sae.wide_topk_k = 0 (none): set "
-            "sae.wide_topk_k >= 1 (e.g. 64)"
+            "needs the wide TopK dictionary, but sae.wide_topk.k = 0 (none): set "
+            "sae.wide_topk.k >= 1 (e.g. 64)"
         )
     return None
 
 
 def _crosscoder_unmet(cfg) -> str | None:
-    if cfg.sae.crosscoder == "none":
-        return 'needs the crosscoder, but sae.crosscoder = "none": set it to batchtopk or l1'
+    if cfg.sae.crosscoder.architecture == "none":
+        return 'needs the crosscoder, but sae.crosscoder.architecture = "none": set it to batchtopk or l1'
     return None
 
 

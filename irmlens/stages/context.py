@@ -179,14 +179,14 @@ class StudyContext:
 
     @property
     def wide_topk_width(self) -> int:
-        """The wide TopK dictionary's width (``sae.wide_topk_multiplier`` x d_model, or the
+        """The wide TopK dictionary's width (``sae.wide_topk.multiplier`` x d_model, or the
         widest width)."""
-        return self._width_or_widest(self.cfg.sae.wide_topk_multiplier)
+        return self._width_or_widest(self.cfg.sae.wide_topk.multiplier)
 
     @property
     def crosscoder_width(self) -> int:
-        """The crosscoder's width (``sae.crosscoder_multiplier`` x d_model, or the widest)."""
-        return self._width_or_widest(self.cfg.sae.crosscoder_multiplier)
+        """The crosscoder's width (``sae.crosscoder.multiplier`` x d_model, or the widest)."""
+        return self._width_or_widest(self.cfg.sae.crosscoder.multiplier)
 
     def _width_or_widest(self, multiplier: float) -> int:
         """``multiplier`` x d_model, or (0) the widest dictionary width."""
@@ -257,4 +257,4 @@ class StudyContext:
     @property
     def wide_topk_label(self) -> str:
         """The folder name (under ``saes/``) of the wide TopK dictionary."""
-        return f"shared-{self.cfg.sae.wide_topk_architecture}{self.cfg.sae.wide_topk_k}"
+        return f"shared-{self.cfg.sae.wide_topk.architecture}{self.cfg.sae.wide_topk.k}"

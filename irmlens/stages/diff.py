@@ -33,7 +33,7 @@ def run(ctx: StudyContext) -> None:
             for r in per_layer.values()
         ]
     }
-    if ctx.cfg.sae.crosscoder != "none":
+    if ctx.cfg.sae.crosscoder.architecture != "none":
         staged[paths.diff / "crosscoder.json"] = json.dumps(_crosscoder(ctx))
     for path, text in staged.items():
         atomic_write_text(path, text)

@@ -50,7 +50,7 @@ def _jobs(ctx: StudyContext, layer: int, hook: str) -> list[DictionaryJob]:
             src is not None and model == "shared" and (hook, width) == (src.hook_name, src.d_sae)
         )
         jobs.append(DictionaryJob(model, layer, hook, width, model, "source" if given else "sae"))
-    if cfg.sae.wide_topk_k and studied:
+    if cfg.sae.wide_topk.k and studied:
         label, width = ctx.wide_topk_label, ctx.wide_topk_width
         jobs.append(DictionaryJob(label, layer, hook, width, "shared", "wide_topk"))
     return jobs
@@ -93,7 +93,7 @@ def run(ctx: StudyContext) -> None:
         for job in jobs:
             tr, ev = split["shared" if job.data == "shared" else "model"]
             _train_and_evaluate(ctx, job, acts[job.data], tr, ev)
-    if cfg.sae.crosscoder != "none":
+    if cfg.sae.crosscoder.architecture != "none":
         train_study_crosscoder(ctx)
     atomic_write_json(paths.saes / "mmcs.json", _mmcs_rows(ctx, hooks))  # last: marks it done
 
@@ -110,8 +110,8 @@ def _train_and_evaluate(ctx: StudyContext, job: DictionaryJob, acts, tr, ev) -> 
     tcfg = cfg.sae.training_config(job.width, seed, cfg.model.device)
     if job.kind == "wide_topk":  # the fused step is the standard SAE's; TopK trains with sae-lens's
         trainer = "auto" if tcfg.trainer == "fused" else tcfg.trainer
-        arch = cfg.sae.wide_topk_architecture
-        tcfg = replace(tcfg, architecture=arch, k=cfg.sae.wide_topk_k, trainer=trainer)
+        arch = cfg.sae.wide_topk.architecture
+        tcfg = replace(tcfg, architecture=arch, k=cfg.sae.wide_topk.k, trainer=trainer)
     if job.kind == "source":  # bring your own dictionary: the study reads a copy, trains nothing
         log(f"sae: shared {job.hook} width {job.width} is sae.source {src.path}")
         _copy_source(src.path, out)
