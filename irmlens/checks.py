@@ -84,8 +84,9 @@ def check_new_run(cfg: StudyConfig) -> None:
     from irmlens.ranges import field_rules
 
     for key, (rule, why) in field_rules(type(cfg), what="new_run").items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
         problem = rule.problem(value)
         if problem:
             raise ConfigError(f"{key} = {value!r} {problem}: {why}")
@@ -250,7 +251,8 @@ def check_lexicon_fits_corpus(rm, splits) -> dict:
 
 
 def check_study_fits_data(cfg: StudyConfig, rm, splits) -> None:
-    """The rules that need the corpus, each naming its key: prompts can be cut at
+    """The rules that need the corpus (``rm``: the reward model; None in an RM-free study, whose
+    lexicon rules do not apply), each naming its key: prompts can be cut at
     ``rlhf.prompt_max_words``; enough lexicon words occur ``irm.min_word_count`` times for the IRM,
     split by ``irm.heldout_fraction`` with words on both sides; and the tiny LM's word-level
     vocabulary (``pretrain.vocab_size``) holds enough of them. The counts are over all held-out
@@ -272,7 +274,7 @@ def check_study_fits_data(cfg: StudyConfig, rm, splits) -> None:
                 f"longer than that, and the longest sentence of the {label} reviews has {longest} "
                 f"words. Lower rlhf.prompt_max_words below {longest}"
             )
-    if cfg.data.lexicon == "none":
+    if rm is None:
         return
     counts = lexicon_word_counts(rm, [rv.text for rv in splits.heldout])
     if cfg.model.base == "tiny" and cfg.pretrain.tokenizer == "word":

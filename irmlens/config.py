@@ -51,6 +51,9 @@ class DataConfig:
     n_heldout: int = ranged(150, SIZE)
     seed: int = ranged(0, SEED)
 
+    def __post_init__(self) -> None:
+        check_fields(self, "data")
+
 
 @dataclass
 class ModelConfig:
@@ -67,6 +70,9 @@ class ModelConfig:
     # ``auto_map``). Off: such a folder is refused before anything loads it, whatever its name.
     trust_remote_code: bool = ranged(False, Flag())
 
+    def __post_init__(self) -> None:
+        check_fields(self, "model")
+
 
 @dataclass
 class NullConfig:
@@ -76,6 +82,9 @@ class NullConfig:
     result any fine-tuning of this size would give."""
 
     reward: str = ranged("shuffled", OneOf(("shuffled", "zero", "none")))  # none: no null pair
+
+    def __post_init__(self) -> None:
+        check_fields(self, "null")
 
 
 @dataclass
@@ -92,12 +101,18 @@ class DiffConfig:
     # feature cards in the report (most divergent + the sparse IRM's features)
     n_cards: int = ranged(24, Int(0))
 
+    def __post_init__(self) -> None:
+        check_fields(self, "diff")
+
 
 @dataclass
 class LayersConfig:
     # layers studied, most changed first (at most the model's layers: irmlens.checks)
     top_k: int = ranged(1, SIZE)
     relative: bool = ranged(True, Flag())  # rank by change relative to the base's weights
+
+    def __post_init__(self) -> None:
+        check_fields(self, "layers")
 
 
 @dataclass
@@ -112,6 +127,9 @@ class CacheConfig:
     # "mlp_out")
     hook_kinds: list[str] = ranged(["resid_post"], Each(OneOf(tuple(HOOK_KINDS)), unique=True))
     shard_rows: int = ranged(256, SIZE)  # token rows per shard
+
+    def __post_init__(self) -> None:
+        check_fields(self, "cache")
 
 
 @dataclass
@@ -252,6 +270,9 @@ class ValidateConfig:
     # beside matched random latents (needs sae.crosscoder)
     crosscoder: bool = ranged(True, Flag())
 
+    def __post_init__(self) -> None:
+        check_fields(self, "validate")
+
 
 @dataclass
 class LabelsConfig:
@@ -267,6 +288,9 @@ class LabelsConfig:
     n_contexts: int = ranged(8, Int(1, 100))  # top contexts shown per feature
     # what the LLM is told the reward model rewards (empty: a sentence made from the lexicon)
     reward_description: str = ranged("", Text())
+
+    def __post_init__(self) -> None:
+        check_fields(self, "labels")
 
 
 @dataclass
@@ -289,6 +313,7 @@ class StudyConfig:
     def __post_init__(self) -> None:
         from irmlens.checks import check_study
 
+        check_fields(self, "")
         check_study(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -345,11 +370,43 @@ def _renamed(values: dict[str, Any], where: str) -> dict[str, Any]:
             continue
         warnings.warn(f"config key {old} is now {new}", stacklevel=3)
         table, key = new[len(where) :].split(".")
-        sub = values.setdefault(table, {})
-        if not isinstance(sub, dict) or key in sub:
+        sub = values.get(table, {})
+        if not isinstance(sub, dict):
+            raise ConfigError(f"[{where}{table}] must be a table")
+        if key in sub:
             raise ConfigError(f"{old} and {new} both given: keep {new}")
-        sub[key] = values.pop(name)
+        values[table] = {**sub, key: values.pop(name)}  # a copy: the caller's dict is kept
     return values
+
+
+def same_study_respelled(text: str, cfg: StudyConfig) -> bool:
+    """Is ``text`` (a run folder's config.toml) ``cfg`` written with keys that have since moved
+    (``RENAMED_KEYS``)? Only when it spells out every key this version has, so that a run made
+    before a key existed (whose default might not be what it ran with) is not taken for it."""
+    import warnings
+
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return False
+
+    def leaves(d: dict, where: str = "") -> set[str]:
+        out = set()
+        for k, v in d.items():
+            key = RENAMED_KEYS.get(f"{where}{k}", f"{where}{k}")
+            if key == "sae.crosscoder" and isinstance(v, str):
+                key = "sae.crosscoder.architecture"
+            out |= leaves(v, f"{key}.") if isinstance(v, dict) else {key}
+        return out
+
+    if leaves(values) - set(REMOVED_KEYS) != set(RANGES):
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return config_from_dict(values, check_device=False, new_run=False) == cfg
+        except ConfigError:
+            return False
 
 
 def _build(cls, values: dict[str, Any], where: str):

@@ -239,7 +239,8 @@ def check_fields(obj: Any, prefix: str) -> None:
         rule = f.metadata.get("rule")
         value = getattr(obj, f.name)
         if rule is not None and (problem := rule.problem(value)):
-            raise ValueError(f"{prefix}.{f.name} = {value!r} {problem}")
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            raise ValueError(f"{key} = {value!r} {problem}")
 
 
 # shared rules

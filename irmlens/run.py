@@ -197,6 +197,10 @@ def claim_run_dir(paths: RunPaths, cfg) -> None:
     cfg_text = dump_config(cfg)
     if paths.config.exists():
         same = paths.config.read_bytes() == cfg_text.encode("utf-8")
+        if not same:  # the same study, written before some keys moved: rewritten below
+            from irmlens.config import same_study_respelled
+
+            same = same_study_respelled(paths.config.read_text(encoding="utf-8-sig"), cfg)
         rec = read_record(paths.root, "config")
         entry = rec["files"].get("config.toml") if rec is not None else None
         recorded = entry.get("sha256") if isinstance(entry, dict) else None

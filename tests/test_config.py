@@ -115,3 +115,35 @@ def test_the_flat_dictionary_keys_of_earlier_configs_load_into_their_kinds_table
     assert config_from_dict(new, check_device=False) == cfg
     with pytest.raises(ConfigError, match=r"sae\.wide_topk_k and sae\.wide_topk\.k both given"):
         config_from_dict({"sae": {"wide_topk_k": 8, "wide_topk": {"k": 4}}}, check_device=False)
+
+
+def _old_spelling(text: str) -> str:
+    """A dump as irmlens wrote it before [sae.wide_topk] and [sae.crosscoder] (flat keys)."""
+    values = tomllib.loads(text)
+    sae = values["sae"]
+    for key, v in sae.pop("wide_topk").items():
+        sae[f"wide_topk_{key}"] = v
+    cc = sae.pop("crosscoder")
+    sae["crosscoder"] = cc.pop("architecture")
+    for key, v in cc.items():
+        sae[f"crosscoder_{key}"] = v
+    from irmlens.config import _toml_value
+
+    out = [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
+    for name, table in values.items():
+        if isinstance(table, dict):
+            out += [f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(out) + "\n"
+
+
+def test_a_run_folder_written_before_the_keys_moved_is_the_same_study():
+    """A finished run's config.toml in the flat spelling is claimed by the same config (the run
+    resumes; its config.toml is rewritten), but not when a value differs or a key is missing."""
+    from irmlens.config import same_study_respelled
+
+    cfg = config_from_dict({"sae": {"crosscoder": {"k": 16}}}, check_device=False)
+    old = _old_spelling(dump_config(cfg))
+    assert "crosscoder_k = 16" in old and "[sae.crosscoder]" not in old
+    assert same_study_respelled(old, cfg)
+    assert not same_study_respelled(old.replace("crosscoder_k = 16", "crosscoder_k = 8"), cfg)
+    assert not same_study_respelled(old.replace("crosscoder_k = 16\n", ""), cfg)  # a key missing

@@ -112,3 +112,36 @@ def test_a_basis_kind_and_a_control_added_from_a_test_reach_the_report(
         "steer",
     }
     assert "ablate:toy_last_features" in page and "a toy control" in page
+
+
+def test_a_candidate_space_needs_a_basis_kind_with_a_random_stand_in(monkeypatch):
+    """The main IRM's controls are built from random stand-ins of its basis: a candidate space
+    over a kind without one is refused when registered; with one, irm.space may name it (the
+    config's rule reads the registry as it is, not as it was at import)."""
+    import dataclasses
+
+    import pytest
+
+    from irmlens.config import config_from_dict
+    from irmlens.errors import ConfigError
+    from irmlens.irm.spaces import register_space
+
+    kind = BasisKind("toy_directions", "8 random directions", _load_directions, "toy_directions")
+    monkeypatch.setitem(BASES, kind.name, kind)
+    monkeypatch.setattr("irmlens.irm.spaces.SPACES", dict(SPACES))
+    from irmlens.irm import spaces
+
+    spec = SpaceSpec("toy_codes", "codes", "toy_directions", False, True, lambda i: "toy")
+    with pytest.raises(ValueError, match="no random stand-in"):
+        register_space(spec)
+    with pytest.raises(ConfigError, match=r"irm\.space = 'toy_codes' must be one of"):
+        config_from_dict({"irm": {"space": "toy_codes"}}, check_device=False)
+
+    def stand_in(basis, folder, seed, d_model):
+        return RandomDirections(d_model, basis.cfg.d_sae, seed=1000 + seed)
+
+    monkeypatch.setitem(BASES, kind.name, dataclasses.replace(kind, random_stand_in=stand_in))
+    register_space(spec)
+    assert "toy_codes" in spaces.SPACES
+    cfg = config_from_dict({"irm": {"space": "toy_codes"}}, check_device=False)
+    assert cfg.irm.space == "toy_codes"

@@ -2,14 +2,16 @@
 
 A *basis* has ``encode(x)`` (``[n, d_model] -> [n, n_components]``), ``decode(codes)`` (back to
 ``[n, d_model]``), its directions ``W_dec`` (``[n_components, d_model]``) and ``cfg.d_sae`` (its
-number of components). That is the protocol SAELens SAEs follow, so a trained SAE *is* a basis;
-the crosscoder's readings and sides (``sae_training.crosscoder.CrosscoderReading``,
-``irmlens.validate.crosscoder.CrosscoderSide``) follow it too. What a basis does not explain,
+number of components). That is the protocol SAELens SAEs follow, so a trained SAE *is* a basis; a
+crosscoder's side (``irmlens.validate.crosscoder.CrosscoderSide``) follows it too, while its
+reading of the change between models (``sae_training.crosscoder.CrosscoderReading``: ``change``
+and ``cfg.d_sae``) is what the crosscoder's feature spaces read. What a basis does not explain,
 ``x - decode(encode(x))``, is its error term.
 
 The study's bases are the entries of one registry, ``BASES`` (``irmlens.bases.registry``): the
-IRM's feature spaces and the validation's feature sets read their dictionaries only through it,
-so a new kind is one module and one ``register_basis`` line.
+IRM's feature spaces load their dictionaries through it (``load_bases``), the validation and the
+labels resolve a feature reference's dictionary through it (``cited_basis``), and the controls
+build their random stand-ins from it; a new kind is one module and one ``register_basis`` line.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from irmlens.bases.registry import (
     BASES,
     BasisKind,
     BasisSource,
+    NoDictionaryError,
+    cited_basis,
     load_bases,
+    random_sae_like,
     register_basis,
 )
 
@@ -54,8 +59,11 @@ __all__ = [
     "Basis",
     "BasisKind",
     "BasisSource",
+    "NoDictionaryError",
+    "cited_basis",
     "error_term",
     "load_bases",
     "n_components",
+    "random_sae_like",
     "register_basis",
 ]

@@ -45,8 +45,21 @@ class BasisSource(Protocol):
         ...
 
 
+class NoDictionaryError(FileNotFoundError):
+    """The study has no dictionary saved under that label (a kind it does not train)."""
+
+
 def _always(cfg) -> str | None:
     return None
+
+
+def random_sae_like(basis, folder: Path | None, seed: int, d_model: int):
+    """A randomly initialised SAE of ``basis``'s width and architecture, in the input whitening
+    its folder records (``sae_training.train.random_sae``): the random-dictionary control."""
+    from sae_training.train import load_whitening, random_sae
+
+    whitening = load_whitening(folder) if folder is not None else None
+    return random_sae(d_model, basis.cfg.d_sae, seed, like=basis, whitening=whitening)
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,9 @@ class BasisKind:
     ``layers`` (or None when the study has none); ``all_layers``: it is read at every studied
     layer (else at the IRM layer only); ``label``: its name in feature references (a string, or a
     function of the source for a name the config decides); ``unmet(cfg)``: why a config cannot
-    have it (None: it can); ``short``: what the report's tables call it."""
+    have it (None: it can); ``short``: what the report's tables call it; ``random_stand_in(basis,
+    folder, seed, d_model)``: a random basis of the same kind and size, for the controls (None:
+    the kind has none, so a space over it can only be a comparison, not the main IRM)."""
 
     name: str
     description: str
@@ -64,6 +79,7 @@ class BasisKind:
     all_layers: bool = False
     unmet: Callable[[object], str | None] = _always
     short: str = ""
+    random_stand_in: Callable[[object, Path | None, int, int], object] | None = None
 
     @property
     def report_name(self) -> str:
@@ -80,6 +96,25 @@ def register_basis(kind: BasisKind) -> BasisKind:
     """Add (or replace) a basis kind; every study after this call reads it."""
     BASES[kind.name] = kind
     return kind
+
+
+def cited_basis(source: BasisSource, label: str, layer: int, seed: int | None = None):
+    """The basis a feature reference cites by ``label`` at ``layer`` (with ``seed``: its kind's
+    random stand-in, as the controls built it): the first registered kind with that label, or
+    (a dictionary no kind reads, e.g. the RLHF model's own SAE) the study's dictionary saved
+    under it, whose stand-in is a random SAE."""
+    for kind in BASES.values():
+        if kind.label_in(source) == label:
+            loaded = kind.load(source, [layer], source.hook_kind)
+            if loaded:
+                basis, folder = loaded[0]
+                if seed is None:
+                    return basis
+                if kind.random_stand_in is None:
+                    raise ValueError(f"basis kind {kind.name!r} has no random stand-in")
+                return kind.random_stand_in(basis, folder, seed, source.d_model)
+    basis, folder = source.dictionary(label, layer)
+    return basis if seed is None else random_sae_like(basis, folder, seed, source.d_model)
 
 
 def load_bases(
@@ -105,7 +140,7 @@ def _saved(label: str | Callable[[BasisSource], str], required: bool = True):
         name = label if isinstance(label, str) else label(source)
         try:
             return [source.dictionary(name, la, kind) for la in layers]
-        except FileNotFoundError:
+        except NoDictionaryError:
             if required:
                 raise
             return None
@@ -149,6 +184,7 @@ for _kind in (
         "shared",
         all_layers=True,
         short="shared SAE",
+        random_stand_in=random_sae_like,
     ),
     BasisKind(
         "base",
@@ -156,6 +192,7 @@ for _kind in (
         _saved("base"),
         "base",
         short="paired SAE (the base model's)",
+        random_stand_in=random_sae_like,
     ),
     BasisKind(
         "wide_topk",
@@ -164,6 +201,7 @@ for _kind in (
         lambda s: s.wide_topk_label,
         unmet=_wide_topk_unmet,
         short="shared wide TopK SAE",
+        random_stand_in=random_sae_like,
     ),
     BasisKind(
         "crosscoder",

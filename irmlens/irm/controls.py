@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from irmlens.bases import BASES
 from irmlens.irm.fit import IRMConfig, fit_and_score, shuffled_target_control, sparse_irm
 from irmlens.irm.metrics import bootstrap_tau_ci
 from irmlens.irm.spaces import FeatureSpace, SpaceInputs, SpaceSpec
-from sae_training.train import random_sae
 
 
 def score_row(fit, main, targets, seed: int) -> dict:
@@ -51,7 +51,6 @@ class ControlContext:
     icfg: IRMConfig
     seed: int
     d_model: int
-    load_whitening: Callable
     sparse: object = None  # the sparse IRM's fit, set before the sparse controls run
     cache: dict = field(default_factory=dict)
 
@@ -59,16 +58,11 @@ class ControlContext:
         """The chosen construction on random dictionaries of the same widths and kinds (built
         once: the dense and the sparse random controls share it)."""
         if "random" not in self.cache:
+            stand_in = BASES[self.spec.dictionary].random_stand_in
             sources = self.spec.sources(self.inputs)
             randoms = [
-                random_sae(
-                    self.d_model,
-                    sae.cfg.d_sae,
-                    _random_seed(self, i),
-                    like=sae,
-                    whitening=self.load_whitening(folder),
-                )
-                for i, (sae, folder) in enumerate(sources)
+                stand_in(basis, folder, _random_seed(self, i), self.d_model)
+                for i, (basis, folder) in enumerate(sources)
             ]
             self.cache["random"] = self.spec.build(
                 self.inputs,

@@ -19,8 +19,8 @@ import torch
 from irmlens.errors import ConfigError
 from irmlens.irm.metrics import kendall_tau, spearman
 from irmlens.irm.ridge import RidgeCVDesign, RidgeModel, fit_ridge, ridge_cv
-from irmlens.irm.spaces import IRM_SPACES
-from irmlens.ranges import SEED, SIZE, Each, Int, OneOf, Real, check_fields, ranged
+from irmlens.irm.spaces import RegisteredSpace
+from irmlens.ranges import SEED, SIZE, Each, Int, Real, check_fields, ranged
 from irmlens.rewards.lexicon import MIN_CORPUS_LEXICON_WORDS
 
 DEFAULT_ALPHAS = [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]
@@ -49,7 +49,7 @@ class IRMConfig:
     sparse_k: int = ranged(32, SIZE)
     # feature space of the main IRM: "auto" picks, among the dictionary spaces, the one with the
     # best cross-validated R^2 on the fit words (never the held-out words); or name one
-    space: str = ranged("auto", OneOf(("auto", *IRM_SPACES)))
+    space: str = ranged("auto", RegisteredSpace())
     # the paper's contrastive estimator: contexts per word
     paper_contexts_per_word: int = ranged(
         6,

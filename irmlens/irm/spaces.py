@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from irmlens.bases import BASES
+from irmlens.ranges import Rule
 from sae_training.crosscoder import CrosscoderReading
 from sae_training.train import encode_batched
 
@@ -142,6 +144,8 @@ class SpaceSpec:
         kind = BASES.get(self.dictionary)
         if kind is None:
             return f"reads basis kind {self.dictionary!r}, which is not registered"
+        if self.selectable and kind.random_stand_in is None:
+            return f"reads basis kind {kind.name!r}, which has no random stand-in for its controls"
         return kind.unmet(cfg)
 
     def available(self, inputs: SpaceInputs) -> bool:
@@ -339,6 +343,38 @@ def _arch(sae) -> str:
 
 # the spaces the main IRM can be fitted in (``irm.space``; "auto" picks the best CV R^2)
 IRM_SPACES = tuple(name for name, spec in SPACES.items() if spec.selectable)
+
+
+def register_space(spec: SpaceSpec) -> SpaceSpec:
+    """Add (or replace) a feature space. A candidate for the main IRM (``selectable``) must read
+    a basis kind with a random stand-in (``BasisKind.random_stand_in``): its random-dictionary
+    control, the sparse IRM's control and the validation's random set are built from it."""
+    kind = BASES.get(spec.dictionary)
+    if kind is None:
+        raise ValueError(f"space {spec.name!r} reads basis kind {spec.dictionary!r}: register it")
+    if spec.selectable and kind.random_stand_in is None:
+        raise ValueError(
+            f"space {spec.name!r} is a candidate for the main IRM, but basis kind {kind.name!r} "
+            "has no random stand-in for the random-dictionary control: give the kind "
+            "random_stand_in, or register the space with selectable=False (a comparison)"
+        )
+    SPACES[spec.name] = spec
+    return spec
+
+
+@dataclass(frozen=True)
+class RegisteredSpace(Rule):
+    """``irm.space``: ``auto`` or a candidate space of the registry as it is when the config is
+    read (a space registered after import included)."""
+
+    def problem(self, value: Any) -> str | None:
+        names = ["auto"] + [n for n, spec in SPACES.items() if spec.selectable]
+        if value in names:
+            return None
+        return f"must be one of {', '.join(repr(n) for n in names)}"
+
+    def edges(self) -> list[Any]:
+        return ["auto"]
 
 
 def available(inputs: SpaceInputs, selectable: bool) -> list[SpaceSpec]:

@@ -204,20 +204,29 @@ class StudyContext:
     def dictionary(self, label: str, layer: int, kind: str | None = None) -> tuple[object, Path]:
         """The dictionary ``saes/<label>/<hook of layer and kind>/`` the study reads (label:
         shared, base, rlhf at the widest width, or the wide TopK's folder at its own) with its
-        folder, loaded once (``irmlens.bases.BasisSource``). ``FileNotFoundError``: none there."""
+        folder (``irmlens.bases.BasisSource``): the studied kind's loaded once and kept (the
+        stages share them), another kind's loaded afresh. ``NoDictionaryError``: none there."""
+        from irmlens.bases import NoDictionaryError
         from sae_training.train import load_sae
 
-        key = (label, layer, kind or self.hook_kind)
-        if key not in self._saes:
-            folder = self.paths.sae_dir(label, self.hook(layer, kind), self.width_of(label))
-            if not folder.exists():
-                raise FileNotFoundError(f"no dictionary {label!r} at {folder}")
-            self._saes[key] = (load_sae(folder), folder)
-        return self._saes[key]
+        kind = kind or self.hook_kind
+        key = (label, layer, kind)
+        if key in self._saes:
+            return self._saes[key]
+        folder = self.paths.sae_dir(label, self.hook(layer, kind), self.width_of(label))
+        if not folder.exists():
+            raise NoDictionaryError(f"no dictionary {label!r} at {folder}")
+        found = (load_sae(folder), folder)
+        if kind == self.hook_kind:
+            self._saes[key] = found
+        return found
 
     def sae(self, label: str, layer: int):
-        """The dictionary ``label`` at ``layer`` of the studied hook kind (``dictionary``)."""
-        return self.dictionary(label, layer)[0]
+        """The basis a feature reference cites as ``label`` at ``layer`` of the studied hook kind,
+        resolved through the basis registry (``irmlens.bases.cited_basis``)."""
+        from irmlens.bases import cited_basis
+
+        return cited_basis(self, label, layer)
 
     def crosscoder_views(self, kind: str | None = None) -> dict:
         """The crosscoder's readings of the RLHF change (``irmlens.bases.BasisSource``): all its
@@ -241,17 +250,14 @@ class StudyContext:
         return self._saes[key]
 
     def random_sae(self, label: str, layer: int, seed: int):
-        """The IRM's random-SAE control standing in for ``sae(label, layer)``, rebuilt from the
-        seed its stage recorded (``random_seed`` of its feature refs)."""
-        from sae_training.train import load_whitening, random_sae
+        """The IRM's random control standing in for ``sae(label, layer)`` (its basis kind's
+        random stand-in), rebuilt from the seed its stage recorded (``random_seed`` of its
+        feature refs), built once."""
+        from irmlens.bases import cited_basis
 
         key = (label, layer, seed)
         if key not in self._saes:
-            like = self.sae(label, layer)
-            folder = self.paths.sae_dir(label, self.hook(layer), self.width_of(label))
-            self._saes[key] = random_sae(
-                self.d_model, like.cfg.d_sae, seed, like=like, whitening=load_whitening(folder)
-            )
+            self._saes[key] = cited_basis(self, label, layer, seed)
         return self._saes[key]
 
     @property

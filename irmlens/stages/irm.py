@@ -112,7 +112,6 @@ def _sparse(chosen, targets, split, icfg, feature_ref, raw_tau: float):
 def run(ctx: StudyContext) -> None:
     from irmlens.irm.controls import ControlContext, retention, run_controls
     from irmlens.irm.references import ReferenceContext, build_references
-    from sae_training.train import load_whitening
 
     cfg, icfg = ctx.cfg, ctx.cfg.irm
     other_kinds = _other_hook_kinds(ctx, icfg)
@@ -124,7 +123,7 @@ def run(ctx: StudyContext) -> None:
 
     # Controls: the same construction without what the IRM claims (a random dictionary, ...).
     controls_ctx = ControlContext(
-        spec, chosen, main, inputs, targets, split, icfg, cfg.seed, ctx.d_model, load_whitening
+        spec, chosen, main, inputs, targets, split, icfg, cfg.seed, ctx.d_model
     )
     controls = run_controls(controls_ctx, of_sparse=False)
     # References: raw differences, what the policy learned, the RM-free IRM, the lens.

@@ -105,7 +105,8 @@ def check(ctx: StudyContext) -> None:
             f"lexicon: {counts['n_words_in_corpus']} of its {counts['n_lexicon_words']} words "
             f"occur in the {counts['n_texts']} held-out reviews"
         )
-    check_study_fits_data(cfg, ctx.rm, ctx.splits)
+    rm = None if cfg.data.lexicon == "none" else ctx.rm  # RM-free: known after stage target
+    check_study_fits_data(cfg, rm, ctx.splits)
     trust = cfg.model.trust_remote_code
     d_model = cfg.pretrain.d_model
     if cfg.model.base != "tiny":

@@ -86,8 +86,8 @@ def _arms(ctx: StudyContext) -> Arms:
 
 
 def _set_inputs(ctx: StudyContext, bench: Workbench) -> SetInputs:
-    """What the set builders read; the dictionaries a feature reference cites come through the
-    basis registry's source (``ctx.sae``, ``ctx.random_sae``)."""
+    """What the set builders read; the dictionaries a feature reference cites, and their random
+    stand-ins, come through the basis registry (``ctx.sae``, ``ctx.random_sae``)."""
     irm = read_json(ctx.paths.irm_metrics)
     divergent = [f["feature"] for f in read_json(ctx.paths.features_json)["divergent_features"]]
     layers, utility = sorted(ctx.studied_layers), ctx.rm.word_utility

@@ -42,10 +42,6 @@ class Intervention:
         change = bench.stats(fs.bases[layer], layer)["mean_change"].float()
         return steering_vector(fs.bases[layer], change, features)
 
-    def removed_share(self, fs: FeatureSet, bench: Workbench):
-        """What report.json records as the share of activation variance ablating ``fs`` removes."""
-        return bench.removed_share(fs)
-
 
 SAE_FEATURES = Intervention()
 
@@ -187,7 +183,9 @@ def pooled_row(arms: Arms, name: str, kind: str, scale, drawn: list, against: di
         "kind": kind,
         "scale": scale,
         "feature_set": name,
-        "description": f"the mean over {len(drawn)} matched random draws, prompt by prompt",
+        "description": f"the mean over {len(drawn)} matched random draws, prompt by prompt"
+        if len(drawn) > 1
+        else "the one matched random draw (validate.n_random_draws = 1)",
         "reward": m,
         "reward_ci": [lo, hi],
     }

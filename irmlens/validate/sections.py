@@ -47,7 +47,8 @@ class CrosscoderLatents(Intervention):
 
         return steering_vector(self.diff, self.mean, features)
 
-    def removed_share(self, fs, bench):
+    def removed_share(self, fs: FeatureSet) -> float:
+        """The share of the activation variance ablating ``fs``'s latents removes."""
         from irmlens.validate.interventions import removed_variance_share
 
         (features,) = fs.features.values()
@@ -139,7 +140,7 @@ def crosscoder_section(arms: Arms, cc: CrosscoderInputs, sae_main: torch.Tensor,
             )
             row.pop("description")
             if kind == "ablate":
-                row["removed_variance_share"] = how.removed_share(fs, arms.bench)
+                row["removed_variance_share"] = how.removed_share(fs)
             rows.append(row)
     findings = _crosscoder_findings(arms, raw, len(draws), matching, la, sae_main)
     arms.log(
