@@ -7,8 +7,8 @@ the IRM's coefficients, ``irm/`` (metrics, word attribution, word utilities), ``
 features, per-layer feature tables and matchings, cards), ``saes/mmcs.json`` and
 ``report/report.json``. Left out, because they
 differ between two runs of the same study without saying anything about it: wall-clock timings
-and throughputs (keys naming seconds, times, dates, tokens per second, trl's ``eps``) and
-absolute paths (strings naming the run folder or a model folder). With ``--rtol 0`` (the default)
+(report.json's ``timings``, whose stage order is the order the stages last ran) and throughputs
+(keys naming seconds, times, dates, tokens per second, trl's ``eps``) and absolute paths (strings naming the run folder or a model folder). With ``--rtol 0`` (the default)
 every other number must be equal; a tolerance compares floats relatively.
 
 Used to check that the same config and seed give the same result twice on one machine, and that a
@@ -25,7 +25,16 @@ import sys
 from pathlib import Path
 
 IGNORED_KEY_PARTS = ("seconds", "time", "date", "per_second", "tokens_s", "elapsed", "created")
-IGNORED_KEYS = {"eps", "path", "run_dir", "model_paths", "tokenizer", "generated", "irmlens"}
+IGNORED_KEYS = {
+    "eps",
+    "path",
+    "run_dir",
+    "model_paths",
+    "tokenizer",
+    "generated",
+    "irmlens",
+    "timings",
+}
 
 
 def _ignored(key: str) -> bool:
