@@ -104,9 +104,8 @@ def crosscoder_section(arms: Arms, cc: CrosscoderInputs, sae_main: torch.Tensor,
         "main_removed_variance_share": target,
         "draws_removed_variance_share": [x.removed_share for x in draws],
     }
-    chosen = {"crosscoder_sparse": cc.latents} | {
-        f"crosscoder_matched_random_{d}": draw.features for d, draw in enumerate(draws)
-    }
+    drawn = {f"crosscoder_matched_random_{d}": draw.features for d, draw in enumerate(draws)}
+    chosen = {"crosscoder_sparse": cc.latents} | drawn
     if cc.rlhf_only:
         chosen["crosscoder_rlhf_only"] = cc.rlhf_only
     sets = [
@@ -145,7 +144,7 @@ def crosscoder_section(arms: Arms, cc: CrosscoderInputs, sae_main: torch.Tensor,
     findings = _crosscoder_findings(arms, raw, len(draws), matching, la, sae_main)
     arms.log(
         "validate: crosscoder "
-        + "; ".join(f"{r['arm']} {r['reward']:.3f}" for r in rows if "matched" not in r["arm"])
+        + "; ".join(f"{r['arm']} {r['reward']:.3f}" for r in rows if r["feature_set"] not in drawn)
         + "; "
         + "; ".join(
             f"{f['kind']} vs {f['control']}: {f['mean']:+.3f} {format_ci(f['ci'])}"
