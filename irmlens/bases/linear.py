@@ -1,0 +1,83 @@
+"""Bases that are not dictionaries: orthonormal frames of the activation space, fitted or not.
+
+Each is an ``OrthonormalBasis`` (``encode(x) = (x - center) Q^T``, ``decode(c) = c Q + center``),
+so it follows the basis protocol of ``irmlens.bases`` and its error term (``x - decode(encode(x))``)
+is what lies outside its span. They are the yardsticks a dictionary is measured against when asking
+in which basis the RLHF change is compact (issue 30):
+
+* ``standard_basis``: the neurons (the residual stream's own coordinates);
+* ``random_orthonormal``: a random rotation (what any basis gives);
+* ``pca_of_differences``: principal directions of the RLHF − base differences, by variance;
+* ``mean_difference_basis``: the mean difference's direction first, then its orthogonal complement.
+
+The fitted ones must be fitted on rows disjoint from the rows a curve is measured on. Pure
+functions of tensors: no run folders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class _Size:
+    d_sae: int
+
+
+class OrthonormalBasis:
+    """Rows of ``directions`` ([k, d], orthonormal) as components, around ``center`` ([d])."""
+
+    def __init__(self, directions: torch.Tensor, center: torch.Tensor | None = None) -> None:
+        self.W_dec = directions.float()
+        d = self.W_dec.shape[1]
+        self.center = torch.zeros(d) if center is None else center.float()
+        self.cfg = _Size(int(self.W_dec.shape[0]))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.center) @ self.W_dec.T
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self.W_dec + self.center
+
+
+def standard_basis(d_model: int) -> OrthonormalBasis:
+    """The activation space's own coordinates (each neuron of the residual stream a component)."""
+    return OrthonormalBasis(torch.eye(d_model))
+
+
+def random_orthonormal(d_model: int, seed: int) -> OrthonormalBasis:
+    """A random rotation of the standard basis (Haar-distributed, seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d_model, d_model, generator=g, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))  # the sign convention that makes the QR unique
+    return OrthonormalBasis(q.T.float())
+
+
+def pca_of_differences(base: torch.Tensor, rlhf: torch.Tensor) -> OrthonormalBasis:
+    """Every principal direction of ``rlhf - base`` ([n, d] paired activations), by explained
+    variance (uncentred: the mean difference counts, as it is part of what RLHF changed)."""
+    diff = (rlhf.double() - base.double()).reshape(-1, base.shape[-1])
+    _, _, vh = torch.linalg.svd(diff, full_matrices=True)
+    return OrthonormalBasis(_signed(vh, diff).float())
+
+
+def mean_difference_basis(base: torch.Tensor, rlhf: torch.Tensor) -> OrthonormalBasis:
+    """The mean RLHF − base difference's direction as the first component, then an orthonormal
+    basis of its complement (the mean difference holds one direction; the rest is the error)."""
+    diff = (rlhf.double() - base.double()).reshape(-1, base.shape[-1])
+    mean = diff.mean(0)
+    d = mean.shape[0]
+    first = mean / mean.norm().clamp_min(1e-12)
+    q, _ = torch.linalg.qr(torch.cat([first[:, None], torch.eye(d, dtype=torch.float64)], dim=1))
+    q = q[:, :d]
+    q[:, 0] = first  # QR may flip its sign: keep the mean's
+    return OrthonormalBasis(q.T.float())
+
+
+def _signed(vh: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """Each direction oriented along the mean difference (a deterministic sign)."""
+    sign = torch.sign(vh @ diff.mean(0))
+    sign[sign == 0] = 1
+    return vh * sign[:, None]
