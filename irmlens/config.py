@@ -249,6 +249,23 @@ class SAEStageConfig:
 
 
 @dataclass
+class MediateConfig:
+    """Where the reward lives (stage ``mediate``, irmlens/mediate/): the layer sweep and every
+    basis's faithfulness curves at the studied layers, on cached held-out rows."""
+
+    # cached rows measured on; as many more (disjoint) fit the data-fitted bases (PCA, mean
+    # difference); fewer cached rows: half each
+    n_rows: int = ranged(64, SIZE)
+    recheck: int = ranged(16, Int(0, 1000))  # top components re-ranked by real single patches
+    max_k: int = ranged(256, SIZE)  # the curves' largest k (powers of 2 up to it)
+    n_bootstrap: int = ranged(1000, Int(10, 1_000_000))
+    seed: int = ranged(0, SEED)  # the random rotation's and the random dictionary's
+
+    def __post_init__(self) -> None:
+        check_fields(self, "mediate")
+
+
+@dataclass
 class ValidateConfig:
     """The causal validation (stage ``validate``): feature sets ablated in the RLHF model and
     steered into the base model, scored on held-out prompts (see irmlens/stages/validate.py)."""
@@ -307,6 +324,7 @@ class StudyConfig:
     sae: SAEStageConfig = field(default_factory=SAEStageConfig)
     diff: DiffConfig = field(default_factory=DiffConfig)
     irm: IRMConfig = field(default_factory=IRMConfig)
+    mediate: MediateConfig = field(default_factory=MediateConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
 
@@ -496,6 +514,7 @@ _SECTIONS = {
         CrosscoderStageConfig,
         DiffConfig,
         IRMConfig,
+        MediateConfig,
         ValidateConfig,
         LabelsConfig,
     )

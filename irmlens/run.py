@@ -71,6 +71,10 @@ class RunPaths:
         return self.root / "irm"
 
     @property
+    def mediate(self) -> Path:
+        return self.root / "mediate"
+
+    @property
     def validate(self) -> Path:
         return self.root / "validate"
 

@@ -131,6 +131,31 @@ class Study:
         )
 
     @property
+    def mediation(self):
+        """Where the reward lives (stage ``mediate``): one row per studied layer and basis, with
+        the share of the layer's gain its top 1, 8 and 32 components remove and reproduce, the
+        area under each curve and the k reaching faithfulness 0.8; ``attrs["sweep"]`` holds the
+        layer sweep and ``attrs["verdict"]`` the sentence. Empty for a run without the stage."""
+        import pandas as pd
+
+        m = self.report.get("mediation")
+        rows = []
+        for layer, res in (m or {}).get("layers", {}).items():
+            for name, c in res["bases"].items():
+                row = {"layer": int(layer), "basis": name, "dictionary": c["dictionary"]}
+                for direction in ("removed", "reproduced"):
+                    by_k = {x["k"]: x["share"] for x in c[direction]["curve"]}
+                    for k in (1, 8, 32):
+                        row[f"{direction}_k{k}"] = by_k.get(k, by_k[max(by_k)])
+                    row[f"{direction}_area"] = c[direction]["area"]
+                    row[f"{direction}_k_at_80"] = c[direction]["k_at_80"]
+                rows.append(row)
+        frame = pd.DataFrame(rows)
+        frame.attrs["sweep"] = (m or {}).get("sweep")
+        frame.attrs["verdict"] = (m or {}).get("verdict")
+        return frame
+
+    @property
     def validation(self):
         """Every validation arm (baselines, ablations, steering at each scale), one row each:
         reward with its CI, share of the RLHF gain removed or reproduced, KL, perplexity and the

@@ -220,6 +220,7 @@ def planted_run(planted, tmp_path_factory):
                 "ce_eval_rows": 16,
             },
             "irm": {"n_shuffles": 3, "paper_contexts_per_word": 3},
+            "mediate": {"n_rows": 16, "recheck": 4, "max_k": 32, "n_bootstrap": 100},
             "validate": {
                 "n_prompts": 16,
                 "steering_scales": [1.0],

@@ -312,6 +312,7 @@ def test_a_stage_is_one_module_and_one_line(micro_run, tmp_path, monkeypatch):
     out = run / "irm_top_words.json"
     assert len(read_json(out)) == 20
     assert [s.name for s in irmlens.pipeline.dependents("irm")] == [
+        "mediate",
         "validate",
         "labels",
         "cards",

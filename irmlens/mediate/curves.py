@@ -133,6 +133,21 @@ def faithfulness_curve(
     }
 
 
+@torch.no_grad()
+def set_share(basis, site: Site, features: Sequence[int], removed: bool = True) -> float:
+    """The share of the site's gain that patching exactly ``features`` of ``basis`` moves (e.g.
+    the sparse IRM's features, placed on a curve's axes)."""
+    start, target = (site.rlhf, site.base) if removed else (site.base, site.rlhf)
+    start, target = start.float(), target.float()
+    idx = torch.tensor(list(features), dtype=torch.long)
+    delta = (_codes(basis, target) - _codes(basis, start))[..., idx]
+    dirs = component_directions(basis, start.shape[-1])[idx]
+    m_start, m_target = site.metric(start).mean(), site.metric(target).mean()
+    gain = float(m_target - m_start)
+    moved = site.metric(start + torch.einsum("rpn,nd->rpd", delta, dirs)).mean()
+    return float(moved - m_start) / gain if abs(gain) > 1e-12 else 0.0
+
+
 def model_site(
     model,
     tokens: torch.Tensor,

@@ -124,6 +124,7 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
         "controls": irm["controls"],
         "paper_estimator": irm["paper_estimator"],
         "feature_cards": read_json(paths.cards) if paths.cards.exists() else [],
+        "mediation": _mediation(paths),
         "validation": validation,
         "labels": _labels(paths),
         "crosscoder": _crosscoder(paths),
@@ -272,6 +273,67 @@ def _timings(paths: RunPaths) -> dict:
         "note": "seconds of each stage's last completed run; a stage done elsewhere (a resumed "
         "run, a given pair) has its own machine or none",
     }
+
+
+def _mediation(paths: RunPaths) -> dict | None:
+    """mediate/mediation.json (None: a run made before the stage existed)."""
+    f = paths.mediate / "mediation.json"
+    return read_json(f) if f.exists() else None
+
+
+def mediation_html(mediation: dict | None) -> str:
+    """The opening section: where the gain lives by layer, and in which basis it is compact."""
+    if mediation is None:
+        return "<h2>Where the reward lives</h2><p>This run has no mediate stage.</p>"
+    sweep = mediation["sweep"]
+    sites = "".join(
+        f"<tr><td>{html.escape(r['site'])}</td><td>{r['removed']:.0%} {_ci(r['removed_ci'])}</td>"
+        f"<td>{r['reproduced']:.0%} {_ci(r['reproduced_ci'])}</td></tr>"
+        for r in sweep["sites"]
+    )
+    tables = []
+    for la, res in mediation["layers"].items():
+        rows = []
+        for name, c in res["bases"].items():
+            cells = []
+            for direction in ("removed", "reproduced"):
+                by_k = {x["k"]: x["share"] for x in c[direction]["curve"]}
+                cells += [f"{by_k.get(k, by_k[max(by_k)]):.2f}" for k in (1, 8, 32)]
+                cells += [f"{c[direction]['area']:.2f}", str(c[direction]["k_at_80"] or "&mdash;")]
+            kind = "dictionary" if c["dictionary"] else "basis"
+            rows.append(
+                f"<tr><td>{html.escape(name)} ({kind})</td>"
+                + "".join(f"<td>{x}</td>" for x in cells)
+                + "</tr>"
+            )
+        irm = res.get("sparse_irm")
+        note = (
+            f"<p>The sparse IRM's {irm['n_features']} features at this layer: "
+            f"{irm['removed']:.0%} removed, {irm['reproduced']:.0%} reproduced.</p>"
+            if irm
+            else ""
+        )
+        head = "".join(
+            "".join(f"<th>{d} k={k}</th>" for k in (1, 8, 32)) + "<th>area</th><th>k for 80%</th>"
+            for d in ("removed", "reproduced")
+        )
+        tables.append(
+            f"<h3>Layer {html.escape(la)} ({html.escape(res['hook'])}): the layer's share moved "
+            f"by the top k components</h3><table><tr><th>basis</th>{head}</tr>"
+            + "".join(rows)
+            + f"</table>{note}"
+        )
+    return f"""<h2>Where the reward lives</h2>
+<p><b>{html.escape(mediation["verdict"])}</b></p>
+<p>{html.escape(mediation["metric"])}: base {sweep["base"]:.4f}, RLHF {sweep["rlhf"]:.4f} on
+{mediation["rows"]["measured"]} cached held-out rows. Removed: the base's activations patched into the RLHF model
+at that site; reproduced: the RLHF model's patched into the base; shares of the gain with 95% bootstrap CIs over rows.</p>
+<table><tr><th>site</th><th>share removed</th><th>share reproduced</th></tr>{sites}
+<tr><td>final norm and unembedding</td><td>{sweep["final_norm_and_unembedding"]:.0%}</td><td></td></tr></table>
+{"".join(tables)}
+<p>Curves: components ranked by the size of their attribution, the top ones re-checked by real patches; a share
+past 1 overshoots, and counts as unfaithful as falling short (area and k for 80% read 1 &minus; |1 &minus; share|).
+PCA and the mean difference are fitted on {mediation["rows"]["fit"]} other rows.</p>"""
 
 
 def _validation(paths: RunPaths) -> dict | None:
@@ -599,6 +661,7 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 <body><h1>irmlens report: {html.escape(report["name"])}</h1>
 <p>What did RLHF teach the model, and how far is that implicit reward model (IRM) from the reward model it was trained on?</p>
 {_unverified_html(report)}{summary}
+{mediation_html(report.get("mediation"))}
 {"".join(parts)}
 {spaces_html}
 {validation_html(report.get("validation"), report.get("labels"))}

@@ -68,6 +68,8 @@ def to_markdown(report: dict) -> str:
             f"mean reward {r['reward_before']:.3f} → {r['reward_after']:.3f}, KL {r['kl']:.2f} "
             "nats/completion"
         )
+    if report.get("mediation"):
+        lines.append(f"- **Where the reward lives**: {md_text(report['mediation']['verdict'])}")
     lines += [
         f"- **IRM**: layer {irm['layer']}, feature space {md_code(irm['space'])} "
         f"({md_text(irm['space_selection'])});"
