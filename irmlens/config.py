@@ -256,7 +256,7 @@ class MediateConfig:
     # cached rows measured on; as many more (disjoint) fit the data-fitted bases (PCA, mean
     # difference); fewer cached rows: half each
     n_rows: int = ranged(64, SIZE)
-    recheck: int = ranged(16, Int(0, 1000))  # top components re-ranked by real single patches
+    recheck: int = ranged(8, Int(0, 1000))  # top components re-ranked by real single patches
     max_k: int = ranged(256, SIZE)  # the curves' largest k (powers of 2 up to it)
     n_bootstrap: int = ranged(1000, Int(10, 1_000_000))
     seed: int = ranged(0, SEED)  # the random rotation's and the random dictionary's

@@ -20,7 +20,7 @@ falls as far short (``faithfulness``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,15 @@ class Site:
     base: torch.Tensor
     rlhf: torch.Tensor
     metric: Callable[[torch.Tensor], torch.Tensor]
+    _ends: dict = field(default_factory=dict, repr=False)
+
+    def end(self, which: str) -> torch.Tensor:
+        """The metric of the site's own ``base`` or ``rlhf`` activations, computed once (every
+        basis's curve starts and ends there)."""
+        if which not in self._ends:
+            with torch.no_grad():
+                self._ends[which] = self.metric(getattr(self, which).float())
+        return self._ends[which]
 
 
 def component_directions(basis, d_model: int) -> torch.Tensor:
@@ -73,7 +82,7 @@ def faithfulness_curve(
     site: Site,
     removed: bool = True,
     ks: Sequence[int] = KS,
-    recheck: int = 16,
+    recheck: int = 8,
 ) -> dict:
     """The basis's curve at the site: for each k (capped at its number of components), the
     share of the site's gain that patching its top k components moves (removes when
@@ -87,7 +96,10 @@ def faithfulness_curve(
     d = start.shape[-1]
     delta = _codes(basis, target) - _codes(basis, start)  # [rows, pos, n]
     dirs = component_directions(basis, d)  # [n, d]
-    m_start, m_target = site.metric(start), site.metric(target)
+    m_start, m_target = (
+        site.end("rlhf" if removed else "base"),
+        site.end("base" if removed else "rlhf"),
+    )
     site_gain = float(m_target.mean() - m_start.mean())
 
     def moved(features: torch.Tensor) -> torch.Tensor:
@@ -142,7 +154,8 @@ def set_share(basis, site: Site, features: Sequence[int], removed: bool = True) 
     idx = torch.tensor(list(features), dtype=torch.long)
     delta = (_codes(basis, target) - _codes(basis, start))[..., idx]
     dirs = component_directions(basis, start.shape[-1])[idx]
-    m_start, m_target = site.metric(start).mean(), site.metric(target).mean()
+    m_start = site.end("rlhf" if removed else "base").mean()
+    m_target = site.end("base" if removed else "rlhf").mean()
     gain = float(m_target - m_start)
     moved = site.metric(start + torch.einsum("rpn,nd->rpd", delta, dirs)).mean()
     return float(moved - m_start) / gain if abs(gain) > 1e-12 else 0.0
