@@ -281,6 +281,27 @@ def _mediation(paths: RunPaths) -> dict | None:
     return read_json(f) if f.exists() else None
 
 
+def _direction_html(rd: dict | None) -> str:
+    """The layer's mean difference: the tokens it promotes and suppresses, and the null pair's."""
+    if not rd:
+        return ""
+
+    def tokens(key: str, which: str) -> str:
+        return html.escape(", ".join(repr(t) for t in rd[key][which]))
+
+    null = (
+        f"; its cosine with the null pair's mean difference is {rd['null_cosine']:.2f}"
+        if "null_cosine" in rd
+        else ""
+    )
+    return (
+        f"<p>The mean RLHF &minus; base difference (norm {rd['norm']:.3g}), read through the "
+        f"unembedding, promotes {tokens('unembedding', 'promoted')} and suppresses "
+        f"{tokens('unembedding', 'suppressed')}; through the final norm it promotes "
+        f"{tokens('final_norm', 'promoted')}{null}.</p>"
+    )
+
+
 def mediation_html(mediation: dict | None) -> str:
     """The opening section: where the gain lives by layer, and in which basis it is compact."""
     if mediation is None:
@@ -306,6 +327,7 @@ def mediation_html(mediation: dict | None) -> str:
                 + "".join(f"<td>{x}</td>" for x in cells)
                 + "</tr>"
             )
+        direction = _direction_html(res.get("reward_direction"))
         irm = res.get("sparse_irm")
         note = (
             f"<p>The sparse IRM's {irm['n_features']} features at this layer: "
@@ -321,7 +343,7 @@ def mediation_html(mediation: dict | None) -> str:
             f"<h3>Layer {html.escape(la)} ({html.escape(res['hook'])}): the layer's share moved "
             f"by the top k components</h3><table><tr><th>basis</th>{head}</tr>"
             + "".join(rows)
-            + f"</table>{note}"
+            + f"</table>{direction}{note}"
         )
     return f"""<h2>Where the reward lives</h2>
 <p><b>{html.escape(mediation["verdict"])}</b></p>

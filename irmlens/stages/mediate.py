@@ -21,6 +21,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from irmlens.io import atomic_dir, atomic_write_json, read_json
 from irmlens.stages.context import StudyContext, log
 
@@ -105,7 +107,8 @@ def _layer(ctx: StudyContext, base, rlhf, utility, measured, fit_tokens, layer: 
         "removed": model_site(rlhf, tokens, mask, utility, hook, a_b, a_r),
         "reproduced": model_site(base, tokens, mask, utility, hook, a_b, a_r),
     }
-    bases = _bases(ctx, layer, acts(base, fit_tokens), acts(rlhf, fit_tokens))
+    fit_b, fit_r = acts(base, fit_tokens), acts(rlhf, fit_tokens)
+    bases = _bases(ctx, layer, fit_b, fit_r)
     ks = [k for k in KS if k <= m.max_k]
     curves = {}
     for name, basis in bases.items():
@@ -116,7 +119,12 @@ def _layer(ctx: StudyContext, base, rlhf, utility, measured, fit_tokens, layer: 
             c["ranked"] = c["ranked"][:32]
             curves[name][direction] = c
     mean_dir, pc1 = bases["mean_difference"].W_dec[0], bases["pca_of_differences"].W_dec[0]
-    out = {"hook": hook, "bases": curves, "cos_mean_difference_top_pc": float(mean_dir @ pc1)}
+    out = {
+        "hook": hook,
+        "bases": curves,
+        "cos_mean_difference_top_pc": float(mean_dir @ pc1),
+        "reward_direction": _reward_direction(ctx, rlhf, fit_tokens, fit_b, fit_r, acts),
+    }
     features = [
         r["local_feature"]
         for r in irm["sparse"]["feature_refs"]
@@ -128,6 +136,22 @@ def _layer(ctx: StudyContext, base, rlhf, utility, measured, fit_tokens, layer: 
             "removed": set_share(bases["shared"], sites["removed"], features, True),
             "reproduced": set_share(bases["shared"], sites["reproduced"], features, False),
         }
+    return out
+
+
+def _reward_direction(ctx: StudyContext, rlhf, fit_tokens, fit_b, fit_r, acts) -> dict:
+    """The mean RLHF - base difference (on the fit rows) read through the RLHF model's output,
+    its norm, and its cosine with the null pair's mean difference (what any fine-tuning moves)."""
+    from irmlens.mediate.directions import read_direction
+
+    d = fit_b.shape[-1]
+    mean = (fit_r - fit_b).reshape(-1, d).mean(0)
+    out = {"norm": float(mean.norm())} | read_direction(rlhf, mean, ctx.pair.tokenizer)
+    null = ctx.pair.get().get("null")
+    if null is not None:
+        null_mean = (acts(null, fit_tokens) - fit_b).reshape(-1, d).mean(0)
+        cos = torch.nn.functional.cosine_similarity(mean, null_mean, dim=0)
+        out["null_cosine"], out["null_norm"] = float(cos), float(null_mean.norm())
     return out
 
 

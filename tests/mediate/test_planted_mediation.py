@@ -150,3 +150,26 @@ def test_orthonormal_bases_reconstruct_and_keep_their_error_term():
     part = OrthonormalBasis(random_orthonormal(12, seed=0).W_dec[:4])
     err = x - part.decode(part.encode(x))
     assert part.encode(err).abs().max() < 1e-5  # the error term is outside its span
+
+
+class _Tokens:
+    """A tokenizer stand-in: token ids read as their own names."""
+
+    def decode(self, ids):
+        return f"t{ids[0]}"
+
+
+def test_the_planted_direction_reads_as_the_tokens_it_rewards(make_hooked):
+    """The reward direction read through the output (``read_direction``): the planted v, read
+    through the RLHF model's final norm and unembedding, promotes mostly tokens the planted
+    utility rewards (the utility was made from the logit shift v causes downstream), and its
+    suppressed tokens are ones the utility penalises."""
+    from irmlens.mediate.directions import read_direction
+
+    _, rlhf, v, _, _, utility = _planted_pair(make_hooked)
+    read = read_direction(rlhf, v, _Tokens(), k=10)
+    rewarded = {f"t{i}" for i in utility.topk(30).indices.tolist()}
+    penalised = {f"t{i}" for i in (-utility).topk(30).indices.tolist()}
+    for way in ("final_norm", "unembedding"):
+        assert len(set(read[way]["promoted"]) & rewarded) >= 5, (way, read[way])
+        assert len(set(read[way]["suppressed"]) & penalised) >= 5, (way, read[way])
