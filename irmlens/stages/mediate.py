@@ -183,7 +183,9 @@ def verdict(sweep: dict, layers: dict) -> str:
         best_dict = _best(
             curves, [n for n in curves if curves[n]["dictionary"] and n != "random_sae"]
         )
-        text = f"layer {la} carries {share.get(res['hook'], float('nan')):.0%} of the gain"
+        # the residual stream after the block (an mlp_out study's curves sit inside the block)
+        carried = share.get(f"blocks.{la}.hook_resid_post", float("nan"))
+        text = f"layer {la} carries {carried:.0%} of the gain"
         if best:
             k = best[1]["k_at_80"]
             text += (
