@@ -138,15 +138,16 @@ class Study:
         layer sweep and ``attrs["verdict"]`` the sentence. Empty for a run without the stage."""
         import pandas as pd
 
+        from irmlens.mediate.curves import share_at
+
         m = self.report.get("mediation")
         rows = []
         for layer, res in (m or {}).get("layers", {}).items():
             for name, c in res["bases"].items():
                 row = {"layer": int(layer), "basis": name, "dictionary": c["dictionary"]}
                 for direction in ("removed", "reproduced"):
-                    by_k = {x["k"]: x["share"] for x in c[direction]["curve"]}
                     for k in (1, 8, 32):
-                        row[f"{direction}_k{k}"] = by_k.get(k, by_k[max(by_k)])
+                        row[f"{direction}_k{k}"] = share_at(c[direction], k)
                     row[f"{direction}_area"] = c[direction]["area"]
                     row[f"{direction}_k_at_80"] = c[direction]["k_at_80"]
                 rows.append(row)

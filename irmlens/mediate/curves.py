@@ -145,6 +145,12 @@ def faithfulness_curve(
     }
 
 
+def share_at(curve: dict, k: int) -> float:
+    """A curve's share at ``k`` (its last point when the basis has fewer than k components)."""
+    by_k = {c["k"]: c["share"] for c in curve["curve"]}
+    return by_k.get(k, by_k[max(by_k)])
+
+
 @torch.no_grad()
 def set_share(basis, site: Site, features: Sequence[int], removed: bool = True) -> float:
     """The share of the site's gain that patching exactly ``features`` of ``basis`` moves (e.g.
@@ -173,12 +179,10 @@ def model_site(
     """A site of a TransformerLens model: activations put at ``hook`` and the model run on from
     there to its expected next-token utility (``irmlens.mediate.metrics``)."""
     from irmlens.mediate.metrics import expected_utility
+    from irmlens.mediate.sweep import replacing
 
     def metric(acts: torch.Tensor) -> torch.Tensor:
-        def put(act, hook):  # noqa: ARG001
-            return acts.to(act.device, act.dtype)
-
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, put)])
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, replacing(acts))])
         return expected_utility(logits, utility, mask)
 
     return Site(base_acts, rlhf_acts, metric)

@@ -17,12 +17,14 @@ from irmlens.mediate.metrics import expected_utility, share_ci
 def run_metric(model, tokens, mask, utility, patches: dict[str, torch.Tensor] | None = None):
     """Per-row expected utility of ``model`` on ``tokens``, with the activations at each hook of
     ``patches`` replaced (TransformerLens hook names)."""
-    hooks = [(name, _replace(value)) for name, value in (patches or {}).items()]
+    hooks = [(name, replacing(value)) for name, value in (patches or {}).items()]
     logits = model.run_with_hooks(tokens, fwd_hooks=hooks) if hooks else model(tokens)
     return expected_utility(logits, utility, mask)
 
 
-def _replace(value: torch.Tensor):
+def replacing(value: torch.Tensor):
+    """A TransformerLens hook that puts ``value`` in place of the activation it sees."""
+
     def hook(act, hook):  # noqa: ARG001 (TransformerLens passes the hook point)
         return value.to(act.device, act.dtype)
 

@@ -304,6 +304,8 @@ def _direction_html(rd: dict | None) -> str:
 
 def mediation_html(mediation: dict | None) -> str:
     """The opening section: where the gain lives by layer, and in which basis it is compact."""
+    from irmlens.mediate.curves import share_at
+
     if mediation is None:
         return "<h2>Where the reward lives</h2><p>This run has no mediate stage.</p>"
     sweep = mediation["sweep"]
@@ -318,8 +320,7 @@ def mediation_html(mediation: dict | None) -> str:
         for name, c in res["bases"].items():
             cells = []
             for direction in ("removed", "reproduced"):
-                by_k = {x["k"]: x["share"] for x in c[direction]["curve"]}
-                cells += [f"{by_k.get(k, by_k[max(by_k)]):.2f}" for k in (1, 8, 32)]
+                cells += [f"{share_at(c[direction], k):.2f}" for k in (1, 8, 32)]
                 cells += [f"{c[direction]['area']:.2f}", str(c[direction]["k_at_80"] or "&mdash;")]
             kind = "dictionary" if c["dictionary"] else "basis"
             rows.append(

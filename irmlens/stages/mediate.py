@@ -164,14 +164,11 @@ def _best(curves: dict, names, direction: str = "removed") -> tuple[str, dict] |
     return (ranked[0], curves[ranked[0]][direction]) if ranked else None
 
 
-def _share_at(curve: dict, k: int) -> float:
-    by_k = {c["k"]: c["share"] for c in curve["curve"]}
-    return by_k.get(k, by_k[max(by_k)])
-
-
 def verdict(sweep: dict, layers: dict) -> str:
     """One sentence per studied layer: its share of the gain, the most compact basis, and the
     best dictionary beside it."""
+    from irmlens.mediate.curves import share_at
+
     share = {row["site"]: row["removed"] for row in sweep["sites"]}
     parts = [
         f"the final norm and unembedding hold {sweep['final_norm_and_unembedding']:.0%} of the "
@@ -197,7 +194,7 @@ def verdict(sweep: dict, layers: dict) -> str:
             text += (
                 f", the best dictionary {best_dict[0]} "
                 + (f"needs k = {k}" if k else "does not reach 80%")
-                + f" ({_share_at(best_dict[1], 8):.0%} at k = 8)"
+                + f" ({share_at(best_dict[1], 8):.0%} at k = 8)"
             )
         parts.append(text)
     return "; ".join(parts) + "."
