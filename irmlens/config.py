@@ -338,9 +338,9 @@ class StudyConfig:
         return dataclasses.asdict(self)
 
 
-# The allowed value of every key, read off the sections' fields (``irmlens.ranges.ranged``): the
-# loader checks each value against it before any section is built (``_build``), so a bad value
-# fails naming the key, the value and what would do. tests/test_config.py checks that every key
+# The allowed value of every key, read off the sections' fields (``irmlens.ranges.ranged``): each
+# section checks its values against them as it is built (``check_fields``, which the loader turns
+# into a ConfigError), so a bad value fails naming the key, the value and what would do. tests/test_config.py checks that every key
 # has one. The rules that need more than one key: ``irmlens.checks``.
 RANGES: dict[str, Rule] = field_rules(StudyConfig)
 
@@ -451,11 +451,8 @@ def _build(cls, values: dict[str, Any], where: str):
             kwargs[k] = _build(sub, v, f"{where}{k}.")
         else:
             _check_type(f, v, where)
-            problem = RANGES[f"{where}{k}"].problem(v)
-            if problem:
-                raise ConfigError(f"{where}{k} = {v!r} {problem}")
             kwargs[k] = v
-    try:
+    try:  # the section checks each key's rule, then its rules of several keys (__post_init__)
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None  # each names its key(s) and the fix
