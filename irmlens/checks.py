@@ -54,6 +54,12 @@ def check_study(cfg: StudyConfig) -> None:
             f"cache.hook_kinds[0] = {cfg.cache.hook_kinds[0]!r}: put {src.kind!r} first in "
             "cache.hook_kinds"
         )
+    if cfg.data.lexicon == "none" and cfg.layers.select == "mediation":
+        raise ValueError(
+            "layers.select = 'mediation' ranks layers by the reward gain they carry before the "
+            "cache, but with data.lexicon = 'none' the reward (the implicit-reward lexicon) is "
+            "read off the cache: use layers.select = 'weight_delta', or give a lexicon"
+        )
     if cfg.data.lexicon == "none" and not cfg.model.rlhf:
         raise ValueError(
             "data.lexicon = 'none' studies a pair whose reward model is unknown, so irmlens "

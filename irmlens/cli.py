@@ -198,6 +198,22 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_mediate(args) -> int:
+    from irmlens.io import read_json
+
+    paths = _rerun_stage(args, "mediate")
+    found = read_json(paths.mediate / "mediation.json")
+    for row in found["sweep"]["sites"]:
+        print(
+            f"  {row['site']:28s} removed {row['removed']:+.0%}  reproduced {row['reproduced']:+.0%}"
+        )
+    print(found["verdict"])
+    if found["studied"]["warning"]:
+        print(f"warning: {found['studied']['warning']}")
+    print(f"Mediation: {(paths.mediate / 'mediation.json').resolve()}")
+    return 0
+
+
 def cmd_labels(args) -> int:
     from irmlens.io import read_json
 
@@ -308,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
             "ablate and steer the IRM's features and controls in the models",
         ),
         ("labels", cmd_labels, "label features' relevance to the reward and compare with the IRM"),
+        (
+            "mediate",
+            cmd_mediate,
+            "where the reward lives: the layer sweep and every basis's faithfulness curves",
+        ),
     ):
         c = sub.add_parser(name, help=help_)
         c.add_argument("run_dir", help="a run folder written by `irmlens run`")

@@ -110,6 +110,10 @@ class LayersConfig:
     # layers studied, most changed first (at most the model's layers: irmlens.checks)
     top_k: int = ranged(1, SIZE)
     relative: bool = ranged(True, Flag())  # rank by change relative to the base's weights
+    # how layers are ranked (irmlens/stages/layers.py: SELECTIONS): "weight_delta", the paper's
+    # per-layer weight change; "mediation", the share of the reward gain the layer's output
+    # carries (a layer sweep on held-out text before the cache: irmlens/mediate/sweep.py)
+    select: str = ranged("weight_delta", OneOf(("weight_delta", "mediation")))
 
     def __post_init__(self) -> None:
         check_fields(self, "layers")
@@ -259,7 +263,13 @@ class MediateConfig:
     recheck: int = ranged(8, Int(0, 1000))  # top components re-ranked by real single patches
     max_k: int = ranged(256, SIZE)  # the curves' largest k (powers of 2 up to it)
     n_bootstrap: int = ranged(1000, Int(10, 1_000_000))
-    seed: int = ranged(0, SEED)  # the random rotation's and the random dictionary's
+    seed: int = ranged(0, SEED)  # the random rotation's, the random dictionary's, sampling's
+    # what the curves and the verdict read (the sweep reports both): the policy's expected
+    # next-token utility under the reward model, or its implicit reward on lexicon words
+    metric: str = ranged("expected_utility", OneOf(("expected_utility", "implicit_reward")))
+    # the RLHF model's own completions (the second text set): prompts of this many tokens cut
+    # from cached rows disjoint from the measured and fitted ones, completions as long as RLHF's
+    prompt_tokens: int = ranged(8, SIZE)
 
     def __post_init__(self) -> None:
         check_fields(self, "mediate")

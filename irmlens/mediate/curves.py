@@ -63,7 +63,8 @@ def faithfulness(share: float) -> float:
     return max(0.0, 1.0 - abs(1.0 - share))
 
 
-def _codes(basis, x: torch.Tensor) -> torch.Tensor:
+def codes(basis, x: torch.Tensor) -> torch.Tensor:
+    """``[..., n]``: the basis's codes of activations ``[..., d]`` (on the CPU, float32)."""
     with torch.no_grad():
         flat = x.reshape(-1, x.shape[-1]).to(basis.W_dec.device, basis.W_dec.dtype)
         return basis.encode(flat).float().cpu().reshape(*x.shape[:-1], -1)
@@ -94,7 +95,7 @@ def faithfulness_curve(
     start, target = (site.rlhf, site.base) if removed else (site.base, site.rlhf)
     start, target = start.float(), target.float()
     d = start.shape[-1]
-    delta = _codes(basis, target) - _codes(basis, start)  # [rows, pos, n]
+    delta = codes(basis, target) - codes(basis, start)  # [rows, pos, n]
     dirs = component_directions(basis, d)  # [n, d]
     m_start, m_target = (
         site.end("rlhf" if removed else "base"),
@@ -151,6 +152,50 @@ def share_at(curve: dict, k: int) -> float:
     return by_k.get(k, by_k[max(by_k)])
 
 
+def _boot_faithfulness(curve: dict, site: Site, idx: torch.Tensor) -> torch.Tensor:
+    """``[n_boot, n_k]``: the curve's faithfulness at each of its ks on each bootstrap draw of
+    rows (``idx`` [n_boot, rows]), the site's ends resampled with them."""
+    removed = curve["direction"] == "removed"
+    start = curve["start_rows"].double()
+    target = site.end("base" if removed else "rlhf").double()
+    ks = [c["k"] for c in curve["curve"]]
+    rows = torch.stack([curve["rows"][k].double() for k in ks])  # [n_k, rows]
+    m_start, m_target = start[idx].mean(1), target[idx].mean(1)
+    gain = (m_target - m_start)[:, None]
+    shares = (rows[:, idx].mean(-1).T - m_start[:, None]) / torch.where(
+        gain.abs() > 1e-12, gain, torch.ones_like(gain)
+    )
+    return (1.0 - (1.0 - shares).abs()).clamp_min(0.0)
+
+
+def paired_difference(
+    a: dict, b: dict, site: Site, k: int | None = None, n_boot: int = 1000, seed: int = 0
+) -> dict:
+    """Curve ``a``'s faithfulness minus curve ``b``'s at ``k`` (None: on the area under the
+    curves), with its 95% paired bootstrap CI: the same rows resampled for both, so what the
+    rows share cancels. Both curves from ``faithfulness_curve`` at the same ``site`` and
+    direction, with their ``rows`` kept."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(a["start_rows"])
+    idx = torch.randint(0, n, (n_boot, n), generator=gen)
+    fa, fb = _boot_faithfulness(a, site, idx), _boot_faithfulness(b, site, idx)
+
+    def at(curve: dict, f: torch.Tensor) -> torch.Tensor:
+        if k is None:
+            return f.mean(1)
+        ks = [c["k"] for c in curve["curve"]]
+        return f[:, ks.index(min(k, max(ks)))]
+
+    boots = at(a, fa) - at(b, fb)
+    point = (
+        a["area"] - b["area"]
+        if k is None
+        else faithfulness(share_at(a, k)) - faithfulness(share_at(b, k))
+    )
+    lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975], dtype=boots.dtype)).tolist()
+    return {"difference": point, "ci": [lo, hi], "at": "area" if k is None else f"k = {k}"}
+
+
 @torch.no_grad()
 def set_share(basis, site: Site, features: Sequence[int], removed: bool = True) -> float:
     """The share of the site's gain that patching exactly ``features`` of ``basis`` moves (e.g.
@@ -158,7 +203,7 @@ def set_share(basis, site: Site, features: Sequence[int], removed: bool = True) 
     start, target = (site.rlhf, site.base) if removed else (site.base, site.rlhf)
     start, target = start.float(), target.float()
     idx = torch.tensor(list(features), dtype=torch.long)
-    delta = (_codes(basis, target) - _codes(basis, start))[..., idx]
+    delta = (codes(basis, target) - codes(basis, start))[..., idx]
     dirs = component_directions(basis, start.shape[-1])[idx]
     m_start = site.end("rlhf" if removed else "base").mean()
     m_target = site.end("base" if removed else "rlhf").mean()
@@ -170,19 +215,27 @@ def set_share(basis, site: Site, features: Sequence[int], removed: bool = True) 
 def model_site(
     model,
     tokens: torch.Tensor,
-    mask: torch.Tensor,
-    utility: torch.Tensor,
+    metric: Callable[[torch.Tensor], torch.Tensor],
     hook: str,
     base_acts,
     rlhf_acts,
 ) -> Site:
     """A site of a TransformerLens model: activations put at ``hook`` and the model run on from
-    there to its expected next-token utility (``irmlens.mediate.metrics``)."""
-    from irmlens.mediate.metrics import expected_utility
+    there to ``metric`` of its logits (per row; ``irmlens.mediate.metrics``)."""
+    import re
+
     from irmlens.mediate.sweep import replacing
 
-    def metric(acts: torch.Tensor) -> torch.Tensor:
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, replacing(acts))])
-        return expected_utility(logits, utility, mask)
+    after = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
+    if after:  # the model run on from the block after: the blocks before cost nothing
 
-    return Site(base_acts, rlhf_acts, metric)
+        def at_site(acts: torch.Tensor) -> torch.Tensor:
+            x = acts.to(next(model.parameters()).device, model.cfg.dtype)
+            return metric(model(x, start_at_layer=int(after.group(1)) + 1))
+
+    else:
+
+        def at_site(acts: torch.Tensor) -> torch.Tensor:
+            return metric(model.run_with_hooks(tokens, fwd_hooks=[(hook, replacing(acts))]))
+
+    return Site(base_acts, rlhf_acts, at_site)

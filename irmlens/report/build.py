@@ -281,33 +281,130 @@ def _mediation(paths: RunPaths) -> dict | None:
     return read_json(f) if f.exists() else None
 
 
-def _direction_html(rd: dict | None) -> str:
-    """The layer's mean difference: the tokens it promotes and suppresses, and the null pair's."""
+def _tokens(words) -> str:
+    return html.escape(", ".join(repr(t) for t in words))
+
+
+def _feature_link(f: dict, cards: frozenset) -> str:
+    """A feature as (dictionary, layer, index), linked to its card where the report has one."""
+    name = f"{f['dictionary']} L{f['layer']} #{f['feature']}"
+    if (f["layer"], f["feature"]) in cards and f["dictionary"] == "shared":
+        return f'<a href="#feature-{f["feature"]}">{html.escape(name)}</a>'
+    return html.escape(name)
+
+
+def _direction_html(rd: dict | None, cards: frozenset = frozenset()) -> str:
+    """The layer's mean difference: the tokens it promotes and suppresses (and the null pair's),
+    its decomposition into the shared dictionary's features, the contexts it moves most."""
     if not rd:
         return ""
+    null = ""
+    if "null_cosine" in rd:
+        null = f"; its cosine with the null pair's mean difference is {rd['null_cosine']:.2f}"
+        if "null" in rd:
+            null += (
+                f" (the null pair's, through the unembedding, promotes "
+                f"{_tokens(rd['null']['unembedding']['promoted'])})"
+            )
+    parts = [
+        f"<p>The reward direction, the mean RLHF &minus; base difference (norm {rd['norm']:.3g}), "
+        f"read through the unembedding, promotes {_tokens(rd['unembedding']['promoted'])} and "
+        f"suppresses {_tokens(rd['unembedding']['suppressed'])}; through the final norm it "
+        f"promotes {_tokens(rd['final_norm']['promoted'])}{null}.</p>"
+    ]
+    fs = rd.get("features")
+    if fs:
+        cum = "; ".join(
+            f"{c['n_features']}: {c['norm_share']:.0%} of its norm, {c['causal_share']:.0%} "
+            "of the layer's gain"
+            for c in fs["cumulative"]
+        )
+        top = ", ".join(
+            f"{_feature_link(f, cards)} ({f['norm_share']:+.0%}, cos {f['cosine']:+.2f})"
+            for f in fs["top"][:8]
+        )
+        parts.append(
+            f"<p>Written by the {html.escape(fs['dictionary'])} dictionary's features (ranked by "
+            f"their part of the direction), the top {cum}. Its top features: {top}.</p>"
+        )
+    if rd.get("contexts"):
+        rows = "".join(
+            f"<tr><td class='ctx'>{html.escape(c['context'])} <b style='background:#fe9'>"
+            f"{html.escape(c['token'])}</b></td>"
+            f"<td>{c['projection']:.3g}</td></tr>"
+            for c in rd["contexts"][:6]
+        )
+        parts.append(
+            "<table><tr><th>where the difference projects most on it (context, token)</th>"
+            f"<th>projection</th></tr>{rows}</table>"
+        )
+    return "".join(parts)
 
-    def tokens(key: str, which: str) -> str:
-        return html.escape(", ".join(repr(t) for t in rd[key][which]))
 
-    null = (
-        f"; its cosine with the null pair's mean difference is {rd['null_cosine']:.2f}"
-        if "null_cosine" in rd
-        else ""
-    )
+def _comparison_html(comparison: dict) -> str:
+    """The best dictionary minus the best other basis, with paired CIs."""
+    out = []
+    for direction, c in comparison.items():
+        k8, area = c["at_8"], c["area"]
+        out.append(
+            f"{direction}: {html.escape(c['dictionary'])} minus {html.escape(c['other'])} "
+            f"{k8['difference']:+.2f} {_ci(k8['ci'])} in faithfulness at k = 8, "
+            f"{area['difference']:+.2f} {_ci(area['ci'])} on the area"
+        )
+    if not out:
+        return ""
     return (
-        f"<p>The mean RLHF &minus; base difference (norm {rd['norm']:.3g}), read through the "
-        f"unembedding, promotes {tokens('unembedding', 'promoted')} and suppresses "
-        f"{tokens('unembedding', 'suppressed')}; through the final norm it promotes "
-        f"{tokens('final_norm', 'promoted')}{null}.</p>"
+        "<p>The best dictionary against the best other basis (paired bootstrap over rows): "
+        + "; ".join(out)
+        + ".</p>"
     )
 
 
-def mediation_html(mediation: dict | None) -> str:
-    """The opening section: where the gain lives by layer, and in which basis it is compact."""
+def _sweeps_html(mediation: dict) -> str:
+    """Every text set and metric's headline: the gain, and the studied layers' share."""
+    rows = []
+    for s in mediation.get("sweeps", []):
+        studied = mediation["studied"]["layers"]
+        share = {r["site"]: r["removed"] for r in s["sites"]}
+        by = ", ".join(
+            f"layer {la} {share.get(f'blocks.{la}.hook_resid_post', float('nan')):.0%}"
+            for la in studied
+        )
+        resolved = s.get("gain_resolved", True)
+        gain = f"{s['base']:.4f} &rarr; {s['rlhf']:.4f}" + (
+            f" (gain {_ci(s['gain_ci'])})" if "gain_ci" in s else ""
+        )
+        tail = (
+            f"<td>{by}</td><td>{s['final_norm_and_unembedding']:.0%}</td>"
+            if resolved
+            else "<td colspan=2>no gain resolved (its CI holds 0): no share to split</td>"
+        )
+        rows.append(
+            f"<tr><td>{html.escape(s['text'].replace('_', ' '))}</td>"
+            f"<td>{html.escape(s['metric'].replace('_', ' '))}</td><td>{gain}</td>{tail}</tr>"
+        )
+    if not rows:
+        return ""
+    return (
+        "<table><tr><th>text</th><th>metric</th><th>base &rarr; RLHF</th><th>studied layers' "
+        "share</th><th>final norm + unembedding</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def mediation_html(
+    mediation: dict | None, studied: list[int] | None = None, cards: frozenset = frozenset()
+) -> str:
+    """The opening section: where the gain lives by layer, and in which basis it is compact
+    (figures drawn with the page's plotly, included once in its head)."""
     from irmlens.mediate.curves import share_at
+    from irmlens.viz.figures import faithfulness_curves_figure, mediation_waterfall_figure
 
     if mediation is None:
         return "<h2>Where the reward lives</h2><p>This run has no mediate stage.</p>"
+
+    def plot(fig) -> str:
+        return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
+
     sweep = mediation["sweep"]
     sites = "".join(
         f"<tr><td>{html.escape(r['site'])}</td><td>{r['removed']:.0%} {_ci(r['removed_ci'])}</td>"
@@ -328,7 +425,6 @@ def mediation_html(mediation: dict | None) -> str:
                 + "".join(f"<td>{x}</td>" for x in cells)
                 + "</tr>"
             )
-        direction = _direction_html(res.get("reward_direction"))
         irm = res.get("sparse_irm")
         note = (
             f"<p>The sparse IRM's {irm['n_features']} features at this layer: "
@@ -340,19 +436,41 @@ def mediation_html(mediation: dict | None) -> str:
             "".join(f"<th>{d} k={k}</th>" for k in (1, 8, 32)) + "<th>area</th><th>k for 80%</th>"
             for d in ("removed", "reproduced")
         )
+        top = res.get("top_components")
+        top_html = (
+            f"<p>The most compact basis, {html.escape(top['basis'])}: its top components promote "
+            + "; ".join(
+                f"#{c['component']} ({_fmt(c['share'])} alone): "
+                f"{_tokens(c['unembedding']['promoted'][:5])}"
+                for c in top["components"]
+            )
+            + ".</p>"
+            if top
+            else ""
+        )
         tables.append(
             f"<h3>Layer {html.escape(la)} ({html.escape(res['hook'])}): the layer's share moved "
-            f"by the top k components</h3><table><tr><th>basis</th>{head}</tr>"
+            f"by the top k components</h3>{plot(faithfulness_curves_figure(res, la))}"
+            f"{_comparison_html(res.get('comparison', {}))}"
+            f"<table><tr><th>basis</th>{head}</tr>"
             + "".join(rows)
-            + f"</table>{direction}{note}"
+            + f"</table>{_direction_html(res.get('reward_direction'), cards)}{top_html}{note}"
         )
+    st = mediation.get("studied") or {}
+    warning = (
+        f"<p style='color:#b00'><b>Warning:</b> {html.escape(st['warning'])}.</p>"
+        if st.get("warning")
+        else ""
+    )
     return f"""<h2>Where the reward lives</h2>
-<p><b>{html.escape(mediation["verdict"])}</b></p>
+<p><b>{html.escape(mediation["verdict"])}</b></p>{warning}
+{plot(mediation_waterfall_figure(sweep, studied or []))}
 <p>{html.escape(mediation["metric"])}: base {sweep["base"]:.4f}, RLHF {sweep["rlhf"]:.4f} on
 {mediation["rows"]["measured"]} cached held-out rows. Removed: the base's activations patched into the RLHF model
 at that site; reproduced: the RLHF model's patched into the base; shares of the gain with 95% bootstrap CIs over rows.</p>
-<table><tr><th>site</th><th>share removed</th><th>share reproduced</th></tr>{sites}
-<tr><td>final norm and unembedding</td><td>{sweep["final_norm_and_unembedding"]:.0%}</td><td></td></tr></table>
+{_sweeps_html(mediation)}
+<details><summary>every site</summary><table><tr><th>site</th><th>share removed</th><th>share reproduced</th></tr>{sites}
+<tr><td>final norm and unembedding</td><td>{sweep["final_norm_and_unembedding"]:.0%}</td><td></td></tr></table></details>
 {"".join(tables)}
 <p>Curves: components ranked by the size of their attribution, the top ones re-checked by real patches; a share
 past 1 overshoots, and counts as unfaithful as falling short (area and k for 80% read 1 &minus; |1 &minus; share|).
@@ -539,6 +657,8 @@ def render_html(
     feature_rows: list[dict] | None = None,
     fit_points: list[dict] | None = None,
 ) -> str:
+    from plotly.offline import get_plotlyjs
+
     from irmlens.viz.figures import (
         crosscoder_norm_figure,
         divergent_feature_map_figure,
@@ -593,8 +713,8 @@ def render_html(
             ("Validation: steering", steering_dose_figure(validation)),
         ]
     parts = []
-    for i, (title, fig) in enumerate(figs):
-        div = fig.to_html(full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False})
+    for title, fig in figs:
+        div = fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
         parts.append(f"<h2>{html.escape(title)}</h2>\n{div}")
     margin = irm["heldout_kendall_tau"] - ctrl["heldout_kendall_tau"]
     spread = ctrl.get("heldout_kendall_tau_std", 0.0)
@@ -680,11 +800,13 @@ def render_html(
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
 .kv th{{background:#f4f4f4;width:16em}}.tok{{padding:0 1px;white-space:pre}}.ctx{{margin:2px 0;font-family:monospace}}
-.ctxs{{display:flex;gap:2em}}.ctxs>div{{flex:1}}details.card{{border:1px solid #ddd;margin:6px 0;padding:4px 8px}}</style></head>
+.ctxs{{display:flex;gap:2em}}.ctxs>div{{flex:1}}details.card{{border:1px solid #ddd;margin:6px 0;padding:4px 8px}}</style>
+<script type="text/javascript">{get_plotlyjs()}</script></head>
 <body><h1>irmlens report: {html.escape(report["name"])}</h1>
 <p>What did RLHF teach the model, and how far is that implicit reward model (IRM) from the reward model it was trained on?</p>
-{_unverified_html(report)}{summary}
-{mediation_html(report.get("mediation"))}
+{_unverified_html(report)}
+{mediation_html(report.get("mediation"), report["studied_layers"], _card_keys(report))}
+{summary}
 {"".join(parts)}
 {spaces_html}
 {validation_html(report.get("validation"), report.get("labels"))}
@@ -700,6 +822,12 @@ Click a card to open it; token backgrounds show the feature's activation.</p>
 <p><small>report schema v{report["schema_version"]}; generated by irmlens. All data is in report.json beside this page.</small></p>
 </body></html>
 """
+
+
+def _card_keys(report: dict) -> frozenset:
+    """(layer, feature) of every card the report shows."""
+    layer = report["feature_divergence"]["layer"]
+    return frozenset((c.get("layer", layer), c["feature"]) for c in report.get("feature_cards", []))
 
 
 def _rm_free_html(row: dict | None) -> str:

@@ -1,17 +1,25 @@
 """Stage ``mediate``: where the RLHF gain lives, measured causally on fixed text (``mediate/``).
 
-On cached held-out rows, with the expected next-token utility under the study's reward model
-(with ``data.lexicon = "none"``, the implicit-reward lexicon of stage ``target``):
+Two text sets: cached held-out rows, and the RLHF model's own completions to prompts cut from
+other cached rows (the distribution it was tuned on). Two deterministic metrics on each
+(``irmlens.mediate.metrics``): the expected next-token utility under the study's reward model
+(with ``data.lexicon = "none"``, the implicit-reward lexicon of stage ``target``) and the
+implicit reward itself. Then:
 
 1. the layer sweep: the base's activations patched into the RLHF model at the embedding and
-   after each block remove a share of the gain, the RLHF's patched into the base reproduce one;
-   the final norm and unembedding hold what the last block's patch leaves;
-2. at each studied layer, every basis's faithfulness curve, both ways: the study's dictionaries
-   (through the basis registry) and their random stand-in, beside the standard basis, a random
-   rotation, the principal directions of the differences and the mean-difference direction
-   (the last two fitted on rows disjoint from the measured ones); the sparse IRM's features
-   placed on the same axes;
-3. a verdict naming the most compact basis at each layer.
+   after each block (and at each MLP's output where the cache has them) remove a share of the
+   gain, the RLHF's patched into the base reproduce one; the final norm and unembedding hold
+   what the last block's patch leaves; the studied layers' share is stated, and warned about
+   when small;
+2. at each studied layer, on cached rows with ``mediate.metric``: every basis's faithfulness
+   curve, both ways: the study's dictionaries (through the basis registry) and their random
+   stand-in, beside the standard basis, a random rotation, the principal directions of the
+   differences and the mean-difference direction (the last two fitted on rows disjoint from
+   the measured ones); the best dictionary against the best other basis with a paired CI; the
+   sparse IRM's features placed on the same axes;
+3. the reward direction (the mean difference) read through the output, beside the null pair's,
+   decomposed into the shared dictionary's features, with the contexts it moves most;
+4. a verdict naming the most compact basis at each layer.
 
 Written into a temporary folder that replaces ``mediate/`` in one rename.
 """
@@ -26,30 +34,48 @@ import torch
 from irmlens.io import atomic_dir, atomic_write_json, read_json
 from irmlens.stages.context import StudyContext, log
 
+# below this share of the gain at every studied layer, the report warns that the studied
+# layers miss most of what RLHF changed (SmolLM2's weight-delta layer: 8%)
+SMALL_SHARE = 0.25
+DICTIONARIES = ("shared", "base", "wide_topk", "random_sae")  # the rest are not dictionaries
+
 
 def run(ctx: StudyContext) -> None:
     from irmlens.cache.store import load_token_rows
-    from irmlens.mediate.metrics import token_utility
-    from irmlens.mediate.sweep import layer_sweep
+    from irmlens.mediate.metrics import METRICS
+    from irmlens.mediate.sweep import layer_sweep, sweep_sites
 
     started, m = time.perf_counter(), ctx.cfg.mediate
-    models = ctx.pair.get()
-    base, rlhf = models["base"], models["rlhf"]
-    utility = token_utility(ctx.pair.tokenizer, ctx.rm.word_utility, rlhf.cfg.d_vocab)
+    base, rlhf = (ctx.pair.get()[k] for k in ("base", "rlhf"))
     rows = load_token_rows(ctx.paths.cache)
-    n = min(m.n_rows, len(rows.tokens) // 2)
-    measured = rows.tokens[:n], rows.valid[:n]
-    fit_tokens = rows.tokens[n : 2 * n]
-    sweep = layer_sweep(base, rlhf, *measured, utility, n_boot=m.n_bootstrap, seed=m.seed)
+    n = min(m.n_rows, len(rows.tokens) // 3)  # measured, fitted, prompted: disjoint thirds
+    texts = {
+        "cached_rows": _cached_rows(ctx, rows, slice(0, n)).with_base(base),
+        "own_completions": _own_completions(ctx, rlhf, rows, slice(2 * n, 3 * n)).with_base(base),
+    }
+    sites = sweep_sites(rlhf.cfg.n_layers, mlp_out="mlp_out" in ctx.cfg.cache.hook_kinds)
+    sweeps = [
+        {"text": text, **per_metric}
+        for text, metrics in texts.items()
+        for per_metric in layer_sweep(
+            base, rlhf, metrics.tokens, metrics, sites, m.n_bootstrap, m.seed
+        ).values()
+    ]
+    sweep = next(s for s in sweeps if s["text"] == "cached_rows" and s["metric"] == m.metric)
     irm = read_json(ctx.paths.irm_metrics)
+    measured = texts["cached_rows"]
+    fit_tokens = rows.tokens[n : 2 * n]
     layers = {
-        str(la): _layer(ctx, base, rlhf, utility, measured, fit_tokens, la, irm)
+        str(la): _layer(ctx, base, rlhf, measured, fit_tokens, la, irm)
         for la in sorted(ctx.studied_layers)
     }
     result = {
-        "metric": "expected next-token utility: mean over positions of sum_v pi(v | context) u(v)",
-        "rows": {"measured": n, "fit": int(len(fit_tokens))},
+        "metric": METRICS[m.metric],
+        "metrics": METRICS,
+        "rows": {"measured": n, "fit": int(len(fit_tokens)), "prompts": n},
         "sweep": sweep,
+        "sweeps": sweeps,
+        "studied": studied_share(sweep, sorted(ctx.studied_layers)),
         "layers": layers,
         "verdict": verdict(sweep, layers),
         "seconds": time.perf_counter() - started,
@@ -57,6 +83,82 @@ def run(ctx: StudyContext) -> None:
     with atomic_dir(ctx.paths.mediate) as tmp:
         atomic_write_json(tmp / "mediation.json", result)
     log(f"mediate: {result['verdict']} ({result['seconds']:.0f} s)")
+    if result["studied"]["warning"]:
+        log(f"mediate: warning: {result['studied']['warning']}")
+
+
+def _cached_rows(ctx: StudyContext, rows, index: slice):
+    """The cached rows' metrics: expected utility at every valid position, implicit reward on
+    the tokens of the words the reward model scores."""
+    from irmlens.mediate.metrics import RewardMetrics, token_utility, word_token_mask
+
+    tok, word_utility = ctx.pair.tokenizer, ctx.rm.word_utility
+    utility = token_utility(tok, word_utility, ctx.pair.get()["rlhf"].cfg.d_vocab)
+    scored_words = {i for i, w in enumerate(rows.words) if word_utility(w) is not None}
+    in_word = None if rows.in_word is None else rows.in_word[index]
+    scored = word_token_mask(rows.word_id[index], in_word, rows.valid[index], scored_words)
+    return RewardMetrics(
+        rows.tokens[index], rows.valid[index], utility, scored, beta=ctx.cfg.rlhf.kl_coef
+    )
+
+
+def _own_completions(ctx: StudyContext, rlhf, rows, index: slice):
+    """The RLHF model's own completions (``rlhf.max_completion_length`` tokens, temperature 1)
+    of prompts cut from cached rows: expected utility where it predicts the completion,
+    implicit reward over the completion's tokens (its sequence-level implicit reward)."""
+    from irmlens.mediate.metrics import RewardMetrics, token_utility
+
+    m = ctx.cfg.mediate
+    p = min(m.prompt_tokens, rows.tokens.shape[1] - 1)
+    whole = rows.valid[index][:, 1:p].all(1)  # BOS, then text (BOS is never a valid position)
+    prompts = rows.tokens[index][whole][:, :p]
+    new = ctx.cfg.rlhf.max_completion_length
+    device = next(rlhf.parameters()).device
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(m.seed)
+        tokens = rlhf.generate(
+            prompts.to(device),
+            max_new_tokens=new,
+            stop_at_eos=False,
+            do_sample=True,
+            temperature=1.0,
+            verbose=False,
+            return_type="tokens",
+        ).cpu()
+    positions = torch.arange(tokens.shape[1])
+    predicting = ((positions >= p - 1) & (positions < tokens.shape[1] - 1)).expand_as(tokens)
+    scored = (positions >= p).expand_as(tokens)
+    utility = token_utility(ctx.pair.tokenizer, ctx.rm.word_utility, rlhf.cfg.d_vocab)
+    return RewardMetrics(tokens, predicting, utility, scored, beta=ctx.cfg.rlhf.kl_coef)
+
+
+def studied_share(sweep: dict, layers: list[int]) -> dict:
+    """The share of the gain each studied layer's output carries (removed when patched), and a
+    warning when every one carries less than ``SMALL_SHARE``."""
+    share = {row["site"]: row["removed"] for row in sweep["sites"]}
+    by_layer = {str(la): share.get(f"blocks.{la}.hook_resid_post") for la in layers}
+    known = [v for v in by_layer.values() if v is not None]
+    best = max(known, default=None)
+    peak = max(
+        (r for r in sweep["sites"] if r["site"].endswith("resid_post")),
+        key=lambda r: r["removed"],
+        default=None,
+    )
+    warning = None
+    if best is not None and best < SMALL_SHARE:
+        warning = (
+            f"the studied layers carry at most {best:.0%} of the gain (patching the base's "
+            f"activations there removes no more); the gain builds up later, "
+            f"{1 - sweep['final_norm_and_unembedding']:.0%} by the last block's output and the rest "
+            "in the final norm and unembedding: choose later layers (layers.select = "
+            '"mediation") to study what carries the reward'
+        )
+    return {
+        "layers": by_layer,
+        "max_share": best,
+        "peak_site": peak["site"] if peak else None,
+        "warning": warning,
+    }
 
 
 def _bases(ctx: StudyContext, layer: int, fit_base, fit_rlhf) -> dict[str, object]:
@@ -88,12 +190,10 @@ def _bases(ctx: StudyContext, layer: int, fit_base, fit_rlhf) -> dict[str, objec
     }
 
 
-DICTIONARIES = ("shared", "base", "wide_topk", "random_sae")  # the rest are not dictionaries
-
-
-def _layer(ctx: StudyContext, base, rlhf, utility, measured, fit_tokens, layer: int, irm) -> dict:
-    """The faithfulness curves of every basis at ``layer`` (both ways), and the sparse IRM's
-    features placed on them."""
+def _layer(ctx: StudyContext, base, rlhf, measured, fit_tokens, layer: int, irm) -> dict:
+    """The faithfulness curves of every basis at ``layer`` (both ways), the best dictionary
+    against the best other basis, the sparse IRM's features on the same axes, and the reward
+    direction."""
     from irmlens.mediate.curves import KS, faithfulness_curve, model_site, set_share
 
     m, hook = ctx.cfg.mediate, ctx.hook(layer)
@@ -101,30 +201,42 @@ def _layer(ctx: StudyContext, base, rlhf, utility, measured, fit_tokens, layer: 
     def acts(model, tokens):
         return model.run_with_cache(tokens, names_filter=hook)[1][hook].float()
 
-    tokens, mask = measured
+    def metric(logits):
+        return measured(logits)[m.metric]
+
+    tokens = measured.tokens
     a_b, a_r = acts(base, tokens), acts(rlhf, tokens)
     sites = {
-        "removed": model_site(rlhf, tokens, mask, utility, hook, a_b, a_r),
-        "reproduced": model_site(base, tokens, mask, utility, hook, a_b, a_r),
+        "removed": model_site(rlhf, tokens, metric, hook, a_b, a_r),
+        "reproduced": model_site(base, tokens, metric, hook, a_b, a_r),
     }
     fit_b, fit_r = acts(base, fit_tokens), acts(rlhf, fit_tokens)
     bases = _bases(ctx, layer, fit_b, fit_r)
     ks = [k for k in KS if k <= m.max_k]
-    curves = {}
-    for name, basis in bases.items():
-        curves[name] = {"dictionary": name in DICTIONARIES}
-        for direction, site in sites.items():
-            c = faithfulness_curve(basis, site, direction == "removed", ks, m.recheck)
-            c.pop("rows"), c.pop("start_rows")
-            c["ranked"] = c["ranked"][:32]
-            curves[name][direction] = c
-    mean_dir, pc1 = bases["mean_difference"].W_dec[0], bases["pca_of_differences"].W_dec[0]
+    curves = {
+        name: {"dictionary": name in DICTIONARIES}
+        | {
+            direction: faithfulness_curve(basis, site, direction == "removed", ks, m.recheck)
+            for direction, site in sites.items()
+        }
+        for name, basis in bases.items()
+    }
     out = {
         "hook": hook,
         "bases": curves,
-        "cos_mean_difference_top_pc": float(mean_dir @ pc1),
-        "reward_direction": _reward_direction(ctx, rlhf, fit_tokens, fit_b, fit_r, acts),
+        "comparison": _comparison(curves, sites, m),
+        "cos_mean_difference_top_pc": float(
+            bases["mean_difference"].W_dec[0] @ bases["pca_of_differences"].W_dec[0]
+        ),
     }
+    for c in curves.values():  # per-row values served the paired CIs
+        for direction in sites:
+            c[direction].pop("rows"), c[direction].pop("start_rows")
+            c[direction]["ranked"] = c[direction]["ranked"][:32]
+    out["reward_direction"] = _reward_direction(
+        ctx, rlhf, layer, bases, (fit_tokens, fit_b, fit_r), (tokens, a_b, a_r), sites, acts
+    )
+    out["top_components"] = _top_components(ctx, rlhf, layer, bases, curves)
     features = [
         r["local_feature"]
         for r in irm["sparse"]["feature_refs"]
@@ -139,20 +251,72 @@ def _layer(ctx: StudyContext, base, rlhf, utility, measured, fit_tokens, layer: 
     return out
 
 
-def _reward_direction(ctx: StudyContext, rlhf, fit_tokens, fit_b, fit_r, acts) -> dict:
-    """The mean RLHF - base difference (on the fit rows) read through the RLHF model's output,
-    its norm, and its cosine with the null pair's mean difference (what any fine-tuning moves)."""
-    from irmlens.mediate.directions import read_direction
+def _comparison(curves: dict, sites: dict, m) -> dict:
+    """Per direction, the best dictionary (the random one aside) minus the best non-dictionary
+    basis, in faithfulness at k = 8 and on the area, with paired bootstrap CIs over rows."""
+    from irmlens.mediate.curves import paired_difference
 
+    out = {}
+    for direction, site in sites.items():
+        real = [n for n in curves if curves[n]["dictionary"] and n != "random_sae"]
+        best_dict = _best(curves, real, direction)
+        best_other = _best(curves, [n for n in curves if not curves[n]["dictionary"]], direction)
+        if not best_dict or not best_other:
+            continue
+        a, b = best_dict[1], best_other[1]
+        out[direction] = {
+            "dictionary": best_dict[0],
+            "other": best_other[0],
+            "at_8": paired_difference(a, b, site, 8, m.n_bootstrap, m.seed),
+            "area": paired_difference(a, b, site, None, m.n_bootstrap, m.seed),
+        }
+    return out
+
+
+def _reward_direction(ctx, rlhf, layer, bases, fit, measured, sites, acts) -> dict:
+    """The mean RLHF - base difference (on the fit rows) read through the RLHF model's output;
+    its cosine with the null pair's mean difference (what any fine-tuning moves); its
+    decomposition into the shared dictionary's features; the contexts it moves most."""
+    from irmlens.mediate.directions import decompose, moved_contexts, read_direction
+
+    fit_tokens, fit_b, fit_r = fit
     d = fit_b.shape[-1]
     mean = (fit_r - fit_b).reshape(-1, d).mean(0)
-    out = {"norm": float(mean.norm())} | read_direction(rlhf, mean, ctx.pair.tokenizer)
+    tok = ctx.pair.tokenizer
+    out = {"norm": float(mean.norm())} | read_direction(rlhf, mean, tok)
     null = ctx.pair.get().get("null")
     if null is not None:
         null_mean = (acts(null, fit_tokens) - fit_b).reshape(-1, d).mean(0)
         cos = torch.nn.functional.cosine_similarity(mean, null_mean, dim=0)
         out["null_cosine"], out["null_norm"] = float(cos), float(null_mean.norm())
+        out["null"] = read_direction(rlhf, null_mean, tok)
+    if "shared" in bases:
+        out["features"] = decompose(
+            bases["shared"], mean, fit_b, fit_r, sites["removed"], ("shared", layer)
+        )
+    tokens, a_b, a_r = measured
+    out["contexts"] = moved_contexts(mean, a_b, a_r, tokens, tok)
     return out
+
+
+def _top_components(ctx, rlhf, layer, bases, curves) -> dict | None:
+    """The most compact basis's top 3 components (removed), each read through the output."""
+    from irmlens.mediate.curves import component_directions
+    from irmlens.mediate.directions import read_direction
+
+    best = _best(curves, curves)
+    if best is None:
+        return None
+    name, curve = best
+    dirs = component_directions(bases[name], rlhf.cfg.d_model)
+    return {
+        "basis": name,
+        "components": [
+            {"component": r["component"], "share": r["share"], "estimate": r["estimate"]}
+            | read_direction(rlhf, dirs[r["component"]], ctx.pair.tokenizer, k=8)
+            for r in curve["ranked"][:3]
+        ],
+    }
 
 
 def _best(curves: dict, names, direction: str = "removed") -> tuple[str, dict] | None:
@@ -170,6 +334,12 @@ def verdict(sweep: dict, layers: dict) -> str:
     from irmlens.mediate.curves import share_at
 
     share = {row["site"]: row["removed"] for row in sweep["sites"]}
+    if not sweep.get("gain_resolved", True):
+        return (
+            f"no gain to locate: the RLHF model's {sweep['metric'].replace('_', ' ')} on this text "
+            f"is not distinguishable from the base's (95% CI of the gain {sweep['gain_ci'][0]:+.4f} "
+            f"to {sweep['gain_ci'][1]:+.4f}), so no share of it is measured."
+        )
     parts = [
         f"the final norm and unembedding hold {sweep['final_norm_and_unembedding']:.0%} of the "
         "gain (what patching the last block's output leaves)"

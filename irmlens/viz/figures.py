@@ -438,3 +438,99 @@ def latent_scaling_figure(crosscoder: dict) -> go.Figure:
         yaxis_title="ν_r (base reconstruction / tuned reconstruction β)",
     )
     return fig
+
+
+def _site_label(site: str) -> str:
+    """``blocks.3.hook_resid_post`` -> "after block 3"; the MLP and embedding sites alike."""
+    parts = site.split(".")
+    if site == "blocks.0.hook_resid_pre":
+        return "embedding"
+    if len(parts) == 3 and parts[2] == "hook_mlp_out":
+        return f"MLP {parts[1]}"
+    return f"after block {parts[1]}" if len(parts) == 3 else site
+
+
+def mediation_waterfall_figure(sweep: dict, studied: list[int]) -> go.Figure:
+    """Where the gain builds up: patching the base's residual stream into the RLHF model after
+    block L removes the share carried up to L; each bar is what block L adds to it (studied
+    layers in red), and the last is what the final norm and unembedding hold."""
+    rows = [r for r in sweep["sites"] if r["site"].endswith("resid_post")]
+    steps, before = [], 0.0
+    for r in rows:
+        steps.append(r["removed"] - before)
+        before = r["removed"]
+    labels = [_site_label(r["site"]) for r in rows] + ["final norm + unembedding"]
+    text = [f"{s:+.0%}" for s in steps] + [f"{sweep['final_norm_and_unembedding']:+.0%}"]
+    fig = go.Figure(
+        go.Waterfall(
+            x=labels + ["all of the gain"],
+            y=steps + [sweep["final_norm_and_unembedding"], 0.0],
+            measure=["relative"] * (len(steps) + 1) + ["total"],
+            text=text + ["100%"],
+            textposition="outside",
+            increasing={"marker": {"color": "#2ca02c"}},
+            decreasing={"marker": {"color": "#d62728"}},
+            totals={"marker": {"color": "#7f7f7f"}},
+            hovertemplate="%{x}: %{y:+.1%} of the gain<extra></extra>",
+        )
+    )
+    for la in studied:
+        fig.add_vrect(
+            x0=la - 0.5,
+            x1=la + 0.5,
+            fillcolor="#d62728",
+            opacity=0.08,
+            line_width=0,
+            annotation_text="studied",
+            annotation_position="top left",
+        )
+    fig.update_layout(
+        title="Where the gain builds up (share removed by patching the base's residual stream "
+        "into the RLHF model after each block)",
+        xaxis_title="site",
+        yaxis_title="share of the RLHF gain",
+        yaxis_tickformat=".0%",
+        showlegend=False,
+    )
+    return fig
+
+
+def faithfulness_curves_figure(layer: dict, name: str, direction: str = "removed") -> go.Figure:
+    """Each basis's share of the layer's gain moved by its top k components (k on a log axis):
+    dictionaries solid, other bases dashed, the random dictionary grey; the whole site's
+    effect at 1; the sparse IRM's features as one point."""
+    fig = go.Figure()
+    for basis, c in layer["bases"].items():
+        curve = c[direction]["curve"]
+        dash = "solid" if c["dictionary"] else "dash"
+        line = {"dash": dash} | ({"color": "#aaaaaa"} if basis == "random_sae" else {})
+        fig.add_trace(
+            go.Scatter(
+                x=[p["k"] for p in curve],
+                y=[p["share"] for p in curve],
+                mode="lines+markers",
+                name=basis,
+                line=line,
+                hovertemplate=f"{basis}: k %{{x}}, share %{{y:.2f}}<extra></extra>",
+            )
+        )
+    irm = layer.get("sparse_irm")
+    if irm:
+        fig.add_trace(
+            go.Scatter(
+                x=[irm["n_features"]],
+                y=[irm[direction]],
+                mode="markers",
+                marker={"symbol": "star", "size": 14, "color": "black"},
+                name=f"the sparse IRM's {irm['n_features']} features",
+            )
+        )
+    fig.add_hline(y=1.0, line_dash="dot", annotation_text="the whole site")
+    fig.update_layout(
+        title=f"Layer {name}: share of the layer's gain {direction} by the top k components",
+        xaxis_title="k (components patched, ranked by attribution)",
+        xaxis_type="log",
+        yaxis_title=f"share {direction}",
+        legend_title="basis (dashed: not a dictionary)",
+    )
+    return fig

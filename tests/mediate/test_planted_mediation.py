@@ -17,8 +17,8 @@ from irmlens.bases.linear import (
     standard_basis,
 )
 from irmlens.mediate.curves import Site, faithfulness_curve, model_site
-from irmlens.mediate.metrics import expected_utility
-from irmlens.mediate.sweep import layer_sweep, run_metric
+from irmlens.mediate.metrics import RewardMetrics, expected_utility
+from irmlens.mediate.sweep import layer_sweep, run_metrics
 
 LAYER = 1
 
@@ -43,13 +43,11 @@ def _planted_pair(make_hooked):
 
 def test_a_planted_rank1_shift_is_found_at_its_layer_and_in_one_direction(make_hooked):
     base, rlhf, v, tokens, mask, utility = _planted_pair(make_hooked)
-    m_base, m_rlhf = (
-        run_metric(base, tokens, mask, utility),
-        run_metric(rlhf, tokens, mask, utility),
-    )
+    metrics = RewardMetrics(tokens, mask, utility)
+    m_base, m_rlhf = (run_metrics(m, tokens, metrics)["expected_utility"] for m in (base, rlhf))
     assert m_rlhf.mean() > m_base.mean() + 0.1  # the planted shift raised the metric
 
-    sweep = layer_sweep(base, rlhf, tokens, mask, utility, n_boot=200)
+    sweep = layer_sweep(base, rlhf, tokens, metrics, n_boot=200)["expected_utility"]
     removed = {row["site"]: row["removed"] for row in sweep["sites"]}
     reproduced = {row["site"]: row["reproduced"] for row in sweep["sites"]}
     # nothing before the planted layer carries the gain; from it on, all of it, both ways
@@ -71,7 +69,12 @@ def test_a_planted_rank1_shift_is_found_at_its_layer_and_in_one_direction(make_h
     pca = pca_of_differences(cb[hook][fit], cr[hook][fit])
     for fitted in (mean_basis, pca):
         assert abs(torch.nn.functional.cosine_similarity(fitted.W_dec[0], v, dim=0)) > 0.95
-    site = model_site(rlhf, tokens[held], mask[held], utility, hook, cb[hook][held], cr[hook][held])
+    held_metric = metrics.rows(held)
+
+    def metric(logits):
+        return held_metric(logits)["expected_utility"]
+
+    site = model_site(rlhf, tokens[held], metric, hook, cb[hook][held], cr[hook][held])
     for fitted in (mean_basis, pca):
         curve = faithfulness_curve(fitted, site, removed=True)
         assert curve["curve"][0]["k"] == 1 and curve["curve"][0]["faithfulness"] >= 0.9, curve
