@@ -503,12 +503,135 @@ def _label_rows() -> list[Row]:
     ]
 
 
+def _mediation_rows(reports: list[dict]) -> list[Row]:
+    """Where the reward lives (the mediate stage): the gain per text and metric, the layer sweep,
+    and at the IRM layer every basis's share at k = 8, the best dictionary against the best other
+    basis, the reward direction and the null pair's."""
+
+    def sweep(text, metric):
+        def get(r):
+            s = next(
+                x for x in r["mediation"]["sweeps"] if x["text"] == text and x["metric"] == metric
+            )
+            gain = f"{_f(s['base'], 4)} → {_f(s['rlhf'], 4)} (gain {_ci(s['gain_ci'])})" + (
+                f", null model {_f(s['null'], 4)}" if "null" in s else ""
+            )
+            if not s.get("gain_resolved", True):
+                return gain + ": not resolved, no share measured"
+            by = ", ".join(
+                f"{r_['site'].split('.')[1]}: {_pct(r_['removed'])}"
+                for r_ in s["sites"]
+                if r_["site"].endswith("resid_post")
+            )
+            return (
+                f"{gain}; removed after block {by}; final norm + unembedding "
+                f"{_pct(s['final_norm_and_unembedding'])}"
+            )
+
+        return get
+
+    def at_irm_layer(r):
+        return r["mediation"]["layers"][str(r["irm"]["layer"])]
+
+    def basis(name):
+        def get(r):
+            c = at_irm_layer(r)["bases"][name]
+            k8 = next(
+                p for p in c["removed"]["curve"] if p["k"] == min(8, c["removed"]["n_components"])
+            )
+            return (
+                f"{_f(k8['share'], 2)} removed at k = 8 (area {_f(c['removed']['area'], 2)}, "
+                f"k for 80% {c['removed']['k_at_80'] or 'none'}); reproduced "
+                f"{_f(next(p for p in c['reproduced']['curve'] if p['k'] == k8['k'])['share'], 2)}"
+            )
+
+        return get
+
+    def comparison(r):
+        out = []
+        for direction, c in at_irm_layer(r)["comparison"].items():
+            out.append(
+                f"{direction}: {c['dictionary']} − {c['other']} {_f(c['at_8']['difference'], 2)} "
+                f"{_ci(c['at_8']['ci'])} at k = 8, {_f(c['area']['difference'], 2)} "
+                f"{_ci(c['area']['ci'])} on the area"
+            )
+        return "; ".join(out)
+
+    def direction(r):
+        rd = at_irm_layer(r)["reward_direction"]
+        out = (
+            f"promotes {', '.join(rd['unembedding']['promoted'][:8])}; suppresses "
+            f"{', '.join(rd['unembedding']['suppressed'][:6])}"
+        )
+        fs = rd.get("features")
+        if fs:
+            out += "; shared SAE features writing it: " + ", ".join(
+                f"{c['n_features']}: {_pct(c['norm_share'])} of its norm, "
+                f"{_pct(c['causal_share'])} of the gain"
+                for c in fs["cumulative"]
+            )
+        return out
+
+    def null(r):
+        rd = at_irm_layer(r)["reward_direction"]
+        return (
+            f"cosine with the RLHF direction {_f(rd['null_cosine'], 2)}; promotes "
+            f"{', '.join(rd['null']['unembedding']['promoted'][:8])}"
+        )
+
+    names: list[str] = []
+    for r in reports:
+        try:
+            names += [n for n in at_irm_layer(r)["bases"] if n not in names]
+        except (KeyError, TypeError):
+            pass
+    rows: list[Row] = [
+        (f"mediation: {t.replace('_', ' ')}, {m.replace('_', ' ')}", sweep(t, m), NA)
+        for t in ("cached_rows", "own_completions")
+        for m in ("expected_utility", "implicit_reward")
+    ]
+    rows += [
+        ("mediation: verdict", lambda r: r["mediation"]["verdict"], NA),
+        (
+            "mediation: the studied layers' share",
+            lambda r: (
+                ", ".join(
+                    f"layer {la} {_pct(v)}" for la, v in r["mediation"]["studied"]["layers"].items()
+                )
+                + (
+                    f" (warning: {r['mediation']['studied']['warning']})"
+                    if r["mediation"]["studied"]["warning"]
+                    else ""
+                )
+            ),
+            NA,
+        ),
+    ]
+    rows += [(f"  IRM layer, basis {n}", basis(n), NA) for n in names]
+    rows += [
+        ("  IRM layer: best dictionary − best other basis (faithfulness)", comparison, NA),
+        (
+            "  IRM layer: the sparse IRM's features",
+            lambda r: (
+                f"{_pct(at_irm_layer(r)['sparse_irm']['removed'])} removed, "
+                f"{_pct(at_irm_layer(r)['sparse_irm']['reproduced'])} reproduced "
+                f"({at_irm_layer(r)['sparse_irm']['n_features']} features)"
+            ),
+            NA,
+        ),
+        ("  IRM layer: the reward direction (mean difference)", direction, NA),
+        ("  IRM layer: the null pair's mean difference", null, NA),
+    ]
+    return rows
+
+
 def _md_cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
 def table(reports: list[dict]) -> str:
-    rows = _setup_rows() + _sae_rows(reports) + _crosscoder_rows() + _irm_rows(reports)
+    rows = _setup_rows() + _mediation_rows(reports) + _sae_rows(reports) + _crosscoder_rows()
+    rows += _irm_rows(reports)
     rows += _validation_rows(reports) + _label_rows()
     head = "| measure | " + " | ".join(r["name"] for r in reports) + " | paper |"
     lines = [head, "|" + "---|" * (len(reports) + 2)]
@@ -517,7 +640,7 @@ def table(reports: list[dict]) -> str:
         for r in reports:
             try:
                 cells.append(cell(r))
-            except (KeyError, TypeError, IndexError):
+            except (KeyError, TypeError, IndexError, StopIteration):
                 cells.append(NA)
         if all(c == NA for c in cells) and paper == NA:
             continue

@@ -154,6 +154,12 @@ def check_dimensions(cfg: StudyConfig, d_model: int, n_layer: int, model: str) -
                 f"use multipliers <= {src.d_sae / d_model:.4g}"
             )
         widths = sorted({*widths, src.d_sae})
+    diff_width = int(s.difference.multiplier * d_model) if s.difference.multiplier else widths[-1]
+    if s.difference.k > diff_width:
+        raise ConfigError(
+            f"sae.difference.k = {s.difference.k} exceeds the difference dictionary's width "
+            f"{diff_width} ({model}): lower sae.difference.k or raise sae.difference.multiplier"
+        )
     cc_width = int(s.crosscoder.multiplier * d_model) if s.crosscoder.multiplier else widths[-1]
     if s.crosscoder.architecture != "none" and not 1 <= s.crosscoder.k <= cc_width:
         raise ConfigError(

@@ -151,6 +151,21 @@ class WideTopKConfig:
 
 
 @dataclass
+class DifferenceSAEConfig:
+    """``[sae.difference]``: a dictionary trained on the RLHF - base activation *differences* at
+    the studied layers (as science-of-finetuning's diffing toolkit does), one of the bases the
+    mediate stage compares (``irmlens.bases.linear.DifferenceBasis``); trained with the ``[sae]``
+    settings."""
+
+    k: int = ranged(32, Int(0))  # its k (0: no such dictionary; else at most its width)
+    multiplier: float = ranged(0.0, Real(0.0, 1024.0))  # width / d_model (0: the widest width)
+    architecture: str = ranged("batchtopk", OneOf(("topk", "batchtopk")))
+
+    def __post_init__(self) -> None:
+        check_fields(self, "sae.difference")
+
+
+@dataclass
 class CrosscoderStageConfig:
     """``[sae.crosscoder]``: a crosscoder over every cached model at the IRM layer (see
     sae_training/crosscoder.py), beside the shared and paired SAEs: its latents are tagged by
@@ -193,8 +208,10 @@ class SAEStageConfig:
     # sqrt(d_in)), "covariance_whitening" (PCA whitening, so low-variance directions, where
     # RLHF's change lies in the tiny default, get features too; see docs/concepts.md) or "none"
     normalize: str = ranged("expected_average_only_in", OneOf(NORMALIZATIONS))
-    # the other dictionary kinds, each its own table: [sae.wide_topk], [sae.crosscoder]
+    # the other dictionary kinds, each its own table: [sae.wide_topk], [sae.crosscoder],
+    # [sae.difference]
     wide_topk: WideTopKConfig = field(default_factory=lambda: WideTopKConfig())
+    difference: DifferenceSAEConfig = field(default_factory=lambda: DifferenceSAEConfig())
     crosscoder: CrosscoderStageConfig = field(default_factory=lambda: CrosscoderStageConfig())
 
     def __post_init__(self) -> None:
@@ -259,7 +276,9 @@ class MediateConfig:
 
     # cached rows measured on; as many more (disjoint) fit the data-fitted bases (PCA, mean
     # difference); fewer cached rows: half each
-    n_rows: int = ranged(64, SIZE)
+    # 48: the tiny default's stage in about 70 s on a 2-core AVX-512 Xeon (64 rows: 89 s, with
+    # the layer sweep's shares within 0.02 of 48's; experiments/benchmarks/mediate_cost.py)
+    n_rows: int = ranged(48, SIZE)
     recheck: int = ranged(8, Int(0, 1000))  # top components re-ranked by real single patches
     max_k: int = ranged(256, SIZE)  # the curves' largest k (powers of 2 up to it)
     n_bootstrap: int = ranged(1000, Int(10, 1_000_000))
@@ -518,6 +537,7 @@ _SECTIONS = {
         CacheConfig,
         SAEStageConfig,
         WideTopKConfig,
+        DifferenceSAEConfig,
         CrosscoderStageConfig,
         DiffConfig,
         IRMConfig,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,9 +35,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run_dir", type=Path)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--n-rows", type=int, help="override mediate.n_rows (a cost/precision probe)")
     args = p.parse_args()
     paths = RunPaths(args.run_dir)
     cfg = load_config(paths.config)
+    if args.n_rows:
+        cfg = replace(cfg, mediate=replace(cfg.mediate, n_rows=args.n_rows))
     ctx = StudyContext(cfg, paths, frozenset({"mediate"}))
     rlhf = ctx.pair.get()["rlhf"]  # loaded before the clock starts
     t0 = time.perf_counter()

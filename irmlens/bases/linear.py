@@ -81,3 +81,24 @@ def _signed(vh: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
     sign = torch.sign(vh @ diff.mean(0))
     sign[sign == 0] = 1
     return vh * sign[:, None]
+
+
+class DifferenceBasis:
+    """A dictionary trained on RLHF - base activation *differences* (science-of-finetuning's
+    diffing toolkit trains such SAEs), read as a basis of the change: a component's change
+    between the models is its code of ``rlhf - base`` (``reads_changes``), not the difference of
+    its codes of each model's activations, which it was never trained on. Its decoder rows are
+    its directions, as any SAE's."""
+
+    reads_changes = True
+
+    def __init__(self, sae) -> None:
+        self.sae = sae
+        self.W_dec = sae.W_dec
+        self.cfg = sae.cfg
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(x)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.sae.decode(codes)

@@ -170,6 +170,29 @@ def _wide_topk_unmet(cfg) -> str | None:
     return None
 
 
+def _difference(source: BasisSource, layers: Sequence[int], kind: str) -> Loaded | None:
+    """The dictionary trained on RLHF - base differences, read as a basis of the change."""
+    from irmlens.bases.linear import DifferenceBasis
+
+    loaded = _saved("difference", required=False)(source, layers, kind)
+    return None if loaded is None else [(DifferenceBasis(sae), folder) for sae, folder in loaded]
+
+
+def _random_difference(basis, folder: Path | None, seed: int, d_model: int):
+    from irmlens.bases.linear import DifferenceBasis
+
+    return DifferenceBasis(random_sae_like(basis.sae, folder, seed, d_model))
+
+
+def _difference_unmet(cfg) -> str | None:
+    if cfg.sae.difference.k == 0:
+        return (
+            "needs the difference dictionary, but sae.difference.k = 0 (none): set "
+            "sae.difference.k >= 1 (e.g. 32)"
+        )
+    return None
+
+
 def _crosscoder_unmet(cfg) -> str | None:
     if cfg.sae.crosscoder.architecture == "none":
         return 'needs the crosscoder, but sae.crosscoder.architecture = "none": set it to batchtopk or l1'
@@ -202,6 +225,16 @@ for _kind in (
         unmet=_wide_topk_unmet,
         short="shared wide TopK SAE",
         random_stand_in=random_sae_like,
+    ),
+    BasisKind(
+        "difference",
+        "the SAE trained on the RLHF - base activation differences (a basis of the change)",
+        _difference,
+        "difference",
+        all_layers=True,
+        unmet=_difference_unmet,
+        short="difference SAE",
+        random_stand_in=_random_difference,
     ),
     BasisKind(
         "crosscoder",

@@ -217,14 +217,21 @@ def _activation_difference_lens(ctx: ReferenceContext) -> dict:
     inputs, targets, tok = ctx.inputs, ctx.targets, ctx.tokenizer
     held_words = [targets.words[w] for w in ctx.split.heldout_words]
     ids = {w: i for i, w in enumerate(targets.words)}
-    scores, top = {}, None
+    scores, top, top_all = {}, None, None
     for i, layer in enumerate(inputs.layers):
         base, rlhf = inputs.acts["base"][i], inputs.acts["rlhf"][i]
         logits = logit_lens(ctx.rlhf_model, mean_difference(base, rlhf, ctx.valid, LENS_FIRST_K))
         scores[layer] = {ids[w]: v for w, v in word_scores(logits, tok, held_words).items()}
         if layer == inputs.layer:
             top = [tok.decode([t]).strip() for t in logits.topk(10).indices.tolist()]
+            # beside Minder et al.'s first positions: every position of every row (the mean
+            # difference the mediate stage reads as the reward direction)
+            every = logit_lens(
+                ctx.rlhf_model, mean_difference(base, rlhf, ctx.valid, ctx.valid.shape[1])
+            )
+            top_all = [tok.decode([t]).strip() for t in every.topk(10).indices.tolist()]
     row = lens_reference(scores, inputs.layer, targets, ctx.main.heldout_irm, ctx.icfg.seed, top)
+    row["top_tokens_all_positions"] = top_all
     row["description"] = (
         f"activation difference lens: mean rlhf - base {inputs.kind} difference over the first "
         f"{LENS_FIRST_K} tokens of every cached row, read through the RLHF model's unembedding; "

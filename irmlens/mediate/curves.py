@@ -3,7 +3,8 @@
 A *site* is the paired activations of both models at one hook on the same tokens, and the metric
 of any activations put there (the downstream model run from that hook). For a basis (anything
 with ``encode`` / ``decode``: a dictionary, principal directions, neurons, a random rotation),
-each component's change between the models is ``delta_j = c_j(target) - c_j(start)``, written
+each component's change between the models is ``delta_j = c_j(target) - c_j(start)`` (for a
+dictionary trained on differences, its code of the difference), written
 into activation space along ``decode(e_j) - decode(0)``. Patching a set S of components moves
 ``start`` by the sum of their changes, keeping everything else, the basis's error term
 included. Necessity starts from the RLHF activations and moves towards the base's (the share of
@@ -70,6 +71,15 @@ def codes(basis, x: torch.Tensor) -> torch.Tensor:
         return basis.encode(flat).float().cpu().reshape(*x.shape[:-1], -1)
 
 
+def component_changes(basis, base: torch.Tensor, rlhf: torch.Tensor) -> torch.Tensor:
+    """``[..., n]``: each component's change from ``base`` to ``rlhf`` activations: the
+    difference of its codes, or, for a basis of changes (``reads_changes``: a dictionary trained
+    on differences), its code of the difference."""
+    if getattr(basis, "reads_changes", False):
+        return codes(basis, rlhf.float() - base.float())
+    return codes(basis, rlhf) - codes(basis, base)
+
+
 def _gradient(metric, x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone().float().requires_grad_(True)
     with torch.enable_grad():
@@ -92,10 +102,10 @@ def faithfulness_curve(
     area under the curve (the mean ``faithfulness`` over the ks), and the smallest k whose
     faithfulness reaches 0.5 and 0.8.
     ``rows``: per k, the per-row metric (for paired bootstrap CIs between bases)."""
-    start, target = (site.rlhf, site.base) if removed else (site.base, site.rlhf)
-    start, target = start.float(), target.float()
+    start = (site.rlhf if removed else site.base).float()
     d = start.shape[-1]
-    delta = codes(basis, target) - codes(basis, start)  # [rows, pos, n]
+    sign = -1.0 if removed else 1.0  # removing moves from the RLHF values back to the base's
+    delta = sign * component_changes(basis, site.base, site.rlhf)  # [rows, pos, n]
     dirs = component_directions(basis, d)  # [n, d]
     m_start, m_target = (
         site.end("rlhf" if removed else "base"),
@@ -200,10 +210,9 @@ def paired_difference(
 def set_share(basis, site: Site, features: Sequence[int], removed: bool = True) -> float:
     """The share of the site's gain that patching exactly ``features`` of ``basis`` moves (e.g.
     the sparse IRM's features, placed on a curve's axes)."""
-    start, target = (site.rlhf, site.base) if removed else (site.base, site.rlhf)
-    start, target = start.float(), target.float()
+    start = (site.rlhf if removed else site.base).float()
     idx = torch.tensor(list(features), dtype=torch.long)
-    delta = (codes(basis, target) - codes(basis, start))[..., idx]
+    delta = (-1.0 if removed else 1.0) * component_changes(basis, site.base, site.rlhf)[..., idx]
     dirs = component_directions(basis, start.shape[-1])[idx]
     m_start = site.end("rlhf" if removed else "base").mean()
     m_target = site.end("base" if removed else "rlhf").mean()

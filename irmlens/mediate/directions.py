@@ -41,11 +41,11 @@ def decompose(
     Features ranked by the size of that projection; for the top m, the cumulative share of the
     direction's norm they write and the share of the site's gain patching them removes (their
     causal share). ``ref``: (dictionary, layer) naming the features."""
-    from irmlens.mediate.curves import codes, component_directions, set_share
+    from irmlens.mediate.curves import component_changes, component_directions, set_share
 
     d = direction.shape[-1]
     unit = direction / direction.norm().clamp_min(1e-12)
-    change = (codes(basis, rlhf_acts) - codes(basis, base_acts)).reshape(-1, basis.cfg.d_sae)
+    change = component_changes(basis, base_acts, rlhf_acts).reshape(-1, basis.cfg.d_sae)
     dirs = component_directions(basis, d)
     along = change.mean(0) * (dirs @ unit)  # each feature's part of the direction
     order = torch.argsort(along.abs(), descending=True, stable=True)

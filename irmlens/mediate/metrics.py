@@ -69,12 +69,19 @@ class RewardMetrics:
     beta: float = 1.0
 
     def __call__(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {"expected_utility": expected_utility(logits, self.utility, self.predicting).cpu()}
+        out = {"expected_utility": self.one(logits, "expected_utility")}
         if self.scored is not None and self.base_logprobs is not None:
-            out["implicit_reward"] = implicit_reward(
-                logits, self.tokens, self.scored, self.base_logprobs, self.beta
-            )
+            out["implicit_reward"] = self.one(logits, "implicit_reward")
         return out
+
+    def one(self, logits: torch.Tensor, name: str) -> torch.Tensor:
+        """The one metric ``name`` (what a curve reads: computing only it halves the cost
+        after each forward pass)."""
+        if name == "expected_utility":
+            return expected_utility(logits, self.utility, self.predicting).cpu()
+        if name == "implicit_reward" and self.base_logprobs is not None:
+            return implicit_reward(logits, self.tokens, self.scored, self.base_logprobs, self.beta)
+        raise ValueError(f"no metric {name!r} on this text (known: {', '.join(METRICS)})")
 
     @torch.no_grad()
     def with_base(self, base) -> RewardMetrics:

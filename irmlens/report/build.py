@@ -374,6 +374,8 @@ def _sweeps_html(mediation: dict) -> str:
         gain = f"{s['base']:.4f} &rarr; {s['rlhf']:.4f}" + (
             f" (gain {_ci(s['gain_ci'])})" if "gain_ci" in s else ""
         )
+        if "null" in s:
+            gain += f"; the null model {s['null']:.4f}"
         tail = (
             f"<td>{by}</td><td>{s['final_norm_and_unembedding']:.0%}</td>"
             if resolved
@@ -432,6 +434,18 @@ def mediation_html(
             if irm
             else ""
         )
+        placed = res.get("validation_sets") or []
+        if placed:
+            note += (
+                "<p>The validation's feature sets at this layer, patched exactly (share removed / "
+                "reproduced): "
+                + "; ".join(
+                    f"{html.escape(p['set'])} ({p['n_features']}) {p['removed']:.0%} / "
+                    f"{p['reproduced']:.0%}"
+                    for p in placed
+                )
+                + ".</p>"
+            )
         head = "".join(
             "".join(f"<th>{d} k={k}</th>" for k in (1, 8, 32)) + "<th>area</th><th>k for 80%</th>"
             for d in ("removed", "reproduced")
@@ -849,7 +863,13 @@ def _lens_html(row: dict | None) -> str:
         f"{row['heldout_kendall_tau']:.3f} {_ci(row['heldout_kendall_tau_ci'])} on "
         f"{row['n_heldout_words']} held-out words (the IRM on them "
         f"{row['irm_heldout_kendall_tau_same_words']:.3f}; IRM τ minus lens τ "
-        f"{_ci(row['difference_ci'])}); its top tokens: {tops}</td></tr>\n"
+        f"{_ci(row['difference_ci'])}); its top tokens over each row's first positions: {tops}"
+        + (
+            f"; over every position: {html.escape(', '.join(row['top_tokens_all_positions']))}"
+            if row.get("top_tokens_all_positions")
+            else ""
+        )
+        + "</td></tr>\n"
     )
 
 

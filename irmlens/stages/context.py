@@ -60,6 +60,10 @@ class HookedPair:
         return self._models
 
 
+# the folder name (under saes/) of the dictionary trained on RLHF - base differences
+DIFFERENCE_LABEL = "difference"
+
+
 @dataclass
 class StudyContext:
     """One study run: its config, its folder, the stages forced to recompute, and the values
@@ -197,9 +201,17 @@ class StudyContext:
         """``saes/crosscoder/<IRM hook>/<width>/``: the crosscoder over every cached model."""
         return self.paths.sae_dir("crosscoder", self.hook(self.irm_layer), self.crosscoder_width)
 
+    @property
+    def difference_width(self) -> int:
+        """The difference dictionary's width (``sae.difference.multiplier`` x d_model, or the
+        widest)."""
+        return self._width_or_widest(self.cfg.sae.difference.multiplier)
+
     def width_of(self, label: str) -> int:
-        """The width of the dictionary ``label`` the diff, IRM and cards read."""
-        return self.wide_topk_width if label == self.wide_topk_label else self.widest
+        """The width of the dictionary ``label`` the diff, IRM, mediation and cards read."""
+        if label == self.wide_topk_label:
+            return self.wide_topk_width
+        return self.difference_width if label == DIFFERENCE_LABEL else self.widest
 
     def dictionary(self, label: str, layer: int, kind: str | None = None) -> tuple[object, Path]:
         """The dictionary ``saes/<label>/<hook of layer and kind>/`` the study reads (label:
@@ -220,6 +232,28 @@ class StudyContext:
         if kind == self.hook_kind:
             self._saes[key] = found
         return found
+
+    def set_inputs(self, bench):
+        """What the validation's set builders read (``irmlens.validate.sets.SetInputs``): the
+        dictionaries a feature reference cites, and their random stand-ins, come through the
+        basis registry (``sae``, ``random_sae``). The validate stage intervenes on the sets; the
+        mediate stage places them on its curves' axes."""
+        from irmlens.io import read_json
+        from irmlens.validate.sets import SetInputs
+
+        irm = read_json(self.paths.irm_metrics)
+        features = read_json(self.paths.features_json)["divergent_features"]
+        return SetInputs(
+            irm,
+            [f["feature"] for f in features],
+            sorted(self.studied_layers),
+            self.irm_layer,
+            self.sae,
+            self.random_sae,
+            self.rm.word_utility,
+            self.cfg.validate,
+            bench,
+        )
 
     def sae(self, label: str, layer: int):
         """The basis a feature reference cites as ``label`` at ``layer`` of the studied hook kind,

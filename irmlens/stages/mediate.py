@@ -16,7 +16,7 @@ implicit reward itself. Then:
    stand-in, beside the standard basis, a random rotation, the principal directions of the
    differences and the mean-difference direction (the last two fitted on rows disjoint from
    the measured ones); the best dictionary against the best other basis with a paired CI; the
-   sparse IRM's features placed on the same axes;
+   sparse IRM's features and every validation set placed on the same axes;
 3. the reward direction (the mean difference) read through the output, beside the null pair's,
    decomposed into the shared dictionary's features, with the contexts it moves most;
 4. a verdict naming the most compact basis at each layer.
@@ -37,7 +37,6 @@ from irmlens.stages.context import StudyContext, log
 # below this share of the gain at every studied layer, the report warns that the studied
 # layers miss most of what RLHF changed (SmolLM2's weight-delta layer: 8%)
 SMALL_SHARE = 0.25
-DICTIONARIES = ("shared", "base", "wide_topk", "random_sae")  # the rest are not dictionaries
 
 
 def run(ctx: StudyContext) -> None:
@@ -61,12 +60,14 @@ def run(ctx: StudyContext) -> None:
             base, rlhf, metrics.tokens, metrics, sites, m.n_bootstrap, m.seed
         ).values()
     ]
+    _null_beside(ctx, texts, sweeps)
     sweep = next(s for s in sweeps if s["text"] == "cached_rows" and s["metric"] == m.metric)
     irm = read_json(ctx.paths.irm_metrics)
     measured = texts["cached_rows"]
     fit_tokens = rows.tokens[n : 2 * n]
+    sets = _validation_sets(ctx)
     layers = {
-        str(la): _layer(ctx, base, rlhf, measured, fit_tokens, la, irm)
+        str(la): _layer(ctx, base, rlhf, measured, fit_tokens, la, irm, sets)
         for la in sorted(ctx.studied_layers)
     }
     result = {
@@ -85,6 +86,21 @@ def run(ctx: StudyContext) -> None:
     log(f"mediate: {result['verdict']} ({result['seconds']:.0f} s)")
     if result["studied"]["warning"]:
         log(f"mediate: warning: {result['studied']['warning']}")
+
+
+def _null_beside(ctx: StudyContext, texts: dict, sweeps: list[dict]) -> None:
+    """Each sweep's metric of the null model (tuned like the RLHF model against the null reward)
+    on the same text: a gain that the null pair shows too is what any tuning moves."""
+    from irmlens.mediate.sweep import run_metrics
+
+    null = ctx.pair.get().get("null")
+    if null is None:
+        return
+    for text, metrics in texts.items():
+        values = run_metrics(null, metrics.tokens, metrics)
+        for s in sweeps:
+            if s["text"] == text:
+                s["null"] = float(values[s["metric"]].mean())
 
 
 def _cached_rows(ctx: StudyContext, rows, index: slice):
@@ -162,8 +178,9 @@ def studied_share(sweep: dict, layers: list[int]) -> dict:
 
 
 def _bases(ctx: StudyContext, layer: int, fit_base, fit_rlhf) -> dict[str, object]:
-    """Every basis compared at ``layer``: the registry's dictionaries (kinds that encode), the
-    shared dictionary's random stand-in, and the non-dictionary bases."""
+    """Every basis compared at ``layer``, each with whether it is a dictionary: the registry's
+    (kinds that encode: the trained dictionaries), the shared dictionary's random stand-in, and
+    the non-dictionary bases."""
     from irmlens.bases import BASES, load_bases
     from irmlens.bases.linear import (
         mean_difference_basis,
@@ -175,22 +192,57 @@ def _bases(ctx: StudyContext, layer: int, fit_base, fit_rlhf) -> dict[str, objec
     seed, d = ctx.cfg.mediate.seed, fit_base.shape[-1]
     found, _ = load_bases(ctx, [layer], layer, ctx.hook_kind)
     out = {
-        name: loaded[0][0]
+        name: (loaded[0][0], True)
         for name, loaded in found.items()
         if loaded and hasattr(loaded[0][0], "encode")  # a crosscoder's reading does not encode
     }
     if "shared" in found:
         basis, folder = found["shared"][0]
-        out["random_sae"] = BASES["shared"].random_stand_in(basis, folder, seed, d)
+        out["random_sae"] = (BASES["shared"].random_stand_in(basis, folder, seed, d), True)
     return out | {
-        "standard": standard_basis(d),
-        "random_rotation": random_orthonormal(d, seed),
-        "pca_of_differences": pca_of_differences(fit_base, fit_rlhf),
-        "mean_difference": mean_difference_basis(fit_base, fit_rlhf),
+        "standard": (standard_basis(d), False),
+        "random_rotation": (random_orthonormal(d, seed), False),
+        "pca_of_differences": (pca_of_differences(fit_base, fit_rlhf), False),
+        "mean_difference": (mean_difference_basis(fit_base, fit_rlhf), False),
     }
 
 
-def _layer(ctx: StudyContext, base, rlhf, measured, fit_tokens, layer: int, irm) -> dict:
+def _validation_sets(ctx: StudyContext) -> list:
+    """The validation's feature sets, from the same builders and seeds the validate stage uses
+    (so the same features), to be placed on the curves' axes."""
+    from irmlens.validate.sets import Workbench, build_sets
+
+    rlhf, tokenizer = ctx.hf_model("rlhf")  # the reward-logit set reads its unembedding
+    acts = {m: {la: ctx.activations(m, la) for la in ctx.studied_layers} for m in ("base", "rlhf")}
+    return build_sets(ctx.set_inputs(Workbench({"rlhf": rlhf}, tokenizer, acts)))
+
+
+def _placed(sets: list, layer: int, sites: dict) -> list[dict]:
+    """Each validation set's features at ``layer`` (of a basis that encodes), patched exactly:
+    the share of the layer's gain they remove and reproduce."""
+    from irmlens.mediate.curves import set_share
+
+    out = []
+    for fs in sets:
+        basis, features = fs.bases.get(layer), fs.features.get(layer) or []
+        if not features or not hasattr(basis, "encode"):
+            continue
+        out.append(
+            {
+                "set": fs.name,
+                "dictionary": fs.dictionary,
+                "n_features": len(features),
+                **{
+                    d: set_share(basis, site, features, d == "removed") for d, site in sites.items()
+                },
+            }
+        )
+    return out
+
+
+def _layer(
+    ctx: StudyContext, base, rlhf, measured, fit_tokens, layer: int, irm, sets: list
+) -> dict:
     """The faithfulness curves of every basis at ``layer`` (both ways), the best dictionary
     against the best other basis, the sparse IRM's features on the same axes, and the reward
     direction."""
@@ -202,7 +254,7 @@ def _layer(ctx: StudyContext, base, rlhf, measured, fit_tokens, layer: int, irm)
         return model.run_with_cache(tokens, names_filter=hook)[1][hook].float()
 
     def metric(logits):
-        return measured(logits)[m.metric]
+        return measured.one(logits, m.metric)
 
     tokens = measured.tokens
     a_b, a_r = acts(base, tokens), acts(rlhf, tokens)
@@ -211,10 +263,11 @@ def _layer(ctx: StudyContext, base, rlhf, measured, fit_tokens, layer: int, irm)
         "reproduced": model_site(base, tokens, metric, hook, a_b, a_r),
     }
     fit_b, fit_r = acts(base, fit_tokens), acts(rlhf, fit_tokens)
-    bases = _bases(ctx, layer, fit_b, fit_r)
+    found = _bases(ctx, layer, fit_b, fit_r)
+    bases = {name: basis for name, (basis, _) in found.items()}
     ks = [k for k in KS if k <= m.max_k]
     curves = {
-        name: {"dictionary": name in DICTIONARIES}
+        name: {"dictionary": found[name][1]}
         | {
             direction: faithfulness_curve(basis, site, direction == "removed", ks, m.recheck)
             for direction, site in sites.items()
@@ -237,6 +290,7 @@ def _layer(ctx: StudyContext, base, rlhf, measured, fit_tokens, layer: int, irm)
         ctx, rlhf, layer, bases, (fit_tokens, fit_b, fit_r), (tokens, a_b, a_r), sites, acts
     )
     out["top_components"] = _top_components(ctx, rlhf, layer, bases, curves)
+    out["validation_sets"] = _placed(sets, layer, sites)
     features = [
         r["local_feature"]
         for r in irm["sparse"]["feature_refs"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from irmlens.io import atomic_write_json
-from irmlens.stages.context import StudyContext, log
+from irmlens.stages.context import DIFFERENCE_LABEL, StudyContext, log
 
 
 def _sae_eval_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +53,9 @@ def _jobs(ctx: StudyContext, layer: int, hook: str) -> list[DictionaryJob]:
     if cfg.sae.wide_topk.k and studied:
         label, width = ctx.wide_topk_label, ctx.wide_topk_width
         jobs.append(DictionaryJob(label, layer, hook, width, "shared", "wide_topk"))
+    if cfg.sae.difference.k and studied:
+        width = ctx.difference_width
+        jobs.append(DictionaryJob(DIFFERENCE_LABEL, layer, hook, width, "difference", "difference"))
     return jobs
 
 
@@ -83,6 +86,8 @@ def run(ctx: StudyContext) -> None:
         n = acts["base"].shape[0]
         train_idx, eval_idx = _sae_eval_split(n, cfg.seed)
         acts["shared"] = torch.cat([acts[m] for m in models])
+        if any(j.data == "difference" for j in jobs):  # what RLHF changed, position by position
+            acts["difference"] = acts["rlhf"].float() - acts["base"].float()
         split = {
             "shared": tuple(
                 torch.cat([idx + i * n for i in range(len(models))])
@@ -108,10 +113,11 @@ def _train_and_evaluate(ctx: StudyContext, job: DictionaryJob, acts, tr, ev) -> 
     out = paths.sae_dir(job.label, job.hook, job.width)
     seed = sae_init_seed(cfg.seed, job.label, job.layer, job.width, hook_kind(job.hook))
     tcfg = cfg.sae.training_config(job.width, seed, cfg.model.device)
-    if job.kind == "wide_topk":  # the fused step is the standard SAE's; TopK trains with sae-lens's
+    if job.kind in ("wide_topk", "difference"):
+        # the fused step is the standard SAE's; TopK trains with sae-lens's
         trainer = "auto" if tcfg.trainer == "fused" else tcfg.trainer
-        arch = cfg.sae.wide_topk.architecture
-        tcfg = replace(tcfg, architecture=arch, k=cfg.sae.wide_topk.k, trainer=trainer)
+        sub = cfg.sae.wide_topk if job.kind == "wide_topk" else cfg.sae.difference
+        tcfg = replace(tcfg, architecture=sub.architecture, k=sub.k, trainer=trainer)
     if job.kind == "source":  # bring your own dictionary: the study reads a copy, trains nothing
         log(f"sae: shared {job.hook} width {job.width} is sae.source {src.path}")
         _copy_source(src.path, out)
@@ -127,8 +133,11 @@ def _train_and_evaluate(ctx: StudyContext, job: DictionaryJob, acts, tr, ev) -> 
     m = evaluate_sae(sae, acts[ev])
     rows, n = load_token_rows(paths.cache), cfg.sae.ce_eval_rows
     shared = job.data == "shared"
-    lm = ctx.pair.get()["base" if shared else job.data]
-    m.update(ce_loss_recovered(lm, sae, job.hook, rows.tokens[-n:], rows.valid[-n:]))
+    if job.data == "difference":  # it reconstructs a change, not an activation to splice in
+        m["ce_loss_recovered"] = None
+    else:
+        lm = ctx.pair.get()["base" if shared else job.data]
+        m.update(ce_loss_recovered(lm, sae, job.hook, rows.tokens[-n:], rows.valid[-n:]))
     row = {
         "model": job.label,
         "layer": job.layer,
@@ -138,7 +147,9 @@ def _train_and_evaluate(ctx: StudyContext, job: DictionaryJob, acts, tr, ev) -> 
         **({"k": tcfg.k} if tcfg.architecture in ("topk", "batchtopk") else {}),
         **m,
         "eval": "held-out 10% of positions; CE on the last ce_eval_rows token rows"
-        + (" with the base model" if shared else ""),
+        + (" with the base model" if shared else "")
+        if job.data != "difference"
+        else "held-out 10% of positions' RLHF - base differences (no CE: it reconstructs a change)",
         **({"source": str(src.path)} if job.kind == "source" else {}),
     }
     atomic_write_json(out / "metrics.json", row)

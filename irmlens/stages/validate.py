@@ -23,7 +23,7 @@ from irmlens.validate.arms import (
     plans,
     run_arms,
 )
-from irmlens.validate.sets import MAIN, SetInputs, Workbench, build_sets, sets_json, sparse_irm
+from irmlens.validate.sets import MAIN, Workbench, build_sets, sets_json, sparse_irm
 
 
 def run(ctx: StudyContext) -> None:
@@ -31,7 +31,7 @@ def run(ctx: StudyContext) -> None:
 
     started, v = time.perf_counter(), ctx.cfg.validate
     arms = _arms(ctx)
-    inputs = _set_inputs(ctx, arms.bench)
+    inputs = ctx.set_inputs(arms.bench)
     sets = build_sets(inputs)
     raw, rows = arms.baselines()
     if not sets:  # the sparse IRM chose only SAE-error columns
@@ -82,25 +82,6 @@ def _arms(ctx: StudyContext) -> Arms:
     n, kind, seed = cfg.cache.n_ctx, ctx.hook_kind, v.seed
     return Arms(
         bench, prompts, texts, ctx.rm, r.max_completion_length, n, kind, seed, v.n_bootstrap, log
-    )
-
-
-def _set_inputs(ctx: StudyContext, bench: Workbench) -> SetInputs:
-    """What the set builders read; the dictionaries a feature reference cites, and their random
-    stand-ins, come through the basis registry (``ctx.sae``, ``ctx.random_sae``)."""
-    irm = read_json(ctx.paths.irm_metrics)
-    divergent = [f["feature"] for f in read_json(ctx.paths.features_json)["divergent_features"]]
-    layers, utility = sorted(ctx.studied_layers), ctx.rm.word_utility
-    return SetInputs(
-        irm,
-        divergent,
-        layers,
-        ctx.irm_layer,
-        ctx.sae,
-        ctx.random_sae,
-        utility,
-        ctx.cfg.validate,
-        bench,
     )
 
 

@@ -525,6 +525,19 @@ def faithfulness_curves_figure(layer: dict, name: str, direction: str = "removed
                 name=f"the sparse IRM's {irm['n_features']} features",
             )
         )
+    placed = [p for p in layer.get("validation_sets", []) if p["set"] != "sparse_irm"]
+    if placed:
+        fig.add_trace(
+            go.Scatter(
+                x=[p["n_features"] for p in placed],
+                y=[p[direction] for p in placed],
+                mode="markers",
+                marker={"symbol": "x", "size": 9, "color": "#555555"},
+                text=[p["set"] for p in placed],
+                hovertemplate="%{text}: %{x} features, share %{y:.2f}<extra></extra>",
+                name="the validation's other feature sets",
+            )
+        )
     fig.add_hline(y=1.0, line_dash="dot", annotation_text="the whole site")
     fig.update_layout(
         title=f"Layer {name}: share of the layer's gain {direction} by the top k components",

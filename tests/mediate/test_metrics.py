@@ -136,3 +136,43 @@ def test_a_residual_site_runs_on_from_the_next_block_exactly_as_a_hooked_forward
     site = model_site(base, metrics.tokens, metric, hook, acts, acts)
     whole = metric(base.run_with_hooks(metrics.tokens, fwd_hooks=[(hook, replacing(acts))]))
     assert (site.metric(acts) - whole).abs().max() < 1e-6
+
+
+def test_a_dictionary_of_differences_reads_the_change_itself():
+    """``DifferenceBasis``: a dictionary trained on RLHF - base differences encodes the change,
+    not each model's activations: a change planted in two of its directions is removed by its
+    top 2 components, and its component changes are its codes of the difference."""
+    from irmlens.bases.linear import DifferenceBasis
+    from irmlens.mediate.curves import Site, component_changes
+
+    g = torch.Generator().manual_seed(4)
+    d = 12
+    readout, u = torch.randn(6, d, generator=g), torch.randn(6, generator=g)
+
+    def metric(acts):
+        from irmlens.mediate.metrics import expected_utility
+
+        return expected_utility(acts @ readout.T, u, torch.ones(acts.shape[:2], dtype=torch.bool))
+
+    decoder = torch.nn.functional.normalize(torch.randn(d, d, generator=g), dim=1)
+
+    class Linear:  # exact coordinates in its rows, as a trained dictionary would approximate
+        W_dec = decoder
+        cfg = type("Cfg", (), {"d_sae": d})()
+
+        def encode(self, x):
+            return x @ torch.linalg.inv(decoder)
+
+        def decode(self, z):
+            return z @ decoder
+
+    basis = DifferenceBasis(Linear())
+    base = torch.randn(16, 4, d, generator=g) * 3.0
+    change = torch.randn(16, 4, 2, generator=g) @ decoder[[3, 7]] + 1.0 * decoder[3]
+    rlhf = base + change
+    got = component_changes(basis, base, rlhf)
+    assert torch.allclose(got, Linear().encode(change), atol=1e-4)
+    assert got[..., [0, 1, 2, 4, 5, 6, 8, 9, 10, 11]].abs().max() < 1e-4
+    curve = faithfulness_curve(basis, Site(base, rlhf, metric), True, (1, 2, 4))
+    assert {c["k"]: c["faithfulness"] for c in curve["curve"]}[2] > 0.99
+    assert sorted(r["component"] for r in curve["ranked"][:2]) == [3, 7]

@@ -54,6 +54,15 @@ def test_the_stage_reports_what_its_parts_measured(micro_run):
     for s in m["sweeps"]:
         assert s["rlhf"] != s["base"], s  # the tuning moved every metric on every text
     for la, res in m["layers"].items():
+        # every trained dictionary through the registry (the difference SAE too), beside the
+        # bases that need no training
+        bases = res["bases"]
+        for name in ("shared", "base", "difference", "random_sae"):
+            assert bases[name]["dictionary"], name
+        for name in ("standard", "random_rotation", "pca_of_differences", "mean_difference"):
+            assert not bases[name]["dictionary"], name
+        placed = {p["set"] for p in res["validation_sets"]}
+        assert "sparse_irm" in placed and len(placed) >= 3, placed
         assert m["studied"]["layers"][la] == next(
             r["removed"] for r in m["sweep"]["sites"] if r["site"] == f"blocks.{la}.hook_resid_post"
         )
@@ -69,3 +78,18 @@ def test_the_stage_reports_what_its_parts_measured(micro_run):
             assert sizes == sorted(sizes) and all(
                 f["layer"] == int(la) and f["dictionary"] == "shared" for f in rd["features"]["top"]
             )
+
+
+def test_the_stage_gives_the_same_numbers_twice(micro_run, tmp_path):
+    """Issue 30's "two runs give identical numbers": the stage rerun on a copy of the micro run
+    writes the mediation the pipeline wrote, digit for digit (its own seconds aside)."""
+    from irmlens.stages import mediate
+
+    run = tmp_path / "copy"
+    shutil.copytree(micro_run, run)
+    paths = RunPaths(run)
+    mediate.run(StudyContext(load_config(paths.config), paths, frozenset({"mediate"})))
+    first = read_json(RunPaths(micro_run).mediate / "mediation.json")
+    again = read_json(paths.mediate / "mediation.json")
+    first.pop("seconds"), again.pop("seconds")
+    assert again == first
