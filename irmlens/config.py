@@ -275,9 +275,10 @@ class MediateConfig:
     basis's faithfulness curves at the studied layers, on cached held-out rows."""
 
     # cached rows measured on; as many more (disjoint) fit the data-fitted bases (PCA, mean
-    # difference); fewer cached rows: half each
-    # 48: the tiny default's stage in about 70 s on a 2-core AVX-512 Xeon (64 rows: 89 s, with
-    # the layer sweep's shares within 0.02 of 48's; experiments/benchmarks/mediate_cost.py)
+    # difference), as many more give the prompts of the RLHF model's own completions (fewer
+    # cached rows: a third each). 48: the tiny default's stage in about 70 s on a 2-core
+    # AVX-512 Xeon (64 rows: 89 s, the layer sweep's shares within 0.02 of 48's;
+    # experiments/benchmarks/mediate_cost.py)
     n_rows: int = ranged(48, SIZE)
     recheck: int = ranged(8, Int(0, 1000))  # top components re-ranked by real single patches
     max_k: int = ranged(256, SIZE)  # the curves' largest k (powers of 2 up to it)
