@@ -157,7 +157,7 @@ def test_html_stays_small_for_16k_features(planted_run):
     ]
     html = render_html(report, [], rows, None)
     assert len(html.encode()) < 20e6, len(html.encode()) / 1e6
-    assert html.count("<details") == len(report["feature_cards"])
+    assert html.count('<details class="card"') == len(report["feature_cards"])
 
 
 HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "=cmd|' /C calc'!A0"]
