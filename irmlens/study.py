@@ -135,7 +135,10 @@ class Study:
         """Where the reward lives (stage ``mediate``): one row per studied layer and basis, with
         the share of the layer's gain its top 1, 8 and 32 components remove and reproduce, the
         area under each curve and the k reaching faithfulness 0.8; ``attrs["sweep"]`` holds the
-        layer sweep and ``attrs["verdict"]`` the sentence. Empty for a run without the stage."""
+        layer sweep, ``attrs["sweeps"]`` every text set and metric's, ``attrs["studied"]`` the
+        studied layers' share (and its warning), ``attrs["comparison"]`` per layer the best
+        dictionary against the best other basis with paired CIs, and ``attrs["verdict"]`` the
+        sentence. Empty for a run without the stage."""
         import pandas as pd
 
         from irmlens.mediate.curves import share_at
@@ -153,6 +156,11 @@ class Study:
                 rows.append(row)
         frame = pd.DataFrame(rows)
         frame.attrs["sweep"] = (m or {}).get("sweep")
+        frame.attrs["sweeps"] = (m or {}).get("sweeps")
+        frame.attrs["studied"] = (m or {}).get("studied")
+        frame.attrs["comparison"] = {
+            int(la): res.get("comparison") for la, res in (m or {}).get("layers", {}).items()
+        }
         frame.attrs["verdict"] = (m or {}).get("verdict")
         return frame
 

@@ -70,6 +70,9 @@ def to_markdown(report: dict) -> str:
         )
     if report.get("mediation"):
         lines.append(f"- **Where the reward lives**: {md_text(report['mediation']['verdict'])}")
+        warning = (report["mediation"].get("studied") or {}).get("warning")
+        if warning:
+            lines.append(f"- **Warning**: {md_text(warning)}")
     lines += [
         f"- **IRM**: layer {irm['layer']}, feature space {md_code(irm['space'])} "
         f"({md_text(irm['space_selection'])});"
