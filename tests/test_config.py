@@ -129,10 +129,17 @@ def _old_spelling(text: str) -> str:
         sae[f"crosscoder_{key}"] = v
     from irmlens.config import _toml_value
 
+    def tables(name: str, table: dict) -> list[str]:  # keys the old spelling kept nested
+        lines = [f"[{name}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+        for k, v in table.items():
+            lines += tables(f"{name}.{k}", v) if isinstance(v, dict) else []
+        return lines
+
     out = [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
     for name, table in values.items():
         if isinstance(table, dict):
-            out += [f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+            out += tables(name, table)
     return "\n".join(out) + "\n"
 
 

@@ -35,7 +35,13 @@ def test_report_json_has_schema_v3_fields(micro_run):
         for d in r["layers"]
     )
     assert len(r["studied_layers"]) == 1
-    assert {s["model"] for s in r["saes"]} == {"base", "rlhf", "shared", "shared-topk64"}
+    assert {s["model"] for s in r["saes"]} == {
+        "base",
+        "rlhf",
+        "shared",
+        "shared-topk64",
+        "difference",
+    }
     for s in r["saes"]:
         assert all(
             _finite(s[k]) for k in ("width", "explained_variance", "l0", "dead_fraction", "mse")
@@ -162,7 +168,7 @@ def test_saes_load_with_saelens(micro_run):
     from sae_lens import SAE
 
     cfgs = [c for c in (micro_run / "saes").rglob("cfg.json") if "crosscoder" not in c.parts]
-    assert len(cfgs) == 7  # base, rlhf, shared at 2 widths + the wide TopK (+ the crosscoder)
+    assert len(cfgs) == 8  # base, rlhf, shared at 2 widths, the wide TopK, the difference SAE
     for c in cfgs:
         sae = SAE.load_from_disk(str(c.parent))
         assert sae.cfg.d_in == 64
