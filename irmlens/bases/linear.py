@@ -86,19 +86,62 @@ def _signed(vh: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
 class DifferenceBasis:
     """A dictionary trained on RLHF - base activation *differences* (science-of-finetuning's
     diffing toolkit trains such SAEs), read as a basis of the change: a component's change
-    between the models is its code of ``rlhf - base`` (``reads_changes``), not the difference of
+    between the models is its code of ``rlhf - base`` (``changes``), not the difference of
     its codes of each model's activations, which it was never trained on. Its decoder rows are
     its directions, as any SAE's."""
-
-    reads_changes = True
 
     def __init__(self, sae) -> None:
         self.sae = sae
         self.W_dec = sae.W_dec
         self.cfg = sae.cfg
 
+    def changes(self, base: torch.Tensor, rlhf: torch.Tensor) -> torch.Tensor:
+        """``[..., n]``: each component's change, its code of ``rlhf - base``."""
+        d = base.shape[-1]
+        flat = (rlhf.float() - base.float()).reshape(-1, d)
+        with torch.no_grad():
+            z = self.sae.encode(flat.to(self.W_dec.device, self.W_dec.dtype)).float().cpu()
+        return z.reshape(*base.shape[:-1], -1)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.sae.encode(x)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return self.sae.decode(codes)
+
+
+class CrosscoderChangeBasis:
+    """A crosscoder read as a basis of the RLHF model's change at fixed positions: latent j's
+    change is what the joint code reads differently because the RLHF slot moved away from the
+    base (``CrosscoderReading.change``: the codes of every model's activations minus the codes
+    with the RLHF slot given the base's), written along the latent's RLHF decoder row (in the raw
+    space). Summed over latents it is the change of the crosscoder's RLHF reconstruction, close
+    to ``rlhf - base`` where the crosscoder reconstructs well. The other models' activations
+    (``others``: e.g. the null model's) are those of the same positions the changes are read at
+    (a joint code needs every slot)."""
+
+    def __init__(self, reading, others: dict[str, torch.Tensor], model: str = "rlhf") -> None:
+        cc = reading.crosscoder
+        slot = reading.models.index(model)
+        rows = cc.W_dec[slot] / cc.input_scale[slot]
+        if reading.latents is not None:
+            rows = rows[reading.latents]
+        self.reading, self.others, self.model = reading, others, model
+        self.W_dec = rows.detach().float().cpu()
+        self.cfg = reading.cfg
+
+    def changes(self, base: torch.Tensor, rlhf: torch.Tensor) -> torch.Tensor:
+        """``[..., n]``: each latent's change at the positions of ``others``."""
+        d = base.shape[-1]
+        acts = {"base": base.reshape(-1, d).float(), self.model: rlhf.reshape(-1, d).float()}
+        for name, x in self.others.items():
+            if x.shape != base.shape:
+                raise ValueError(
+                    f"{name}'s activations {tuple(x.shape)} do not sit at the same "
+                    f"positions as the changes read ({tuple(base.shape)})"
+                )
+            acts[name] = x.reshape(-1, d).float()
+        return self.reading.change(acts, self.model).reshape(*base.shape[:-1], -1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.float() @ self.W_dec

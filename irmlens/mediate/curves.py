@@ -73,10 +73,10 @@ def codes(basis, x: torch.Tensor) -> torch.Tensor:
 
 def component_changes(basis, base: torch.Tensor, rlhf: torch.Tensor) -> torch.Tensor:
     """``[..., n]``: each component's change from ``base`` to ``rlhf`` activations: the
-    difference of its codes, or, for a basis of changes (``reads_changes``: a dictionary trained
-    on differences), its code of the difference."""
-    if getattr(basis, "reads_changes", False):
-        return codes(basis, rlhf.float() - base.float())
+    difference of its codes, or what a basis of changes reads (``changes``: a dictionary trained
+    on differences, a crosscoder's joint code)."""
+    if hasattr(basis, "changes"):
+        return basis.changes(base, rlhf)
     return codes(basis, rlhf) - codes(basis, base)
 
 

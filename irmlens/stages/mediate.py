@@ -12,8 +12,9 @@ implicit reward itself. Then:
    what the last block's patch leaves; the studied layers' share is stated, and warned about
    when small;
 2. at each studied layer, on cached rows with ``mediate.metric``: every basis's faithfulness
-   curve, both ways: the study's dictionaries (through the basis registry) and their random
-   stand-in, beside the standard basis, a random rotation, the principal directions of the
+   curve, both ways: the study's dictionaries (through the basis registry: the shared and base
+   SAEs, the wide TopK, the dictionary of differences; at the IRM layer the crosscoder read as
+   a basis of the change) and the shared SAE's random stand-in, beside the standard basis, a random rotation, the principal directions of the
    differences and the mean-difference direction (the last two fitted on rows disjoint from
    the measured ones); the best dictionary against the best other basis with a paired CI; the
    sparse IRM's features and every validation set placed on the same axes;
@@ -207,6 +208,24 @@ def _bases(ctx: StudyContext, layer: int, fit_base, fit_rlhf) -> dict[str, objec
     }
 
 
+def _crosscoders(ctx: StudyContext, layer: int, tokens, acts) -> dict[str, tuple]:
+    """The crosscoder's views (all its latents; the RLHF-only ones) as bases of the change at
+    the measured positions (``CrosscoderChangeBasis``: a joint code needs every model's
+    activations there, the null model's too); the crosscoder sits at the IRM layer."""
+    from irmlens.bases.linear import CrosscoderChangeBasis
+
+    views = ctx.crosscoder_views() if layer == ctx.irm_layer else {}
+    out, others, models = {}, None, ctx.pair.get()
+    for name, loaded in views.items():
+        reading = loaded[0][0]
+        if others is None:
+            others = {
+                m: acts(models[m], tokens) for m in reading.models if m not in ("base", "rlhf")
+            }
+        out[name] = (CrosscoderChangeBasis(reading, others), True)
+    return out
+
+
 def _validation_sets(ctx: StudyContext) -> list:
     """The validation's feature sets, from the same builders and seeds the validate stage uses
     (so the same features), to be placed on the curves' axes."""
@@ -263,7 +282,7 @@ def _layer(
         "reproduced": model_site(base, tokens, metric, hook, a_b, a_r),
     }
     fit_b, fit_r = acts(base, fit_tokens), acts(rlhf, fit_tokens)
-    found = _bases(ctx, layer, fit_b, fit_r)
+    found = _bases(ctx, layer, fit_b, fit_r) | _crosscoders(ctx, layer, tokens, acts)
     bases = {name: basis for name, (basis, _) in found.items()}
     ks = [k for k in KS if k <= m.max_k]
     curves = {

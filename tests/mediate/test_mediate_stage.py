@@ -51,6 +51,9 @@ def test_the_stage_reports_what_its_parts_measured(micro_run):
         for k in ("expected_utility", "implicit_reward")
     }
     assert m["sweep"] in m["sweeps"]
+    if (RunPaths(micro_run).diff / "crosscoder.json").exists():  # read as a basis of the change
+        irm_layer = str(read_json(RunPaths(micro_run).irm_metrics)["layer"])
+        assert m["layers"][irm_layer]["bases"]["crosscoder"]["dictionary"]
     for s in m["sweeps"]:
         assert s["rlhf"] != s["base"], s  # the tuning moved every metric on every text
     for la, res in m["layers"].items():

@@ -176,3 +176,36 @@ def test_a_dictionary_of_differences_reads_the_change_itself():
     curve = faithfulness_curve(basis, Site(base, rlhf, metric), True, (1, 2, 4))
     assert {c["k"]: c["faithfulness"] for c in curve["curve"]}[2] > 0.99
     assert sorted(r["component"] for r in curve["ranked"][:2]) == [3, 7]
+
+
+def test_a_crosscoder_reads_the_rlhf_change_along_its_rlhf_decoder_rows():
+    """``CrosscoderChangeBasis`` on a hand-set crosscoder over (base, rlhf, null) whose latents
+    read the RLHF slot's coordinates and write them back: a latent's change is the coordinate's
+    change (the joint code with the RLHF slot given the base's activation subtracted), and the
+    change planted in one coordinate is removed by that one latent."""
+    from irmlens.bases.linear import CrosscoderChangeBasis
+    from irmlens.mediate.curves import Site, component_changes
+    from sae_training.crosscoder import Crosscoder, CrosscoderReading
+
+    d = 6
+    cc = Crosscoder(3, d, d, architecture="l1")
+    with torch.no_grad():
+        cc.W_enc[1] = torch.eye(d)  # the RLHF slot's coordinates; the others read nothing
+        cc.W_dec[1] = torch.eye(d)
+        cc.input_scale.copy_(torch.tensor([1.0, 2.0, 1.0]))  # raw RLHF x2 in its space
+    g = torch.Generator().manual_seed(2)
+    base = torch.rand(8, 5, d, generator=g) + 1.0  # positive: the ReLU passes them
+    rlhf = base.clone()
+    rlhf[..., 4] += torch.rand(8, 5, generator=g) + 0.5
+    null = torch.rand(8, 5, d, generator=g)
+    basis = CrosscoderChangeBasis(CrosscoderReading(cc, ["base", "rlhf", "null"]), {"null": null})
+    got = component_changes(basis, base, rlhf)  # codes in the scaled space (x2)
+    assert torch.allclose(got, 2.0 * (rlhf - base), atol=1e-5)
+    assert torch.allclose(basis.W_dec, torch.eye(d) / 2.0)  # decoder rows back in raw units
+
+    def metric(acts):
+        return acts[..., 4].mean(1) - 0.1 * acts[..., 0].mean(1)
+
+    curve = faithfulness_curve(basis, Site(base, rlhf, metric), True, (1, 2))
+    assert curve["ranked"][0]["component"] == 4
+    assert abs(curve["curve"][0]["share"] - 1.0) < 1e-5
