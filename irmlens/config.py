@@ -290,6 +290,9 @@ class MediateConfig:
     # the RLHF model's own completions (the second text set): prompts of this many tokens cut
     # from cached rows disjoint from the measured and fitted ones, completions as long as RLHF's
     prompt_tokens: int = ranged(8, SIZE)
+    # beside the registry's dictionaries (the widest shared and base SAEs), every width of the
+    # shared, base and RLHF SAEs: each adds a curve (about 40 passes of the model from the layer)
+    every_width: bool = ranged(False, Flag())
 
     def __post_init__(self) -> None:
         check_fields(self, "mediate")

@@ -200,6 +200,14 @@ def _bases(ctx: StudyContext, layer: int, fit_base, fit_rlhf) -> dict[str, objec
     if "shared" in found:
         basis, folder = found["shared"][0]
         out["random_sae"] = (BASES["shared"].random_stand_in(basis, folder, seed, d), True)
+    if ctx.cfg.mediate.every_width:  # every width of the per-model and shared SAEs
+        from sae_training.train import load_sae
+
+        for label in ("shared", "base", "rlhf"):
+            for width in ctx.widths:
+                folder = ctx.paths.sae_dir(label, ctx.hook(layer), width)
+                if folder.exists() and not (label in out and width == ctx.widest):
+                    out[f"{label}_w{width}"] = (load_sae(folder), True)
     return out | {
         "standard": (standard_basis(d), False),
         "random_rotation": (random_orthonormal(d, seed), False),

@@ -96,3 +96,24 @@ def test_the_stage_gives_the_same_numbers_twice(micro_run, tmp_path):
     again = read_json(paths.mediate / "mediation.json")
     first.pop("seconds"), again.pop("seconds")
     assert again == first
+
+
+def test_every_width_adds_each_width_of_each_models_dictionary(micro_run):
+    """``mediate.every_width``: beside the registry's dictionaries, every width of the shared,
+    base and RLHF SAEs is a basis of the comparison (the widest shared and base ones once)."""
+    import torch
+
+    from irmlens.stages.mediate import _bases
+
+    paths = RunPaths(micro_run)
+    cfg = load_config(paths.config)
+    cfg = dataclasses.replace(cfg, mediate=dataclasses.replace(cfg.mediate, every_width=True))
+    ctx = StudyContext(cfg, paths)
+    layer = sorted(ctx.studied_layers)[0]
+    fit = torch.randn(4, 8, ctx.d_model)
+    found = _bases(ctx, layer, fit, fit + 0.1)
+    narrow, widest = ctx.widths[0], ctx.widest
+    want = {f"rlhf_w{w}" for w in ctx.widths} | {f"shared_w{narrow}", f"base_w{narrow}"}
+    assert want <= set(found) and f"shared_w{widest}" not in found, sorted(found)
+    assert all(found[n][1] for n in want)  # each a dictionary
+    assert found[f"rlhf_w{widest}"][0].cfg.d_sae == widest
