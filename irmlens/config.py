@@ -293,6 +293,9 @@ class MediateConfig:
     # beside the registry's dictionaries (the widest shared and base SAEs), every width of the
     # shared, base and RLHF SAEs: each adds a curve (about 40 passes of the model from the layer)
     every_width: bool = ranged(False, Flag())
+    # the sweep also patches each block's MLP output where the cache has mlp_out (twice the
+    # sweep's passes: off for a 30-layer model on 2 cores)
+    mlp_out: bool = ranged(True, Flag())
 
     def __post_init__(self) -> None:
         check_fields(self, "mediate")

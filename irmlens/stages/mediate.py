@@ -53,7 +53,8 @@ def run(ctx: StudyContext) -> None:
         "cached_rows": _cached_rows(ctx, rows, slice(0, n)).with_base(base),
         "own_completions": _own_completions(ctx, rlhf, rows, slice(2 * n, 3 * n)).with_base(base),
     }
-    sites = sweep_sites(rlhf.cfg.n_layers, mlp_out="mlp_out" in ctx.cfg.cache.hook_kinds)
+    mlp_out = m.mlp_out and "mlp_out" in ctx.cfg.cache.hook_kinds
+    sites = sweep_sites(rlhf.cfg.n_layers, mlp_out=mlp_out)
     sweeps = [
         {"text": text, **per_metric}
         for text, metrics in texts.items()
