@@ -255,6 +255,9 @@ def test_cross_field_combinations_are_refused_up_front_or_pass_every_pre_run_che
     assert r.prompt_max_words + 1 + r.max_completion_length <= n_pos
 
 
+# a whole micro study at the bounds (64 s on a 2-core AVX-512 Xeon, the default run's longest
+# test): `pytest -m slow`; the refusals just past the bounds stay in the default run (above)
+@pytest.mark.slow
 def test_a_cross_field_combination_just_inside_every_bound_runs_to_a_report(micro_base, tmp_path):
     """The bounds themselves: sequences filling the model's 64 positions exactly (cache rows,
     prompt + completion), and 2 CV folds of the fewest fit words: the micro study runs through."""
