@@ -75,10 +75,16 @@ def run(ctx: StudyContext) -> None:
     result = {
         "metric": METRICS[m.metric],
         "metrics": METRICS,
-        "rows": {"measured": n, "fit": int(len(fit_tokens)), "prompts": n},
+        "rows": {
+            "measured": n,
+            "fit": int(len(fit_tokens)),
+            "prompts": int(len(texts["own_completions"].tokens)),
+        },
         "sweep": sweep,
         "sweeps": sweeps,
-        "studied": studied_share(sweep, sorted(ctx.studied_layers)),
+        "studied": studied_share(
+            sweep, sorted(ctx.studied_layers), rm_free=ctx.cfg.data.lexicon == "none"
+        ),
         "layers": layers,
         "verdict": verdict(sweep, layers),
         "seconds": time.perf_counter() - started,
@@ -150,7 +156,7 @@ def _own_completions(ctx: StudyContext, rlhf, rows, index: slice):
     return RewardMetrics(tokens, predicting, utility, scored, beta=ctx.cfg.rlhf.kl_coef)
 
 
-def studied_share(sweep: dict, layers: list[int]) -> dict:
+def studied_share(sweep: dict, layers: list[int], rm_free: bool = False) -> dict:
     """The share of the gain each studied layer's output carries (removed when patched), and a
     warning when every one carries less than ``SMALL_SHARE``."""
     share = {row["site"]: row["removed"] for row in sweep["sites"]}
@@ -168,8 +174,13 @@ def studied_share(sweep: dict, layers: list[int]) -> dict:
             f"the studied layers carry at most {best:.0%} of the gain (patching the base's "
             f"activations there removes no more); the gain builds up later, "
             f"{1 - sweep['final_norm_and_unembedding']:.0%} by the last block's output and the rest "
-            "in the final norm and unembedding: choose later layers (layers.select = "
-            '"mediation") to study what carries the reward'
+            "in the final norm and unembedding: choose later layers "
+            + (
+                "(a larger layers.top_k)"
+                if rm_free  # the mediation ranking needs a reward model before the cache
+                else '(layers.select = "mediation")'
+            )
+            + " to study what carries the reward"
         )
     return {
         "layers": by_layer,
