@@ -161,13 +161,18 @@ def _crosscoder_view(view: str):
     return load
 
 
-def _wide_topk_unmet(cfg) -> str | None:
-    if cfg.sae.wide_topk.k == 0:
-        return (
-            "needs the wide TopK dictionary, but sae.wide_topk.k = 0 (none): set "
-            "sae.wide_topk.k >= 1 (e.g. 64)"
-        )
-    return None
+def _needs_k(table: str, what: str, example: int):
+    """The ``unmet`` of a dictionary that exists only when ``sae.<table>.k`` is not 0."""
+
+    def unmet(cfg) -> str | None:
+        if getattr(cfg.sae, table).k == 0:
+            return (
+                f"needs {what}, but sae.{table}.k = 0 (none): set sae.{table}.k >= 1 "
+                f"(e.g. {example})"
+            )
+        return None
+
+    return unmet
 
 
 def _difference(source: BasisSource, layers: Sequence[int], kind: str) -> Loaded | None:
@@ -182,15 +187,6 @@ def _random_difference(basis, folder: Path | None, seed: int, d_model: int):
     from irmlens.bases.linear import DifferenceBasis
 
     return DifferenceBasis(random_sae_like(basis.sae, folder, seed, d_model))
-
-
-def _difference_unmet(cfg) -> str | None:
-    if cfg.sae.difference.k == 0:
-        return (
-            "needs the difference dictionary, but sae.difference.k = 0 (none): set "
-            "sae.difference.k >= 1 (e.g. 32)"
-        )
-    return None
 
 
 def _crosscoder_unmet(cfg) -> str | None:
@@ -222,7 +218,7 @@ for _kind in (
         "the wide TopK (or BatchTopK) SAE trained on both models' activations",
         _saved(lambda s: s.wide_topk_label, required=False),
         lambda s: s.wide_topk_label,
-        unmet=_wide_topk_unmet,
+        unmet=_needs_k("wide_topk", "the wide TopK dictionary", 64),
         short="shared wide TopK SAE",
         random_stand_in=random_sae_like,
     ),
@@ -232,7 +228,7 @@ for _kind in (
         _difference,
         "difference",
         all_layers=True,
-        unmet=_difference_unmet,
+        unmet=_needs_k("difference", "the difference dictionary", 32),
         short="difference SAE",
         random_stand_in=_random_difference,
     ),

@@ -37,6 +37,14 @@ class Site:
     rlhf: torch.Tensor
     metric: Callable[[torch.Tensor], torch.Tensor]
     _ends: dict = field(default_factory=dict, repr=False)
+    _changes: dict = field(default_factory=dict, repr=False)  # id -> (basis kept alive, changes)
+
+    def changes(self, basis) -> torch.Tensor:
+        """``component_changes`` of ``basis`` between the site's activations, computed once per
+        basis (its curves both ways, the sets placed on them and the decomposition read it)."""
+        if id(basis) not in self._changes:
+            self._changes[id(basis)] = (basis, component_changes(basis, self.base, self.rlhf))
+        return self._changes[id(basis)][1]
 
     def end(self, which: str) -> torch.Tensor:
         """The metric of the site's own ``base`` or ``rlhf`` activations, computed once (every
@@ -105,7 +113,7 @@ def faithfulness_curve(
     start = (site.rlhf if removed else site.base).float()
     d = start.shape[-1]
     sign = -1.0 if removed else 1.0  # removing moves from the RLHF values back to the base's
-    delta = sign * component_changes(basis, site.base, site.rlhf)  # [rows, pos, n]
+    delta = sign * site.changes(basis)  # [rows, pos, n]
     dirs = component_directions(basis, d)  # [n, d]
     m_start, m_target = (
         site.end("rlhf" if removed else "base"),
@@ -212,7 +220,7 @@ def set_share(basis, site: Site, features: Sequence[int], removed: bool = True) 
     the sparse IRM's features, placed on a curve's axes)."""
     start = (site.rlhf if removed else site.base).float()
     idx = torch.tensor(list(features), dtype=torch.long)
-    delta = (-1.0 if removed else 1.0) * component_changes(basis, site.base, site.rlhf)[..., idx]
+    delta = (-1.0 if removed else 1.0) * site.changes(basis)[..., idx]
     dirs = component_directions(basis, start.shape[-1])[idx]
     m_start = site.end("rlhf" if removed else "base").mean()
     m_target = site.end("base" if removed else "rlhf").mean()

@@ -42,16 +42,20 @@ SMALL_SHARE = 0.25
 
 def run(ctx: StudyContext) -> None:
     from irmlens.cache.store import load_token_rows
-    from irmlens.mediate.metrics import METRICS
+    from irmlens.mediate.metrics import METRICS, token_utility
     from irmlens.mediate.sweep import layer_sweep, sweep_sites
 
     started, m = time.perf_counter(), ctx.cfg.mediate
     base, rlhf = (ctx.pair.get()[k] for k in ("base", "rlhf"))
     rows = load_token_rows(ctx.paths.cache)
     n = min(m.n_rows, len(rows.tokens) // 3)  # measured, fitted, prompted: disjoint thirds
+    # u(v) once: reading every vocabulary item as a word takes seconds on a 49k vocabulary
+    utility = token_utility(ctx.pair.tokenizer, ctx.rm.word_utility, rlhf.cfg.d_vocab)
     texts = {
-        "cached_rows": _cached_rows(ctx, rows, slice(0, n)).with_base(base),
-        "own_completions": _own_completions(ctx, rlhf, rows, slice(2 * n, 3 * n)).with_base(base),
+        "cached_rows": _cached_rows(ctx, rows, slice(0, n), utility).with_base(base),
+        "own_completions": _own_completions(
+            ctx, rlhf, rows, slice(2 * n, 3 * n), utility
+        ).with_base(base),
     }
     mlp_out = m.mlp_out and "mlp_out" in ctx.cfg.cache.hook_kinds
     sites = sweep_sites(rlhf.cfg.n_layers, mlp_out=mlp_out)
@@ -111,13 +115,12 @@ def _null_beside(ctx: StudyContext, texts: dict, sweeps: list[dict]) -> None:
                 s["null"] = float(values[s["metric"]].mean())
 
 
-def _cached_rows(ctx: StudyContext, rows, index: slice):
+def _cached_rows(ctx: StudyContext, rows, index: slice, utility):
     """The cached rows' metrics: expected utility at every valid position, implicit reward on
     the tokens of the words the reward model scores."""
-    from irmlens.mediate.metrics import RewardMetrics, token_utility, word_token_mask
+    from irmlens.mediate.metrics import RewardMetrics, word_token_mask
 
-    tok, word_utility = ctx.pair.tokenizer, ctx.rm.word_utility
-    utility = token_utility(tok, word_utility, ctx.pair.get()["rlhf"].cfg.d_vocab)
+    word_utility = ctx.rm.word_utility
     scored_words = {i for i, w in enumerate(rows.words) if word_utility(w) is not None}
     in_word = None if rows.in_word is None else rows.in_word[index]
     scored = word_token_mask(rows.word_id[index], in_word, rows.valid[index], scored_words)
@@ -126,11 +129,11 @@ def _cached_rows(ctx: StudyContext, rows, index: slice):
     )
 
 
-def _own_completions(ctx: StudyContext, rlhf, rows, index: slice):
+def _own_completions(ctx: StudyContext, rlhf, rows, index: slice, utility):
     """The RLHF model's own completions (``rlhf.max_completion_length`` tokens, temperature 1)
     of prompts cut from cached rows: expected utility where it predicts the completion,
     implicit reward over the completion's tokens (its sequence-level implicit reward)."""
-    from irmlens.mediate.metrics import RewardMetrics, token_utility
+    from irmlens.mediate.metrics import RewardMetrics
 
     m = ctx.cfg.mediate
     p = min(m.prompt_tokens, rows.tokens.shape[1] - 1)
@@ -152,7 +155,6 @@ def _own_completions(ctx: StudyContext, rlhf, rows, index: slice):
     positions = torch.arange(tokens.shape[1])
     predicting = ((positions >= p - 1) & (positions < tokens.shape[1] - 1)).expand_as(tokens)
     scored = (positions >= p).expand_as(tokens)
-    utility = token_utility(ctx.pair.tokenizer, ctx.rm.word_utility, rlhf.cfg.d_vocab)
     return RewardMetrics(tokens, predicting, utility, scored, beta=ctx.cfg.rlhf.kl_coef)
 
 
