@@ -152,7 +152,12 @@ def cmd_diff(args) -> int:
     fm = r["feature_matching"]
     print(
         f"divergent features: {r['n_divergent']} of {r['n_features']} (threshold {r['threshold']}"
-        + (f"; null pair {r['n_divergent_null']}" if r["n_divergent_null"] is not None else "")
+        + (
+            f"; null pair {r['n_divergent_null']}; beyond the null pair's "
+            f"{r['n_divergent_beyond_null']}"
+            if r["n_divergent_null"] is not None
+            else ""
+        )
         + f")\npaired dictionaries: {fm['n_shared']} shared, {fm['n_base_only']} base-only, "
         f"{fm['n_rlhf_only']} rlhf-only\nTable: {table.resolve()}"
     )

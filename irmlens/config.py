@@ -91,8 +91,10 @@ class NullConfig:
 class DiffConfig:
     """Per-feature divergence (shared dictionary) and paired-dictionary matching."""
 
-    # divergence score above which a feature is called divergent (the score lies in [0, sqrt 2])
-    threshold: float = ranged(0.5, Real(0.0, 1.5))
+    # divergence above which a feature is called divergent: the RMS norm of the change it writes
+    # as a fraction of the activations' RMS norm (0.05: 5%; the planted and tiny studies put
+    # their largest changes at 0.1-0.3)
+    threshold: float = ranged(0.05, Real(0.0, 1.5))
     # features firing less often in both models are not scored
     min_frequency: float = ranged(1e-3, Real(0.0, 1.0, hi_open=True))
     # decoder cosine of a matched pair to call it shared

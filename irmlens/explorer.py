@@ -10,7 +10,10 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from irmlens.refs import card_ref, feature_label
+
 SORT_KEYS = {
+    "beyond the null": "divergence_beyond_null",  # the diff stage's ranking, signed
     "divergence": "divergence",
     "|IRM weight|": "irm_weight",
     "firing-frequency change": "frequency_change",
@@ -29,16 +32,16 @@ class Explorer:
         self.n_rows = n_rows
         report = self.study.report
         self.irm_layer = report["irm"]["layer"]
-        self.cards = {c["feature"]: c for c in report["feature_cards"]}
+        self.cards = {card_ref(c): c for c in report["feature_cards"]}
         self.layers = self.study.diff_layers() or [self.irm_layer]
         self.layer = self.irm_layer
-        self.sort_by = "divergence"
+        self.sort_by = "beyond the null"
         self.min_divergence = 0.0
         self.selected: int | None = None
         self.layer_box = w.Dropdown(options=self.layers, value=self.layer, description="layer")
-        self.sort_box = w.Dropdown(options=list(SORT_KEYS), value="divergence", description="sort")
+        self.sort_box = w.Dropdown(options=list(SORT_KEYS), value=self.sort_by, description="sort")
         self.filter_box = w.FloatSlider(
-            value=0.0, min=0.0, max=1.5, step=0.05, description="divergence ≥"
+            value=0.0, min=0.0, max=0.5, step=0.01, description="divergence ≥"
         )
         self.word_box = w.Text(placeholder="a word, e.g. great", description="word")
         self.table_html = w.HTML()
@@ -59,8 +62,9 @@ class Explorer:
         df = df[df["divergence"] >= self.min_divergence]
         key = SORT_KEYS[self.sort_by]
         if key not in df or df[key].isna().all():
-            key = "divergence"
-        return df.reindex(df[key].abs().sort_values(ascending=False).index)
+            key = "divergence_beyond_null"
+        order = df[key] if key == "divergence_beyond_null" else df[key].abs()
+        return df.reindex(order.sort_values(ascending=False, kind="stable").index)
 
     def refresh(self) -> None:
         df = self.features()
@@ -69,6 +73,8 @@ class Explorer:
             for c in (
                 "feature",
                 "divergence",
+                "divergence_null",
+                "divergence_beyond_null",
                 "frequency_base",
                 "frequency_rlhf",
                 "mean_change",
@@ -96,19 +102,37 @@ class Explorer:
             self.figure.layout.title = f"layer {self.layer}: click a feature to open its card"
         self.figure.data[0].on_click(self.on_point_click)
 
-    def card(self, feature: int) -> str:
-        """A feature's card: the full card where the report has one, else its table row."""
+    def card(self, feature: int, layer: int | None = None, dictionary: str = "shared") -> str:
+        """The card of feature (``dictionary``, ``layer``, ``feature``): the full card where the
+        report has one, else its row of the layer's table. ``layer`` defaults to the layer
+        shown; the answer always names the layer it read, and says so when other layers'
+        cards hold a feature of that index."""
         from irmlens.viz.card_html import render_card
 
-        if self.layer == self.irm_layer and feature in self.cards:
-            return render_card(self.cards[feature], include_plotlyjs="cdn")
-        df = self.study.features_of_layer(self.layer)
+        layer = self.layer if layer is None else layer
+        ref = (dictionary, layer, feature)
+        others = sorted(
+            la for d, la, j in self.cards if d == dictionary and j == feature and la != layer
+        )
+        note = (
+            f"<p><i>index {feature} also has a card at layer {', '.join(map(str, others))}: "
+            f"that is another feature (pass layer=...)</i></p>"
+            if others
+            else ""
+        )
+        if ref in self.cards:
+            return note + render_card(self.cards[ref], include_plotlyjs="cdn")
+        if dictionary != "shared":
+            return f"<p>{html.escape(feature_label(*ref))} has no card</p>" + note
+        df = self.study.features_of_layer(layer)
         row = df[df["feature"] == feature]
         if row.empty:
-            return f"<p>feature {feature} is not in layer {self.layer}'s table</p>"
+            return f"<p>feature {feature} is not in layer {layer}'s table</p>" + note
         return (
-            f"<h4>feature {feature} (layer {self.layer}; no card: cards cover the IRM layer's most "
-            "divergent and sparse-IRM features)</h4>" + row.to_html(index=False)
+            f"<h4>{html.escape(feature_label(*ref))} (no card: cards cover the IRM layer's most "
+            "divergent features and the sparse IRM's features)</h4>"
+            + note
+            + row.to_html(index=False)
         )
 
     def word(self, query: str) -> str:
@@ -129,7 +153,7 @@ class Explorer:
         rows = attr[attr["word"] == q]
         if not rows.empty:
             out += "<p>top features (coefficient × mean feature difference at the word):</p>"
-            out += rows[["feature", "contribution"]].to_html(index=False)
+            out += rows[["dictionary", "layer", "feature", "contribution"]].to_html(index=False)
         return out
 
     # ------------------------------------------------------------------ callbacks
@@ -150,7 +174,7 @@ class Explorer:
         if not points.point_inds:
             return
         self.selected = int(trace.customdata[points.point_inds[0]])
-        self.card_html.value = self.card(self.selected)
+        self.card_html.value = self.card(self.selected, self.layer)
 
     def on_word(self, change) -> None:
         self.word_html.value = self.word(change["new"])

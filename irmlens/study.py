@@ -37,18 +37,29 @@ class Study:
 
     @property
     def features(self):
-        """Every shared-SAE feature of the IRM layer: divergence, means, firing frequencies, its
-        Hungarian partners (and decoder cosines) in the base and the RLHF SAE with a tag, and the
-        IRM weight where the IRM is over that dictionary's codes or pre-activations."""
+        """Every shared-SAE feature of every studied layer, one row each named by its
+        ``dictionary``, ``layer`` and ``feature`` (index within the layer's dictionary):
+        divergence in the RLHF and the null pair, means, firing frequencies, Hungarian partners
+        (and decoder cosines) in the base and the RLHF SAE with a tag, and the IRM weight where
+        the IRM reads that layer's codes or pre-activations (NaN elsewhere). In the diff
+        stage's ranking: the change beyond the null pair's (comparable across layers: each a
+        fraction of its layer's activation norm)."""
+        import pandas as pd
+
+        frames = [self._layer_table(layer) for layer in self.diff_layers()]
+        return _ranked(pd.concat(frames, ignore_index=True))
+
+    def _layer_table(self, layer: int):
         import pandas as pd
 
         from irmlens.irm.fit import irm_feature_weights
 
-        df = pd.read_csv(self._features_table(self.report["irm"]["layer"]))
-        weights = irm_feature_weights(self.report["irm"], self.irm_coefficients(), len(df))
-        if weights:
-            df["irm_weight"] = [weights[j] for j in df["feature"]]
-        return df.sort_values("divergence", ascending=False).reset_index(drop=True)
+        df = pd.read_csv(self._features_table(layer))
+        df.insert(0, "layer", layer)
+        df.insert(0, "dictionary", "shared")
+        weights = irm_feature_weights(self.report["irm"], self.irm_coefficients(), len(df), layer)
+        df["irm_weight"] = [weights.get(j, float("nan")) for j in df["feature"]]
+        return df
 
     def _features_table(self, layer: int) -> Path:
         return RunPaths(self.run_dir).features_table(layer)
@@ -61,13 +72,8 @@ class Study:
         )
 
     def features_of_layer(self, layer: int):
-        """A layer's feature table (the IRM layer: ``features``, with IRM weights and matching)."""
-        import pandas as pd
-
-        if layer == self.report["irm"]["layer"]:
-            return self.features
-        df = pd.read_csv(self._features_table(layer))
-        return df.sort_values("divergence", ascending=False).reset_index(drop=True)
+        """One layer's rows of ``features``, in the same ranking."""
+        return _ranked(self._layer_table(layer))
 
     @property
     def words(self):
@@ -81,7 +87,8 @@ class Study:
 
     @property
     def word_attribution(self):
-        """Held-out words with their divergence and top contributing features (long format)."""
+        """Held-out words with their divergence and top contributing features (long format), each
+        feature as (dictionary, layer, feature)."""
         import pandas as pd
 
         rows = []
@@ -94,7 +101,12 @@ class Study:
                         "irm": w["irm"],
                         "divergence": w["divergence"],
                         "rank": rank,
-                        "feature": f["feature"],
+                        # the feature as (dictionary, layer, index); ``column`` is its column in
+                        # the IRM's space (a multi-layer space concatenates the layers)
+                        "dictionary": f.get("dictionary", "shared"),
+                        "layer": f.get("layer", self.report["irm"]["layer"]),
+                        "feature": f.get("local_feature", f["feature"]),
+                        "column": f["feature"],
                         "contribution": f["contribution"],
                     }
                 )
@@ -240,3 +252,11 @@ class Study:
 
 def _scalars(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str)) or v is None}
+
+
+def _ranked(df):
+    """A feature table in the diff stage's ranking: the change beyond the null pair's (ties in
+    feature order, as the stage breaks them)."""
+    return df.sort_values("divergence_beyond_null", ascending=False, kind="stable").reset_index(
+        drop=True
+    )

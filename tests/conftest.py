@@ -196,7 +196,8 @@ def planted(tmp_path_factory, assets):
 
 @pytest.fixture(scope="session")
 def planted_run(planted, tmp_path_factory):
-    """The whole pipeline on the planted pair (a given pair: no RLHF stage), ~15 s."""
+    """The whole pipeline on the planted pair (a given pair: no RLHF stage), both layers studied
+    and the IRM over both."""
     from irmlens.config import config_from_dict
     from irmlens.pipeline import run_study
 
@@ -210,7 +211,9 @@ def planted_run(planted, tmp_path_factory):
                 "rlhf": str(dirs["after"]),
                 "null": str(dirs["null"]),
             },
-            "layers": {"top_k": 1},
+            # both layers studied and one IRM over both (as the tiny default's): every feature
+            # is then (dictionary, layer, index), and a layer-0 feature needs its own card
+            "layers": {"top_k": 2},
             "cache": {"n_ctx": 64, "max_rows": 500},
             "sae": {
                 "width_multipliers": [2, 4],
@@ -219,7 +222,7 @@ def planted_run(planted, tmp_path_factory):
                 "wide_topk": {"k": 32},
                 "ce_eval_rows": 16,
             },
-            "irm": {"n_shuffles": 3, "paper_contexts_per_word": 3},
+            "irm": {"n_shuffles": 3, "paper_contexts_per_word": 3, "space": "multi_layer_pre"},
             "mediate": {"n_rows": 16, "recheck": 4, "max_k": 32, "n_bootstrap": 100},
             "validate": {
                 "n_prompts": 16,

@@ -17,17 +17,22 @@ def explorer(planted_run):
 
 def test_sort_and_filter_callbacks_change_the_table(explorer):
     df = explorer.features()
-    assert list(df["divergence"]) == sorted(df["divergence"], reverse=True)
+    # the diff stage's ranking: the change beyond the null pair's, the report's order
+    key = list(df["divergence_beyond_null"])
+    assert key == sorted(key, reverse=True)
+    top = [f["feature"] for f in explorer.study.report["divergent_features"]]
+    assert list(df["feature"][: len(top)]) == top
     explorer.on_sort({"new": "|IRM weight|"})
     w = explorer.features()["irm_weight"].abs().tolist()
     assert w == sorted(w, reverse=True)
-    explorer.on_filter({"new": 0.5})
+    fd = explorer.study.report["feature_divergence"]
+    explorer.on_filter({"new": fd["threshold"]})
     df = explorer.features()
-    assert len(df) == explorer.study.report["feature_divergence"]["n_divergent"]
-    assert (df["divergence"] >= 0.5).all()
+    assert len(df) == fd["n_divergent"] > 0
+    assert (df["divergence"] >= fd["threshold"]).all()
     assert f"{len(df)} features" in explorer.table_html.value
     explorer.on_filter({"new": 0.0})
-    explorer.on_sort({"new": "divergence"})
+    explorer.on_sort({"new": "beyond the null"})
 
 
 def test_clicking_a_feature_opens_its_card(explorer):
@@ -36,7 +41,8 @@ def test_clicking_a_feature_opens_its_card(explorer):
     index = list(trace.customdata).index(top)
     explorer.on_point_click(trace, SimpleNamespace(point_inds=[index]))
     assert explorer.selected == top
-    assert f'id="feature-{top}"' in explorer.card_html.value  # the full card
+    layer = explorer.study.report["feature_divergence"]["layer"]
+    assert f'id="feature-shared-{layer}-{top}"' in explorer.card_html.value  # the full card
     assert "top contexts, RLHF" in explorer.card_html.value
     explorer.on_point_click(trace, SimpleNamespace(point_inds=[]))  # a click on nothing
     assert explorer.selected == top

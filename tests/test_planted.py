@@ -49,6 +49,10 @@ def test_pipeline_recovers_planted_utilities_and_features(planted, planted_run):
     fd = study.report["feature_divergence"]
     assert fd["n_divergent"] >= 1
     assert fd["n_divergent_null"] == 0
+    assert fd["n_divergent_beyond_null"] == fd["n_divergent"]
+    # the null pair's divergence sits beside every listed feature's: far below the planted one's
+    top = study.report["divergent_features"][0]
+    assert top["divergence_null"] < 0.1 * top["divergence"], top
     # the null pair's IRM knows nothing of the utilities; the IRM beats it
     assert study.report["controls"]["null_pair"]["difference_ci"][0] > 0
 
@@ -58,8 +62,10 @@ def test_study_tables_are_consistent(planted_run):
 
     study = Study.load(planted_run)
     features = study.features
-    assert len(features) == study.report["feature_divergence"]["n_features"]
-    assert features["divergence"].is_monotonic_decreasing
+    n_layers = len(study.report["studied_layers"])
+    assert len(features) == n_layers * study.report["feature_divergence"]["n_features"]
+    assert features["divergence_beyond_null"].is_monotonic_decreasing
+    assert {"divergence_null", "relative_change"} <= set(features)
     words = study.words
     assert set(words["split"]) == {"fit", "heldout"}
     assert (words["split"] == "heldout").sum() == study.report["irm"]["n_heldout_words"]

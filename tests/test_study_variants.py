@@ -98,7 +98,22 @@ def test_a_study_without_a_reward_model_explains_the_pairs_implicit_reward(varia
         assert math.isfinite(r["controls"][name]["heldout_kendall_tau"])
     assert r["validation"]["reward_rlhf"] > r["validation"]["reward_base"]
     assert r["labels"]["comparison"]["all"]["lexicon"]["n"] > 0
-    assert "no reward model was given" in (variant_run / "report/index.html").read_text()
+    page = (variant_run / "report/index.html").read_text()
+    assert "no reward model was given" in page.lower()
+
+
+def test_an_rm_free_report_never_speaks_of_a_reward_model_it_was_not_given(variant_run):
+    from irmlens.report.summary import tau_bars
+
+    r = _report(variant_run)
+    page = (variant_run / "report/index.html").read_text()
+    md = (variant_run / "report/summary.md").read_text()
+    for text in (page, md):
+        for wording in ("reward model it was trained on", "true utility", "vs the reward model"):
+            assert wording not in text, wording
+    assert "the pair's implicit reward" in page
+    # the target scored against itself (tau 1.000) is no reference bar
+    assert "model implicit reward" not in [b["name"] for b in tau_bars(r)]
 
 
 def test_the_lexicon_study_reports_the_rm_free_irm_against_the_rm(micro_run):

@@ -83,6 +83,13 @@ def _signed(vh: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
     return vh * sign[:, None]
 
 
+def codes(basis, x: torch.Tensor) -> torch.Tensor:
+    """``[..., n]``: the basis's codes of activations ``[..., d]`` (on the CPU, float32)."""
+    with torch.no_grad():
+        flat = x.reshape(-1, x.shape[-1]).to(basis.W_dec.device, basis.W_dec.dtype)
+        return basis.encode(flat).float().cpu().reshape(*x.shape[:-1], -1)
+
+
 class DifferenceBasis:
     """A dictionary trained on RLHF - base activation *differences* (science-of-finetuning's
     diffing toolkit trains such SAEs), read as a basis of the change: a component's change
@@ -97,11 +104,7 @@ class DifferenceBasis:
 
     def changes(self, base: torch.Tensor, rlhf: torch.Tensor) -> torch.Tensor:
         """``[..., n]``: each component's change, its code of ``rlhf - base``."""
-        d = base.shape[-1]
-        flat = (rlhf.float() - base.float()).reshape(-1, d)
-        with torch.no_grad():
-            z = self.sae.encode(flat.to(self.W_dec.device, self.W_dec.dtype)).float().cpu()
-        return z.reshape(*base.shape[:-1], -1)
+        return codes(self, rlhf.float() - base.float())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.sae.encode(x)

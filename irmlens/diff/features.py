@@ -34,14 +34,27 @@ class FeatureCodes:
 
 
 def feature_divergence(
-    codes: FeatureCodes, min_frequency: float = 1e-3, chunk: int = 32768
+    codes: FeatureCodes,
+    min_frequency: float = 1e-3,
+    scale: torch.Tensor | None = None,
+    chunk: int = 32768,
 ) -> dict[str, torch.Tensor]:
     """Per feature: mean activation, firing frequency and mean activation when firing in each
-    model, and the **divergence score**: the RMS of the paired change over the RMS activation,
-    ``sqrt(mean (f_r - f_b)^2) / sqrt(mean (f_r^2 + f_b^2) / 2)`` — 0 for an unchanged feature,
-    about 1.41 when the feature fires in only one model at each position, scale-free. Features
-    firing on fewer than ``min_frequency`` of positions in both models get score 0 (too rare to
-    call: their ratio is noise). Accumulated in float64 over row chunks (memory stays small)."""
+    model, the RMS of the paired code change (``change_rms``), and two scores:
+
+    - ``divergence``: ``change_rms * scale`` — with ``scale`` the decoder row's norm over the
+      RMS activation norm, the RMS norm of the change the feature writes, as a fraction of the
+      activation's norm. It does not saturate: a feature whose change doubles scores double,
+      and a rare feature that flips on a few positions scores little (``scale`` None: code
+      units).
+    - ``relative_change``: ``change_rms`` over the feature's own RMS level,
+      ``sqrt(mean (f_r - f_b)^2) / sqrt(mean (f_r^2 + f_b^2) / 2)``: 0 unchanged, about 1.41
+      when it fires in only one model at each position. It saturates (any feature whose firing
+      positions move scores near 1.41, RLHF or drift alike), so it describes a feature and
+      ranks nothing.
+
+    Features firing on fewer than ``min_frequency`` of positions in both models score 0 (too
+    rare to call). Accumulated in float64 over row chunks (memory stays small)."""
     n, d = codes.base.shape
     acc = {
         k: torch.zeros(d, dtype=torch.float64)
@@ -60,8 +73,9 @@ def feature_divergence(
         acc["lv"] += ((r**2 + b**2) / 2).sum(0, dtype=torch.float64)
     freq_b, freq_r = acc["fb"] / n, acc["fr"] / n
     rms_change, rms_level = (acc["ch"] / n).sqrt(), (acc["lv"] / n).sqrt()
-    score = torch.where(rms_level > 0, rms_change / rms_level.clamp_min(1e-12), 0.0)
-    score = torch.where(torch.maximum(freq_b, freq_r) >= min_frequency, score, 0.0)
+    scored = torch.maximum(freq_b, freq_r) >= min_frequency
+    relative = torch.where(rms_level > 0, rms_change / rms_level.clamp_min(1e-12), 0.0)
+    weight = torch.ones(d, dtype=torch.float64) if scale is None else scale.double().cpu()
     return {
         "mean_base": acc["sb"] / n,
         "mean_rlhf": acc["sr"] / n,
@@ -71,8 +85,24 @@ def feature_divergence(
         "frequency_change": freq_r - freq_b,
         "activation_when_firing_base": acc["ab"] / acc["fb"].clamp_min(1),
         "activation_when_firing_rlhf": acc["ar"] / acc["fr"].clamp_min(1),
-        "divergence": score,
+        "change_rms": rms_change,
+        "relative_change": torch.where(scored, relative, 0.0),
+        "divergence": torch.where(scored, rms_change * weight, 0.0),
     }
+
+
+def divergence_scale(w_dec: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    """``[n_features]``: each decoder row's norm over the RMS norm of ``activations``
+    (``[n, d]``), the factor that turns a code change into a fraction of the activation norm."""
+    rms = activations.double().pow(2).sum(-1).mean().sqrt().clamp_min(1e-12)
+    return w_dec.detach().double().cpu().norm(dim=-1) / rms
+
+
+def beyond_null(divergence: torch.Tensor, divergence_null: torch.Tensor | None) -> torch.Tensor:
+    """The ranking key: each feature's divergence in the RLHF pair minus the null pair's (a
+    feature that changes as much under the null fine-tuning is drift, not reward); the RLHF
+    divergence itself where the study has no null model."""
+    return divergence if divergence_null is None else divergence - divergence_null
 
 
 def match_dictionaries(

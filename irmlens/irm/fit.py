@@ -348,13 +348,24 @@ def sparse_irm(
     return fit, chosen
 
 
-def irm_feature_weights(irm: dict, coef: torch.Tensor, d_sae: int) -> dict[int, float]:
-    """IRM weight per shared-SAE feature of the IRM layer, where the IRM's space is built on that
-    dictionary (codes, pre-activations, codes+error, or the multi-layer concatenation)."""
+def irm_feature_weights(
+    irm: dict, coef: torch.Tensor, d_sae: int, layer: int | None = None
+) -> dict[int, float]:
+    """IRM weight per shared-SAE feature of ``layer`` (default: the IRM layer), where the IRM's
+    space is built on that dictionary (codes, pre-activations, codes+error, or the multi-layer
+    concatenation); empty for a layer the IRM does not read."""
     from irmlens.irm.spaces import SPACES
 
     spec = SPACES.get(irm["space"])
+    layer = irm["layer"] if layer is None else layer
     if spec is None or spec.dictionary != "shared":
         return {}
-    offset = irm["layers"].index(irm["layer"]) * d_sae if spec.all_layers else 0
+    if spec.all_layers:
+        if layer not in irm["layers"]:
+            return {}
+        offset = irm["layers"].index(layer) * d_sae
+    elif layer != irm["layer"]:
+        return {}
+    else:
+        offset = 0
     return {j: float(coef[offset + j]) for j in range(d_sae)}

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from irmlens.bases.linear import codes
+
 KS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -70,13 +72,6 @@ def faithfulness(share: float) -> float:
     """How close a patch comes to the whole site's effect, overshooting counted like falling
     short: ``1 - |1 - share|``, floored at 0 (a share of 1.4 is as unfaithful as one of 0.6)."""
     return max(0.0, 1.0 - abs(1.0 - share))
-
-
-def codes(basis, x: torch.Tensor) -> torch.Tensor:
-    """``[..., n]``: the basis's codes of activations ``[..., d]`` (on the CPU, float32)."""
-    with torch.no_grad():
-        flat = x.reshape(-1, x.shape[-1]).to(basis.W_dec.device, basis.W_dec.dtype)
-        return basis.encode(flat).float().cpu().reshape(*x.shape[:-1], -1)
 
 
 def component_changes(basis, base: torch.Tensor, rlhf: torch.Tensor) -> torch.Tensor:

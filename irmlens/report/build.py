@@ -9,7 +9,16 @@ from pathlib import Path
 
 from irmlens.io import atomic_write_json, atomic_write_text, csv_value, read_json, read_jsonl
 from irmlens.irm.result import REPORTED
-from irmlens.report.summary import controls_text, tau_bars, validation_verdict, verdict
+from irmlens.refs import card_ref, feature_anchor, feature_label
+from irmlens.report.summary import (
+    DIVERGENCE_NOTE,
+    controls_text,
+    divergence_sentence,
+    target_terms,
+    tau_bars,
+    validation_verdict,
+    verdict,
+)
 from irmlens.run import RunPaths
 from irmlens.viz.card_html import render_card
 
@@ -114,8 +123,10 @@ def collect_report(run_dir: Path, cfg, dirs: dict[str, Path]) -> dict:
                 "threshold",
                 "score",
                 "n_features",
+                "ranking",
                 "n_divergent",
                 "n_divergent_null",
+                "n_divergent_beyond_null",
             )
         },
         "divergent_features": features["divergent_features"],
@@ -287,9 +298,10 @@ def _tokens(words) -> str:
 
 def _feature_link(f: dict, cards: frozenset) -> str:
     """A feature as (dictionary, layer, index), linked to its card where the report has one."""
-    name = f"{f['dictionary']} L{f['layer']} #{f['feature']}"
-    if (f["layer"], f["feature"]) in cards and f["dictionary"] == "shared":
-        return f'<a href="#feature-{f["feature"]}">{html.escape(name)}</a>'
+    ref = (f["dictionary"], f["layer"], f["feature"])
+    name = feature_label(*ref)
+    if ref in cards:
+        return f'<a href="#{feature_anchor(*ref)}">{html.escape(name)}</a>'
     return html.escape(name)
 
 
@@ -583,9 +595,10 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def feature_map_rows(run_dir: Path, report: dict) -> list[dict]:
-    """Every shared-SAE feature of the IRM layer with its divergence numbers, IRM weight and
-    matching tag (the layer's features table + IRM coefficients), for the feature map."""
+def feature_map_rows(run_dir: Path, report: dict, layer: int | None = None) -> list[dict]:
+    """Every shared-SAE feature of ``layer`` (default: the IRM layer), named (dictionary, layer,
+    feature), with its divergence numbers, IRM weight (where the IRM reads that layer), lexicon
+    label and matching tag (the layer's features table + IRM coefficients), in feature order."""
     import csv
 
     from safetensors.torch import load_file
@@ -593,28 +606,48 @@ def feature_map_rows(run_dir: Path, report: dict) -> list[dict]:
     from irmlens.irm.fit import irm_feature_weights
 
     paths = RunPaths(run_dir)
-    table = paths.features_table(report["irm"]["layer"])
-    with open(table, encoding="utf-8") as f:
+    layer = report["irm"]["layer"] if layer is None else layer
+    with open(paths.features_table(layer), encoding="utf-8") as f:
         rows = [{k: csv_value(v) for k, v in r.items()} for r in csv.DictReader(f)]
     coef = load_file(str(paths.irm_coefficients))["coef"]
-    weights = irm_feature_weights(report["irm"], coef, len(rows))
-    words = {f["feature"]: f["top_words_increase"] for f in report["divergent_features"]}
+    weights = irm_feature_weights(report["irm"], coef, len(rows), layer)
+    words = (
+        {f["feature"]: f["top_words_increase"] for f in report["divergent_features"]}
+        if layer == report["feature_divergence"]["layer"]
+        else {}
+    )
     labels = {}
     if (paths.labels / "labels.json").exists():
-        layer = report["irm"]["layer"]
         labels = {
             x["local_feature"]: x
             for x in read_json(paths.labels / "labels.json")["all_features"]
             if x["layer"] == layer
         }
+    out = []
     for r in rows:
-        r["irm_weight"] = weights.get(r["feature"])
         lab = labels.get(r["feature"], {})
-        r["lexicon_label"] = lab.get("label")
-        r["lexicon_mass"] = lab.get("lexicon_mass")
-        r["lexicon_mean_utility"] = lab.get("mean_utility")
-        r["top_words_increase"] = words.get(r["feature"], [])
-    return rows
+        out.append(
+            {"dictionary": "shared", "layer": layer}
+            | r
+            | {
+                "irm_weight": weights.get(r["feature"]),
+                "lexicon_label": lab.get("label"),
+                "lexicon_mass": lab.get("lexicon_mass"),
+                "lexicon_mean_utility": lab.get("mean_utility"),
+                "top_words_increase": words.get(r["feature"], []),
+            }
+        )
+    return out
+
+
+def every_layers_feature_rows(run_dir: Path, report: dict) -> list[dict]:
+    """``feature_map_rows`` of every layer with a features table (every studied layer)."""
+    return [
+        row
+        for layer in sorted(report["studied_layers"])
+        if RunPaths(run_dir).features_table(layer).exists()
+        for row in feature_map_rows(run_dir, report, layer)
+    ]
 
 
 def _fit_points(run_dir: Path) -> list[dict]:
@@ -688,6 +721,7 @@ def render_html(
     )
 
     r, irm, ctrl = report["rlhf"], report["irm"], report["controls"]["shuffled_targets"]
+    terms = target_terms(report)
     figs = [
         ("Layer divergence", layer_divergence_figure(report["layers"], report["studied_layers"])),
         *(
@@ -697,13 +731,15 @@ def render_html(
         ),
         ("SAE quality", sae_quality_figure(report["saes"])),
         (
-            "Implicit reward model vs the reward model",
+            terms["versus"],
             irm_scatter_figure(
                 irm["heldout_points"],
                 irm["heldout_kendall_tau"],
                 ctrl["heldout_kendall_tau"],
                 fit_points=fit_points,
                 bars=tau_bars(report),
+                target=terms["target"],
+                axis=terms["axis"],
             ),
         ),
         *(
@@ -711,7 +747,10 @@ def render_html(
             if feature_rows
             else []
         ),
-        ("Over- and under-valued words", word_divergence_figure(report["divergent_words"])),
+        (
+            "Over- and under-valued words",
+            word_divergence_figure(report["divergent_words"], terms["target"]),
+        ),
         ("The sparse IRM's features", top_features_figure(irm["top_features"])),
     ]
     cc = report.get("crosscoder")
@@ -763,7 +802,7 @@ def render_html(
 <tr><th>base model</th><td>{html.escape(m["base"]["name"])} ({m["base"]["n_layers"]} layers, d_model {m["base"]["d_model"]})</td></tr>
 {rlhf_rows}
 <tr><th>null model</th><td>{html.escape(m["null"]["name"]) if "null" in m else "none"}</td></tr>
-<tr><th>divergent features</th><td>{fd["n_divergent"]} of {fd["n_features"]} shared-SAE features (layer {fd["layer"]}) above divergence {fd["threshold"]}{"" if fd["n_divergent_null"] is None else f"; null pair: {fd['n_divergent_null']}"}</td></tr>
+<tr><th>divergent features</th><td>{html.escape(divergence_sentence(fd))}</td></tr>
 <tr><th>paired dictionaries (width {fm["width"]})</th><td>{fm["n_shared"]} shared, {fm["n_base_only"]} base-only, {fm["n_rlhf_only"]} RLHF-only at decoder cosine &ge; {fm["threshold"]}; median matched cosine {fm["cosine_quantiles"]["p50"]:.2f}</td></tr>
 <tr><th>studied layers</th><td>{report["studied_layers"]}</td></tr>
 <tr><th>IRM</th><td>layer {irm["layer"]}, space <b>{html.escape(irm["space"])}</b> ({html.escape(irm["space_selection"])}): {html.escape(irm["features"])}; {irm["n_fit_words"]} fit words, {irm["n_heldout_words"]} held-out words</td></tr>
@@ -796,18 +835,21 @@ def render_html(
     )
     words_html = (
         "<h2>Most over- and under-valued held-out words</h2><p>divergence = standardised IRM "
-        "minus standardised true utility</p><table><tr><th>word</th><th>true</th><th>IRM</th>"
+        f"minus standardised {html.escape(target_terms(report)['target'])}</p><table><tr><th>word</th><th>{target_terms(report)['target'].split()[0]}</th><th>IRM</th>"
         f"<th>divergence</th></tr>{word_rows}</table>"
     )
     feat_rows = "".join(
-        f"<tr><td>{f['feature']}</td><td>{f['divergence']:.2f}</td><td>{f['frequency_base']:.3f} &rarr; {f['frequency_rlhf']:.3f}</td>"
+        f"<tr><td>{f['feature']}</td><td>{f['divergence']:.4f}</td><td>{_fmt(f.get('divergence_null'))}</td>"
+        f"<td>{f['divergence_beyond_null']:+.4f}</td><td>{f['frequency_base']:.3f} &rarr; {f['frequency_rlhf']:.3f}</td>"
         f"<td>{f['mean_change']:+.3f}</td><td>{html.escape(', '.join(f['top_words_increase']))}</td></tr>"
         for f in report["divergent_features"][:20]
     )
     feats_html = (
-        "<h2>Most divergent shared-SAE features</h2><table><tr><th>feature</th><th>divergence</th>"
-        "<th>firing frequency base &rarr; RLHF</th><th>mean change</th><th>words where it rises most</th>"
-        f"</tr>{feat_rows}</table>"
+        "<h2>Most divergent shared-SAE features</h2><p>"
+        + html.escape(DIVERGENCE_NOTE)
+        + "</p><table><tr><th>feature</th><th>divergence (RLHF)</th><th>divergence (null)</th>"
+        "<th>beyond the null</th><th>firing frequency base &rarr; RLHF</th><th>mean change</th>"
+        f"<th>words where it rises most</th></tr>{feat_rows}</table>"
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>irmlens report: {html.escape(report["name"])}</title>
@@ -817,7 +859,7 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 .ctxs{{display:flex;gap:2em}}.ctxs>div{{flex:1}}details.card{{border:1px solid #ddd;margin:6px 0;padding:4px 8px}}</style>
 <script type="text/javascript">{get_plotlyjs()}</script></head>
 <body><h1>irmlens report: {html.escape(report["name"])}</h1>
-<p>What did RLHF teach the model, and how far is that implicit reward model (IRM) from the reward model it was trained on?</p>
+<p>{html.escape(target_terms(report)["question"])}</p>
 {_unverified_html(report)}
 {mediation_html(report.get("mediation"), report["studied_layers"], _card_keys(report))}
 {summary}
@@ -827,7 +869,7 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 {words_html}
 {feats_html}
 <h2>Feature cards</h2>
-<p>The most divergent features and the sparse IRM's features (the full table: features.csv beside this page).
+<p>The IRM layer's most divergent features and the sparse IRM's features at every layer they sit, each named (dictionary, layer, index) (the full table of every studied layer: features.csv beside this page).
 Click a card to open it; token backgrounds show the feature's activation.</p>
 {"".join(render_card(c) for c in report.get("feature_cards", []))}
 <h2>Samples before and after RLHF (same prompts, same seed)</h2>
@@ -839,9 +881,8 @@ Click a card to open it; token backgrounds show the feature's activation.</p>
 
 
 def _card_keys(report: dict) -> frozenset:
-    """(layer, feature) of every card the report shows."""
-    layer = report["feature_divergence"]["layer"]
-    return frozenset((c.get("layer", layer), c["feature"]) for c in report.get("feature_cards", []))
+    """(dictionary, layer, feature) of every card the report shows."""
+    return frozenset(card_ref(c) for c in report.get("feature_cards", []))
 
 
 def _rm_free_html(row: dict | None) -> str:
@@ -1044,7 +1085,7 @@ def write_report(run_dir: Path, report: dict, formats=FORMATS) -> Path:
     out = paths.report
     if "json" in formats:
         atomic_write_json(out / "report.json", report)
-    rows = feature_map_rows(run_dir, report) if {"html", "csv"} & set(formats) else []
+    rows = feature_map_rows(run_dir, report) if "html" in formats else []
     if "html" in formats:
         metrics = read_jsonl(paths.rlhf_metrics)
         atomic_write_text(
@@ -1053,6 +1094,8 @@ def write_report(run_dir: Path, report: dict, formats=FORMATS) -> Path:
     if "md" in formats:
         atomic_write_text(out / "summary.md", to_markdown(report))
     if "csv" in formats:
-        atomic_write_text(out / "features.csv", features_csv(rows))
+        atomic_write_text(
+            out / "features.csv", features_csv(every_layers_feature_rows(run_dir, report))
+        )
         atomic_write_text(out / "words.csv", words_csv(run_dir))
     return out / "index.html"

@@ -47,7 +47,14 @@ def to_markdown(report: dict) -> str:
     Every string that comes from the config or the run (run name, model names and paths, RLHF
     algorithm, the reward model / lexicon name, feature-space and control names) goes through
     ``md_text`` (or ``md_code``), so a name like ``<script>`` stays literal text."""
-    from irmlens.report.summary import tau_bars, verdict, verification_text
+    from irmlens.report.summary import (
+        DIVERGENCE_NOTE,
+        difference_reading,
+        divergence_sentence,
+        tau_bars,
+        verdict,
+        verification_text,
+    )
 
     irm, m, r = report["irm"], report["models"], report["rlhf"]
     lines = [f"# irmlens: {md_text(report['name'])}", ""]
@@ -102,8 +109,8 @@ def to_markdown(report: dict) -> str:
         if "difference_ci" in c:
             lo, hi = c["difference_ci"]
             lines.append(
-                f"- {md_text(name.replace('_', ' '))}: [{lo:.3f}, {hi:.3f}]"
-                + (" (excludes 0)" if lo > 0 or hi < 0 else " (includes 0)")
+                f"- {md_text(name.replace('_', ' '))}: [{lo:.3f}, {hi:.3f}] "
+                f"({difference_reading(lo, hi)})"
             )
     lines += [
         "",
@@ -123,18 +130,21 @@ def to_markdown(report: dict) -> str:
         "",
         "## What changed",
         "",
-        f"{fd['n_divergent']} of {fd['n_features']} shared-SAE features (layer {fd['layer']}) have "
-        f"divergence > {fd['threshold']}"
-        + ("" if fd["n_divergent_null"] is None else f" (null pair: {fd['n_divergent_null']})")
+        divergence_sentence(fd)
         + f". Paired dictionaries (width {fm['width']}): {fm['n_shared']} shared, "
         f"{fm['n_base_only']} base-only, {fm['n_rlhf_only']} RLHF-only (cosine ≥ {fm['threshold']}).",
         "",
-        "| feature | divergence | firing base → RLHF | words where it rises most |",
-        "|---|---|---|---|",
+        DIVERGENCE_NOTE,
+        "",
+        "| feature | divergence (RLHF) | divergence (null) | firing base → RLHF | words where it "
+        "rises most |",
+        "|---|---|---|---|---|",
     ]
     for f in report["divergent_features"][:10]:
+        null = f.get("divergence_null")
         lines.append(
-            f"| {f['feature']} | {f['divergence']:.3f} | {f['frequency_base']:.3f} → "
+            f"| {f['feature']} | {f['divergence']:.4f} | {'—' if null is None else f'{null:.4f}'} "
+            f"| {f['frequency_base']:.3f} → "
             f"{f['frequency_rlhf']:.3f} | {', '.join(md_text(w) for w in f['top_words_increase'])} |"
         )
     lines += [
@@ -220,7 +230,8 @@ def csv_cell(v):
 
 
 def features_csv(rows: list[dict]) -> str:
-    """One row per shared-SAE feature: divergence numbers, IRM weight, matching tag."""
+    """One row per shared-SAE feature of every studied layer, named by its ``dictionary``,
+    ``layer`` and ``feature`` columns: divergence numbers, IRM weight, matching tag."""
     if not rows:
         return ""
     fields = [k for k in rows[0] if k != "top_words_increase"] + ["top_words_increase"]

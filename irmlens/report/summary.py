@@ -36,11 +36,21 @@ def controls_text(controls: dict) -> str:
         if "difference_ci" not in c:
             continue
         lo, hi = c["difference_ci"]
-        verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
         parts.append(
-            f"{name.replace('_', ' ')}: {c['heldout_kendall_tau']:.3f} (difference CI [{lo:.3f}, {hi:.3f}], {verdict})"
+            f"{name.replace('_', ' ')}: {c['heldout_kendall_tau']:.3f} (difference CI [{lo:.3f}, "
+            f"{hi:.3f}], {difference_reading(lo, hi)})"
         )
     return "; ".join(parts)
+
+
+def difference_reading(lo: float, hi: float) -> str:
+    """A paired CI of (IRM - control) in words: a CI below 0 says the IRM is significantly
+    *worse* than the control, which "excludes 0" alone hides."""
+    if lo > 0:
+        return "excludes 0: the IRM scores higher"
+    if hi < 0:
+        return "excludes 0: the IRM scores lower than this control, significantly worse"
+    return "includes 0: no difference"
 
 
 def controls_in_registry_order(controls: dict) -> list[str]:
@@ -73,6 +83,8 @@ def result_rows(report: dict) -> list[dict]:
         },
     ]
     for name, r in irm["reference"].items():
+        if r.get("is_the_target"):  # the target scored against itself (tau 1): no reference
+            continue
         rows.append(
             {
                 "name": name,
@@ -191,3 +203,50 @@ def verification_text(report: dict) -> str | None:
         "those files had nothing to check them against, so an edit made before adoption would "
         "not show. Redo the run to have every figure verified."
     )
+
+
+DIVERGENCE_NOTE = (
+    "divergence: the RMS norm of the change a feature writes between the two models, as a "
+    "fraction of the activations' RMS norm; ranked by the RLHF pair's divergence minus the null "
+    "pair's (a feature that changes as much under the null fine-tuning is drift, not reward)."
+)
+
+
+def divergence_sentence(fd: dict) -> str:
+    """How many features moved, in the RLHF pair and the null pair, said so that a count the
+    null pair matches reads as drift."""
+    head = (
+        f"{fd['n_divergent']} of {fd['n_features']} shared-SAE features (layer {fd['layer']}) "
+        f"have divergence > {fd['threshold']}"
+    )
+    if fd.get("n_divergent_null") is None:
+        return head + " (no null model: drift cannot be told apart)"
+    beyond = fd.get("n_divergent_beyond_null")
+    out = head + f"; the null pair: {fd['n_divergent_null']}"
+    if beyond is not None:
+        out += f"; {beyond} beyond the null pair's by more than {fd['threshold']}"
+    if fd["n_divergent_null"] >= fd["n_divergent"]:
+        out += " (the null fine-tuning moves as many: the count alone is drift, not reward)"
+    return out
+
+
+def target_terms(report: dict) -> dict[str, str]:
+    """What the IRM is scored against, in the words every heading, axis and sentence uses: the
+    reward model's utilities, or (``data.lexicon = "none"``) the pair's own implicit reward, so
+    that an RM-free report never speaks of a reward model it was not given."""
+    if (report.get("reward_model") or {}).get("true_reward_model", True):
+        return {
+            "question": "What did RLHF teach the model, and how far is that implicit reward "
+            "model (IRM) from the reward model it was trained on?",
+            "versus": "Implicit reward model vs the reward model",
+            "target": "true utility",
+            "axis": "true utility (lexicon)",
+        }
+    return {
+        "question": "What did the tuning teach the model? No reward model was given: the "
+        "implicit reward model (IRM) explains the pair's own implicit reward (β log π_tuned / "
+        "π_base per word) through features.",
+        "versus": "Implicit reward model vs the pair's implicit reward (the target)",
+        "target": "target (the pair's implicit reward)",
+        "axis": "the pair's implicit reward per word (the target)",
+    }

@@ -1,5 +1,6 @@
 """Stage ``cards``: feature cards (top contexts, histograms, logit effects, partners) for the most
-divergent shared-SAE features and the sparse IRM's features (``diff/cards.json``)."""
+divergent shared-SAE features and the sparse IRM's features at every layer they sit
+(``diff/cards.json``)."""
 
 from __future__ import annotations
 
@@ -12,29 +13,55 @@ from irmlens.stages.context import StudyContext, log
 
 
 def run(ctx: StudyContext) -> None:
-    """Feature cards for the most divergent shared-SAE features and the sparse IRM's features."""
+    """Feature cards for the IRM layer's most divergent shared-SAE features and for every sparse
+    IRM feature in a shared dictionary, at whichever layer it sits (a multi-layer IRM's layer-1
+    features get theirs). Each card names its feature as (dictionary, layer, index)."""
     from safetensors.torch import load_file
 
+    cfg, paths, layer = ctx.cfg, ctx.paths, ctx.irm_layer
+    features = read_json(paths.diff / "features.json")
+    irm = read_json(paths.irm / "metrics.json")
+    coef = load_file(str(paths.irm / "coefficients.safetensors"))["coef"]
+    divergent = {f["feature"]: f for f in features["divergent_features"]}
+    sparse: dict[int, list[int]] = {}
+    for ref in irm["sparse"]["feature_refs"]:
+        if ref["dictionary"] == "shared":
+            sparse.setdefault(ref["layer"], []).append(ref["local_feature"])
+    chosen = {layer: [f["feature"] for f in features["divergent_features"]][: cfg.diff.n_cards]}
+    for la, feats in sparse.items():
+        chosen.setdefault(la, []).extend(f for f in feats if f not in chosen[la])
+    validation_of = _validation_of(ctx)
+    cards = []
+    for la in sorted(chosen):
+        table = divergent if la == layer else {}
+        cards += _layer_cards(ctx, la, chosen[la], table, set(sparse.get(la, ())), irm, coef)
+    for card in cards:
+        card.update(validation_of(card["layer"], card["feature"]))
+    atomic_write_json(paths.cards, cards)
+    per_layer = {la: len(f) for la, f in sorted(chosen.items())}
+    n_sparse = sum(len(f) for f in sparse.values())
+    log(f"cards: {len(cards)} feature cards per layer {per_layer} ({n_sparse} sparse-IRM features)")
+
+
+def _layer_cards(
+    ctx: StudyContext,
+    layer: int,
+    chosen: list[int],
+    divergent: dict[int, dict],
+    sparse: set[int],
+    irm: dict,
+    coef,
+) -> list[dict]:
+    """The cards of one layer's chosen shared-SAE features."""
     from irmlens.cache.store import load_activations, load_token_rows
     from irmlens.diff.cards import activation_histograms, logit_effects, top_contexts
     from irmlens.irm.fit import irm_feature_weights
     from sae_training.train import encode_batched, load_sae
 
-    cfg, paths, pair, layer, width = ctx.cfg, ctx.paths, ctx.pair, ctx.irm_layer, ctx.widest
+    paths, pair = ctx.paths, ctx.pair
     hook = ctx.hook(layer)
-    sae = load_sae(paths.sae_dir("shared", hook, width))
-    features = read_json(paths.diff / "features.json")
-    irm = read_json(paths.irm / "metrics.json")
-    coef = load_file(str(paths.irm / "coefficients.safetensors"))["coef"]
-    weights = irm_feature_weights(irm, coef, sae.cfg.d_sae)
-    table = {f["feature"]: f for f in features["divergent_features"]}
-    chosen = [f["feature"] for f in features["divergent_features"]][: cfg.diff.n_cards]
-    sparse = [
-        ref["local_feature"]
-        for ref in irm["sparse"]["feature_refs"]
-        if ref["dictionary"] == "shared" and ref["layer"] == layer
-    ]
-    chosen += [f for f in sparse if f not in chosen]
+    sae = load_sae(paths.sae_dir("shared", hook, ctx.widest))
+    weights = irm_feature_weights(irm, coef, sae.cfg.d_sae, layer)
     codes = {
         m: encode_batched(sae, load_activations(paths.cache, m, hook)) for m in ("base", "rlhf")
     }
@@ -45,24 +72,30 @@ def run(ctx: StudyContext) -> None:
         return tok.decode([i])
 
     w_u = pair.get()["base"].W_U.detach()
-    with open(paths.features_table(layer), encoding="utf-8") as f:
-        csv_rows = {int(r["feature"]): r for r in csv.DictReader(f)}
+    csv_rows = {}
+    if paths.features_table(layer).exists():  # every studied layer has one
+        with open(paths.features_table(layer), encoding="utf-8") as f:
+            csv_rows = {int(r["feature"]): r for r in csv.DictReader(f)}
     cards = []
     for j in chosen:
-        summary = table.get(j) or {k: csv_value(v) for k, v in csv_rows[j].items()}
+        summary = divergent.get(j) or {k: csv_value(v) for k, v in csv_rows.get(j, {}).items()}
         cards.append(
             {
-                "feature": j,
+                "dictionary": "shared",
                 "layer": layer,
-                "reason": ("divergent" if j in table else "")
+                "feature": j,
+                "reason": ("divergent" if j in divergent else "")
                 + (" sparse-IRM" if j in sparse else ""),
-                "divergence": summary["divergence"],
-                "frequency_base": summary["frequency_base"],
-                "frequency_rlhf": summary["frequency_rlhf"],
-                "mean_change": summary["mean_change"],
+                "divergence": summary.get("divergence"),
+                "divergence_null": summary.get("divergence_null"),
+                "divergence_beyond_null": summary.get("divergence_beyond_null"),
+                "relative_change": summary.get("relative_change"),
+                "frequency_base": summary.get("frequency_base"),
+                "frequency_rlhf": summary.get("frequency_rlhf"),
+                "mean_change": summary.get("mean_change"),
                 "irm_weight": weights.get(j),
                 **{
-                    k: summary[k]
+                    k: summary.get(k)
                     for k in (
                         "base_partner",
                         "base_cosine",
@@ -77,11 +110,7 @@ def run(ctx: StudyContext) -> None:
                 **logit_effects(sae.W_dec[j].detach(), w_u, token_str),
             }
         )
-    validation_of = _validation_of(ctx)
-    for card in cards:
-        card.update(validation_of(card["layer"], card["feature"]))
-    atomic_write_json(paths.cards, cards)
-    log(f"cards: {len(cards)} feature cards ({len(sparse)} sparse-IRM features)")
+    return cards
 
 
 def _validation_of(ctx: StudyContext) -> Callable[[int, int], dict]:

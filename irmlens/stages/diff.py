@@ -70,6 +70,8 @@ def _diff_layer(ctx: StudyContext, layer: int, rows, staged: dict[Path, str]) ->
     from irmlens.cache.store import load_activations, load_manifest
     from irmlens.diff.features import (
         FeatureCodes,
+        beyond_null,
+        divergence_scale,
         feature_divergence,
         match_dictionaries,
         shared_feature_partners,
@@ -80,19 +82,22 @@ def _diff_layer(ctx: StudyContext, layer: int, rows, staged: dict[Path, str]) ->
     hook = ctx.hook(layer)
     sae = load_sae(paths.sae_dir("shared", hook, width))
     models = load_manifest(paths.cache)["models"]
-    codes = {m: encode_batched(sae, load_activations(paths.cache, m, hook)) for m in models}
+    acts = {m: load_activations(paths.cache, m, hook) for m in models}
+    codes = {m: encode_batched(sae, x) for m, x in acts.items()}
     d = cfg.diff
-    div = feature_divergence(FeatureCodes(codes["base"], codes["rlhf"]), d.min_frequency)
+    scale = divergence_scale(sae.W_dec, acts["base"])
+    div = feature_divergence(FeatureCodes(codes["base"], codes["rlhf"]), d.min_frequency, scale)
     null_div = (
-        feature_divergence(FeatureCodes(codes["base"], codes["null"]), d.min_frequency)
+        feature_divergence(FeatureCodes(codes["base"], codes["null"]), d.min_frequency, scale)
         if "null" in codes
         else None
     )
+    key = beyond_null(div["divergence"], null_div["divergence"] if null_div else None)
     w_base = load_sae(paths.sae_dir("base", hook, width)).W_dec
     w_rlhf = load_sae(paths.sae_dir("rlhf", hook, width)).W_dec
     matching = match_dictionaries(w_base, w_rlhf, d.matching_threshold)  # (b) paired dictionaries
     partners = shared_feature_partners(sae.W_dec, w_base, w_rlhf, d.matching_threshold)
-    table, divergent = _feature_table(codes, div, null_div, partners, rows, d.top_n)
+    table, divergent = _feature_table(codes, div, null_div, key, partners, rows, d.top_n)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(table[0]))
     writer.writeheader()
@@ -100,16 +105,22 @@ def _diff_layer(ctx: StudyContext, layer: int, rows, staged: dict[Path, str]) ->
     staged[paths.features_table(layer)] = buf.getvalue()
     n_div = int((div["divergence"] > d.threshold).sum())
     n_null = int((null_div["divergence"] > d.threshold).sum()) if null_div else None
+    n_beyond = int((key > d.threshold).sum()) if null_div else None
     result = {
         "layer": layer,
         "hook": hook,
         "sae": {"model": "shared", "width": width},
         "threshold": d.threshold,
         "min_frequency": d.min_frequency,
-        "score": "RMS of the paired code change / RMS code (0 unchanged, ~1.41 disjoint)",
+        "score": (
+            "RMS norm of the change the feature writes (RMS code change x decoder norm), "
+            "as a fraction of the RMS activation norm"
+        ),
+        "ranking": "divergence - divergence_null" if null_div else "divergence",
         "n_features": sae.cfg.d_sae,
         "n_divergent": n_div,
         "n_divergent_null": n_null,
+        "n_divergent_beyond_null": n_beyond,
         "feature_matching": {
             k: v for k, v in matching.items() if k not in ("partner", "cosine", "tag_base")
         }
@@ -119,26 +130,36 @@ def _diff_layer(ctx: StudyContext, layer: int, rows, staged: dict[Path, str]) ->
     staged[paths.matching_file(layer)] = _matching_text(matching)
     log(
         f"diff L{layer}: {n_div} of {sae.cfg.d_sae} shared-SAE features above divergence {d.threshold}"
-        + (f" (null pair: {n_null})" if n_null is not None else "")
+        + (f" (null pair: {n_null}; beyond the null's: {n_beyond})" if n_null is not None else "")
         + f"; paired dictionaries: {matching['n_shared']} shared, {matching['n_base_only']} "
         f"base-only, {matching['n_rlhf_only']} rlhf-only (cosine >= {d.matching_threshold})"
     )
     return result
 
 
-def _feature_table(codes, div, null_div, partners, rows, top_n: int) -> tuple[list, list]:
-    """Every shared-dictionary feature's row (divergence, the null pair's, paired partners), and
-    the ``top_n`` most divergent with the words whose code rose, fell, and was highest."""
+def _feature_table(codes, div, null_div, key, partners, rows, top_n: int) -> tuple[list, list]:
+    """Every shared-dictionary feature's row in feature order (divergence, the null pair's, the
+    ranking key, paired partners), and the ``top_n`` first by the ranking key with the words
+    whose code rose, fell, and was highest."""
     word = rows.word_id[rows.valid]
     ends = torch.nonzero(word >= 0).squeeze(-1)
     delta = codes["rlhf"][ends] - codes["base"][ends]
     base_at_ends = codes["base"][ends]
-    order = torch.argsort(div["divergence"], descending=True)
+    # stable: ties (unscored features) keep feature order, so the table is the same everywhere
+    order = torch.argsort(key, descending=True, stable=True)
     table = [
         {"feature": j, **{k: float(v[j]) for k, v in div.items()}}
-        | ({"divergence_null": float(null_div["divergence"][j])} if null_div else {})
+        | (
+            {
+                "divergence_null": float(null_div["divergence"][j]),
+                "relative_change_null": float(null_div["relative_change"][j]),
+            }
+            if null_div
+            else {}
+        )
+        | {"divergence_beyond_null": float(key[j])}
         | {k: v[j] for k, v in partners.items()}
-        for j in range(len(div["divergence"]))
+        for j in range(len(key))
     ]
     divergent = [
         {

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import html
 
+from irmlens.refs import card_ref, feature_anchor, feature_label
+
 
 def _highlight(ctx: dict, scale: float) -> str:
     spans = []
@@ -64,9 +66,16 @@ def render_card(card: dict, include_plotlyjs: bool = False) -> str:
     hist = feature_histogram_figure(card).to_html(
         full_html=False, include_plotlyjs=include_plotlyjs, config={"displaylogo": False}
     )
-    return f"""<details class="card" id="feature-{card["feature"]}"><summary><b>feature {card["feature"]}</b>
-(layer {card["layer"]}; {html.escape(card["reason"].strip())}): divergence {card["divergence"]:.3f}, firing
-{card["frequency_base"]:.3f} &rarr; {card["frequency_rlhf"]:.3f}, IRM weight {weight}</summary>
+    ref = card_ref(card)
+    null = card.get("divergence_null")
+    divergence = (
+        "n/a"
+        if card.get("divergence") is None
+        else f"{card['divergence']:.4f}" + ("" if null is None else f" (null pair {null:.4f})")
+    )
+    return f"""<details class="card" id="{feature_anchor(*ref)}"><summary><b>{html.escape(feature_label(*ref))}</b>
+({html.escape(card["reason"].strip())}): divergence {divergence}, firing
+{_fmt3(card.get("frequency_base"))} &rarr; {_fmt3(card.get("frequency_rlhf"))}, IRM weight {weight}</summary>
 <table class="kv"><tr><th>reward-relevance labels</th><td>{labels}</td></tr>
 <tr><th>reward change when ablated alone (RLHF model)</th><td>{effect}</td></tr>
 <tr><th>matched partners</th><td>{html.escape(partner)}</td></tr>
@@ -74,3 +83,7 @@ def render_card(card: dict, include_plotlyjs: bool = False) -> str:
 <tr><th>suppresses</th><td>{tokens["suppressed"]}</td></tr></table>
 <div class="ctxs"><div><h4>top contexts, base</h4>{ctx["base"]}</div><div><h4>top contexts, RLHF</h4>{ctx["rlhf"]}</div></div>
 {hist}</details>"""
+
+
+def _fmt3(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from irmlens.refs import feature_label
+
 
 def layer_divergence_figure(layers: list[dict], studied: list[int]) -> go.Figure:
     x = [d["layer"] for d in layers]
@@ -105,17 +107,20 @@ def irm_scatter_figure(
     control_tau: float,
     fit_points: list[dict] | None = None,
     bars: list[dict] | None = None,
+    target: str = "true utility",
+    axis: str = "true utility (lexicon)",
 ) -> go.Figure:
-    """IRM vs true utility per word: held-out words highlighted over the fit words (grey); with
-    ``bars`` ({name, tau, ci?, kind}), a second panel puts the IRM's held-out tau beside its
-    references and controls (the reference lines the scatter is judged against)."""
+    """IRM vs the target per word (``target``/``axis``: the report's words for it, the reward
+    model's utility or the pair's implicit reward): held-out words highlighted over the fit
+    words (grey); with ``bars`` ({name, tau, ci?, kind}), a second panel puts the IRM's held-out
+    tau beside its references and controls (the reference lines the scatter is judged against)."""
     from plotly.subplots import make_subplots
 
     fig = make_subplots(
         rows=1,
         cols=2 if bars else 1,
         column_widths=[0.62, 0.38] if bars else None,
-        subplot_titles=("IRM vs true utility", "held-out Kendall τ") if bars else None,
+        subplot_titles=(f"IRM vs {target}", "held-out Kendall τ") if bars else None,
     )
 
     def word_points(pts: list[dict], name: str, marker: dict) -> go.Scatter:
@@ -125,7 +130,8 @@ def irm_scatter_figure(
             mode="markers",
             name=name,
             text=[p["word"] for p in pts],
-            hovertemplate="%{text} (" + name + ")<br>true %{x:.2f}<br>IRM %{y:.3f}<extra></extra>",
+            hovertemplate="%{text} (" + name + ")<br>" + target + " %{x:.2f}<br>IRM %{y:.3f}"
+            "<extra></extra>",
             marker=marker,
         )
 
@@ -162,52 +168,72 @@ def irm_scatter_figure(
         )
         fig.update_yaxes(autorange="reversed", row=1, col=2)
     fig.update_layout(
-        title=f"IRM vs true utility (held-out Kendall τ {tau:.3f}; shuffled-target control {control_tau:.3f})",
+        title=f"IRM vs {target} (held-out Kendall τ {tau:.3f}; shuffled-target control {control_tau:.3f})",
         height=520,
     )
-    fig.update_xaxes(title_text="true utility (lexicon)", row=1, col=1)
+    fig.update_xaxes(title_text=axis, row=1, col=1)
     fig.update_yaxes(title_text="IRM utility", row=1, col=1)
     return fig
 
 
 def divergent_feature_map_figure(features: list[dict]) -> go.Figure:
-    """Every feature of the shared dictionary: change in firing frequency (RLHF - base) against its
-    IRM weight (divergence score where the IRM has no weight for it), coloured by the paired
-    dictionaries' matching tag; hover shows the words where the feature rises most."""
-    has_weight = any(f.get("irm_weight") is not None for f in features)
+    """Every feature of the shared dictionary: its divergence in the RLHF pair against the null
+    pair's, with the diagonal (features on it changed as much under the null fine-tuning: drift;
+    far above it: changed by RLHF alone), coloured by the paired dictionaries' matching tag;
+    hover shows its IRM weight and the words where it rises most. Without a null model: the
+    divergence against the change in firing frequency."""
+    has_null = any(f.get("divergence_null") is not None for f in features)
     colors = {"shared": "#1f77b4", "base-only": "#ff7f0e", "rlhf-only": "#2ca02c"}
     fig = go.Figure()
     for tag in sorted({f.get("matching_tag", "shared") for f in features}):
         sub = [f for f in features if f.get("matching_tag", "shared") == tag]
+        weights = [f.get("irm_weight") for f in sub]
         fig.add_trace(
             go.Scattergl(
-                x=[f["frequency_change"] for f in sub],
-                y=[f["irm_weight"] if has_weight else f["divergence"] for f in sub],
+                x=[f["divergence_null"] if has_null else f["frequency_change"] for f in sub],
+                y=[f["divergence"] for f in sub],
                 mode="markers",
                 name=f"{tag} ({len(sub)})",
                 customdata=[
-                    [f["feature"], f["divergence"], ", ".join(f.get("top_words_increase", [])[:5])]
-                    for f in sub
+                    [
+                        f["feature"],
+                        "none" if w is None else f"{w:+.4g}",
+                        ", ".join(f.get("top_words_increase", [])[:5]),
+                    ]
+                    for f, w in zip(sub, weights, strict=True)
                 ],
-                hovertemplate="feature %{customdata[0]}<br>divergence %{customdata[1]:.3f}"
-                "<br>Δ firing frequency %{x:.4f}<br>%{y:.4g}<br>%{customdata[2]}<extra></extra>",
-                marker=dict(
-                    size=[5 + 10 * min(f["divergence"], 1.5) for f in sub],
-                    color=colors.get(tag, "#7f7f7f"),
-                    opacity=0.6,
-                ),
+                hovertemplate="feature %{customdata[0]}<br>divergence (RLHF) %{y:.4f}"
+                + ("<br>divergence (null) %{x:.4f}" if has_null else "<br>Δ firing %{x:.4f}")
+                + "<br>IRM weight %{customdata[1]}<br>%{customdata[2]}<extra></extra>",
+                marker=dict(size=7, color=colors.get(tag, "#7f7f7f"), opacity=0.6),
+            )
+        )
+    if has_null:
+        top = max([f["divergence"] for f in features] + [f["divergence_null"] for f in features])
+        fig.add_trace(
+            go.Scatter(
+                x=[0, top],
+                y=[0, top],
+                mode="lines",
+                name="as much as the null pair (drift)",
+                line=dict(color="#888", dash="dash"),
+                hoverinfo="skip",
             )
         )
     fig.update_layout(
-        title="Divergent-feature map (size = divergence score; colour = paired-dictionary match)",
-        xaxis_title="change in firing frequency (RLHF − base)",
-        yaxis_title="IRM weight" if has_weight else "divergence score",
+        title="Divergent-feature map: RLHF pair against the null pair"
+        if has_null
+        else "Divergent-feature map (no null model: divergence against the firing change)",
+        xaxis_title="divergence in the null pair (base → null)"
+        if has_null
+        else "change in firing frequency (RLHF − base)",
+        yaxis_title="divergence in the RLHF pair (base → RLHF)",
         height=520,
     )
     return fig
 
 
-def word_divergence_figure(words: list[dict]) -> go.Figure:
+def word_divergence_figure(words: list[dict], target: str = "true utility") -> go.Figure:
     """The most over- and under-valued held-out words: standardised IRM minus standardised truth."""
     ws = sorted(words, key=lambda w: w["divergence"])
     fig = go.Figure(
@@ -217,13 +243,13 @@ def word_divergence_figure(words: list[dict]) -> go.Figure:
             orientation="h",
             marker_color=["#d62728" if w["divergence"] > 0 else "#1f77b4" for w in ws],
             customdata=[[w["true"], w["irm"]] for w in ws],
-            hovertemplate="%{y}: divergence %{x:.2f}<br>true %{customdata[0]:.2f}, IRM "
+            hovertemplate="%{y}: divergence %{x:.2f}<br>" + target + " %{customdata[0]:.2f}, IRM "
             "%{customdata[1]:.3f}<extra></extra>",
         )
     )
     fig.update_layout(
         title="Most over-valued (red) and under-valued (blue) held-out words",
-        xaxis_title="standardised IRM − standardised true utility",
+        xaxis_title=f"standardised IRM − standardised {target}",
         height=max(400, 22 * len(ws)),
     )
     return fig
@@ -264,7 +290,9 @@ def top_features_figure(features: list[dict]) -> go.Figure:
     fig = go.Figure(
         go.Bar(
             x=xs,
-            y=[f"f{f['feature']}" for f in feats],
+            # each bar names its feature as (dictionary, layer, index): a multi-layer IRM's
+            # column index (f814) named no feature a card or table knows
+            y=[_top_feature_label(f) for f in feats],
             orientation="h",
             text=[", ".join(f["top_words"][:3]) for f in feats],
             textposition="outside",
@@ -279,10 +307,16 @@ def top_features_figure(features: list[dict]) -> go.Figure:
         "label: words with the largest mean feature difference</sup>",
         xaxis={"title": "standardised weight", "range": [-2.2 * span, 2.2 * span]},
         yaxis={"automargin": True},
-        margin={"l": 60, "r": 40, "t": 80},
+        margin={"l": 140, "r": 40, "t": 80},
         height=600,
     )
     return fig
+
+
+def _top_feature_label(f: dict) -> str:
+    if "dictionary" not in f:  # a run written before features carried their reference
+        return f"column {f['feature']}"
+    return feature_label(f["dictionary"], f["layer"], f["local_feature"])
 
 
 def validation_arms_figure(validation: dict) -> go.Figure:

@@ -3,10 +3,16 @@ import math
 import pytest
 import torch
 
-from irmlens.diff.features import FeatureCodes, feature_divergence, match_dictionaries
+from irmlens.diff.features import (
+    FeatureCodes,
+    beyond_null,
+    divergence_scale,
+    feature_divergence,
+    match_dictionaries,
+)
 
 
-def test_divergence_is_zero_for_identical_codes_and_sqrt2_for_disjoint_firing():
+def test_relative_change_is_zero_for_identical_codes_and_sqrt2_for_disjoint_firing():
     g = torch.Generator().manual_seed(0)
     base = torch.relu(torch.randn(5000, 6, generator=g))
     rlhf = base.clone()
@@ -21,16 +27,55 @@ def test_divergence_is_zero_for_identical_codes_and_sqrt2_for_disjoint_firing():
     rlhf[:, 3] = 0.0
     rlhf[:2, 3] = 5.0
     d = feature_divergence(FeatureCodes(base, rlhf), min_frequency=1e-3, chunk=700)
-    assert d["divergence"][0] == 0 and d["divergence"][4] == 0
-    assert d["divergence"][1].item() == pytest.approx(math.sqrt(2), rel=1e-6)
-    assert d["divergence"][2].item() == pytest.approx(1 / math.sqrt(2.5), rel=1e-6)
-    assert d["divergence"][3] == 0
+    rel = d["relative_change"]
+    assert rel[0] == 0 and rel[4] == 0
+    assert rel[1].item() == pytest.approx(math.sqrt(2), rel=1e-6)
+    assert rel[2].item() == pytest.approx(1 / math.sqrt(2.5), rel=1e-6)
+    assert rel[3] == 0 and d["divergence"][3] == 0  # too rare: not scored
+    # the divergence is the RMS change itself (code units without a scale): 1 for feature 1
+    assert d["divergence"][1].item() == pytest.approx(1.0, rel=1e-6)
     assert d["mean_change"][2].item() == pytest.approx(base[:, 2].double().mean().item(), rel=1e-6)
     fired = base[:, 2] > 0
     assert d["activation_when_firing_rlhf"][2].item() == pytest.approx(
         2 * base[fired, 2].double().mean().item(), rel=1e-6
     )
     assert d["frequency_rlhf"][3].item() == pytest.approx(2 / 5000)
+
+
+def test_a_planted_change_ranks_first_and_drift_in_both_pairs_scores_nothing():
+    """Feature 0 changes only under RLHF (planted); feature 1 changes more, but as much under the
+    null fine-tuning (drift); feature 2 fires on only a few positions and flips there (it
+    saturates the relative change). The divergence does not saturate, and the ranking beyond
+    the null pair puts the planted feature first and scores the drift 0."""
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    base = torch.relu(torch.randn(n, 4, generator=g)) + 0.1
+    rlhf, null = base.clone(), base.clone()
+    rlhf[:, 0] += 0.5  # planted: RLHF only
+    drift = torch.relu(torch.randn(n, generator=g))
+    rlhf[:, 1] += drift
+    null[:, 1] += drift  # the same change in both pairs
+    base[:, 2] = 0.0
+    rlhf[:, 2], null[:, 2] = 0.0, 0.0
+    base[:40, 2] = 0.3  # fires on 1% of positions, only in the base model
+    w_dec = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0]])
+    scale = divergence_scale(w_dec, torch.randn(n, 2, generator=g))
+    div = feature_divergence(FeatureCodes(base, rlhf), scale=scale)
+    div_null = feature_divergence(FeatureCodes(base, null), scale=scale)
+    # the rare flip saturates the relative change but has the smallest divergence
+    assert div["relative_change"][2] == pytest.approx(math.sqrt(2), rel=1e-6)
+    assert div["divergence"][2] < div["divergence"][0] < div["divergence"][1]
+    # doubling a change doubles the divergence (no ceiling)
+    rlhf2 = rlhf.clone()
+    rlhf2[:, 0] += 0.5
+    doubled = feature_divergence(FeatureCodes(base, rlhf2), scale=scale)["divergence"][0]
+    assert doubled.item() == pytest.approx(2 * div["divergence"][0].item(), rel=1e-6)
+    # scaled by the decoder norm over the activations' RMS norm (~sqrt 2 here)
+    assert div["divergence"][0].item() == pytest.approx(0.5 / math.sqrt(2), rel=0.05)
+    key = beyond_null(div["divergence"], div_null["divergence"])
+    assert torch.argsort(key, descending=True).tolist()[0] == 0
+    assert key[1] == 0 and div_null["divergence"][1] == div["divergence"][1]
+    assert torch.equal(beyond_null(div["divergence"], None), div["divergence"])
 
 
 def test_codes_of_different_shapes_are_refused():

@@ -118,3 +118,19 @@ def test_code_spans_stay_literal():
     assert md_code("a`b") == "``a`b``"
     assert md_code("`x`") == "`` `x` ``"
     assert md_code("a|b", cell=True) == "`a\\|b`" and md_code("a|b") == "`a|b`"
+
+
+def test_a_control_the_irm_loses_to_is_said_to_be_better_not_merely_excluding_0():
+    from irmlens.report.summary import controls_text, difference_reading
+
+    assert difference_reading(0.1, 0.3).endswith("the IRM scores higher")
+    assert "significantly worse" in difference_reading(-0.089, -0.022)
+    assert difference_reading(-0.1, 0.2) == "includes 0: no difference"
+    report = _report("demo", "vader", "tiny")
+    report["controls"]["random_sae_sparse"] = {
+        "heldout_kendall_tau": 0.3,
+        "difference_ci": [-0.089, -0.022],
+    }
+    md = to_markdown(report)
+    assert "random sae sparse: [-0.089, -0.022] (excludes 0: the IRM scores lower" in md
+    assert "significantly worse" in controls_text(report["controls"])

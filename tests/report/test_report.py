@@ -38,8 +38,9 @@ def test_report_command_writes_each_format(planted_run, capsys):
     assert md.startswith("# irmlens: planted") and "**Verdict**" in md
     assert f"{report['irm']['heldout_kendall_tau']:.3f}" in md
     rows = (out / "features.csv").read_text().splitlines()
-    assert len(rows) == 1 + report["feature_divergence"]["n_features"]
-    assert rows[0].startswith("feature,") and "matching_tag" in rows[0]
+    n_layers = len(report["studied_layers"])
+    assert len(rows) == 1 + n_layers * report["feature_divergence"]["n_features"]
+    assert rows[0].startswith("dictionary,layer,feature,") and "matching_tag" in rows[0]
     words = (out / "words.csv").read_text().splitlines()
     assert len(words) == 1 + report["irm"]["n_fit_words"] + report["irm"]["n_heldout_words"]
     assert main(["report", str(planted_run), "--format", "pdf"]) == 2

@@ -1,0 +1,86 @@
+"""A feature is (dictionary, layer, index) everywhere (issue 31): the planted study studies both
+layers with one IRM over both, so index j names two different features and every table, card,
+chart and lookup must say which."""
+
+import csv
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def study(planted_run):
+    from irmlens.study import Study
+
+    return Study.load(planted_run)
+
+
+def test_the_planted_irm_reads_both_layers(study):
+    irm = study.report["irm"]
+    assert irm["space"] == "multi_layer_pre" and irm["layers"] == [0, 1]
+    assert study.report["studied_layers"] == [0, 1]
+
+
+def test_every_sparse_irm_feature_in_a_shared_dictionary_has_its_own_card(study):
+    cards = study.report["feature_cards"]
+    keys = [(c["dictionary"], c["layer"], c["feature"]) for c in cards]
+    assert len(keys) == len(set(keys))
+    refs = [r for r in study.report["irm"]["sparse"]["feature_refs"] if r["dictionary"] == "shared"]
+    assert refs
+    for ref in refs:
+        key = ("shared", ref["layer"], ref["local_feature"])
+        assert key in keys, key
+        card = cards[keys.index(key)]
+        assert "sparse-IRM" in card["reason"]
+        # the card's IRM weight is the weight of that layer's column in the IRM
+        assert card["irm_weight"] is not None
+    # the divergent cards are the IRM layer's, named with it
+    layer = study.report["feature_divergence"]["layer"]
+    assert all(c["layer"] == layer for c in cards if c["reason"].startswith("divergent"))
+
+
+def test_every_table_names_the_layer_and_dictionary(study, planted_run):
+    features = study.features
+    assert {"dictionary", "layer", "feature"} <= set(features.columns)
+    assert set(features["layer"]) == {0, 1}
+    # index j of layer 0 and index j of layer 1 are two rows, not one
+    assert features.groupby(["layer", "feature"]).size().max() == 1
+    with open(planted_run / "report" / "features.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["layer"] for r in rows} == {"0", "1"} and {r["dictionary"] for r in rows} == {
+        "shared"
+    }
+    attribution = study.word_attribution
+    assert {"dictionary", "layer", "feature", "column"} <= set(attribution.columns)
+    d_sae = study.report["feature_divergence"]["n_features"]
+    # the column of a multi-layer space is layer offset + index, and the table says which
+    offset = attribution["layer"].map({0: 0, 1: d_sae})
+    assert (attribution["column"] == offset + attribution["feature"]).all()
+    for f in study.report["irm"]["top_features"]:
+        assert {"dictionary", "layer", "local_feature"} <= set(f)
+
+
+def test_the_report_names_features_by_dictionary_and_layer(study, planted_run):
+    from irmlens.refs import feature_anchor, feature_label
+
+    page = (planted_run / "report" / "index.html").read_text()
+    for c in study.report["feature_cards"]:
+        assert f'id="{feature_anchor("shared", c["layer"], c["feature"])}"' in page
+    # the sparse IRM's chart labels its bars by (dictionary, layer, index), never a column
+    top = study.report["irm"]["top_features"][0]
+    label = feature_label(top["dictionary"], top["layer"], top["local_feature"])
+    assert json.dumps(label)[1:-1] in page
+
+
+def test_an_index_with_cards_at_two_layers_is_named_by_the_explorer(planted_run):
+    from irmlens.explorer import Explorer
+
+    explorer = Explorer(planted_run)
+    card = explorer.study.report["feature_cards"][0]
+    other = 1 - card["layer"]
+    html = explorer.card(card["feature"], layer=card["layer"])
+    assert 'id="' + f'feature-shared-{card["layer"]}-{card["feature"]}"' in html
+    # the same index at the other layer is another feature: its own card or its table row
+    html_other = explorer.card(card["feature"], layer=other)
+    assert f"feature-shared-{card['layer']}-{card['feature']}" not in html_other
+    assert f"layer {other}" in html_other
