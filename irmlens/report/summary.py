@@ -179,14 +179,7 @@ def validation_verdict(validation: dict | None, labels: dict | None) -> str:
             f"{_pct(c['all']['lexicon']['share_related'])})."
         )
         if "llm" in c["sparse_irm"]:
-            kappa = c["sparse_irm"].get("kappa_llm_lexicon")
-            check = (labels.get("llm") or {}).get("check") or {}
-            parts.append(
-                f"The LLM labeler ({labels['llm']['backend']}): "
-                f"{_pct(c['sparse_irm']['llm']['share_related'])} related, Cohen's kappa with "
-                f"the lexicon labeler {'n/a' if kappa is None else f'{kappa:+.2f}'}, "
-                f"{check.get('correct', 'n/a')} of 3 known features right."
-            )
+            parts.append(llm_labeler_text(labels))
     return " ".join(parts)
 
 
@@ -250,3 +243,31 @@ def target_terms(report: dict) -> dict[str, str]:
         "target": "target (the pair's implicit reward)",
         "axis": "the pair's implicit reward per word (the target)",
     }
+
+
+def llm_labeler_passed(labels: dict | None) -> bool:
+    """Whether the LLM labeler answered all three of its known-answer features right (a
+    labeler that misses them says nothing trustworthy about real features)."""
+    check = ((labels or {}).get("llm") or {}).get("check") or {}
+    return check.get("correct") == len(check.get("expected_vs_answer") or {}) == 3
+
+
+def llm_labeler_text(labels: dict) -> str:
+    """The LLM labeler's line of the verdict: its figures when it passed its known-answer check;
+    otherwise that it failed it and its labels are left out of the verdict."""
+    c = labels["comparison"]["sparse_irm"]
+    check = (labels.get("llm") or {}).get("check") or {}
+    backend = labels["llm"]["backend"]
+    if not llm_labeler_passed(labels):
+        return (
+            f"The LLM labeler ({backend}) got {check.get('correct', 'n/a')} of its 3 known-answer "
+            f"features right, so its labels ({_pct(c['llm']['share_related'])} of the sparse "
+            "IRM's features called related) are left out of this verdict; the cards still show "
+            "them, marked unchecked."
+        )
+    kappa = c.get("kappa_llm_lexicon")
+    return (
+        f"The LLM labeler ({backend}, 3 of 3 known-answer features right): "
+        f"{_pct(c['llm']['share_related'])} related, Cohen's kappa with the lexicon labeler "
+        f"{'n/a' if kappa is None else f'{kappa:+.2f}'}."
+    )

