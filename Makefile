@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/irmlens data fetch
+	$(VENV)/bin/irmlens data fetch experiments/configs/tiny.toml
 	$(VENV)/bin/irmlens run experiments/configs/tiny.toml --out runs/tiny
 
 lint: $(STAMP)

@@ -40,8 +40,10 @@ class Study:
         """Every shared-SAE feature of every studied layer, one row each named by its
         ``dictionary``, ``layer`` and ``feature`` (index within the layer's dictionary):
         divergence in the RLHF and the null pair, means, firing frequencies, Hungarian partners
-        (and decoder cosines) in the base and the RLHF SAE with a tag, and the IRM weight where
-        the IRM reads that layer's codes or pre-activations (NaN elsewhere). In the diff
+        (and decoder cosines) in the base and the RLHF SAE with a tag, the dense IRM's raw
+        weight where it reads that layer's codes or pre-activations (NaN elsewhere), and the
+        feature's rank among the sparse IRM's (``top_features``, the report's one ranking of
+        "top IRM features"; NaN when not among them). In the diff
         stage's ranking: the change beyond the null pair's (comparable across layers: each a
         fraction of its layer's activation norm)."""
         import pandas as pd
@@ -59,7 +61,37 @@ class Study:
         df.insert(0, "dictionary", "shared")
         weights = irm_feature_weights(self.report["irm"], self.irm_coefficients(), len(df), layer)
         df["irm_weight"] = [weights.get(j, float("nan")) for j in df["feature"]]
+        rank = {
+            f["local_feature"]: i
+            for i, f in enumerate(self.report["irm"]["top_features"])
+            if f.get("dictionary") == "shared" and f.get("layer") == layer
+        }
+        df["sparse_irm_rank"] = [rank.get(j, float("nan")) for j in df["feature"]]
         return df
+
+    @property
+    def top_features(self):
+        """The "top IRM features", the one ranking the report, the cards and the validation
+        use: the sparse IRM's features in selection order (rank 0 explains the most), each as
+        (dictionary, layer, feature) with its weight and standardised weight. (``features``'s
+        ``irm_weight`` is the dense IRM's raw coefficient, a different model; its
+        ``sparse_irm_rank`` is this ranking.)"""
+        import pandas as pd
+
+        return pd.DataFrame(
+            [
+                {
+                    "rank": i,
+                    "dictionary": f.get("dictionary"),
+                    "layer": f.get("layer"),
+                    "feature": f.get("local_feature", f["feature"]),
+                    "weight": f["weight"],
+                    "standardised_weight": f.get("standardised_weight"),
+                    "top_words": ", ".join(f.get("top_words", [])),
+                }
+                for i, f in enumerate(self.report["irm"]["top_features"])
+            ]
+        )
 
     def _features_table(self, layer: int) -> Path:
         return RunPaths(self.run_dir).features_table(layer)
@@ -128,19 +160,35 @@ class Study:
     @property
     def controls(self):
         """The main IRM, its references and its controls, one row each
-        (``irmlens.report.summary.result_rows``, with each row's scores from report.json)."""
+        (``irmlens.report.summary.result_rows``), with flat columns: ``heldout_kendall_tau``
+        once, the row's CI as ``ci_low``/``ci_high`` with ``ci_of`` saying what it bounds (the
+        row's tau, or for a control the paired difference IRM - control), and the row's other
+        scores from report.json (Spearman, CV R², ...) — the IRM's and the sparse IRM's
+        included."""
         import pandas as pd
 
         from irmlens.report.summary import result_rows
 
         irm, controls = self.report["irm"], self.report["controls"]
-        scores = irm["reference"] | controls
-        return pd.DataFrame(
-            [
-                r | {"heldout_kendall_tau": r["tau"]} | _scalars(scores.get(r["name"], {}))
-                for r in result_rows(self.report)
-            ]
-        )
+        scores = irm["reference"] | controls | {"irm": irm, "sparse_irm": irm["sparse"]}
+        rows = []
+        for r in result_rows(self.report):
+            ci = r.get("ci") or [None, None]
+            rows.append(
+                {"name": r["name"], "label": r["label"], "kind": r["kind"]}
+                | {k: scores.get(r["name"], {}).get(k) for k in _SCORE_COLUMNS}
+                | {
+                    "heldout_kendall_tau": r["tau"],
+                    "ci_low": ci[0],
+                    "ci_high": ci[1],
+                    "ci_of": None
+                    if r.get("ci") is None
+                    else "difference"
+                    if r["kind"] == "control"
+                    else "tau",
+                }
+            )
+        return pd.DataFrame(rows)
 
     @property
     def mediation(self):
@@ -248,6 +296,16 @@ class Study:
 
         kind = hook_kind(irm.get("hook"))
         return load_sae(RunPaths(self.run_dir).sae_dir(model, f"blocks.{layer}.hook_{kind}", width))
+
+
+# the scores ``Study.controls`` shows beside each row's tau (None where a row has none)
+_SCORE_COLUMNS = (
+    "heldout_spearman",
+    "cv_r2",
+    "signal_retention",
+    "heldout_kendall_tau_std",
+    "description",
+)
 
 
 def _scalars(d: dict) -> dict:

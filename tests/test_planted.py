@@ -71,6 +71,13 @@ def test_study_tables_are_consistent(planted_run):
     assert (words["split"] == "heldout").sum() == study.report["irm"]["n_heldout_words"]
     controls = study.controls
     assert {"shuffled_targets", "random_sae", "base_only", "null_pair"} <= set(controls["name"])
+    # flat columns: tau once, CIs as two numbers saying what they bound, the IRM's own Spearman
+    assert list(controls.columns).count("heldout_kendall_tau") == 1 and "tau" not in controls
+    assert controls[["ci_low", "ci_high"]].map(lambda v: not isinstance(v, list)).all().all()
+    irm_row = controls.set_index("name").loc["irm"]
+    assert irm_row["heldout_spearman"] == study.report["irm"]["heldout_spearman"]
+    assert irm_row["ci_of"] == "tau"
+    assert controls.set_index("name").loc["random_sae", "ci_of"] == "difference"
     assert len(study.spaces) >= 5
     report = read_json(planted_run / "report" / "report.json")
     assert report["rlhf"] is None and report["models"]["null"]["path"]

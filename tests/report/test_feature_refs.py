@@ -84,3 +84,15 @@ def test_an_index_with_cards_at_two_layers_is_named_by_the_explorer(planted_run)
     html_other = explorer.card(card["feature"], layer=other)
     assert f"feature-shared-{card['layer']}-{card['feature']}" not in html_other
     assert f"layer {other}" in html_other
+
+
+def test_one_ranking_of_top_irm_features_everywhere(study):
+    top = study.top_features
+    refs = study.report["irm"]["top_features"]
+    assert list(top["feature"]) == [f["local_feature"] for f in refs]
+    assert list(top["layer"]) == [f["layer"] for f in refs]
+    ranked = study.features.dropna(subset=["sparse_irm_rank"]).sort_values("sparse_irm_rank")
+    shared = top[top["dictionary"] == "shared"]
+    assert list(zip(ranked["layer"], ranked["feature"], strict=True)) == list(
+        zip(shared["layer"], shared["feature"], strict=True)
+    )
