@@ -298,10 +298,21 @@ def cmd_adopt(args) -> int:
     return 0
 
 
+class HelpWithDefaults(argparse.ArgumentParser):
+    """A parser (and, through ``add_subparsers``, every subcommand's) whose ``--help`` shows
+    each option's default."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from irmlens import __version__
     from irmlens.rlhf.train import ALGORITHMS, REWARDS
 
-    p = argparse.ArgumentParser(prog="irmlens", description=__doc__)
+    p = HelpWithDefaults(prog="irmlens", description=__doc__)
+    p.add_argument("--version", action="version", version=f"irmlens {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="offline assets").add_subparsers(
         dest="data_command", required=True

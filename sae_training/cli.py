@@ -57,8 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     from irmlens.allocator import keep_freed_memory
 
     keep_freed_memory()
-    p = argparse.ArgumentParser(
-        prog="sae-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    from importlib.metadata import version
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The module docstring as written, and each option's default in ``--help``."""
+
+    p = argparse.ArgumentParser(prog="sae-train", description=__doc__, formatter_class=Formatter)
+    p.add_argument(
+        "--version", action="version", version=f"sae-train (irmlens {version('irmlens')})"
     )
     p.add_argument("--cache", help="an irmlens activation cache folder (with manifest.json)")
     p.add_argument("--model", action="append", help="model in the cache (repeat for a shared SAE)")

@@ -30,3 +30,24 @@ def test_a_lexicon_foreign_to_the_corpus_is_refused_before_any_work(assets, tmp_
     err = capsys.readouterr().err
     assert "only 0 distinct word(s) of lexicon" in err and "Fix:" in err
     assert not (tmp_path / "run").exists()  # refused before the run folder is claimed
+
+
+def test_version_and_help_show_the_version_and_every_default(capsys):
+    import pytest
+
+    from irmlens import __version__
+    from sae_training.cli import main as sae_main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"irmlens {__version__}"
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "(default: html,json,md,csv)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sae_main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: standard)" in out and "(default: 32)" in out
+    with pytest.raises(SystemExit) as e:
+        sae_main(["--version"])
+    assert e.value.code == 0 and __version__ in capsys.readouterr().out
