@@ -271,3 +271,66 @@ def llm_labeler_text(labels: dict) -> str:
         f"{_pct(c['llm']['share_related'])} related, Cohen's kappa with the lexicon labeler "
         f"{'n/a' if kappa is None else f'{kappa:+.2f}'}."
     )
+
+
+def glance(report: dict) -> list[tuple[str, str]]:
+    """The study in four or five short sentences for the page's first screen: what the tuning
+    changed (reward and KL), where (the mediation stage's layer shares), which features (the
+    sparse IRM's first three and the top divergent beyond the null pair, by (dictionary,
+    layer, index)), and whether anything is a finding (the IRM's verdict and the validation's)."""
+    from irmlens.refs import feature_label
+
+    out = []
+    r = report.get("rlhf")
+    if r:
+        out.append(
+            (
+                "What changed",
+                f"{r['algorithm']} raised the mean reward {r['reward_before']:.3f} → "
+                f"{r['reward_after']:.3f} at KL {r['kl']:.2f} nats per completion.",
+            )
+        )
+    med = report.get("mediation")
+    if med and med.get("studied"):
+        st = med["studied"]
+        shares = ", ".join(f"layer {la} {v:.0%}" for la, v in st["layers"].items())
+        final = (med.get("sweep") or {}).get("final_norm_and_unembedding")
+        where = f"share of the gain each studied layer's output carries: {shares}"
+        if final is not None:
+            where += f"; the final norm and unembedding hold {final:.0%}"
+        if st.get("warning"):
+            where += f". {st['warning']}"
+        out.append(("Where", where + "."))
+    irm = report["irm"]
+    top = [
+        feature_label(f["dictionary"], f["layer"], f["local_feature"])
+        for f in irm["top_features"][:3]
+        if "dictionary" in f
+    ]
+    if top:
+        out.append(
+            (
+                "Which features",
+                f"the sparse IRM ({irm['sparse']['k']} features, held-out τ "
+                f"{irm['sparse']['heldout_kendall_tau']:.3f}) chose first {', '.join(top)}.",
+            )
+        )
+    div = report.get("divergent_features") or []
+    if div:
+        fd = report["feature_divergence"]
+        moved = ", ".join(feature_label("shared", fd["layer"], f["feature"]) for f in div[:3])
+        out.append(("Moved most beyond drift", f"{moved}; {divergence_sentence(fd)}."))
+    controls = report.get("controls") or {}
+    causal = [
+        part.rstrip(".") + "."
+        for part in validation_verdict(report.get("validation"), report.get("labels")).split(". ")
+        if part.startswith(("Findings", "No causal finding", "Not validated"))
+    ]
+    out.append(
+        (
+            "Finding?",
+            f"IRM held-out τ {irm['heldout_kendall_tau']:.3f}. {verdict(irm, controls)} "
+            + " ".join(causal[:1]),
+        )
+    )
+    return out

@@ -96,3 +96,16 @@ def test_one_ranking_of_top_irm_features_everywhere(study):
     assert list(zip(ranked["layer"], ranked["feature"], strict=True)) == list(
         zip(shared["layer"], shared["feature"], strict=True)
     )
+
+
+def test_the_page_opens_on_the_study_at_a_glance(study, planted_run):
+    from irmlens.report.summary import glance
+
+    page = (planted_run / "report" / "index.html").read_text()
+    lines = dict(glance(study.report))
+    assert {"Which features", "Moved most beyond drift", "Finding?"} <= set(lines)
+    # before the mediation section and the summary table; features named with their layer
+    assert page.index("At a glance") < page.index("Where the reward lives") < page.index('"kv"')
+    top = study.report["irm"]["top_features"][0]
+    assert f"shared layer {top['layer']} #{top['local_feature']}" in lines["Which features"]
+    assert lines["Finding?"].startswith("IRM held-out τ")
