@@ -132,3 +132,25 @@ def make_metrics_callback(
                 f.write(json.dumps(row) + "\n")
 
     return MetricsToJsonl()
+
+
+def one_line_progress(trainer) -> None:
+    """Replace the trainer's progress bar, which writes every step's raw log dict on a line of
+    its own, with one bar whose postfix holds the reward and the KL (the full rows are in
+    ``rlhf/metrics.jsonl``)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class OneLineProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or self.training_bar is None or not logs:
+                return
+            shown = {}
+            for key, value in logs.items():
+                name = key.split("/")[-1]
+                if isinstance(value, float) and ("reward" in name or name in ("scores", "kl")):
+                    shown[name] = f"{value:.3g}"
+            if shown:
+                self.training_bar.set_postfix(shown, refresh=True)
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(OneLineProgress())

@@ -31,7 +31,7 @@ from irmlens.io import (
     sha256_file,
 )
 from irmlens.ranges import POSITIVE, SEED, SIZE, Int, OneOf, Real, check_fields, ranged
-from irmlens.rlhf.recorder import RewardRecorder, make_metrics_callback
+from irmlens.rlhf.recorder import RewardRecorder, make_metrics_callback, one_line_progress
 from irmlens.rlhf.sampling import kl_estimate, sample_completions
 from irmlens.rlhf.signals import lexicon_fraction, repetition_rate
 
@@ -224,6 +224,7 @@ def _train_grpo_or_rloo(
             *extra_callbacks,
         ],
     )
+    one_line_progress(trainer)
     try:
         trainer.train(resume_from_checkpoint=last)
     except (pickle.UnpicklingError, SafetensorError, EOFError, RuntimeError) as e:
@@ -360,6 +361,7 @@ def _train_ppo(
                 *extra_callbacks,
             ],
         )
+        one_line_progress(trainer)
         if last is not None and (last / "optimizer.pt").exists():
             trainer.optimizer.load_state_dict(_load_checkpoint_tensors(last / "optimizer.pt"))
         with _without_forced_collections(sys.modules[PPOTrainer.__module__]):
