@@ -233,21 +233,11 @@ def model_site(
     rlhf_acts,
 ) -> Site:
     """A site of a TransformerLens model: activations put at ``hook`` and the model run on from
-    there to ``metric`` of its logits (per row; ``irmlens.mediate.metrics``)."""
-    import re
+    there to ``metric`` of its logits (per row; ``irmlens.mediate.metrics``); a block's output
+    runs on from the next block (``sweep.patched_metrics``)."""
+    from irmlens.mediate.sweep import patched_metrics
 
-    from irmlens.mediate.sweep import replacing
-
-    after = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
-    if after:  # the model run on from the block after: the blocks before cost nothing
-
-        def at_site(acts: torch.Tensor) -> torch.Tensor:
-            x = acts.to(next(model.parameters()).device, model.cfg.dtype)
-            return metric(model(x, start_at_layer=int(after.group(1)) + 1))
-
-    else:
-
-        def at_site(acts: torch.Tensor) -> torch.Tensor:
-            return metric(model.run_with_hooks(tokens, fwd_hooks=[(hook, replacing(acts))]))
+    def at_site(acts: torch.Tensor) -> torch.Tensor:
+        return patched_metrics(model, tokens, lambda logits: {"m": metric(logits)}, hook, acts)["m"]
 
     return Site(base_acts, rlhf_acts, at_site)

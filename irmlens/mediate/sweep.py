@@ -27,6 +27,23 @@ def run_metrics(
     return metrics(logits)
 
 
+@torch.no_grad()
+def patched_metrics(
+    model, tokens: torch.Tensor, metrics: Metrics, site: str, value: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``run_metrics`` with ``site``'s activations replaced by ``value``. A block's output
+    (``blocks.L.hook_resid_post``) is the whole residual stream there, so the model is run on
+    from block L+1 (``start_at_layer``): the blocks before it would compute what is replaced,
+    and skipping them halves the sweep's cost on average (the same logits: a test checks it)."""
+    import re
+
+    after = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", site)
+    if after is None:
+        return run_metrics(model, tokens, metrics, {site: value})
+    x = value.to(next(model.parameters()).device, model.cfg.dtype)
+    return metrics(model(x, start_at_layer=int(after.group(1)) + 1))
+
+
 def replacing(value: torch.Tensor):
     """A TransformerLens hook that puts ``value`` in place of the activation it sees."""
 
@@ -74,8 +91,8 @@ def layer_sweep(
     patched = [
         (
             site,
-            run_metrics(rlhf, tokens, metrics, {site: cache_b[site]}),
-            run_metrics(base, tokens, metrics, {site: cache_r[site]}),
+            patched_metrics(rlhf, tokens, metrics, site, cache_b[site]),
+            patched_metrics(base, tokens, metrics, site, cache_r[site]),
         )
         for site in sites
     ]

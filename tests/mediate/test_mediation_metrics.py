@@ -12,7 +12,7 @@ from irmlens.irm.implicit import token_log_ratios
 from irmlens.mediate.curves import faithfulness_curve, model_site, paired_difference
 from irmlens.mediate.directions import decompose, moved_contexts
 from irmlens.mediate.metrics import RewardMetrics, word_token_mask
-from irmlens.mediate.sweep import layer_sweep, run_metrics
+from irmlens.mediate.sweep import layer_sweep, patched_metrics, run_metrics
 
 LAYER = 1
 
@@ -136,6 +136,9 @@ def test_a_residual_site_runs_on_from_the_next_block_exactly_as_a_hooked_forward
     site = model_site(base, metrics.tokens, metric, hook, acts, acts)
     whole = metric(base.run_with_hooks(metrics.tokens, fwd_hooks=[(hook, replacing(acts))]))
     assert (site.metric(acts) - whole).abs().max() < 1e-6
+    # the layer sweep's patches run on the same way
+    swept = patched_metrics(base, metrics.tokens, metrics, hook, acts)["expected_utility"]
+    assert (swept - whole).abs().max() < 1e-6
 
 
 def test_a_dictionary_of_differences_reads_the_change_itself():
