@@ -27,19 +27,20 @@ def run_metrics(
     return metrics(logits)
 
 
-@torch.no_grad()
 def patched_metrics(
     model, tokens: torch.Tensor, metrics: Metrics, site: str, value: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """``run_metrics`` with ``site``'s activations replaced by ``value``. A block's output
-    (``blocks.L.hook_resid_post``) is the whole residual stream there, so the model is run on
-    from block L+1 (``start_at_layer``): the blocks before it would compute what is replaced,
-    and skipping them halves the sweep's cost on average (the same logits: a test checks it)."""
+    """``metrics`` of ``model`` on ``tokens`` with ``site``'s activations replaced by ``value``
+    (differentiable in ``value``: the curves' attribution needs its gradient; the sweep calls
+    it under ``no_grad``). A block's output (``blocks.L.hook_resid_post``) is the whole
+    residual stream there, so the model is run on from block L+1 (``start_at_layer``): the
+    blocks before it would compute what is replaced, and skipping them halves the sweep's cost
+    on average (the same logits: a test checks it)."""
     import re
 
     after = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", site)
     if after is None:
-        return run_metrics(model, tokens, metrics, {site: value})
+        return metrics(model.run_with_hooks(tokens, fwd_hooks=[(site, replacing(value))]))
     x = value.to(next(model.parameters()).device, model.cfg.dtype)
     return metrics(model(x, start_at_layer=int(after.group(1)) + 1))
 
