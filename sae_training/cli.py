@@ -71,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--activations", action="append", help="file with an 'activations' [n, d] tensor"
     )
-    p.add_argument("--arch", default="standard", choices=ARCHITECTURES + CROSSCODER_ARCHS)
+    p.add_argument(
+        "--arch",
+        default="standard",
+        choices=ARCHITECTURES + CROSSCODER_ARCHS,
+        help="dictionary architecture (crosscoder-*: one dictionary over every --model)",
+    )
     p.add_argument("--k", type=int, default=32, help="active features for topk / batchtopk")
     p.add_argument("--checkpoints", type=int, default=0, help="checkpoints written during training")
     p.add_argument(
@@ -83,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="L1 coefficient (standard) / L0 coefficient (jumprelu)",
     )
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--epochs", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--batch-size", type=int, default=1024, help="positions per step")
+    p.add_argument("--epochs", type=float, default=4.0, help="passes over the positions")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
     p.add_argument(
         "--hook",
         default=None,

@@ -82,8 +82,11 @@ def test_report_json_has_schema_v3_fields(micro_run):
     partners = [p for p in matching["partner"] if p >= 0]
     assert len(partners) == len(set(partners)) == fm["width"]  # one-to-one
     assert len(r["divergent_features"]) == 50
-    divs = [f["divergence"] for f in r["divergent_features"]]
-    assert divs == sorted(divs, reverse=True)
+    # ranked by the change beyond the null pair's, with both pairs' divergence beside it
+    keys = [f["divergence_beyond_null"] for f in r["divergent_features"]]
+    assert keys == sorted(keys, reverse=True)
+    for f in r["divergent_features"]:
+        assert f["divergence_beyond_null"] == pytest.approx(f["divergence"] - f["divergence_null"])
     assert len(r["divergent_words"]) == 20
     every = json.loads((micro_run / "irm/word_attribution.json").read_text())
     assert len(every) == irm["n_heldout_words"]
