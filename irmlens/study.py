@@ -285,6 +285,73 @@ class Study:
 
         return load_file(str(RunPaths(self.run_dir).irm_coefficients))["coef"]
 
+    # ------------------------------------------------------------------ one feature
+
+    def card(self, dictionary: str, layer: int, feature: int) -> dict:
+        """The report's card of feature (``dictionary``, ``layer``, ``feature``): contexts,
+        histograms, logit effect, labels, ablation effect. A feature without a card is refused
+        naming which features have one (cards cover the IRM layer's most divergent features and
+        every sparse-IRM feature)."""
+        from irmlens.refs import card_ref, feature_label
+
+        cards = {card_ref(c): c for c in self.report["feature_cards"]}
+        found = cards.get((dictionary, layer, feature))
+        if found is None:
+            same_index = sorted(la for d, la, j in cards if d == dictionary and j == feature)
+            hint = (
+                f"; index {feature} has a card at layer {same_index} (another feature)"
+                if same_index
+                else ""
+            )
+            raise IrmlensError(
+                f"{feature_label(dictionary, layer, feature)} has no card{hint}: cards cover the "
+                f"IRM layer's {len([c for c in cards.values() if 'divergent' in c['reason']])} "
+                "most divergent features and the sparse IRM's features (Study.features has "
+                "every feature's numbers)"
+            )
+        return found
+
+    def top_contexts(self, dictionary: str, layer: int, feature: int, model: str = "rlhf"):
+        """The contexts where feature (``dictionary``, ``layer``, ``feature``) fires most in
+        ``model`` ("base" or "rlhf"), from its card: one row per context, its tokens joined
+        with the peak token marked [[like this]], and the peak activation."""
+        import pandas as pd
+
+        if model not in ("base", "rlhf"):
+            raise IrmlensError(f"model = {model!r}: cards hold contexts of 'base' and 'rlhf'")
+        rows = []
+        for c in self.card(dictionary, layer, feature)[f"contexts_{model}"]:
+            toks = list(c["tokens"])
+            toks[c["focus"]] = f"[[{toks[c['focus']]}]]"
+            rows.append({"context": "".join(toks), "max": c["max"]})
+        return pd.DataFrame(rows)
+
+    def feature(self, dictionary: str, layer: int, feature: int) -> dict:
+        """Everything the run holds on feature (``dictionary``, ``layer``, ``feature``): its row
+        of ``features`` (divergence in both pairs, frequencies, IRM weight, sparse-IRM rank,
+        partners) and, where it has one, its card."""
+        from irmlens.refs import feature_label
+
+        if dictionary != "shared":
+            raise IrmlensError(
+                f"{feature_label(dictionary, layer, feature)}: the feature tables are the shared "
+                "dictionary's (dictionary = 'shared')"
+            )
+        df = self.features
+        row = df[(df["layer"] == layer) & (df["feature"] == feature)]
+        if row.empty:
+            raise IrmlensError(
+                f"{feature_label(dictionary, layer, feature)} is not in the run's tables "
+                f"(layers {self.diff_layers()}, {len(df) // max(1, len(self.diff_layers()))} "
+                "features each)"
+            )
+        out = row.iloc[0].to_dict()
+        try:
+            out["card"] = self.card(dictionary, layer, feature)
+        except IrmlensError:
+            out["card"] = None
+        return out
+
     def sae(self, model: str = "shared", layer: int | None = None, width: int | None = None):
         """A saved SAE (sae-lens ``SAE``); defaults: the IRM's layer and width."""
         from sae_training.train import load_sae

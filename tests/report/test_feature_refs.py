@@ -109,3 +109,24 @@ def test_the_page_opens_on_the_study_at_a_glance(study, planted_run):
     top = study.report["irm"]["top_features"][0]
     assert f"shared layer {top['layer']} #{top['local_feature']}" in lines["Which features"]
     assert lines["Finding?"].startswith("IRM held-out τ")
+
+
+def test_the_api_names_one_feature_by_dictionary_layer_and_index(study):
+    from irmlens.errors import IrmlensError
+
+    card = study.report["feature_cards"][0]
+    ref = (card["dictionary"], card["layer"], card["feature"])
+    assert study.card(*ref) is card or study.card(*ref) == card
+    contexts = study.top_contexts(*ref, model="base")
+    assert len(contexts) == len(card["contexts_base"]) and "[[" in contexts["context"][0]
+    row = study.feature(*ref)
+    assert (row["layer"], row["feature"]) == ref[1:] and row["card"]["feature"] == ref[2]
+    # the same index at the other layer is another feature: no card of this one is returned
+    other = ("shared", 1 - card["layer"], card["feature"])
+    if other not in {
+        (c["dictionary"], c["layer"], c["feature"]) for c in study.report["feature_cards"]
+    }:
+        with pytest.raises(IrmlensError, match=f"layer {other[1]} #{other[2]} has no card"):
+            study.card(*other)
+    with pytest.raises(IrmlensError, match="not in the run's tables"):
+        study.feature("shared", 0, 10**6)
