@@ -870,7 +870,7 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 {words_html}
 {feats_html}
 <h2>Feature cards</h2>
-<p>The IRM layer's most divergent features and the sparse IRM's features at every layer they sit, each named (dictionary, layer, index) (the full table of every studied layer: features.csv beside this page).
+<p>The IRM layer's most divergent features and the sparse IRM's features at every layer they sit, each named (dictionary, layer, index) (the full table of every studied layer: features.csv beside this page). {html.escape(_representation_text(report))}
 Click a card to open it; token backgrounds show the feature's activation.</p>
 {"".join(render_card(c) for c in report.get("feature_cards", []))}
 <h2>Samples before and after RLHF (same prompts, same seed)</h2>
@@ -891,6 +891,25 @@ def glance_html(report: dict) -> str:
         f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in glance(report)
     )
     return f'<h2>At a glance</h2><ul class="glance">{items}</ul>'
+
+
+def _representation_text(report: dict) -> str:
+    """Which representation of these features the IRM reads (its space's), said beside the
+    cards, which show codes."""
+    from irmlens.irm.spaces import SPACES
+
+    spec = SPACES.get(report["irm"]["space"])
+    if spec is None:
+        return ""
+    what = {
+        "pre": "encoder pre-activations",
+        "codes": "codes",
+        "codes+error": "codes and the SAE's error",
+    }.get(spec.representation, spec.representation)
+    return (
+        f"The IRM ({report['irm']['space']}) reads their {what} (RLHF minus base); the cards "
+        "show the codes (activations)."
+    )
 
 
 def _card_keys(report: dict) -> frozenset:

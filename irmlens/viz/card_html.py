@@ -58,11 +58,17 @@ def render_card(card: dict, include_plotlyjs: bool = False) -> str:
         or "n/a"
     )
     eff = card.get("ablation_effect")
-    effect = (
-        "not measured"
-        if eff is None
-        else f"{eff['reward_change']:+.3f} [{eff['ci'][0]:+.3f}, {eff['ci'][1]:+.3f}]"
-    )
+    if eff is None:
+        effect = "not measured (only the sparse IRM's features are ablated one at a time)"
+    else:
+        lo, hi = eff["ci"]
+        effect = f"{eff['reward_change']:+.3f} [{lo:+.3f}, {hi:+.3f}]: " + (
+            "no measurable effect alone (the CI spans 0; a feature can matter only with others)"
+            if lo <= 0 <= hi
+            else "ablating it alone lowers the reward"
+            if hi < 0
+            else "ablating it alone raises the reward"
+        )
     hist = feature_histogram_figure(card).to_html(
         full_html=False, include_plotlyjs=include_plotlyjs, config={"displaylogo": False}
     )

@@ -130,3 +130,17 @@ def test_the_api_names_one_feature_by_dictionary_layer_and_index(study):
             study.card(*other)
     with pytest.raises(IrmlensError, match="not in the run's tables"):
         study.feature("shared", 0, 10**6)
+
+
+def test_a_card_says_what_its_ablation_effect_and_the_irms_representation_mean(study, planted_run):
+    from irmlens.viz.card_html import render_card
+
+    card = dict(study.report["feature_cards"][0])
+    card["ablation_effect"] = {"reward_change": 0.0, "ci": [-0.01, 0.02]}
+    assert "no measurable effect alone (the CI spans 0" in render_card(card)
+    card["ablation_effect"] = {"reward_change": -0.2, "ci": [-0.3, -0.1]}
+    assert "ablating it alone lowers the reward" in render_card(card)
+    card["ablation_effect"] = None
+    assert "not measured (only the sparse IRM's features" in render_card(card)
+    page = (planted_run / "report" / "index.html").read_text()
+    assert "reads their encoder pre-activations (RLHF minus base); the cards show the codes" in page
