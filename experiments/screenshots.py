@@ -62,7 +62,7 @@ def shoot(page: Path, png: Path, width: int, height: int) -> dict:
     return {
         "png": str(png),
         "ok": shot.returncode == 0 and png.exists(),
-        "charts": dom.stdout.count('class="plotly-graph-div"'),
+        "charts": dom.stdout.count("plotly-graph-div"),
         "drawn": dom.stdout.count('class="main-svg"'),
         "console_errors": errors[:5],
     }

@@ -272,7 +272,8 @@ def feature_histogram_figure(card: dict) -> go.Figure:
         )
     fig.update_layout(
         barmode="overlay",
-        title=f"feature {card['feature']}: activations when firing",
+        title=f"{feature_label(card.get('dictionary', 'shared'), card['layer'], card['feature'])}: "
+        "activations when firing",
         xaxis_title="activation",
         yaxis_title="positions",
         height=300,
