@@ -21,10 +21,13 @@ def top_contexts(
     k: int = 5,
     before: int = 8,
     after: int = 2,
+    window_text=None,
 ) -> list[dict]:
     """The ``k`` positions where ``feature`` is most active. ``codes`` are over valid positions in
     row-major order (the cache's layout); each context lists its tokens and the feature's
-    activation on each (0 where outside the valid positions)."""
+    activation on each (0 where outside the valid positions). ``window_text`` (ids -> one
+    string per id, e.g. ``token_pieces``) gives the tokens as they read in the text, spaces
+    included; otherwise each is ``token_str`` of its id alone."""
     col = codes[:, feature].float()
     if float(col.max()) <= 0:
         return []
@@ -37,14 +40,29 @@ def top_contexts(
             break
         r, c = int(rows[i]), int(cols[i])
         lo, hi = max(0, c - before), min(valid.shape[1], c + after + 1)
-        toks, acts = [], []
+        ids, acts = [], []
         for p in range(lo, hi):
             if p > c and not valid[r, p]:
                 break
-            toks.append(token_str(int(tokens[r, p])))
+            ids.append(int(tokens[r, p]))
             j = int(flat_index[r, p])
             acts.append(float(col[j]) if j >= 0 else 0.0)
+        toks = window_text(ids) if window_text is not None else [token_str(t) for t in ids]
         out.append({"tokens": toks, "activations": acts, "focus": c - lo, "max": float(col[i])})
+    return out
+
+
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """Each token of ``ids`` as it reads in their decoded text, its leading space included: the
+    difference between decoding the prefix with and without it (a word-level tokenizer's
+    decoder puts the spaces between tokens; decoding one token alone loses them). Where a
+    prefix does not extend the previous one (a byte-level token splitting a character), the
+    token decoded alone."""
+    out, prev = [], ""
+    for j in range(len(ids)):
+        text = tokenizer.decode(ids[: j + 1])
+        out.append(text[len(prev) :] if text.startswith(prev) else tokenizer.decode([ids[j]]))
+        prev = text
     return out
 
 

@@ -54,7 +54,12 @@ def _layer_cards(
 ) -> list[dict]:
     """The cards of one layer's chosen shared-SAE features."""
     from irmlens.cache.store import load_activations, load_token_rows
-    from irmlens.diff.cards import activation_histograms, logit_effects, top_contexts
+    from irmlens.diff.cards import (
+        activation_histograms,
+        logit_effects,
+        token_pieces,
+        top_contexts,
+    )
     from irmlens.irm.fit import irm_feature_weights
     from sae_training.train import encode_batched, load_sae
 
@@ -70,6 +75,9 @@ def _layer_cards(
 
     def token_str(i: int) -> str:
         return tok.decode([i])
+
+    def window_text(ids: list[int]) -> list[str]:
+        return token_pieces(tok, ids)
 
     w_u = pair.get()["base"].W_U.detach()
     csv_rows = {}
@@ -104,8 +112,12 @@ def _layer_cards(
                         "matching_tag",
                     )
                 },
-                "contexts_base": top_contexts(codes["base"], rows.tokens, rows.valid, token_str, j),
-                "contexts_rlhf": top_contexts(codes["rlhf"], rows.tokens, rows.valid, token_str, j),
+                **{
+                    f"contexts_{m}": top_contexts(
+                        codes[m], rows.tokens, rows.valid, token_str, j, window_text=window_text
+                    )
+                    for m in ("base", "rlhf")
+                },
                 "histogram": activation_histograms(codes["base"], codes["rlhf"], j),
                 **logit_effects(sae.W_dec[j].detach(), w_u, token_str),
             }

@@ -117,3 +117,34 @@ def test_shared_features_are_tagged_by_where_they_live():
     ]
     assert p["base_partner"][:4] == [0, 1, 2, 3] and p["rlhf_partner"][4] == 2
     assert p["base_cosine"][0] == pytest.approx(1.0)
+
+
+def test_context_tokens_keep_the_spaces_the_text_has():
+    """A word-level tokenizer's tokens decoded alone lose the spaces between words (the cards
+    printed "mainactorsahealthy"); ``token_pieces`` keeps each token as it reads in the text."""
+    from irmlens.diff.cards import token_pieces, top_contexts
+    from irmlens.models.pretrain import train_tokenizer
+
+    text = "the acting is good and the plot is great"
+    tok = train_tokenizer([text] * 20, 50, kind="word")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = token_pieces(tok, ids)
+    assert "".join(pieces) == tok.decode(ids) and len(pieces) == len(ids)
+    assert pieces[1].startswith(" ") and pieces[1].strip() == "acting"
+    # in a card's context: the peak token and its neighbours, with their spaces
+    tokens = torch.tensor([ids])
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    codes = torch.zeros(len(ids), 1)
+    codes[3, 0] = 2.0  # "good"
+    (ctx,) = top_contexts(
+        codes,
+        tokens,
+        valid,
+        lambda i: tok.decode([i]),
+        0,
+        k=1,
+        window_text=lambda w: token_pieces(tok, w),
+    )
+    assert ctx["tokens"][ctx["focus"]] == " good" and "".join(ctx["tokens"]).startswith(
+        "the acting"
+    )
