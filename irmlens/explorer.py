@@ -111,9 +111,7 @@ class Explorer:
 
         layer = self.layer if layer is None else layer
         ref = (dictionary, layer, feature)
-        others = sorted(
-            la for d, la, j in self.cards if d == dictionary and j == feature and la != layer
-        )
+        others = [la for la in self.study.card_layers(dictionary, feature) if la != layer]
         note = (
             f"<p><i>index {feature} also has a card at layer {', '.join(map(str, others))}: "
             f"that is another feature (pass layer=...)</i></p>"

@@ -48,10 +48,13 @@ class Study:
         fraction of its layer's activation norm)."""
         import pandas as pd
 
-        frames = [self._layer_table(layer) for layer in self.diff_layers()]
+        coef = self.irm_coefficients()
+        frames = [self._layer_table(layer, coef) for layer in self.diff_layers()]
         return _ranked(pd.concat(frames, ignore_index=True))
 
-    def _layer_table(self, layer: int):
+    def _layer_table(self, layer: int, coef=None):
+        """One layer's features table with its reference columns, the dense IRM's weights
+        (``coef``: the IRM's coefficients, read here when not given) and the sparse-IRM rank."""
         import pandas as pd
 
         from irmlens.irm.fit import irm_feature_weights
@@ -59,7 +62,8 @@ class Study:
         df = pd.read_csv(self._features_table(layer))
         df.insert(0, "layer", layer)
         df.insert(0, "dictionary", "shared")
-        weights = irm_feature_weights(self.report["irm"], self.irm_coefficients(), len(df), layer)
+        coef = self.irm_coefficients() if coef is None else coef
+        weights = irm_feature_weights(self.report["irm"], coef, len(df), layer)
         df["irm_weight"] = [weights.get(j, float("nan")) for j in df["feature"]]
         rank = {
             f["local_feature"]: i
@@ -292,12 +296,12 @@ class Study:
         histograms, logit effect, labels, ablation effect. A feature without a card is refused
         naming which features have one (cards cover the IRM layer's most divergent features and
         every sparse-IRM feature)."""
-        from irmlens.refs import card_ref, feature_label
+        from irmlens.refs import feature_label
 
-        cards = {card_ref(c): c for c in self.report["feature_cards"]}
+        cards = self._cards()
         found = cards.get((dictionary, layer, feature))
         if found is None:
-            same_index = sorted(la for d, la, j in cards if d == dictionary and j == feature)
+            same_index = self.card_layers(dictionary, feature)
             hint = (
                 f"; index {feature} has a card at layer {same_index} (another feature)"
                 if same_index
@@ -310,6 +314,16 @@ class Study:
                 "every feature's numbers)"
             )
         return found
+
+    def card_layers(self, dictionary: str, feature: int) -> list[int]:
+        """The layers whose index ``feature`` of ``dictionary`` has a card (each another
+        feature): what a lookup by index alone would have to choose between."""
+        return sorted(la for d, la, j in self._cards() if d == dictionary and j == feature)
+
+    def _cards(self) -> dict[tuple[str, int, int], dict]:
+        from irmlens.refs import card_ref
+
+        return {card_ref(c): c for c in self.report["feature_cards"]}
 
     def top_contexts(self, dictionary: str, layer: int, feature: int, model: str = "rlhf"):
         """The contexts where feature (``dictionary``, ``layer``, ``feature``) fires most in
@@ -337,20 +351,16 @@ class Study:
                 f"{feature_label(dictionary, layer, feature)}: the feature tables are the shared "
                 "dictionary's (dictionary = 'shared')"
             )
-        df = self.features
-        row = df[(df["layer"] == layer) & (df["feature"] == feature)]
-        if row.empty:
+        layers = self.diff_layers()
+        df = self._layer_table(layer) if layer in layers else None
+        row = None if df is None else df[df["feature"] == feature]
+        if row is None or row.empty:
             raise IrmlensError(
                 f"{feature_label(dictionary, layer, feature)} is not in the run's tables "
-                f"(layers {self.diff_layers()}, {len(df) // max(1, len(self.diff_layers()))} "
-                "features each)"
+                f"(layers {layers}, "
+                f"{self.report['feature_divergence']['n_features']} features each)"
             )
-        out = row.iloc[0].to_dict()
-        try:
-            out["card"] = self.card(dictionary, layer, feature)
-        except IrmlensError:
-            out["card"] = None
-        return out
+        return row.iloc[0].to_dict() | {"card": self._cards().get((dictionary, layer, feature))}
 
     def sae(self, model: str = "shared", layer: int | None = None, width: int | None = None):
         """A saved SAE (sae-lens ``SAE``); defaults: the IRM's layer and width."""

@@ -835,7 +835,7 @@ def render_html(
     )
     words_html = (
         "<h2>Most over- and under-valued held-out words</h2><p>divergence = standardised IRM "
-        f"minus standardised {html.escape(target_terms(report)['target'])}</p><table><tr><th>word</th><th>{target_terms(report)['target'].split()[0]}</th><th>IRM</th>"
+        f"minus standardised {html.escape(terms['target'])}</p><table><tr><th>word</th><th>{terms['target'].split()[0]}</th><th>IRM</th>"
         f"<th>divergence</th></tr>{word_rows}</table>"
     )
     feat_rows = "".join(
@@ -859,7 +859,7 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 .ctxs{{display:flex;gap:2em}}.ctxs>div{{flex:1}}details.card{{border:1px solid #ddd;margin:6px 0;padding:4px 8px}}</style>
 <script type="text/javascript">{get_plotlyjs()}</script></head>
 <body><h1>irmlens report: {html.escape(report["name"])}</h1>
-<p>{html.escape(target_terms(report)["question"])}</p>
+<p>{html.escape(terms["question"])}</p>
 {_unverified_html(report)}
 {glance_html(report)}
 {mediation_html(report.get("mediation"), report["studied_layers"], _card_keys(report))}

@@ -31,10 +31,11 @@ def run(ctx: StudyContext) -> None:
     for la, feats in sparse.items():
         chosen.setdefault(la, []).extend(f for f in feats if f not in chosen[la])
     validation_of = _validation_of(ctx)
+    text = _Text(ctx)
     cards = []
     for la in sorted(chosen):
         table = divergent if la == layer else {}
-        cards += _layer_cards(ctx, la, chosen[la], table, set(sparse.get(la, ())), irm, coef)
+        cards += _layer_cards(ctx, text, la, chosen[la], table, set(sparse.get(la, ())), irm, coef)
     for card in cards:
         card.update(validation_of(card["layer"], card["feature"]))
     atomic_write_json(paths.cards, cards)
@@ -43,8 +44,29 @@ def run(ctx: StudyContext) -> None:
     log(f"cards: {len(cards)} feature cards per layer {per_layer} ({n_sparse} sparse-IRM features)")
 
 
+class _Text:
+    """What every layer's cards read the same way, loaded once: the cached token rows, the
+    base model's unembedding, and the tokenizer's strings of a token and of a context."""
+
+    def __init__(self, ctx: StudyContext) -> None:
+        from irmlens.cache.store import load_token_rows
+
+        self.rows = load_token_rows(ctx.paths.cache)
+        self.tok = ctx.pair.tokenizer
+        self.w_u = ctx.pair.get()["base"].W_U.detach()
+
+    def token_str(self, i: int) -> str:
+        return self.tok.decode([i])
+
+    def window_text(self, ids: list[int]) -> list[str]:
+        from irmlens.diff.cards import token_pieces
+
+        return token_pieces(self.tok, ids)
+
+
 def _layer_cards(
     ctx: StudyContext,
+    text: _Text,
     layer: int,
     chosen: list[int],
     divergent: dict[int, dict],
@@ -53,33 +75,18 @@ def _layer_cards(
     coef,
 ) -> list[dict]:
     """The cards of one layer's chosen shared-SAE features."""
-    from irmlens.cache.store import load_activations, load_token_rows
-    from irmlens.diff.cards import (
-        activation_histograms,
-        logit_effects,
-        token_pieces,
-        top_contexts,
-    )
+    from irmlens.cache.store import load_activations
+    from irmlens.diff.cards import activation_histograms, logit_effects, top_contexts
     from irmlens.irm.fit import irm_feature_weights
     from sae_training.train import encode_batched, load_sae
 
-    paths, pair = ctx.paths, ctx.pair
+    paths, rows = ctx.paths, text.rows
     hook = ctx.hook(layer)
     sae = load_sae(paths.sae_dir("shared", hook, ctx.widest))
     weights = irm_feature_weights(irm, coef, sae.cfg.d_sae, layer)
     codes = {
         m: encode_batched(sae, load_activations(paths.cache, m, hook)) for m in ("base", "rlhf")
     }
-    rows = load_token_rows(paths.cache)
-    tok = pair.tokenizer
-
-    def token_str(i: int) -> str:
-        return tok.decode([i])
-
-    def window_text(ids: list[int]) -> list[str]:
-        return token_pieces(tok, ids)
-
-    w_u = pair.get()["base"].W_U.detach()
     csv_rows = {}
     if paths.features_table(layer).exists():  # every studied layer has one
         with open(paths.features_table(layer), encoding="utf-8") as f:
@@ -114,12 +121,17 @@ def _layer_cards(
                 },
                 **{
                     f"contexts_{m}": top_contexts(
-                        codes[m], rows.tokens, rows.valid, token_str, j, window_text=window_text
+                        codes[m],
+                        rows.tokens,
+                        rows.valid,
+                        text.token_str,
+                        j,
+                        window_text=text.window_text,
                     )
                     for m in ("base", "rlhf")
                 },
                 "histogram": activation_histograms(codes["base"], codes["rlhf"], j),
-                **logit_effects(sae.W_dec[j].detach(), w_u, token_str),
+                **logit_effects(sae.W_dec[j].detach(), text.w_u, text.token_str),
             }
         )
     return cards
