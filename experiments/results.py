@@ -688,6 +688,54 @@ def top_features(report: dict, n: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _machine(m: dict | str) -> str:
+    if isinstance(m, str):
+        return m
+    return (
+        f"{m.get('cpu')}, {m.get('cpu_count')} cores, "
+        f"{'with' if m.get('avx512') else 'without'} AVX-512, torch {m.get('torch')}"
+        + (f", {m['gpu']}" if m.get("gpu") else "")
+    )
+
+
+def stage_times(reports: list[dict]) -> str:
+    """Each stage's seconds in each run (``report.json`` ``timings``: its last completed run),
+    with the machines they ran on: the one table the docs quote stage times from."""
+    order: list[str] = []
+    seconds: list[dict[str, float | None]] = []
+    for r in reports:
+        stages = (r.get("timings") or {}).get("stages", [])
+        seconds.append({s["stage"]: s["seconds"] for s in stages})
+        order += [s["stage"] for s in stages if s["stage"] not in order]
+    lines = [
+        "## Stage times",
+        "",
+        "Seconds of each stage's last completed run, from each report's `timings` (the report "
+        "stage's own time is in the run's log). Measured on the machines named below, on 2 CPU "
+        "cores; another machine of the same class can take up to twice as long (with or without "
+        "AVX-512), so quote ratios, not seconds.",
+        "",
+        "| stage | " + " | ".join(r["name"] for r in reports) + " |",
+        "|---|" + "---|" * len(reports),
+    ]
+    for stage in order:
+        cells = [NA if sec.get(stage) is None else f"{sec[stage]:,.0f}" for sec in seconds]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    totals = [
+        NA
+        if not (r.get("timings") or {}).get("stages")
+        else f"{r['timings']['total_seconds']:,.0f}"
+        for r in reports
+    ]
+    lines.append("| **all stages** | " + " | ".join(totals) + " |")
+    machines = [
+        "; ".join(_machine(m) for m in (r.get("timings") or {}).get("machines") or []) or NA
+        for r in reports
+    ]
+    lines.append("| machine | " + " | ".join(_md_cell(m) for m in machines) + " |")
+    return "\n".join(lines)
+
+
 def render(run_dirs: list[Path]) -> str:
     reports = [json.loads((d / "report/report.json").read_text()) for d in run_dirs]
     parts = [
@@ -704,6 +752,8 @@ def render(run_dirs: list[Path]) -> str:
         table(reports),
         "",
         *[top_features(r) + "\n" for r in reports],
+        stage_times(reports),
+        "",
         PROTOCOL,
     ]
     return "\n".join(parts)

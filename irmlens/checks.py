@@ -4,7 +4,7 @@
 2. a config about to run (``check_new_run``: the work bounds of ``ranged(..., new_run=...)``);
 3. the model's dimensions and positions (``check_dimensions``, ``check_positions``: the tiny
    model's from the config at load, a given model's from its config.json before the run);
-4. the machine (``check_device_exists``, ``check_memory``);
+4. the machine (``check_device_exists``, ``check_reporter_installed``, ``check_memory``);
 5. the data (``check_lexicon_fits_corpus``, ``check_study_fits_data``: the corpus and lexicon).
 
 A rule that needs one key sits beside its field (``irmlens.ranges.ranged``); one that needs
@@ -208,6 +208,20 @@ def check_device_exists(cfg: StudyConfig) -> None:
     problem = device_problem(cfg.model.device)
     if problem:
         raise ConfigError(f"model.device = {cfg.model.device!r}: {problem}")
+
+
+def check_reporter_installed(cfg: StudyConfig) -> None:
+    """``rlhf.report_to``'s package is importable (transformers would fail mid-run otherwise)."""
+    import importlib.util
+
+    from irmlens.rlhf.train import REPORTERS
+
+    package = REPORTERS[cfg.rlhf.report_to]
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"rlhf.report_to = {cfg.rlhf.report_to!r} needs the {package} package, which is not "
+            f"installed: pip install {package}, or set rlhf.report_to = 'none'"
+        )
 
 
 def check_memory(cfg, d_model: int) -> None:

@@ -564,11 +564,12 @@ def config_from_dict(
     ``check_device``: also require that this machine has ``model.device``; ``new_run``: also the
     rules for a config about to run (``check_new_run``). Both off only to read a finished run's
     config (it names the machine it ran on, and may predate a bound; a run checks them again)."""
-    from irmlens.checks import check_device_exists, check_new_run
+    from irmlens.checks import check_device_exists, check_new_run, check_reporter_installed
 
     cfg = _build(StudyConfig, values, "")
     if check_device:
         check_device_exists(cfg)
+        check_reporter_installed(cfg)
     if new_run:
         check_new_run(cfg)
     return cfg

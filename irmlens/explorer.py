@@ -1,7 +1,8 @@
 """``irmlens.explore(run_dir)``: a Jupyter explorer of a finished run (ipywidgets + plotly).
 
-Pick a layer, sort and filter features, click a feature in the map to open its card, search a word
-to see its IRM utility and which features it comes from. The state and the callbacks live in
+Pick a layer, sort and filter features, click a feature in the map to open its card (its
+histogram drawn as a figure widget: a widget's HTML runs no scripts, so nothing is fetched from a
+CDN), find cards by token, search a word to see its IRM utility and which features it comes from. The state and the callbacks live in
 ``Explorer`` (plain methods, unit-tested); ``explore`` just builds and returns its widget.
 """
 
@@ -44,14 +45,18 @@ class Explorer:
             value=0.0, min=0.0, max=0.5, step=0.01, description="divergence ≥"
         )
         self.word_box = w.Text(placeholder="a word, e.g. great", description="word")
+        self.token_box = w.Text(placeholder="a token, e.g. great", description="find cards")
         self.table_html = w.HTML()
         self.card_html = w.HTML()
+        self.card_figure = go.FigureWidget()
+        self.token_html = w.HTML()
         self.word_html = w.HTML()
         self.figure = go.FigureWidget()
         self.layer_box.observe(self.on_layer, names="value")
         self.sort_box.observe(self.on_sort, names="value")
         self.filter_box.observe(self.on_filter, names="value")
         self.word_box.observe(self.on_word, names="value")
+        self.token_box.observe(self.on_token, names="value")
         self.refresh()
 
     # ------------------------------------------------------------------ state -> views
@@ -118,8 +123,8 @@ class Explorer:
             if others
             else ""
         )
-        if ref in self.cards:
-            return note + render_card(self.cards[ref], include_plotlyjs="cdn")
+        if ref in self.cards:  # its histogram: card_figure (a widget's HTML runs no scripts)
+            return note + render_card(self.cards[ref], histogram=False)
         if dictionary != "shared":
             return f"<p>{html.escape(feature_label(*ref))} has no card</p>" + note
         df = self.study.features_of_layer(layer)
@@ -132,6 +137,31 @@ class Explorer:
             + note
             + row.to_html(index=False)
         )
+
+    def show_card(self, feature: int, layer: int | None = None, dictionary: str = "shared") -> None:
+        """Open a card: its HTML, and its activation histogram in the figure widget (empty when
+        the feature has no card)."""
+        from irmlens.viz.figures import feature_histogram_figure
+
+        layer = self.layer if layer is None else layer
+        self.selected = feature
+        self.card_html.value = self.card(feature, layer, dictionary)
+        card = self.cards.get((dictionary, layer, feature))
+        fig = feature_histogram_figure(card) if card else None
+        with self.card_figure.batch_update():
+            self.card_figure.data = []
+            if fig is not None:
+                self.card_figure.add_traces(list(fig.data))
+                self.card_figure.layout = fig.layout
+
+    def find(self, token: str) -> str:
+        """The cards with a token containing ``token`` (``Study.find_cards``), as a table."""
+        if not token.strip():
+            return ""
+        found = self.study.find_cards(token)
+        if found.empty:
+            return f"<p>no card has a token containing <b>{html.escape(token.strip())}</b></p>"
+        return f"<p>{len(found)} card(s):</p>" + found.to_html(index=False)
 
     def word(self, query: str) -> str:
         """A word's true and IRM utility, and its top contributing features (held-out words)."""
@@ -171,18 +201,30 @@ class Explorer:
     def on_point_click(self, trace, points, selector=None) -> None:
         if not points.point_inds:
             return
-        self.selected = int(trace.customdata[points.point_inds[0]])
-        self.card_html.value = self.card(self.selected, self.layer)
+        self.show_card(int(trace.customdata[points.point_inds[0]]), self.layer)
 
     def on_word(self, change) -> None:
         self.word_html.value = self.word(change["new"])
+
+    def on_token(self, change) -> None:
+        self.token_html.value = self.find(change["new"])
 
     def widget(self):
         import ipywidgets as w
 
         controls = w.HBox([self.layer_box, self.sort_box, self.filter_box])
         return w.VBox(
-            [controls, self.figure, self.table_html, self.card_html, self.word_box, self.word_html]
+            [
+                controls,
+                self.figure,
+                self.table_html,
+                self.card_html,
+                self.card_figure,
+                self.token_box,
+                self.token_html,
+                self.word_box,
+                self.word_html,
+            ]
         )
 
 

@@ -340,6 +340,56 @@ class Study:
             rows.append({"context": "".join(toks), "max": c["max"]})
         return pd.DataFrame(rows)
 
+    def quantile_samples(self, dictionary: str, layer: int, feature: int, model: str = "rlhf"):
+        """Contexts sampled from each quartile band of the feature's non-zero activations in
+        ``model``, from its card (what most of its firings look like, beside its top
+        contexts): one row per context with its band, the band's activation range, the
+        context (peak token marked [[like this]]) and its activation."""
+        import pandas as pd
+
+        if model not in ("base", "rlhf"):
+            raise IrmlensError(f"model = {model!r}: cards hold samples of 'base' and 'rlhf'")
+        rows = []
+        for band in self.card(dictionary, layer, feature).get(f"quantiles_{model}") or []:
+            for c in band["contexts"]:
+                toks = list(c["tokens"])
+                toks[c["focus"]] = f"[[{toks[c['focus']]}]]"
+                rows.append(
+                    {
+                        "band": band["band"],
+                        "low": band["low"],
+                        "high": band["high"],
+                        "context": "".join(toks),
+                        "activation": c["max"],
+                    }
+                )
+        return pd.DataFrame(rows, columns=["band", "low", "high", "context", "activation"])
+
+    def find_cards(self, token: str):
+        """The cards with a token containing ``token`` (case-insensitive) where the feature fires
+        (its contexts' peak tokens) or among the tokens it promotes or suppresses: one row per
+        card, (dictionary, layer, feature) and the matching tokens; the report's card search."""
+        import pandas as pd
+
+        from irmlens.viz.card_html import search_tokens
+
+        q = token.strip().lower()
+        if not q:
+            raise IrmlensError("find_cards(''): give a token (e.g. 'great')")
+        rows = []
+        for (dictionary, layer, feature), card in self._cards().items():
+            hits = [t for t in search_tokens(card).split(" ") if q in t]
+            if hits:
+                rows.append(
+                    {
+                        "dictionary": dictionary,
+                        "layer": layer,
+                        "feature": feature,
+                        "tokens": ", ".join(hits),
+                    }
+                )
+        return pd.DataFrame(rows, columns=["dictionary", "layer", "feature", "tokens"])
+
     def feature(self, dictionary: str, layer: int, feature: int) -> dict:
         """Everything the run holds on feature (``dictionary``, ``layer``, ``feature``): its row
         of ``features`` (divergence in both pairs, frequencies, IRM weight, sparse-IRM rank,

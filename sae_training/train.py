@@ -468,8 +468,27 @@ def _trainer_class(cfg: SAETrainingConfig, sae):
     if cfg.step in own:
         module, trainer_class = own[cfg.step]
         if cfg.trainer != "auto" or module.supports(sae):
-            return trainer_class()
-    return SAETrainer
+            return _bar_to_the_end(trainer_class())
+    return _bar_to_the_end(SAETrainer)
+
+
+def _bar_to_the_end(trainer_class):
+    """``trainer_class`` whose progress bar ends at 100%: sae-lens moves its bar every 100 steps
+    only, so a run of 405 steps stopped at 99% (400 steps' samples)."""
+
+    def _update_pbar(self, step_output, pbar, update_interval: int = 100):
+        if (
+            self.n_training_steps % update_interval == 0
+            or self.n_training_samples >= self.cfg.total_training_samples
+        ):
+            losses = " | ".join(
+                f"{name}: {float(value() if callable(value) else value):.5f}"
+                for name, value in step_output.losses.items()
+            )
+            pbar.set_description(f"{self.n_training_steps}| {losses}")
+            pbar.update(self.n_training_samples - pbar.n)
+
+    return type(trainer_class.__name__, (trainer_class,), {"_update_pbar": _update_pbar})
 
 
 def _on_device_if_it_fits(acts: torch.Tensor, device: str) -> torch.Tensor:

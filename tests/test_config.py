@@ -27,6 +27,24 @@ def test_unknown_key_is_named(tmp_path):
         load_config(p)
 
 
+def test_a_reporter_whose_package_is_missing_is_refused_at_load(monkeypatch):
+    """rlhf.report_to is opt-in; one whose package is not importable fails at load, naming the
+    package and the fix, not an ImportError in the middle of the RLHF stage."""
+    import importlib.util
+
+    assert config_from_dict({"rlhf": {"report_to": "none"}}).rlhf.report_to == "none"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else real(name, *a),
+    )
+    with pytest.raises(ConfigError, match="needs the tensorboard package.*pip install tensorboard"):
+        config_from_dict({"rlhf": {"report_to": "tensorboard"}})
+    with pytest.raises(ConfigError, match="report_to"):
+        config_from_dict({"rlhf": {"report_to": "mlflow"}})
+
+
 def test_bad_values_are_reported():
     with pytest.raises(ConfigError, match="ppo|algorithm"):
         config_from_dict({"rlhf": {"algorithm": "dpo"}})

@@ -44,8 +44,27 @@ def test_clicking_a_feature_opens_its_card(explorer):
     layer = explorer.study.report["feature_divergence"]["layer"]
     assert f'id="feature-shared-{layer}-{top}"' in explorer.card_html.value  # the full card
     assert "top contexts, RLHF" in explorer.card_html.value
+    assert "samples from each quartile" in explorer.card_html.value
+    # drawn offline: no script in the widget's HTML (it would not run), the histogram a widget
+    assert "<script" not in explorer.card_html.value and "cdn" not in explorer.card_html.value
+    assert [t.type for t in explorer.card_figure.data] == ["bar", "bar"]
+    assert "fires on" in explorer.card_figure.data[1].name
     explorer.on_point_click(trace, SimpleNamespace(point_inds=[]))  # a click on nothing
     assert explorer.selected == top
+
+
+def test_finding_cards_by_token(explorer):
+    """A token a card's feature promotes finds that card, in the explorer and in the Study."""
+    card = explorer.study.report["feature_cards"][0]
+    token = next(t["token"].strip().lower() for t in card["promoted"] if t["token"].strip())
+    found = explorer.study.find_cards(token)
+    assert (card["layer"], card["feature"]) in set(
+        zip(found["layer"], found["feature"], strict=True)
+    )
+    explorer.on_token({"new": token.upper()})
+    assert f"{len(found)} card(s)" in explorer.token_html.value
+    explorer.on_token({"new": "zzz-no-such-token"})
+    assert "no card has a token" in explorer.token_html.value
 
 
 def test_word_search_shows_attribution(explorer):

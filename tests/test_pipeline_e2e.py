@@ -18,7 +18,7 @@ def _finite(x):
 
 def test_report_json_has_schema_v3_fields(micro_run):
     r = json.loads((micro_run / "report/report.json").read_text())
-    assert r["schema_version"] == 3
+    assert r["schema_version"] == 4
     for m in ("base", "rlhf", "null"):
         assert (
             r["models"][m]["n_layers"] == 2

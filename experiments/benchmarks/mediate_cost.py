@@ -8,7 +8,8 @@ Reruns the stage on a finished run folder (its ``mediate/`` is replaced by the s
 stage is deterministic; its record is rewritten) with the models already loaded, then times the RLHF model's forward and
 backward pass over the ``mediate.n_rows`` measured rows (the median of ``--repeat``). The stage's
 floor is the forward passes its measurements need: per text set and metric sweep two per site,
-per basis and direction one per k and re-checked component plus one backward for attribution; the
+per basis and direction one per k and re-checked component (k = 1 is the first re-checked one),
+per layer and direction one forward and backward for attribution, shared by every basis; the
 printed count of those passes is the bound any implementation patching whole models could reach.
 """
 
@@ -62,13 +63,15 @@ def main() -> None:
     found = read_json(paths.mediate / "mediation.json")
     n_sites = len(found["sweep"]["sites"])
     n_sweeps = len({s["text"] for s in found["sweeps"]})
+    # per curve: one patch per k and per re-checked component, k = 1 being the first re-checked
+    # one's; per layer and direction: the metric and its gradient at the start, shared by bases
     n_curve_passes = sum(
-        len(c[d]["curve"]) + min(cfg.mediate.recheck, c[d]["n_components"]) + 2
+        len(c[d]["curve"]) + max(0, min(cfg.mediate.recheck, c[d]["n_components"]) - 1)
         for layer in found["layers"].values()
         for c in layer["bases"].values()
         for d in ("removed", "reproduced")
-    )
-    passes = n_sweeps * (2 * n_sites + 4) + n_curve_passes
+    ) + 4 * len(found["layers"])
+    passes = n_sweeps * (2 * n_sites + 2) + n_curve_passes
     print(f"rows {n}, {n_sites} sweep sites, {len(found['layers'])} studied layers")
     print(f"mediate stage: {stage:.1f} s (the models loaded before)")
     print(f"one forward + backward of the RLHF model over the rows: {unit:.3f} s")

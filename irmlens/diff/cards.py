@@ -1,8 +1,8 @@
 """Feature cards: what one dictionary feature reads and writes, in the base and the RLHF model.
 
 A card holds, for one shared-SAE feature: its top-activating contexts in each model (token
-windows with per-token activations, for highlighting), activation histograms of both models on
-the same bins, the tokens its decoder direction promotes and suppresses through the unembedding
+windows with per-token activations, for highlighting) and samples from each quantile band of its
+activations, activation histograms of both models on the same bins, the tokens its decoder direction promotes and suppresses through the unembedding
 (the logit lens, final norm ignored), its divergence numbers, IRM weight and matched partner.
 Pure functions over tensors; the pipeline supplies codes, tokens and the unembedding.
 """
@@ -10,6 +10,41 @@ Pure functions over tensors; the pipeline supplies codes, tokens and the unembed
 from __future__ import annotations
 
 import torch
+
+
+def _positions(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (row, column) of each code row (codes are over valid positions in row-major order,
+    the cache's layout), and each position's code row (-1 outside the valid positions)."""
+    flat_index = torch.full(valid.shape, -1, dtype=torch.long)
+    flat_index[valid] = torch.arange(int(valid.sum()))
+    rows, cols = torch.nonzero(valid, as_tuple=True)
+    return rows, cols, flat_index
+
+
+def _window(
+    col: torch.Tensor,
+    tokens: torch.Tensor,
+    valid: torch.Tensor,
+    where: tuple,
+    i: int,
+    token_str,
+    before: int,
+    after: int,
+    window_text,
+) -> dict:
+    """The context around code row ``i``: its tokens and the feature's activation on each."""
+    rows, cols, flat_index = where
+    r, c = int(rows[i]), int(cols[i])
+    lo, hi = max(0, c - before), min(valid.shape[1], c + after + 1)
+    ids, acts = [], []
+    for p in range(lo, hi):
+        if p > c and not valid[r, p]:
+            break
+        ids.append(int(tokens[r, p]))
+        j = int(flat_index[r, p])
+        acts.append(float(col[j]) if j >= 0 else 0.0)
+    toks = window_text(ids) if window_text is not None else [token_str(t) for t in ids]
+    return {"tokens": toks, "activations": acts, "focus": c - lo, "max": float(col[i])}
 
 
 def top_contexts(
@@ -31,24 +66,63 @@ def top_contexts(
     col = codes[:, feature].float()
     if float(col.max()) <= 0:
         return []
-    flat_index = torch.full(valid.shape, -1, dtype=torch.long)
-    flat_index[valid] = torch.arange(int(valid.sum()))
-    rows, cols = torch.nonzero(valid, as_tuple=True)
+    where = _positions(valid)
     out = []
     for i in torch.argsort(col, descending=True)[:k].tolist():
         if col[i] <= 0:
             break
-        r, c = int(rows[i]), int(cols[i])
-        lo, hi = max(0, c - before), min(valid.shape[1], c + after + 1)
-        ids, acts = [], []
-        for p in range(lo, hi):
-            if p > c and not valid[r, p]:
-                break
-            ids.append(int(tokens[r, p]))
-            j = int(flat_index[r, p])
-            acts.append(float(col[j]) if j >= 0 else 0.0)
-        toks = window_text(ids) if window_text is not None else [token_str(t) for t in ids]
-        out.append({"tokens": toks, "activations": acts, "focus": c - lo, "max": float(col[i])})
+        out.append(_window(col, tokens, valid, where, i, token_str, before, after, window_text))
+    return out
+
+
+def quantile_contexts(
+    codes: torch.Tensor,
+    tokens: torch.Tensor,
+    valid: torch.Tensor,
+    token_str,
+    feature: int,
+    bands: int = 4,
+    per_band: int = 2,
+    before: int = 8,
+    after: int = 2,
+    window_text=None,
+) -> list[dict]:
+    """Samples from each quantile band of the feature's non-zero activations (lowest band
+    first), as SAE dashboards show them: the top contexts alone say what a feature does at its
+    strongest, not what most of its firings are. Each band holds ``per_band`` contexts spread
+    evenly through it (deterministic: no sampling), and its activation range."""
+    col = codes[:, feature].float()
+    firing = torch.nonzero(col > 0).flatten()
+    if not len(firing):
+        return []
+    firing = firing[torch.argsort(col[firing], stable=True)]  # ascending activation
+    where, n, out = _positions(valid), len(firing), []
+    for b in range(bands):
+        lo, hi = b * n // bands, (b + 1) * n // bands
+        if hi <= lo:
+            continue
+        picks = sorted({lo + int((s + 0.5) * (hi - lo) / per_band) for s in range(per_band)})
+        out.append(
+            {
+                "band": f"{100 * b // bands}-{100 * (b + 1) // bands}%",
+                "low": float(col[firing[lo]]),
+                "high": float(col[firing[hi - 1]]),
+                "contexts": [
+                    _window(
+                        col,
+                        tokens,
+                        valid,
+                        where,
+                        int(firing[i]),
+                        token_str,
+                        before,
+                        after,
+                        window_text,
+                    )
+                    for i in picks
+                ],
+            }
+        )
     return out
 
 

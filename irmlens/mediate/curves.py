@@ -39,6 +39,7 @@ class Site:
     rlhf: torch.Tensor
     metric: Callable[[torch.Tensor], torch.Tensor]
     _ends: dict = field(default_factory=dict, repr=False)
+    _gradients: dict = field(default_factory=dict, repr=False)
     _changes: dict = field(default_factory=dict, repr=False)  # id -> (basis kept alive, changes)
 
     def changes(self, basis) -> torch.Tensor:
@@ -55,6 +56,17 @@ class Site:
             with torch.no_grad():
                 self._ends[which] = self.metric(getattr(self, which).float())
         return self._ends[which]
+
+    def gradient(self, which: str) -> torch.Tensor:
+        """The metric's gradient (mean over rows) at the site's own ``base`` or ``rlhf``
+        activations, computed once: every basis's attribution in one direction starts from the
+        same activations, so one backward pass serves them all."""
+        if which not in self._gradients:
+            x = getattr(self, which).detach().clone().float().requires_grad_(True)
+            with torch.enable_grad():
+                self.metric(x).mean().backward()
+            self._gradients[which] = x.grad.detach()
+        return self._gradients[which]
 
 
 def component_directions(basis, d_model: int) -> torch.Tensor:
@@ -81,13 +93,6 @@ def component_changes(basis, base: torch.Tensor, rlhf: torch.Tensor) -> torch.Te
     if hasattr(basis, "changes"):
         return basis.changes(base, rlhf)
     return codes(basis, rlhf) - codes(basis, base)
-
-
-def _gradient(metric, x: torch.Tensor) -> torch.Tensor:
-    x = x.detach().clone().float().requires_grad_(True)
-    with torch.enable_grad():
-        metric(x).mean().backward()
-    return x.grad.detach()
 
 
 @torch.no_grad()
@@ -123,7 +128,7 @@ def faithfulness_curve(
     def share_of(m: torch.Tensor) -> float:
         return float(m.mean() - m_start.mean()) / site_gain if abs(site_gain) > 1e-12 else 0.0
 
-    grad = _gradient(site.metric, start)  # [rows, pos, d]
+    grad = site.gradient("rlhf" if removed else "base")  # [rows, pos, d]
     along = torch.einsum("rpd,nd->rpn", grad, dirs)
     attribution = (along * delta).sum((0, 1)) / len(start)  # estimated change of the mean
     estimate = attribution / site_gain if abs(site_gain) > 1e-12 else attribution
@@ -131,13 +136,15 @@ def faithfulness_curve(
     # much as one that moves it on (ranking by share alone would pick overshooting sets)
     order = torch.argsort(estimate.abs(), descending=True, stable=True)
     top = order[: min(recheck, len(order))]
-    real = {int(j): share_of(moved(torch.tensor([int(j)]))) for j in top}
+    single = {int(j): moved(torch.tensor([int(j)])) for j in top}
+    real = {j: share_of(m) for j, m in single.items()}
     head = sorted(real, key=lambda j: -abs(real[j]))
     order = torch.tensor(head + [int(j) for j in order[len(top) :]], dtype=torch.long)
     n = len(order)
     curve, rows = [], {}
     for k in sorted({min(k, n) for k in ks}):
-        m = moved(order[:k])
+        # k = 1 after a re-check is the re-checked top component's own patch: not run twice
+        m = single[head[0]] if k == 1 and head else moved(order[:k])
         curve.append({"k": k, "share": share_of(m)})
         rows[k] = m
     for c in curve:

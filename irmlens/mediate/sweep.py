@@ -86,9 +86,11 @@ def layer_sweep(
     means; and the share left to the final norm and unembedding (1 - the last block output's
     removed share)."""
     sites = list(sites or sweep_sites(rlhf.cfg.n_layers))
-    _, cache_b = base.run_with_cache(tokens, names_filter=lambda n: n in sites)
-    _, cache_r = rlhf.run_with_cache(tokens, names_filter=lambda n: n in sites)
-    m_base, m_rlhf = run_metrics(base, tokens, metrics), run_metrics(rlhf, tokens, metrics)
+    # the unpatched metrics from the same passes that cache the sites' activations
+    logits_b, cache_b = base.run_with_cache(tokens, names_filter=lambda n: n in sites)
+    logits_r, cache_r = rlhf.run_with_cache(tokens, names_filter=lambda n: n in sites)
+    m_base, m_rlhf = metrics(logits_b), metrics(logits_r)
+    del logits_b, logits_r
     patched = [
         (
             site,

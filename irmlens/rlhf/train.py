@@ -10,6 +10,7 @@ last one (trl's own resume for GRPO/RLOO, segment restarts for PPO).
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import sys
@@ -37,6 +38,8 @@ from irmlens.rlhf.signals import lexicon_fraction, repetition_rate
 
 ALGORITHMS = ("ppo", "grpo", "rloo")
 REWARDS = ("lexicon", "shuffled", "zero")
+# rlhf.report_to: the package each reporter needs (transformers' integrations)
+REPORTERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 
 @dataclass
@@ -87,6 +90,9 @@ class RLHFConfig:
     sample_every: int = ranged(10, SIZE)
     logging_steps: int = ranged(1, SIZE)
     kl_warn_bound: float = ranged(20.0, POSITIVE)
+    # opt-in: trl's per-step metrics to tensorboard (logs in rlhf/logs/), wandb or trackio
+    # (their package must be installed: a pre-run check says so). metrics.jsonl is always written
+    report_to: str = ranged("none", OneOf(tuple(REPORTERS)))
     seed: int = ranged(0, SEED)
 
     def __post_init__(self) -> None:
@@ -139,13 +145,17 @@ def _truncate_metrics(path: Path, upto_step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in keep))
 
 
-def _common_trl_args(cfg: RLHFConfig, out: Path) -> dict:
+def _common_trl_args(cfg: RLHFConfig, out: Path, logs: Path) -> dict:
+    if cfg.report_to == "tensorboard":
+        # transformers' TensorBoard callback reads its folder from the environment only; its
+        # default (under output_dir, the checkpoints) is removed when training ends
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs)
     return dict(
         output_dir=str(out),
         learning_rate=cfg.learning_rate,
         temperature=cfg.temperature,
         logging_steps=cfg.logging_steps,
-        report_to="none",
+        report_to=cfg.report_to,
         use_cpu=not torch.cuda.is_available(),
         # float32 for every algorithm: trl's GRPO/RLOO configs default to bf16 mixed precision
         # (on a CPU too), its PPO does not, and rewards, KLs and weight deltas should be comparable
@@ -190,7 +200,7 @@ def _train_grpo_or_rloo(
 
     reward_fn.__name__ = "rm"
     args = dict(
-        _common_trl_args(cfg, ckpt_dir),
+        _common_trl_args(cfg, ckpt_dir, ckpt_dir.parent / "logs"),
         max_steps=cfg.steps,
         per_device_train_batch_size=cfg.batch_size,
         num_generations=cfg.num_generations,
@@ -324,7 +334,7 @@ def _train_ppo(
         )
         value.config.pad_token_id = tok.pad_token_id
         args = PPOConfig(
-            **_common_trl_args(cfg, ckpt_dir / "trl"),
+            **_common_trl_args(cfg, ckpt_dir / "trl", ckpt_dir.parent / "logs"),
             per_device_train_batch_size=cfg.batch_size,
             num_mini_batches=cfg.batch_size // cfg.mini_batch_size,
             num_ppo_epochs=cfg.ppo_epochs,

@@ -1,6 +1,6 @@
-"""Stage ``cards``: feature cards (top contexts, histograms, logit effects, partners) for the most
-divergent shared-SAE features and the sparse IRM's features at every layer they sit
-(``diff/cards.json``)."""
+"""Stage ``cards``: feature cards (top contexts, quantile samples, histograms, logit effects,
+partners) for the most divergent shared-SAE features and the sparse IRM's features at every
+layer they sit (``diff/cards.json``)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,12 @@ def _layer_cards(
 ) -> list[dict]:
     """The cards of one layer's chosen shared-SAE features."""
     from irmlens.cache.store import load_activations
-    from irmlens.diff.cards import activation_histograms, logit_effects, top_contexts
+    from irmlens.diff.cards import (
+        activation_histograms,
+        logit_effects,
+        quantile_contexts,
+        top_contexts,
+    )
     from irmlens.irm.fit import irm_feature_weights
     from sae_training.train import encode_batched, load_sae
 
@@ -120,7 +125,7 @@ def _layer_cards(
                     )
                 },
                 **{
-                    f"contexts_{m}": top_contexts(
+                    f"{name}_{m}": pick(
                         codes[m],
                         rows.tokens,
                         rows.valid,
@@ -128,6 +133,7 @@ def _layer_cards(
                         j,
                         window_text=text.window_text,
                     )
+                    for name, pick in (("contexts", top_contexts), ("quantiles", quantile_contexts))
                     for m in ("base", "rlhf")
                 },
                 "histogram": activation_histograms(codes["base"], codes["rlhf"], j),

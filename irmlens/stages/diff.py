@@ -129,7 +129,7 @@ def _diff_layer(ctx: StudyContext, layer: int, rows, staged: dict[Path, str]) ->
     }
     staged[paths.matching_file(layer)] = _matching_text(matching)
     log(
-        f"diff L{layer}: {n_div} of {sae.cfg.d_sae} shared-SAE features above divergence {d.threshold}"
+        f"diff layer {layer}: {n_div} of {sae.cfg.d_sae} shared-SAE features above divergence {d.threshold}"
         + (f" (null pair: {n_null}; beyond the null's: {n_beyond})" if n_null is not None else "")
         + f"; paired dictionaries: {matching['n_shared']} shared, {matching['n_base_only']} "
         f"base-only, {matching['n_rlhf_only']} rlhf-only (cosine >= {d.matching_threshold})"

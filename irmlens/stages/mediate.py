@@ -291,8 +291,10 @@ def _layer(
 
     m, hook = ctx.cfg.mediate, ctx.hook(layer)
 
-    def acts(model, tokens):
-        return model.run_with_cache(tokens, names_filter=hook)[1][hook].float()
+    def acts(model, tokens):  # the blocks after the hook's need not run
+        return model.run_with_cache(tokens, names_filter=hook, stop_at_layer=layer + 1)[1][
+            hook
+        ].float()
 
     def metric(logits):
         return measured.one(logits, m.metric)

@@ -14,6 +14,7 @@ from irmlens.checks import (
     check_memory,
     check_new_run,
     check_positions,
+    check_reporter_installed,
     check_study_fits_data,
 )
 from irmlens.config import StudyConfig
@@ -100,6 +101,7 @@ def check(ctx: StudyContext) -> None:
 
     cfg = ctx.cfg
     check_device_exists(cfg)  # a run folder's config may come from another machine
+    check_reporter_installed(cfg)
     check_new_run(cfg)  # and may have been read back without its new-run rules
     try:
         ctx.splits  # noqa: B018 (computed here so that a bad split fails before any work)

@@ -155,7 +155,7 @@ def _train_and_evaluate(ctx: StudyContext, job: DictionaryJob, acts, tr, ev) -> 
     atomic_write_json(out / "metrics.json", row)
     ce = m["ce_loss_recovered"]
     log(
-        f"sae: {job.label} L{job.layer} w{job.width}: explained variance "
+        f"sae: {job.label} layer {job.layer} width {job.width}: explained variance "
         f"{m['explained_variance']:.3f}, L0 {m['l0']:.1f}, dead {m['dead_fraction']:.2f}, CE loss "
         f"recovered {'undefined' if ce is None else f'{ce:.3f}'}"
     )
@@ -259,7 +259,7 @@ def train_study_crosscoder(ctx: StudyContext) -> None:
         for m, e in evals["per_model"].items()
     )
     log(
-        f"sae: crosscoder L{ctx.irm_layer}: L0 {evals['l0']:.1f}, dead {evals['dead_fraction']:.2f}; {per}"
+        f"sae: crosscoder layer {ctx.irm_layer}: L0 {evals['l0']:.1f}, dead {evals['dead_fraction']:.2f}; {per}"
     )
 
 

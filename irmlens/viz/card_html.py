@@ -20,9 +20,43 @@ def _highlight(ctx: dict, scale: float) -> str:
     return "".join(spans)
 
 
-def render_card(card: dict, include_plotlyjs: bool = False) -> str:
-    """One feature card as an HTML fragment (contexts highlighted by activation, histogram,
-    promoted/suppressed tokens, IRM weight, matched partner)."""
+def search_tokens(card: dict) -> str:
+    """The tokens a card can be found by (lower-cased, stripped, space-separated): the tokens its
+    contexts highlight (where it fires) and the tokens its decoder promotes and suppresses."""
+    found = set()
+    for name in ("base", "rlhf"):
+        contexts = list(card[f"contexts_{name}"])
+        for band in card.get(f"quantiles_{name}") or []:
+            contexts += band["contexts"]
+        found |= {c["tokens"][c["focus"]] for c in contexts if c["tokens"]}
+    found |= {t["token"] for k in ("promoted", "suppressed") for t in card[k]}
+    return " ".join(sorted({t.strip().lower() for t in found} - {""}))
+
+
+def _quantiles_html(card: dict, name: str, scale: float) -> str:
+    bands = card.get(f"quantiles_{name}") or []
+    return "".join(
+        f"<div class='band'><small>{b['band']} of firings (activation {b['low']:.2f}&ndash;"
+        f"{b['high']:.2f})</small>"
+        + "".join(
+            f"<div class='ctx'>{_highlight(c, scale)} <small>({c['max']:.2f})</small></div>"
+            for c in b["contexts"]
+        )
+        + "</div>"
+        for b in bands
+    )
+
+
+def _density(card: dict, name: str) -> str:
+    h = card["histogram"]
+    return f"{1.0 - h[f'zero_fraction_{name}']:.2%}"
+
+
+def render_card(card: dict, include_plotlyjs: bool | str = False, histogram: bool = True) -> str:
+    """One feature card as an HTML fragment (contexts highlighted by activation, samples from
+    each quantile band, activation density and histogram, promoted/suppressed tokens, IRM
+    weight, matched partner). ``histogram=False`` leaves the plotly histogram out (a Jupyter
+    widget's HTML runs no scripts: the explorer draws it as a figure widget beside the card)."""
     from irmlens.viz.figures import feature_histogram_figure
 
     scale = max([c["max"] for c in card["contexts_base"] + card["contexts_rlhf"]] or [0.0])
@@ -34,6 +68,7 @@ def render_card(card: dict, include_plotlyjs: bool = False) -> str:
         or "<div class='ctx'><i>never fires</i></div>"
         for name in ("base", "rlhf")
     }
+    samples = {name: _quantiles_html(card, name, scale) for name in ("base", "rlhf")}
     tokens = {
         k: ", ".join(f"<code>{html.escape(t['token'])}</code>" for t in card[k])
         for k in ("promoted", "suppressed")
@@ -69,8 +104,12 @@ def render_card(card: dict, include_plotlyjs: bool = False) -> str:
             if hi < 0
             else "ablating it alone raises the reward"
         )
-    hist = feature_histogram_figure(card).to_html(
-        full_html=False, include_plotlyjs=include_plotlyjs, config={"displaylogo": False}
+    hist = (
+        feature_histogram_figure(card).to_html(
+            full_html=False, include_plotlyjs=include_plotlyjs, config={"displaylogo": False}
+        )
+        if histogram
+        else ""
     )
     ref = card_ref(card)
     null = card.get("divergence_null")
@@ -79,17 +118,16 @@ def render_card(card: dict, include_plotlyjs: bool = False) -> str:
         if card.get("divergence") is None
         else f"{card['divergence']:.4f}" + ("" if null is None else f" (null pair {null:.4f})")
     )
-    return f"""<details class="card" id="{feature_anchor(*ref)}"><summary><b>{html.escape(feature_label(*ref))}</b>
-({html.escape(card["reason"].strip())}): divergence {divergence}, firing
-{_fmt3(card.get("frequency_base"))} &rarr; {_fmt3(card.get("frequency_rlhf"))}, IRM weight {weight}</summary>
-<table class="kv"><tr><th>reward-relevance labels</th><td>{labels}</td></tr>
+    return f"""<details class="card" id="{feature_anchor(*ref)}" data-tokens="{html.escape(search_tokens(card))}"><summary><b>{html.escape(feature_label(*ref))}</b>
+({html.escape(card["reason"].strip())}): divergence {divergence}, density
+{_density(card, "base")} &rarr; {_density(card, "rlhf")} of tokens, IRM weight {weight}</summary>
+<table class="kv"><tr><th>activation density (share of tokens it fires on)</th><td>base {_density(card, "base")}, RLHF {_density(card, "rlhf")}</td></tr>
+<tr><th>reward-relevance labels</th><td>{labels}</td></tr>
 <tr><th>reward change when ablated alone (RLHF model)</th><td>{effect}</td></tr>
 <tr><th>matched partners</th><td>{html.escape(partner)}</td></tr>
 <tr><th>promotes (logit lens)</th><td>{tokens["promoted"]}</td></tr>
 <tr><th>suppresses</th><td>{tokens["suppressed"]}</td></tr></table>
 <div class="ctxs"><div><h4>top contexts, base</h4>{ctx["base"]}</div><div><h4>top contexts, RLHF</h4>{ctx["rlhf"]}</div></div>
+<details class="samples"><summary>samples from each quartile of its activations (what most firings look like)</summary>
+<div class="ctxs"><div><h4>base</h4>{samples["base"] or "<i>never fires</i>"}</div><div><h4>RLHF</h4>{samples["rlhf"] or "<i>never fires</i>"}</div></div></details>
 {hist}</details>"""
-
-
-def _fmt3(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"

@@ -72,7 +72,7 @@ def sae_quality_figure(saes: list[dict]) -> go.Figure:
         k = hook_kind(s.get("hook"))
         return "" if k == "resid_post" else f" {k}"
 
-    labels = [f"{s['model']} L{s['layer']}{kind(s)} w{s['width']}" for s in saes]
+    labels = [f"{s['model']} layer {s['layer']}{kind(s)} width {s['width']}" for s in saes]
     fig = go.Figure()
     fig.add_trace(
         go.Bar(x=labels, y=[s["explained_variance"] for s in saes], name="explained variance")
@@ -260,24 +260,34 @@ def feature_histogram_figure(card: dict) -> go.Figure:
     h = card["histogram"]
     centers = [(a + b) / 2 for a, b in zip(h["edges"][:-1], h["edges"][1:], strict=True)]
     fig = go.Figure()
-    for name, color in (("base", "#1f77b4"), ("rlhf", "#d62728")):
+    for name, label, color in (("base", "base", "#1f77b4"), ("rlhf", "RLHF", "#d62728")):
         fig.add_trace(
             go.Bar(
                 x=centers,
                 y=h[name],
-                name=f"{name} (zero {h[f'zero_fraction_{name}']:.0%})",
+                name=f"{label} model: fires on {1.0 - h[f'zero_fraction_{name}']:.2%} of tokens",
                 marker_color=color,
                 opacity=0.6,
             )
+        )
+    if not sum(h["base"]) + sum(h["rlhf"]):
+        fig.add_annotation(
+            text="it fires on no cached token in either model: nothing to draw",
+            showarrow=False,
+            x=0.5,
+            y=0.5,
+            xref="paper",
+            yref="paper",
         )
     fig.update_layout(
         barmode="overlay",
         title=f"{feature_label(card.get('dictionary', 'shared'), card['layer'], card['feature'])}: "
         "activations when firing",
-        xaxis_title="activation",
-        yaxis_title="positions",
-        height=300,
-        margin=dict(t=40, b=40, l=50, r=10),
+        xaxis_title="activation when firing",
+        yaxis_title="tokens",
+        legend=dict(orientation="h", y=-0.35),
+        height=340,
+        margin=dict(t=40, b=90, l=50, r=10),
     )
     return fig
 

@@ -148,3 +148,26 @@ def test_context_tokens_keep_the_spaces_the_text_has():
     assert ctx["tokens"][ctx["focus"]] == " good" and "".join(ctx["tokens"]).startswith(
         "the acting"
     )
+
+
+def test_quantile_samples_cover_each_band_of_the_firings_in_order():
+    """A feature firing at 1..100 on 100 of 200 positions: four bands of 25 firings each, their
+    ranges 1-25, 26-50, 51-75, 76-100; each band's samples lie inside it (the top contexts
+    alone would show only 96-100)."""
+    from irmlens.diff.cards import quantile_contexts
+
+    tokens = torch.arange(200).reshape(4, 50)
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    valid[:, 0] = False  # BOS: not a code row
+    codes = torch.zeros(int(valid.sum()), 1)
+    firing = torch.randperm(len(codes), generator=torch.Generator().manual_seed(0))[:100]
+    codes[firing, 0] = torch.arange(1, 101, dtype=torch.float)
+    bands = quantile_contexts(codes, tokens, valid, str, 0, bands=4, per_band=2)
+    assert [b["band"] for b in bands] == ["0-25%", "25-50%", "50-75%", "75-100%"]
+    assert [(b["low"], b["high"]) for b in bands] == [(1, 25), (26, 50), (51, 75), (76, 100)]
+    for b in bands:
+        assert len(b["contexts"]) == 2
+        for c in b["contexts"]:
+            assert b["low"] <= c["max"] <= b["high"]
+            assert c["activations"][c["focus"]] == c["max"]  # the peak is the sampled position
+    assert quantile_contexts(torch.zeros_like(codes), tokens, valid, str, 0) == []

@@ -5,6 +5,7 @@ basis's components."""
 
 import copy
 
+import pytest
 import torch
 
 from irmlens.bases.linear import mean_difference_basis, random_orthonormal
@@ -212,3 +213,37 @@ def test_a_crosscoder_reads_the_rlhf_change_along_its_rlhf_decoder_rows():
     curve = faithfulness_curve(basis, Site(base, rlhf, metric), True, (1, 2))
     assert curve["ranked"][0]["component"] == 4
     assert abs(curve["curve"][0]["share"] - 1.0) < 1e-5
+
+
+def test_curves_share_the_sites_gradient_and_reuse_the_rechecked_top_patch():
+    """The cost the stage's benchmark counts: every basis's curve at a site, one direction, reads
+    one gradient of the metric at the start (not one per basis), and its k = 1 patch is the
+    re-checked top component's (not run twice); the curve is the same as patching each k."""
+    from irmlens.bases.linear import standard_basis
+    from irmlens.mediate.curves import Site, set_share
+
+    g = torch.Generator().manual_seed(5)
+    d = 8
+    readout, u = torch.randn(6, d, generator=g), torch.randn(6, generator=g)
+    calls = {"forward": 0, "backward": 0}
+
+    def metric(acts):
+        from irmlens.mediate.metrics import expected_utility
+
+        calls["forward"] += 1
+        calls["backward"] += acts.requires_grad
+        return expected_utility(acts @ readout.T, u, torch.ones(acts.shape[:2], dtype=torch.bool))
+
+    base = torch.randn(10, 3, d, generator=g)
+    site = Site(base, base + torch.randn(10, 3, d, generator=g), metric)
+    ks, recheck = (1, 2, 4, 8), 3
+    bases = [standard_basis(d), random_orthonormal(d, 0), random_orthonormal(d, 1)]
+    curves = [faithfulness_curve(b, site, True, ks, recheck) for b in bases]
+    # 2 ends + 1 gradient; per basis: recheck single patches, then the ks but k = 1
+    assert calls == {"forward": 3 + len(bases) * (recheck + len(ks) - 1), "backward": 1}
+    for b, curve in zip(bases, curves, strict=True):
+        order = torch.tensor([r["component"] for r in curve["ranked"]])
+        for point in curve["curve"]:
+            assert point["share"] == pytest.approx(
+                set_share(b, site, order[: point["k"]].tolist(), True), abs=1e-6
+            )

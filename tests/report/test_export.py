@@ -37,7 +37,7 @@ def _report(name: str, lexicon: str, model: str) -> dict:
     """A report.json-shaped dict with just the keys to_markdown reads."""
     tau = {"heldout_kendall_tau": 0.4, "heldout_kendall_tau_ci": [0.3, 0.5]}
     return {
-        "schema_version": 3,
+        "schema_version": 4,
         "name": name,
         "models": {
             "base": {"name": model, "path": model, "n_layers": 2, "d_model": 64},

@@ -144,3 +144,24 @@ def test_a_card_says_what_its_ablation_effect_and_the_irms_representation_mean(s
     assert "not measured (only the sparse IRM's features" in render_card(card)
     page = (planted_run / "report" / "index.html").read_text()
     assert "reads their encoder pre-activations (RLHF minus base); the cards show the codes" in page
+
+
+def test_a_card_shows_density_quantile_samples_and_is_found_by_token(study, planted_run):
+    """Beside its top contexts, a card samples each quartile band of its firings and states
+    both models' activation density; the page's card search reads each card's tokens."""
+    import html
+
+    card = next(c for c in study.report["feature_cards"] if c["quantiles_rlhf"])
+    ref = (card["dictionary"], card["layer"], card["feature"])
+    samples = study.quantile_samples(*ref)
+    assert list(samples["band"].unique()) == [b["band"] for b in card["quantiles_rlhf"]]
+    assert (samples["activation"] >= samples["low"]).all()
+    assert (samples["activation"] <= samples["high"]).all()
+    page = (planted_run / "report" / "index.html").read_text()
+    assert 'id="card-search"' in page and "function searchCards" in page
+    density = 1 - card["histogram"]["zero_fraction_rlhf"]
+    block = page[page.index(f'id="feature-{ref[0]}-{ref[1]}-{ref[2]}"') :]
+    block = block[: block.index("</details>")]
+    assert f"RLHF {density:.2%}" in block
+    token = next(t["token"].strip().lower() for t in card["promoted"] if t["token"].strip())
+    assert token in html.unescape(block.split('data-tokens="')[1].split('"')[0]).split(" ")
