@@ -1,1 +1,1 @@
-"""Report exporters: report.json (schema v1) and a self-contained HTML page."""
+"""Report exporters: report.json (schema: docs/report-schema.md) and a self-contained HTML page."""

@@ -1,4 +1,4 @@
-"""Assemble report.json (schema v3, docs/report-schema.md) and a self-contained index.html from a
+"""Assemble report.json (schema v4, docs/report-schema.md) and a self-contained index.html from a
 finished run folder."""
 
 from __future__ import annotations

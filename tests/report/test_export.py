@@ -134,3 +134,25 @@ def test_a_control_the_irm_loses_to_is_said_to_be_better_not_merely_excluding_0(
     md = to_markdown(report)
     assert "random sae sparse: [-0.089, -0.022] (excludes 0: the IRM scores lower" in md
     assert "significantly worse" in controls_text(report["controls"])
+
+
+def test_every_mention_of_the_schema_version_is_the_one_written():
+    """One schema version everywhere: the docs, the JSON Schema's title and the code name the
+    version report.json carries."""
+    import json
+    import re
+    from pathlib import Path
+
+    from irmlens.report.build import SCHEMA_VERSION
+
+    root = Path(__file__).resolve().parents[2]
+    schema = json.loads((root / "irmlens/report/schema.json").read_text())
+    assert schema["properties"]["schema_version"]["const"] == SCHEMA_VERSION
+    files = [root / "README.md", *(root / "docs").glob("*.md"), *(root / "irmlens").rglob("*.py")]
+    files.append(root / "irmlens/report/schema.json")
+    found = {
+        (str(f.relative_to(root)), int(v))
+        for f in files
+        for v in re.findall(r"schema v(\d+)", f.read_text(encoding="utf-8"))
+    }
+    assert found and {v for _, v in found} == {SCHEMA_VERSION}, sorted(found)
