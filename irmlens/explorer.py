@@ -2,8 +2,9 @@
 
 Pick a layer, sort and filter features, click a feature in the map to open its card (its
 histogram drawn as a figure widget: a widget's HTML runs no scripts, so nothing is fetched from a
-CDN), find cards by token, search a word to see its IRM utility and which features it comes from. The state and the callbacks live in
-``Explorer`` (plain methods, unit-tested); ``explore`` just builds and returns its widget.
+CDN), find cards by token, search a word to see its IRM utility and which features it comes
+from. The state and the callbacks live in ``Explorer`` (plain methods, unit-tested); ``explore``
+just builds and returns its widget.
 """
 
 from __future__ import annotations

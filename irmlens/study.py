@@ -333,12 +333,12 @@ class Study:
 
         if model not in ("base", "rlhf"):
             raise IrmlensError(f"model = {model!r}: cards hold contexts of 'base' and 'rlhf'")
-        rows = []
-        for c in self.card(dictionary, layer, feature)[f"contexts_{model}"]:
-            toks = list(c["tokens"])
-            toks[c["focus"]] = f"[[{toks[c['focus']]}]]"
-            rows.append({"context": "".join(toks), "max": c["max"]})
-        return pd.DataFrame(rows)
+        return pd.DataFrame(
+            [
+                {"context": _marked(c), "max": c["max"]}
+                for c in self.card(dictionary, layer, feature)[f"contexts_{model}"]
+            ]
+        )
 
     def quantile_samples(self, dictionary: str, layer: int, feature: int, model: str = "rlhf"):
         """Contexts sampled from each quartile band of the feature's non-zero activations in
@@ -351,18 +351,16 @@ class Study:
             raise IrmlensError(f"model = {model!r}: cards hold samples of 'base' and 'rlhf'")
         rows = []
         for band in self.card(dictionary, layer, feature).get(f"quantiles_{model}") or []:
-            for c in band["contexts"]:
-                toks = list(c["tokens"])
-                toks[c["focus"]] = f"[[{toks[c['focus']]}]]"
-                rows.append(
-                    {
-                        "band": band["band"],
-                        "low": band["low"],
-                        "high": band["high"],
-                        "context": "".join(toks),
-                        "activation": c["max"],
-                    }
-                )
+            rows += [
+                {
+                    "band": band["band"],
+                    "low": band["low"],
+                    "high": band["high"],
+                    "context": _marked(c),
+                    "activation": c["max"],
+                }
+                for c in band["contexts"]
+            ]
         return pd.DataFrame(rows, columns=["band", "low", "high", "context", "activation"])
 
     def find_cards(self, token: str):
@@ -433,6 +431,13 @@ _SCORE_COLUMNS = (
     "heldout_kendall_tau_std",
     "description",
 )
+
+
+def _marked(context: dict) -> str:
+    """A card context's text with its peak token marked [[like this]]."""
+    toks = list(context["tokens"])
+    toks[context["focus"]] = f"[[{toks[context['focus']]}]]"
+    return "".join(toks)
 
 
 def _scalars(d: dict) -> dict:

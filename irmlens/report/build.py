@@ -411,12 +411,17 @@ def mediation_html(
     """The opening section: where the gain lives by layer, and in which basis it is compact
     (figures drawn with the page's plotly, included once in its head)."""
     from irmlens.mediate.curves import share_at
-    from irmlens.viz.figures import faithfulness_curves_figure, mediation_waterfall_figure
+    from irmlens.viz.figures import (
+        faithfulness_curves_figure,
+        mediation_waterfall_figure,
+        say_why_if_empty,
+    )
 
     if mediation is None:
         return "<h2>Where the reward lives</h2><p>This run has no mediate stage.</p>"
 
     def plot(fig) -> str:
+        say_why_if_empty(fig, "the mediate stage measured no share here")
         return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
 
     sweep = mediation["sweep"]
@@ -714,6 +719,7 @@ def render_html(
         layer_divergence_figure,
         reward_curve_figure,
         sae_quality_figure,
+        say_why_if_empty,
         steering_dose_figure,
         top_features_figure,
         validation_arms_figure,
@@ -767,6 +773,7 @@ def render_html(
         ]
     parts = []
     for title, fig in figs:
+        say_why_if_empty(fig, EMPTY_WHY.get(title, "the run wrote no values for it"))
         div = fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
         parts.append(f"<h2>{html.escape(title)}</h2>\n{div}")
     margin = irm["heldout_kendall_tau"] - ctrl["heldout_kendall_tau"]
@@ -881,6 +888,15 @@ Click a card to open it; token backgrounds show the feature's activation.</p>
 </body></html>
 """
 
+
+# what an empty figure of the page says (say_why_if_empty), by its title
+EMPTY_WHY = {
+    "The sparse IRM's features": "the sparse IRM selected no feature",
+    "Over- and under-valued words": "no held-out word has both utilities",
+    "Divergent-feature map": "no feature table was written",
+    "Validation: ablation": "no ablation arm was measured",
+    "Validation: steering": "no steering arm was measured",
+}
 
 # search the cards by token (where a feature fires, what it promotes or suppresses): plain
 # script over each card's data-tokens, so it works offline in any browser

@@ -255,6 +255,28 @@ def word_divergence_figure(words: list[dict], target: str = "true utility") -> g
     return fig
 
 
+def _has_points(trace) -> bool:
+    for axis in ("x", "y", "z", "values"):
+        values = getattr(trace, axis, None)
+        if values is not None and len(values):
+            return True
+    return False
+
+
+def say_why_if_empty(fig: go.Figure, why: str) -> go.Figure:
+    """A figure with no point to draw says why in its middle (a blank frame reads as a bug)."""
+    if not any(_has_points(t) for t in fig.data):
+        fig.add_annotation(
+            text=f"nothing to draw: {why}",
+            showarrow=False,
+            x=0.5,
+            y=0.5,
+            xref="paper",
+            yref="paper",
+        )
+    return fig
+
+
 def feature_histogram_figure(card: dict) -> go.Figure:
     """One feature's non-zero activations in the base and the RLHF model (same bins)."""
     h = card["histogram"]
@@ -271,14 +293,8 @@ def feature_histogram_figure(card: dict) -> go.Figure:
             )
         )
     if not sum(h["base"]) + sum(h["rlhf"]):
-        fig.add_annotation(
-            text="it fires on no cached token in either model: nothing to draw",
-            showarrow=False,
-            x=0.5,
-            y=0.5,
-            xref="paper",
-            yref="paper",
-        )
+        fig.data = []
+        say_why_if_empty(fig, "it fires on no cached token in either model")
     fig.update_layout(
         barmode="overlay",
         title=f"{feature_label(card.get('dictionary', 'shared'), card['layer'], card['feature'])}: "

@@ -161,6 +161,22 @@ def test_html_stays_small_for_16k_features(planted_run):
     assert html.count('<details class="card"') == len(report["feature_cards"])
 
 
+def test_an_empty_figure_says_why(planted_run):
+    """A figure with nothing to draw says so in words, not as a blank frame: here a sparse IRM
+    that selected no feature and a card whose feature never fires."""
+    from irmlens.report.build import render_html
+    from irmlens.viz.figures import feature_histogram_figure
+
+    report = json.loads((planted_run / "report" / "report.json").read_text())
+    report["irm"]["top_features"] = []
+    page = render_html(report, [], [], None)
+    assert "nothing to draw: the sparse IRM selected no feature" in page
+    card = dict(report["feature_cards"][0])
+    card["histogram"] = dict(card["histogram"], base=[0] * 20, rlhf=[0] * 20)
+    fig = feature_histogram_figure(card)
+    assert "it fires on no cached token" in fig.layout.annotations[0].text
+
+
 HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "=cmd|' /C calc'!A0"]
 
 
