@@ -78,8 +78,10 @@ def card_page(run_dir: Path, out: Path, k: int) -> Path:
     cards = read_json(run_dir / "report" / "report.json")["feature_cards"]
     if not cards:
         raise SystemExit(f"{run_dir} has no feature cards")
-    card = render_card(cards[min(k, len(cards) - 1)]).replace(
-        '<details class="card"', '<details open class="card"', 1
+    card = (
+        render_card(cards[min(k, len(cards) - 1)])
+        .replace('<details class="card"', '<details open class="card"', 1)
+        .replace('<details class="samples"', '<details open class="samples"', 1)
     )
     page = out / "card.html"
     page.write_text(
