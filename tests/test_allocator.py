@@ -66,5 +66,5 @@ def test_trl_forced_collections_are_skipped_on_cpu_and_restored():
     module.gc.collect()
     assert module.gc is real
     assert calls == ([1, 1] if torch.cuda.is_available() else [1])
-    args = _common_trl_args(RLHFConfig(), out=Path("unused"))
+    args = _common_trl_args(RLHFConfig(), out=Path("unused"), logs=Path("unused-logs"))
     assert args["gradient_checkpointing"] is torch.cuda.is_available()
