@@ -69,6 +69,10 @@ def test_a_users_file_in_a_stage_folder_stops_the_redo_that_would_remove_it(
 # 2 -------------------------------------------------------------------------------------------
 
 
+# slow: it redoes every stage after the RLHF model (~26 s); make test keeps the same staleness rule
+# (test_moving_the_irmlens_home_..._makes_rlhf_stale) and a redo of a damaged stage and the
+# stages after it (tests/test_pipeline_e2e.py)
+@pytest.mark.slow
 def test_a_redone_rlhf_model_redoes_every_stage_after_it(micro_run, tmp_path, monkeypatch, capsys):
     """models/rlhf removed and retrained to other weights (as another machine's kernels round
     differently): every stage after it is redone, and the report describes the new model. The
@@ -188,6 +192,9 @@ def test_a_run_without_records_is_refused_until_adopted_and_its_report_says_so(
     }
 
 
+# slow: adoption then a redo from the cache on (~27 s); make test keeps adoption refused,
+# required and restarted (the two other adopt tests) and the damaged-stage redo
+@pytest.mark.slow
 def test_adopt_stops_at_a_stage_that_fails_its_check(micro_run, tmp_path, capsys):
     """A cache shard flipped before adoption fails its manifest sha256: the cache and everything
     after it are left for `irmlens run` to redo."""
@@ -223,6 +230,9 @@ def test_adopt_stops_at_a_stage_that_fails_its_check(micro_run, tmp_path, capsys
 # 4 -------------------------------------------------------------------------------------------
 
 
+# slow: a redo from the cache on (~28 s); make test keeps the damaged-stage redo by the same
+# command (tests/test_pipeline_e2e.py) and the manifest checks (tests/cache)
+@pytest.mark.slow
 def test_a_damaged_cache_manifest_is_redone_by_the_command_the_error_names(
     micro_run, tmp_path, capsys
 ):

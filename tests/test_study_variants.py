@@ -138,6 +138,9 @@ def test_an_rm_free_study_needs_the_pair(tmp_path):
         config_from_dict({"data": {"lexicon": "none"}})
 
 
+# slow: a second micro study (~20 s); make test keeps the offline check of a SAELens source
+# against its directory
+@pytest.mark.slow
 def test_a_saelens_sae_given_as_sae_source_is_the_studys_shared_dictionary(micro_run, tmp_path):
     """Bring your own dictionary: an SAE trained by ``sae-train`` on the micro cache (saved by
     sae_lens, which loads it back), given as ``sae.source``, is copied bit for bit as the shared

@@ -47,6 +47,9 @@ def _cmd(cache_dir, out):
     ]
 
 
+# slow (~22 s: three launches); make test keeps the in-process interrupted-training resume
+# (test_sae_train.py) and the kill -9 test of the cache, the stage that writes the most
+@pytest.mark.slow
 def test_kill_during_training_then_resume(cache_dir, tmp_path):
     out = tmp_path / "sae"
     ckpt = tmp_path / ".sae.checkpoints"
