@@ -95,6 +95,7 @@ def sae_quality_figure(saes: list[dict]) -> go.Figure:
     fig.update_layout(
         title="SAE quality (held-out positions)",
         barmode="group",
+        xaxis=dict(tickangle=-35, automargin=True),  # one label per SAE, several words each
         yaxis_title="fraction",
         yaxis2=dict(title="L0", overlaying="y", side="right", rangemode="tozero"),
     )
