@@ -665,10 +665,12 @@ def top_features(report: dict, n: int = 10) -> str:
         labels = card.get("labels") or {}
         ctx = (card.get("contexts_rlhf") or [None])[0]
         text = NA
-        if ctx:
+        if ctx:  # tokens as they read in the text (their spaces included: cards' token_pieces)
             toks = list(ctx["tokens"])
-            toks[ctx["focus"]] = f"**{toks[ctx['focus']]}**"
-            text = " ".join(toks)
+            peak = toks[ctx["focus"]]
+            lead = peak[: len(peak) - len(peak.lstrip())]
+            toks[ctx["focus"]] = f"{lead}**{peak.strip()}**" if peak.strip() else peak
+            text = "".join(toks).strip()
         lines.append(
             "| "
             + " | ".join(
@@ -711,14 +713,15 @@ def stage_times(reports: list[dict]) -> str:
         "## Stage times",
         "",
         "Seconds of each stage's last completed run, from each report's `timings` (the report "
-        "stage's own time is in the run's log). Measured on the machines named below, on 2 CPU "
-        "cores; another machine of the same class can take up to twice as long (with or without "
-        "AVX-512), so quote ratios, not seconds.",
+        "stage's own time is in the run's log), on the machines named below. 2-core machines "
+        "differ up to 2x (with or without AVX-512): quote ratios, not seconds.",
         "",
         "| stage | " + " | ".join(r["name"] for r in reports) + " |",
         "|---|" + "---|" * len(reports),
     ]
     for stage in order:
+        if all(sec.get(stage) is None for sec in seconds):
+            continue  # a step with no time of its own (the config check)
         cells = [NA if sec.get(stage) is None else f"{sec[stage]:,.0f}" for sec in seconds]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     totals = [

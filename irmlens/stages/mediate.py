@@ -36,7 +36,7 @@ from irmlens.io import atomic_dir, atomic_write_json, read_json
 from irmlens.stages.context import StudyContext, log
 
 # below this share of the gain at every studied layer, the report warns that the studied
-# layers miss most of what RLHF changed (SmolLM2's weight-delta layer: 8%)
+# layers miss most of what RLHF changed (SmolLM2's weight-delta layer: 5%)
 SMALL_SHARE = 0.25
 
 
