@@ -331,8 +331,7 @@ class Study:
         with the peak token marked [[like this]], and the peak activation."""
         import pandas as pd
 
-        if model not in ("base", "rlhf"):
-            raise IrmlensError(f"model = {model!r}: cards hold contexts of 'base' and 'rlhf'")
+        _check_card_model(model)
         return pd.DataFrame(
             [
                 {"context": _marked(c), "max": c["max"]}
@@ -347,8 +346,7 @@ class Study:
         context (peak token marked [[like this]]) and its activation."""
         import pandas as pd
 
-        if model not in ("base", "rlhf"):
-            raise IrmlensError(f"model = {model!r}: cards hold samples of 'base' and 'rlhf'")
+        _check_card_model(model)
         rows = []
         for band in self.card(dictionary, layer, feature).get(f"quantiles_{model}") or []:
             rows += [
@@ -369,14 +367,14 @@ class Study:
         card, (dictionary, layer, feature) and the matching tokens; the report's card search."""
         import pandas as pd
 
-        from irmlens.viz.card_html import search_tokens
+        from irmlens.viz.card_html import card_tokens
 
         q = token.strip().lower()
         if not q:
             raise IrmlensError("find_cards(''): give a token (e.g. 'great')")
         rows = []
         for (dictionary, layer, feature), card in self._cards().items():
-            hits = [t for t in search_tokens(card).split(" ") if q in t]
+            hits = [t for t in card_tokens(card) if q in t]
             if hits:
                 rows.append(
                     {
@@ -431,6 +429,11 @@ _SCORE_COLUMNS = (
     "heldout_kendall_tau_std",
     "description",
 )
+
+
+def _check_card_model(model: str) -> None:
+    if model not in ("base", "rlhf"):
+        raise IrmlensError(f"model = {model!r}: cards hold contexts of 'base' and 'rlhf'")
 
 
 def _marked(context: dict) -> str:

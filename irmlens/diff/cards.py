@@ -2,8 +2,9 @@
 
 A card holds, for one shared-SAE feature: its top-activating contexts in each model (token
 windows with per-token activations, for highlighting) and samples from each quantile band of its
-activations, activation histograms of both models on the same bins, the tokens its decoder direction promotes and suppresses through the unembedding
-(the logit lens, final norm ignored), its divergence numbers, IRM weight and matched partner.
+activations, activation histograms of both models on the same bins, the tokens its decoder
+direction promotes and suppresses through the unembedding (the logit lens, final norm ignored),
+its divergence numbers, IRM weight and matched partner.
 Pure functions over tensors; the pipeline supplies codes, tokens and the unembedding.
 """
 

@@ -20,8 +20,12 @@ def _highlight(ctx: dict, scale: float) -> str:
     return "".join(spans)
 
 
-def search_tokens(card: dict) -> str:
-    """The tokens a card can be found by (lower-cased, stripped, space-separated): the tokens its
+def _context_html(c: dict, scale: float) -> str:
+    return f"<div class='ctx'>{_highlight(c, scale)} <small>({c['max']:.2f})</small></div>"
+
+
+def card_tokens(card: dict) -> list[str]:
+    """The tokens a card can be found by (lower-cased, stripped, sorted): the tokens its
     contexts highlight (where it fires) and the tokens its decoder promotes and suppresses."""
     found = set()
     for name in ("base", "rlhf"):
@@ -30,7 +34,7 @@ def search_tokens(card: dict) -> str:
             contexts += band["contexts"]
         found |= {c["tokens"][c["focus"]] for c in contexts if c["tokens"]}
     found |= {t["token"] for k in ("promoted", "suppressed") for t in card[k]}
-    return " ".join(sorted({t.strip().lower() for t in found} - {""}))
+    return sorted({t.strip().lower() for t in found} - {""})
 
 
 def _quantiles_html(card: dict, name: str, scale: float) -> str:
@@ -38,10 +42,7 @@ def _quantiles_html(card: dict, name: str, scale: float) -> str:
     return "".join(
         f"<div class='band'><small>{b['band']} of firings (activation {b['low']:.2f}&ndash;"
         f"{b['high']:.2f})</small>"
-        + "".join(
-            f"<div class='ctx'>{_highlight(c, scale)} <small>({c['max']:.2f})</small></div>"
-            for c in b["contexts"]
-        )
+        + "".join(_context_html(c, scale) for c in b["contexts"])
         + "</div>"
         for b in bands
     )
@@ -61,10 +62,7 @@ def render_card(card: dict, include_plotlyjs: bool | str = False, histogram: boo
 
     scale = max([c["max"] for c in card["contexts_base"] + card["contexts_rlhf"]] or [0.0])
     ctx = {
-        name: "".join(
-            f"<div class='ctx'>{_highlight(c, scale)} <small>({c['max']:.2f})</small></div>"
-            for c in card[f"contexts_{name}"]
-        )
+        name: "".join(_context_html(c, scale) for c in card[f"contexts_{name}"])
         or "<div class='ctx'><i>never fires</i></div>"
         for name in ("base", "rlhf")
     }
@@ -118,7 +116,7 @@ def render_card(card: dict, include_plotlyjs: bool | str = False, histogram: boo
         if card.get("divergence") is None
         else f"{card['divergence']:.4f}" + ("" if null is None else f" (null pair {null:.4f})")
     )
-    return f"""<details class="card" id="{feature_anchor(*ref)}" data-tokens="{html.escape(search_tokens(card))}"><summary><b>{html.escape(feature_label(*ref))}</b>
+    return f"""<details class="card" id="{feature_anchor(*ref)}" data-tokens="{html.escape(" ".join(card_tokens(card)))}"><summary><b>{html.escape(feature_label(*ref))}</b>
 ({html.escape(card["reason"].strip())}): divergence {divergence}, density
 {_density(card, "base")} &rarr; {_density(card, "rlhf")} of tokens, IRM weight {weight}</summary>
 <table class="kv"><tr><th>activation density (share of tokens it fires on)</th><td>base {_density(card, "base")}, RLHF {_density(card, "rlhf")}</td></tr>
